@@ -1,0 +1,45 @@
+"""nirvana-pl: structured pruning of LLMs inside a Lightning fit (NIRVANA saliency).
+
+Public API::
+
+    from nirvana_pl import NirvanaPruningCallback, prune, PruningPlan, save_pruned, load_pruned
+"""
+
+from .allocate import AllocationConfig, DenseReference, InfeasibleSparsityError
+from .oneshot import prune
+from .plan import LayerPlan, PruningPlan
+from .saliency import ESTIMATORS, SaliencyError
+from .surgery import PlanMismatchError
+from .units import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllocationConfig",
+    "DenseReference",
+    "ESTIMATORS",
+    "InfeasibleSparsityError",
+    "LayerPlan",
+    "NirvanaPruningCallback",
+    "PlanMismatchError",
+    "PruningPlan",
+    "SUPPORTED_MODEL_TYPES",
+    "SaliencyError",
+    "UnsupportedModelError",
+    "load_pruned",
+    "prune",
+    "save_pruned",
+]
+
+
+def __getattr__(name: str):
+    # Lightning and the export code load only when asked for, so `prune()` stays light.
+    if name == "NirvanaPruningCallback":
+        from .callback import NirvanaPruningCallback
+
+        return NirvanaPruningCallback
+    if name in ("save_pruned", "load_pruned"):
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'nirvana_pl' has no attribute {name!r}")

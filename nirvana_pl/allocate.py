@@ -1,0 +1,265 @@
+"""Global, module-balanced allocation (METHOD.md section 3): scores + budget -> PruningPlan.
+
+Two pools, compared only within themselves: all KV groups of all layers, all MLP channels of
+all layers. ``gamma`` = (fraction of MLP channels removed) / (fraction of KV groups removed).
+Targets are fractions of the ORIGINAL dense model's attention+MLP parameters, so iterative
+pruning calls this again with a larger target and the model as it now stands.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .plan import LayerPlan, PruningPlan
+from .saliency import UnitScores
+from .units import LayerUnits, find_units, prunable_parameter_count
+
+
+class InfeasibleSparsityError(ValueError):
+    """The requested sparsity cannot be reached with this gamma and these constraints."""
+
+
+@dataclass(frozen=True)
+class DenseReference:
+    """Sizes of the original dense model that every target is relative to."""
+
+    num_layers: int
+    kv_groups_per_layer: int
+    mlp_width: int
+    kv_group_cost: int
+    mlp_channel_cost: int
+    prunable_params: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "DenseReference":
+        units = find_units(model)
+        first = units[0]
+        if any(u.num_kv_groups != first.num_kv_groups or u.mlp_width != first.mlp_width for u in units):
+            raise ValueError(
+                "the model's layers already differ in width; build the DenseReference from the "
+                "original dense model (the callback keeps it across prune events)."
+            )
+        return cls(
+            num_layers=len(units),
+            kv_groups_per_layer=first.num_kv_groups,
+            mlp_width=first.mlp_width,
+            kv_group_cost=first.kv_group_cost,
+            mlp_channel_cost=first.mlp_channel_cost,
+            prunable_params=prunable_parameter_count(model),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def total_kv_groups(self) -> int:
+        return self.num_layers * self.kv_groups_per_layer
+
+    @property
+    def total_mlp_channels(self) -> int:
+        return self.num_layers * self.mlp_width
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How a target sparsity becomes kept units. Validated on construction."""
+
+    sparsity: float
+    gamma: float = 3.0
+    min_kv_groups: int = 1
+    mlp_round_to: int = 8
+    uniform: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
+            raise ValueError(f"sparsity={self.sparsity!r} must be in [0, 1), e.g. sparsity=0.5 removes half.")
+        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ValueError(
+                f"gamma={self.gamma!r} must be a positive number (MLP fraction removed / KV fraction "
+                "removed); gamma=1 removes equal fractions, the paper uses about 3."
+            )
+        if not (isinstance(self.min_kv_groups, int) and self.min_kv_groups >= 1):
+            raise ValueError(f"min_kv_groups={self.min_kv_groups!r} must be an integer >= 1.")
+        if not (isinstance(self.mlp_round_to, int) and self.mlp_round_to >= 1):
+            raise ValueError(f"mlp_round_to={self.mlp_round_to!r} must be an integer >= 1 (1 = no rounding).")
+
+
+def max_feasible_sparsity(ref: DenseReference, gamma: float, min_kv_groups: int = 1) -> float:
+    """Largest s for which p_m <= 1 and every layer keeps ``min_kv_groups`` groups."""
+    n_a, n_m = ref.total_kv_groups, ref.total_mlp_channels
+    ca, cm = ref.kv_group_cost, ref.mlp_channel_cost
+    p_a_max = min(1.0 / gamma, (ref.kv_groups_per_layer - min_kv_groups) / ref.kv_groups_per_layer)
+    removable = p_a_max * (n_a * ca + gamma * n_m * cm)
+    return max(0.0, removable / ref.prunable_params)
+
+
+def _check_scores(scores: UnitScores, units: Sequence[LayerUnits]) -> None:
+    for kind, vecs, sizes in (
+        ("attn", scores.attn, [u.num_kv_groups for u in units]),
+        ("mlp", scores.mlp, [u.mlp_width for u in units]),
+    ):
+        if len(vecs) != len(units):
+            raise ValueError(f"{kind} scores cover {len(vecs)} layers, the model has {len(units)}.")
+        for i, (v, n) in enumerate(zip(vecs, sizes)):
+            if v.numel() != n:
+                raise ValueError(f"{kind} scores of layer {i} have {v.numel()} entries, the layer has {n} units.")
+            if not torch.isfinite(v).all():
+                raise ValueError(
+                    f"{kind} scores of layer {i} contain NaN/inf; the saliency pass diverged (check the loss "
+                    "and the calibration data)."
+                )
+
+
+def _lowest_k(flat_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k lowest scores; ties broken by position (layer, then index): exact top-k."""
+    order = torch.sort(flat_scores.double(), stable=True).indices
+    return order[:k]
+
+
+def _keep_top(scores: torch.Tensor, n_keep: int) -> list[int]:
+    """Sorted indices of the n_keep best units of one layer (ties: lower index removed first)."""
+    n_remove = scores.numel() - n_keep
+    removed = set(_lowest_k(scores, n_remove).tolist())
+    return [i for i in range(scores.numel()) if i not in removed]
+
+
+def allocate(
+    model: nn.Module,
+    scores: UnitScores,
+    config: AllocationConfig,
+    reference: DenseReference | None = None,
+    saliency: str = "",
+) -> PruningPlan:
+    """Turn unit scores into a plan that brings ``model`` to ``config.sparsity`` of ``reference``."""
+    units = find_units(model)
+    ref = reference or DenseReference.of(model)
+    _check_scores(scores, units)
+    params_before = prunable_parameter_count(model)
+    s, gamma = float(config.sparsity), float(config.gamma)
+
+    n_a, n_m = ref.total_kv_groups, ref.total_mlp_channels
+    ca, cm = ref.kv_group_cost, ref.mlp_channel_cost
+    budget = s * ref.prunable_params  # parameters removed from the dense model in total
+    p_a = budget / (n_a * ca + gamma * n_m * cm)
+    p_m = gamma * p_a
+    s_max = max_feasible_sparsity(ref, gamma, config.min_kv_groups)
+    if p_m > 1.0 or s > s_max + 1e-12:
+        raise InfeasibleSparsityError(
+            f"sparsity={s} with gamma={gamma} needs to remove {p_m:.1%} of MLP channels and {p_a:.1%} of KV "
+            f"groups (min_kv_groups={config.min_kv_groups} per layer); the largest feasible sparsity is "
+            f"{math.floor(s_max * 1000) / 1000:.3f}. Lower sparsity or lower gamma."
+        )
+
+    kv_now = [u.num_kv_groups for u in units]
+    mlp_now = [u.mlp_width for u in units]
+    removed_so_far = ref.prunable_params - params_before
+    if budget <= removed_so_far:
+        kept_kv = [list(range(n)) for n in kv_now]
+        kept_mlp = [list(range(n)) for n in mlp_now]
+    elif config.uniform:
+        kept_kv, kept_mlp = _uniform(units, scores, ref, p_a, budget, config)
+    else:
+        kept_kv = _global_kv(units, scores, round(p_a * n_a) - (n_a - sum(kv_now)), config.min_kv_groups)
+        attn_removed_total = (n_a - sum(len(k) for k in kept_kv)) * ca
+        mlp_target_total = min(n_m, max(0, round((budget - attn_removed_total) / cm)))
+        kept_mlp = _global_mlp(units, scores, mlp_target_total - (n_m - sum(mlp_now)), config.mlp_round_to)
+
+    layers = [
+        LayerPlan(kv_groups_before=kv_now[i], mlp_channels_before=mlp_now[i], kept_kv_groups=kept_kv[i],
+                  kept_mlp_channels=kept_mlp[i])
+        for i in range(len(units))
+    ]
+    params_after = params_before - sum(
+        (kv_now[i] - len(kept_kv[i])) * units[i].kv_group_cost + (mlp_now[i] - len(kept_mlp[i])) * units[i].mlp_channel_cost
+        for i in range(len(units))
+    )
+    return PruningPlan(
+        layers=layers,
+        target_sparsity=s,
+        gamma=gamma,
+        saliency=saliency,
+        uniform=config.uniform,
+        dense_prunable_params=ref.prunable_params,
+        params_before=params_before,
+        params_after=params_after,
+        score_summary=scores.summary(),
+    )
+
+
+def _global_kv(units: Sequence[LayerUnits], scores: UnitScores, k: int, min_kv: int) -> list[list[int]]:
+    """Remove the k lowest KV groups of the global pool, sparing each layer's best ``min_kv``."""
+    protected = []
+    for u, v in zip(units, scores.attn):
+        p = v.double().clone()
+        best = set(_keep_top(v, min(min_kv, u.num_kv_groups)))
+        mask = torch.tensor([i in best for i in range(v.numel())], dtype=torch.bool)
+        p[mask] = math.inf
+        protected.append(p)
+    flat = torch.cat(protected)
+    k = max(0, min(k, int(torch.isfinite(flat).sum())))
+    removed = _lowest_k(flat, k).tolist()
+    return _split_kept(removed, [u.num_kv_groups for u in units])
+
+
+def _split_kept(removed_flat: list[int], sizes: list[int]) -> list[list[int]]:
+    removed = set(removed_flat)
+    kept, offset = [], 0
+    for n in sizes:
+        kept.append([i for i in range(n) if offset + i not in removed])
+        offset += n
+    return kept
+
+
+def _global_mlp(units: Sequence[LayerUnits], scores: UnitScores, k: int, round_to: int) -> list[list[int]]:
+    """Remove ~k lowest MLP channels globally, then round kept widths to multiples of ``round_to``.
+
+    Each pruned layer's width is floored to a multiple of ``round_to``; whole blocks are then
+    given back to the layers whose best removed block scores highest until the global count is
+    within half a block of the target (so the realised sparsity is within one block).
+    """
+    widths = [u.mlp_width for u in units]
+    k = max(0, min(k, sum(widths)))
+    flat = torch.cat([v.double() for v in scores.mlp])
+    layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+    removed_per_layer = torch.bincount(layer_of[_lowest_k(flat, k)], minlength=len(widths)).tolist()
+
+    keep = list(widths)
+    for i, r in enumerate(removed_per_layer):
+        if r:
+            keep[i] = ((widths[i] - r) // round_to) * round_to
+    target_kept = sum(widths) - k
+    blocks = round((target_kept - sum(keep)) / round_to)
+    candidates = []
+    for i, r in enumerate(removed_per_layer):
+        if r and keep[i] + round_to <= widths[i]:
+            order = torch.sort(scores.mlp[i].double(), stable=True, descending=True).indices
+            restored = order[keep[i] : keep[i] + round_to]
+            candidates.append((-float(scores.mlp[i][restored].sum()), i))
+    for _, i in sorted(candidates)[: max(0, blocks)]:
+        keep[i] += round_to
+    return [_keep_top(v, n) for v, n in zip(scores.mlp, keep)]
+
+
+def _uniform(
+    units: Sequence[LayerUnits], scores: UnitScores, ref: DenseReference, p_a: float, budget: float,
+    config: AllocationConfig,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Same kept width in every layer (a stock config can describe the result)."""
+    L = ref.num_layers
+    kv_keep = max(config.min_kv_groups, ref.kv_groups_per_layer - round(p_a * ref.kv_groups_per_layer))
+    attn_removed = L * (ref.kv_groups_per_layer - kv_keep) * ref.kv_group_cost
+    per_layer_removed = max(0.0, (budget - attn_removed) / (L * ref.mlp_channel_cost))
+    mlp_keep = ref.mlp_width - per_layer_removed
+    if per_layer_removed > 0:
+        mlp_keep = round(mlp_keep / config.mlp_round_to) * config.mlp_round_to
+    mlp_keep = int(max(0, min(ref.mlp_width, mlp_keep)))
+    kv_keep = min(kv_keep, min(u.num_kv_groups for u in units))
+    mlp_keep = min(mlp_keep, min(u.mlp_width for u in units))
+    kept_kv = [_keep_top(v, kv_keep) for v in scores.attn]
+    kept_mlp = [_keep_top(v, mlp_keep) for v in scores.mlp]
+    return kept_kv, kept_mlp

@@ -1,0 +1,316 @@
+"""NirvanaPruningCallback: decides *when* to score and prune inside a Lightning fit.
+
+How is elsewhere: saliency.py scores, allocate.py plans, surgery.py cuts (and slices the
+optimizer state), report.py writes what happened, export.py saves the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from .allocate import AllocationConfig, DenseReference, InfeasibleSparsityError, allocate, max_feasible_sparsity
+from .plan import PruningPlan
+from .report import PruneRecord, format_summary, write_report
+from .saliency import (
+    ADAM_ESTIMATORS,
+    CALIBRATION_ESTIMATORS,
+    AdamStateSaliency,
+    check_adam_optimizers,
+    check_calibration,
+    check_estimator,
+    compute_scores,
+)
+from .schedule import PruneEvent, PruningSchedule
+from .surgery import apply_plan, layer_widths, resize_to_widths
+from .units import UnsupportedModelError, check_supported, find_units, head_dim_of, prunable_parameter_count
+
+
+class NirvanaPruningCallback(Callback):
+    """Prune whole KV groups and MLP channels of a transformers LLM in the middle of a fit.
+
+    Args:
+        sparsity: fraction of the dense model's attention+MLP parameters to remove at ``prune_at``.
+        prune_at: optimizer step (``trainer.global_step``) after which to prune.
+        warmup_steps: optimizer steps before each prune over which saliency is accumulated
+            (``adam_*``) or training batches are collected as calibration (when ``calibration``
+            is not given).
+        saliency: ``adam_taylor`` | ``adam_fisher`` | ``adam_momentum`` | ``functional`` |
+            ``magnitude`` | ``wanda_sp`` | ``taylor_loss`` | ``random``.
+        gamma: MLP-fraction-removed over KV-fraction-removed (METHOD.md section 3).
+        schedule: ``{step: target_sparsity}`` for iterative pruning (targets relative to the
+            original dense model), instead of ``sparsity``/``prune_at``.
+        calibration: token-id batches (LongTensor[B, T] or dicts with ``input_ids``) for the
+            data-driven estimators; if None they are collected from the warm-up window.
+        num_calibration_batches: how many training batches to collect when ``calibration`` is None.
+        model_attr: dotted path of the transformers model inside the LightningModule; found
+            automatically when None.
+        min_kv_groups, mlp_round_to, uniform: allocation constraints (see ``AllocationConfig``).
+        report_dir: where the JSON report goes (default: the trainer's log dir).
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        prune_at: int | None = None,
+        warmup_steps: int = 100,
+        saliency: str = "adam_taylor",
+        gamma: float = 3.0,
+        *,
+        schedule: Mapping[int, float] | None = None,
+        calibration: Iterable[Any] | None = None,
+        num_calibration_batches: int = 8,
+        model_attr: str | None = None,
+        min_kv_groups: int = 1,
+        mlp_round_to: int = 8,
+        uniform: bool = False,
+        seed: int = 0,
+        report_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        check_estimator(saliency)
+        self.schedule = PruningSchedule.build(sparsity, prune_at, schedule, warmup_steps)
+        # Validate every target with the allocation rules now, not at the prune step.
+        self._alloc = [
+            AllocationConfig(e.sparsity, gamma, min_kv_groups, mlp_round_to, uniform) for e in self.schedule.events
+        ]
+        if saliency in ADAM_ESTIMATORS and warmup_steps < 1:
+            raise ValueError(
+                f"saliency={saliency!r} averages Adam state over the warm-up window; warmup_steps={warmup_steps} "
+                "leaves no step to average. Use warmup_steps >= 1."
+            )
+        if saliency in CALIBRATION_ESTIMATORS and calibration is None and warmup_steps < 1:
+            raise ValueError(
+                f"saliency={saliency!r} needs calibration batches: pass calibration=[LongTensor[B, T], ...] or "
+                "warmup_steps >= 1 so that training batches of the warm-up window are used."
+            )
+        if not (isinstance(num_calibration_batches, int) and num_calibration_batches >= 1):
+            raise ValueError(f"num_calibration_batches={num_calibration_batches!r} must be an integer >= 1.")
+        self.saliency = saliency
+        self.gamma = gamma
+        self.calibration = list(calibration) if calibration is not None else None
+        self.num_calibration_batches = num_calibration_batches
+        self.model_attr = model_attr
+        self.seed = seed
+        self.report_dir = Path(report_dir) if report_dir is not None else None
+
+        self._model: nn.Module | None = None
+        self._reference: DenseReference | None = None
+        self._adam = AdamStateSaliency(saliency) if saliency in ADAM_ESTIMATORS else None
+        self._collected: deque[torch.Tensor] = deque(maxlen=num_calibration_batches)
+        self._records: list[PruneRecord] = []
+        self._last_step = -1
+        self._report_path: Path | None = None
+        self._load_hook: Any = None
+
+    # ------------------------------------------------------------------ public
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("the callback has not been set up by a Trainer yet.")
+        return self._model
+
+    @property
+    def plans(self) -> list[PruningPlan]:
+        return [r.plan for r in self._records]
+
+    @property
+    def report_path(self) -> Path | None:
+        return self._report_path
+
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """Write the (pruned) model so that transformers can load it; see :func:`nirvana_pl.save_pruned`."""
+        from .export import save_pruned
+
+        return save_pruned(self.model, directory, **kwargs)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._model = locate_model(pl_module, self.model_attr)
+        if not isinstance(trainer.strategy, SingleDeviceStrategy):
+            raise ValueError(
+                f"NirvanaPruningCallback supports single-process training in this version; strategy "
+                f"{type(trainer.strategy).__name__} is not supported yet. Use Trainer(devices=1)."
+            )
+        if self._reference is None:
+            self._reference = DenseReference.of(self._model)
+        for event, alloc in zip(self.schedule.events, self._alloc):
+            s_max = max_feasible_sparsity(self._reference, alloc.gamma, alloc.min_kv_groups)
+            if event.sparsity > s_max:
+                raise InfeasibleSparsityError(
+                    f"sparsity={event.sparsity} (prune at step {event.step}) is not reachable with gamma={alloc.gamma}"
+                    f" on this model: the largest feasible sparsity is {int(s_max * 1000) / 1000:.3f}. Lower the "
+                    "sparsity or gamma."
+                )
+        max_steps = trainer.max_steps
+        if max_steps is not None and max_steps > 0 and self.schedule.last_step > max_steps:
+            rank_zero_warn(
+                f"NirvanaPruningCallback: prune step {self.schedule.last_step} is beyond Trainer(max_steps="
+                f"{max_steps}); that prune will never happen. Lower prune_at or raise max_steps."
+            )
+        if self.calibration is not None:
+            self.calibration = check_calibration(self._model, self.calibration)
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    def _reshape_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """Give a freshly built dense model the pruned shapes of the checkpoint before it loads."""
+        names = {id(p): n for n, p in module.named_parameters()}
+        h = head_dim_of(self.model.config)
+        widths = []
+        for u in find_units(self.model):
+            k = state_dict.get(prefix + names[id(u.attn.k_proj.weight)])
+            gate = state_dict.get(prefix + names[id(u.mlp.gate_proj.weight)])
+            if k is None or gate is None:
+                return  # not a full model state dict; leave shapes alone
+            group = u.group_size
+            widths.append(
+                {"num_key_value_heads": k.shape[0] // h, "num_attention_heads": k.shape[0] // h * group,
+                 "intermediate_size": gate.shape[0]}
+            )
+        if widths != layer_widths(self.model):
+            resize_to_widths(self.model, widths)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._adam is not None:
+            check_adam_optimizers(self.model, trainer.optimizers, self.saliency)
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # still accumulating gradients: not an optimizer-step boundary
+            return
+        self._last_step = step
+        event = self.schedule.window_containing(step)
+        if event is None or any(r.event_step == event.step for r in self._records):
+            return
+        if self._adam is not None:
+            self._adam.accumulate(self.model, trainer.optimizers)
+        elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None:
+            self._collected.append(_input_ids_of(batch))
+        if step == event.step:
+            self._prune(trainer, pl_module, event)
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: PruneEvent) -> None:
+        start = time.perf_counter()
+        model = self.model
+        total_before = sum(p.numel() for p in model.parameters())
+        index = self.schedule.events.index(event)
+        if self._adam is not None:
+            scores = self._adam.scores()
+        else:
+            calibration = self.calibration if self.calibration is not None else list(self._collected)
+            with trainer.precision_plugin.forward_context():
+                scores = compute_scores(
+                    model, self.saliency, calibration=calibration, seed=self.seed + index,
+                    progress=trainer.is_global_zero,
+                )
+        plan = allocate(model, scores, self._alloc[index], self._reference, saliency=self.saliency)
+        apply_plan(model, plan, trainer.optimizers)
+        seconds = time.perf_counter() - start
+        record = PruneRecord(
+            event_step=event.step,
+            plan=plan,
+            total_params_before=total_before,
+            total_params_after=sum(p.numel() for p in model.parameters()),
+            prunable_params_after=prunable_parameter_count(model),
+            seconds=seconds,
+        )
+        self._records.append(record)
+        if self._adam is not None:
+            self._adam.reset()
+        self._collected.clear()
+
+        for name, value in record.metrics(self._reference).items():
+            pl_module.log(f"nirvana/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
+        if trainer.is_global_zero:
+            directory = self.report_dir or Path(trainer.log_dir or trainer.default_root_dir)
+            self._report_path = write_report(directory, self._records, self._reference)
+            rank_zero_info(format_summary(record, self._reference) + f"\n  report: {self._report_path}")
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "records": [r.to_dict() for r in self._records],
+            "reference": self._reference.to_dict() if self._reference else None,
+            "adam": self._adam.state_dict() if self._adam is not None else None,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._records = [PruneRecord.from_dict(r) for r in state_dict["records"]]
+        if state_dict.get("reference"):
+            self._reference = DenseReference(**state_dict["reference"])
+        if self._adam is not None and state_dict.get("adam"):
+            self._adam.load_state_dict(state_dict["adam"])
+        self._last_step = state_dict.get("last_step", -1)
+        if self._model is not None and self._records:
+            expected = [
+                (len(layer.kept_kv_groups), len(layer.kept_mlp_channels)) for layer in self._records[-1].plan.layers
+            ]
+            actual = [(u.num_kv_groups, u.mlp_width) for u in find_units(self._model)]
+            if expected != actual:
+                raise RuntimeError(
+                    "the checkpoint's pruning record does not match the model's shapes after loading "
+                    f"(expected {expected}, found {actual}); was the checkpoint written by another run?"
+                )
+
+
+def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
+    """The transformers model inside a LightningModule (``model_attr`` dotted path, or searched)."""
+    if model_attr is not None:
+        obj: Any = pl_module
+        for part in model_attr.split("."):
+            if not hasattr(obj, part):
+                raise AttributeError(
+                    f"model_attr={model_attr!r}: {type(obj).__name__} has no attribute {part!r}."
+                )
+            obj = getattr(obj, part)
+        check_supported(obj)
+        return obj
+    candidates = [m for _, m in pl_module.named_modules() if hasattr(m, "config")]
+    for module in candidates:
+        try:
+            check_supported(module)
+            return module
+        except UnsupportedModelError:
+            continue
+    found = ", ".join(sorted({type(m).__name__ for m in candidates})) or "no transformers model"
+    raise UnsupportedModelError(
+        f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes "
+        "Llama, Mistral and Qwen2 causal LMs; pass model_attr='path.to.model' if it is nested unusually."
+    )
+
+
+def _input_ids_of(batch: Any) -> torch.Tensor:
+    ids = None
+    if isinstance(batch, torch.Tensor):
+        ids = batch
+    elif isinstance(batch, Mapping):
+        ids = batch.get("input_ids")
+    elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        ids = batch[0]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(
+            "NirvanaPruningCallback could not find token ids (a [batch, seq_len] tensor, a dict with "
+            f"'input_ids', or a tuple starting with one) in the training batch ({type(batch).__name__}); "
+            "pass calibration=[...] to the callback."
+        )
+    return ids.detach().to("cpu", copy=True)

@@ -1,0 +1,225 @@
+"""Save pruned models so that plain transformers can load them, and load them back.
+
+Two folder formats, chosen by the model's real (per-module) widths:
+
+* **stock** - every layer has the same width and the stock config can describe it: a normal
+  ``save_pretrained`` folder; ``AutoModelForCausalLM.from_pretrained(folder)`` loads it anywhere.
+* **nirvana** - layers differ in width (or the stock config rejects the uniform widths, e.g.
+  ``LlamaConfig`` wants ``hidden_size % num_attention_heads == 0``): the weights as usual, a config
+  with ``model_type="nirvana_<base>"``, ``nirvana_layer_widths`` and an ``auto_map`` into the
+  ``modeling_nirvana.py`` copied next to it. Any machine with transformers (no nirvana_pl) loads it
+  with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``;
+  :func:`load_pruned` loads it without remote code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .hub_code import modeling_nirvana
+from .hub_code.modeling_nirvana import NIRVANA_CLASSES
+from .surgery import layer_widths
+from .units import UnsupportedModelError, base_model_type, check_supported, head_dim_of
+
+HUB_CODE_FILE = "modeling_nirvana.py"
+CONFIG_FILE = "config.json"
+
+#: stock model_type -> nirvana model_type
+NIRVANA_TYPE_OF = {base: ntype for ntype, (_, _, base) in NIRVANA_CLASSES.items()}
+
+# Keys that describe the saved format, not the model; rebuilt on every save.
+_NIRVANA_KEYS = ("auto_map", "nirvana_layer_widths", "nirvana_base_model_type")
+_FORMAT_KEYS = ("model_type", "architectures") + _NIRVANA_KEYS
+
+
+def _stock_classes(base: str) -> tuple[type, type]:
+    """The stock config class and causal-LM class of a stock model_type."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return CONFIG_MAPPING[base], getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base])
+
+
+def _config_dict(config) -> dict[str, Any]:
+    d = config.to_dict()
+    for key in _FORMAT_KEYS + ("transformers_version",):
+        d.pop(key, None)
+    return d
+
+
+def _try_stock_config(config_cls: type, d: dict[str, Any]) -> tuple[Any, str | None]:
+    """(config, None) if ``config_cls`` accepts ``d``, else (None, why)."""
+    try:
+        cfg = config_cls.from_dict(d)
+        if hasattr(cfg, "validate"):  # transformers>=5 @strict configs; also run at save time
+            cfg.validate()
+    except Exception as err:  # noqa: BLE001 - any rejection means "not describable by the stock config"
+        return None, f"{type(err).__name__}: {err}"
+    return cfg, None
+
+
+def save_pruned(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    tokenizer: Any | None = None,
+    safe_serialization: bool = True,
+    **save_pretrained_kwargs: Any,
+) -> Path:
+    """Write ``model`` (a pruned or dense Llama/Mistral/Qwen2 causal LM) to ``directory``.
+
+    Uniform widths that the stock config accepts give a stock folder; anything else gives a
+    nirvana folder (see the module docstring). ``tokenizer`` is saved alongside when given. Extra
+    keyword arguments go to ``model.save_pretrained`` (e.g. ``max_shard_size``). Returns the folder.
+    """
+    _check_not_adapter(model)
+    check_supported(model)
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"save_pruned(directory={str(path)!r}): that path is a file; pass a folder path.")
+    _check_serialization(model, safe_serialization, save_pretrained_kwargs)
+
+    config = model.config
+    base = base_model_type(config)
+    stock_config_cls, stock_model_cls = _stock_classes(base)
+    widths = layer_widths(model)  # measured on the modules, not read from the config
+    d = _config_dict(config)
+    d["head_dim"] = head_dim_of(config)
+
+    save_config = None
+    if all(w == widths[0] for w in widths):
+        save_config, why = _try_stock_config(stock_config_cls, {**d, **widths[0]})
+        if save_config is None:
+            warnings.warn(
+                f"save_pruned: the uniform widths {widths[0]} are not a valid stock {stock_config_cls.__name__} "
+                f"({why}); writing the nirvana format instead. Load it with nirvana_pl.load_pruned(folder) or "
+                "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).",
+                stacklevel=2,
+            )
+
+    if save_config is not None:
+        arch = type(model).__name__
+        if arch.startswith("Nirvana") or isinstance(model, stock_model_cls):
+            arch = stock_model_cls.__name__
+        _save_with_config(model, save_config, path, save_pretrained_kwargs)
+        _patch_config_json(path, {"architectures": [arch]}, drop=_NIRVANA_KEYS)
+    else:
+        if not isinstance(model, stock_model_cls):
+            raise UnsupportedModelError(
+                f"save_pruned: a model whose layers differ in width can only be exported as a causal LM "
+                f"({stock_model_cls.__name__}); got {type(model).__name__}. Save the *ForCausalLM that wraps it."
+            )
+        ntype = NIRVANA_TYPE_OF[base]
+        nconfig_cls, nmodel_cls, _ = NIRVANA_CLASSES[ntype]
+        nconfig = nconfig_cls.from_dict({**d, "nirvana_layer_widths": widths, "nirvana_base_model_type": base})
+        _save_with_config(model, nconfig, path, save_pretrained_kwargs)
+        module = Path(HUB_CODE_FILE).stem
+        _patch_config_json(
+            path,
+            {
+                "model_type": ntype,
+                "nirvana_base_model_type": base,
+                "nirvana_layer_widths": widths,
+                "architectures": [nmodel_cls.__name__],
+                "auto_map": {
+                    "AutoConfig": f"{module}.{nconfig_cls.__name__}",
+                    "AutoModelForCausalLM": f"{module}.{nmodel_cls.__name__}",
+                },
+            },
+        )
+        shutil.copyfile(Path(modeling_nirvana.__file__), path / HUB_CODE_FILE)
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _check_not_adapter(model: nn.Module) -> None:
+    # A LoRA-wrapped model would be saved as an adapter (or not at all) and lose the pruned base weights.
+    if hasattr(model, "merge_and_unload") or getattr(model, "_hf_peft_config_loaded", False):
+        raise ValueError(
+            f"save_pruned got a model with LoRA adapters ({type(model).__name__}); merge them first: "
+            "`model = model.merge_and_unload()` (peft), then save_pruned(model, folder)."
+        )
+
+
+def _check_serialization(model: nn.Module, safe_serialization: bool, kwargs: dict[str, Any]) -> None:
+    # transformers 4.x takes `safe_serialization`; 5.x always writes safetensors and has no such argument.
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = safe_serialization
+    elif not safe_serialization:
+        raise ValueError(
+            "save_pruned(safe_serialization=False): this transformers version only writes safetensors; "
+            "drop the argument (or pass True)."
+        )
+
+
+def _save_with_config(model: nn.Module, config, path: Path, kwargs: dict[str, Any]) -> None:
+    """``model.save_pretrained`` with ``config`` written in place of ``model.config`` (restored after)."""
+    original = model.config
+    model.config = config
+    try:
+        model.save_pretrained(path, **kwargs)
+    finally:
+        model.config = original
+
+
+def _patch_config_json(path: Path, updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+    cfg_file = path / CONFIG_FILE
+    data = json.loads(cfg_file.read_text())
+    for key in drop:
+        data.pop(key, None)
+    data.update(updates)
+    cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_pruned(directory: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a folder written by :func:`save_pruned` (either format), without remote code.
+
+    Also loads a non-uniform model written by plain ``model.save_pretrained`` (a stock model_type with
+    ``nirvana_layer_widths`` in its config). Keyword arguments go to ``from_pretrained``
+    (``dtype``, ``device_map``, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(directory)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"load_pruned({str(path)!r}): no {CONFIG_FILE} in that folder. Pass the folder written by "
+            "nirvana_pl.save_pruned(model, folder) (or by model.save_pretrained)."
+        )
+    data = json.loads(cfg_file.read_text())
+    mtype = data.get("model_type")
+    if isinstance(mtype, str) and mtype.startswith("nirvana_"):
+        if mtype not in NIRVANA_CLASSES:
+            raise ValueError(
+                f"load_pruned({str(path)!r}): unknown model_type {mtype!r}; this nirvana_pl knows "
+                f"{sorted(NIRVANA_CLASSES)}. Upgrade nirvana_pl, or load the folder with "
+                "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)."
+            )
+        _, model_cls, _ = NIRVANA_CLASSES[mtype]
+        return model_cls.from_pretrained(path, **from_pretrained_kwargs)
+    if data.get("nirvana_layer_widths") is not None:
+        if mtype not in NIRVANA_TYPE_OF:
+            raise ValueError(
+                f"load_pruned({str(path)!r}): config has nirvana_layer_widths but model_type {mtype!r} is not one "
+                f"of {sorted(NIRVANA_TYPE_OF)}."
+            )
+        config_cls, model_cls, _ = NIRVANA_CLASSES[NIRVANA_TYPE_OF[mtype]]
+        if "config" not in from_pretrained_kwargs:
+            d = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "auto_map")}
+            from_pretrained_kwargs["config"] = config_cls.from_dict({**d, "nirvana_base_model_type": mtype})
+        return model_cls.from_pretrained(path, **from_pretrained_kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+
+
+__all__ = ["load_pruned", "save_pruned"]

@@ -1,0 +1,100 @@
+"""PruningPlan: which units of each layer are kept, plus the numbers that explain it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LayerPlan:
+    """Kept units of one decoder layer, as indices into the layer *before* this plan."""
+
+    kv_groups_before: int
+    mlp_channels_before: int
+    kept_kv_groups: list[int]
+    kept_mlp_channels: list[int]
+
+    @property
+    def is_identity(self) -> bool:
+        return len(self.kept_kv_groups) == self.kv_groups_before and len(
+            self.kept_mlp_channels
+        ) == self.mlp_channels_before
+
+
+@dataclass
+class PruningPlan:
+    """The result of allocation: kept units per layer and the statistics of the decision.
+
+    ``target_sparsity`` is relative to the original dense model (attention+MLP parameters).
+    Indices in ``layers`` refer to the model as it was when the plan was made, so a chain of
+    plans (iterative pruning) is replayed in order.
+    """
+
+    layers: list[LayerPlan]
+    target_sparsity: float
+    gamma: float
+    saliency: str
+    uniform: bool = False
+    dense_prunable_params: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    score_summary: dict[str, Any] = field(default_factory=dict)
+
+    # --- derived numbers -------------------------------------------------------------
+    @property
+    def is_identity(self) -> bool:
+        return all(layer.is_identity for layer in self.layers)
+
+    @property
+    def realised_sparsity(self) -> float:
+        """Fraction of the ORIGINAL dense attention+MLP parameters removed after this plan."""
+        if not self.dense_prunable_params:
+            return 0.0
+        return 1.0 - self.params_after / self.dense_prunable_params
+
+    def kv_groups_kept(self) -> list[int]:
+        return [len(layer.kept_kv_groups) for layer in self.layers]
+
+    def mlp_widths_kept(self) -> list[int]:
+        return [len(layer.kept_mlp_channels) for layer in self.layers]
+
+    def fraction_removed(self) -> dict[str, float]:
+        kv_before = sum(layer.kv_groups_before for layer in self.layers)
+        mlp_before = sum(layer.mlp_channels_before for layer in self.layers)
+        return {
+            "kv_groups": 1.0 - sum(self.kv_groups_kept()) / max(kv_before, 1),
+            "mlp_channels": 1.0 - sum(self.mlp_widths_kept()) / max(mlp_before, 1),
+        }
+
+    # --- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningPlan":
+        data = dict(data)
+        layers = [LayerPlan(**layer) for layer in data.pop("layers")]
+        return cls(layers=layers, **data)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PruningPlan":
+        return cls.from_json(Path(path).read_text())
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the decision (kept indices and shapes), for cross-rank checks."""
+        decision = [asdict(layer) for layer in self.layers]
+        return hashlib.sha256(json.dumps(decision, sort_keys=True).encode()).hexdigest()

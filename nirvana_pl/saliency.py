@@ -1,0 +1,433 @@
+"""Saliency estimators: per-weight saliency reduced to one score per prunable unit.
+
+Every estimator returns :class:`UnitScores` (fp32, one vector per layer and unit kind).
+A unit's score is the L1 sum of its weights' saliency: row sums for q, k, v, gate, up and
+column sums for o, down (METHOD.md section 2). Biases are not scored.
+
+* ``functional``  |G * W| with G = dF/dW, F = mean_{b,v} max_t logits[b,t,v]  (label free)
+* ``adam_taylor``  |W| * sqrt(v_hat)     read from the optimizer's Adam state
+* ``adam_fisher``  W^2 * v_hat
+* ``adam_momentum`` |W * m_hat|
+* baselines: ``magnitude`` |W|, ``wanda_sp`` |W| * ||x||, ``taylor_loss`` |dLoss/dW * W|,
+  ``random``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .units import LayerUnits, WeightSlice, find_units
+
+ADAM_ESTIMATORS = ("adam_taylor", "adam_fisher", "adam_momentum")
+CALIBRATION_ESTIMATORS = ("functional", "taylor_loss", "wanda_sp")
+DATA_FREE_ESTIMATORS = ("magnitude", "random")
+ESTIMATORS = ADAM_ESTIMATORS + CALIBRATION_ESTIMATORS + DATA_FREE_ESTIMATORS
+
+
+class SaliencyError(RuntimeError):
+    """Saliency cannot be computed as configured."""
+
+
+@dataclass
+class UnitScores:
+    """fp32 scores, ``attn[l]`` of shape (kv_groups_l,), ``mlp[l]`` of shape (mlp_width_l,)."""
+
+    attn: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind, vecs in (("attn", self.attn), ("mlp", self.mlp)):
+            flat = torch.cat([v.flatten() for v in vecs]) if vecs else torch.zeros(0)
+            if flat.numel():
+                out[kind] = {
+                    "min": float(flat.min()),
+                    "median": float(flat.median()),
+                    "mean": float(flat.mean()),
+                    "max": float(flat.max()),
+                    "per_layer_mean": [float(v.mean()) if v.numel() else 0.0 for v in vecs],
+                }
+        return out
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {"attn": [t.clone() for t in self.attn], "mlp": [t.clone() for t in self.mlp]}
+
+    @classmethod
+    def zeros_like_model(cls, units: Sequence[LayerUnits]) -> "UnitScores":
+        return cls(
+            attn=[torch.zeros(u.num_kv_groups, dtype=torch.float32) for u in units],
+            mlp=[torch.zeros(u.mlp_width, dtype=torch.float32) for u in units],
+        )
+
+
+def check_estimator(name: str) -> None:
+    if name not in ESTIMATORS:
+        raise ValueError(f"saliency={name!r} is not known; choose one of {', '.join(ESTIMATORS)}.")
+
+
+# ---------------------------------------------------------------------------------------
+# reduction of per-weight saliency to units
+# ---------------------------------------------------------------------------------------
+def _reduce_to_units(w: WeightSlice, per_row: torch.Tensor) -> torch.Tensor:
+    """``per_row``: saliency summed over the non-unit axis, one entry per unit row/column."""
+    return per_row.float().view(-1, w.rows_per_unit).sum(1).cpu()
+
+
+def _per_weight_scores(
+    units: Sequence[LayerUnits], saliency_of: Callable[[WeightSlice], torch.Tensor]
+) -> UnitScores:
+    """Apply ``saliency_of(w)`` (returns per-row sums along w's unit axis) to every weight."""
+    attn, mlp = [], []
+    for layer in units:
+        a = torch.zeros(layer.num_kv_groups)
+        for w in layer.attn_weights:
+            a += _reduce_to_units(w, saliency_of(w))
+        m = torch.zeros(layer.mlp_width)
+        for w in layer.mlp_weights:
+            m += _reduce_to_units(w, saliency_of(w))
+        attn.append(a)
+        mlp.append(m)
+    return UnitScores(attn, mlp)
+
+
+def _sum_other_axis(w: WeightSlice, per_weight: torch.Tensor) -> torch.Tensor:
+    return per_weight.sum(dim=1 - w.axis, dtype=torch.float32)
+
+
+def _rowdot(w: WeightSlice, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over the non-unit axis of a*b, without materialising a fp32 copy of a*b twice."""
+    return torch.linalg.vecdot(a.float(), b.float(), dim=1 - w.axis)
+
+
+# ---------------------------------------------------------------------------------------
+# data-free estimators
+# ---------------------------------------------------------------------------------------
+def magnitude_scores(model: nn.Module) -> UnitScores:
+    with torch.no_grad():
+        return _per_weight_scores(find_units(model), lambda w: _sum_other_axis(w, w.weight.abs()))
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> UnitScores:
+    gen = torch.Generator().manual_seed(seed)
+    units = find_units(model)
+    return UnitScores(
+        attn=[torch.rand(u.num_kv_groups, generator=gen) for u in units],
+        mlp=[torch.rand(u.mlp_width, generator=gen) for u in units],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Adam-state estimators (training-integrated)
+# ---------------------------------------------------------------------------------------
+class AdamStateSaliency:
+    """Mean over optimizer steps of a per-unit saliency read from Adam's moments.
+
+    Only the per-unit fp32 accumulators live between steps; no per-weight copies.
+    """
+
+    def __init__(self, kind: str):
+        if kind not in ADAM_ESTIMATORS:
+            raise ValueError(f"{kind!r} is not an Adam-state estimator ({', '.join(ADAM_ESTIMATORS)}).")
+        self.kind = kind
+        self.total: UnitScores | None = None
+        self.steps = 0
+
+    def reset(self) -> None:
+        self.total, self.steps = None, 0
+
+    @torch.no_grad()
+    def accumulate(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+    ) -> None:
+        """Add the saliency of the current weights and Adam moments (one optimizer step)."""
+        units = find_units(model)
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        param_group: dict[nn.Parameter, dict] = {}
+        state: dict = {}
+        for opt in optimizers:
+            param_group.update(_param_groups_by_param(opt))
+            state.update(opt.state)
+        opt_names = ", ".join(type(o).__name__ for o in optimizers) or "none"
+
+        def saliency_of(w: WeightSlice) -> torch.Tensor:
+            p = w.weight
+            group = param_group.get(p)
+            if group is None:
+                raise SaliencyError(
+                    f"saliency={self.kind!r} reads Adam state, but {w.name} (shape {tuple(p.shape)}) "
+                    "is not in the optimizer (frozen weight?). Use saliency='functional' with "
+                    "calibration batches instead."
+                )
+            st = state.get(p, {})
+            if "exp_avg_sq" not in st or "exp_avg" not in st:
+                raise SaliencyError(
+                    f"saliency={self.kind!r} found no Adam state for {w.name}: the optimizer "
+                    f"({opt_names}) has not stepped yet or is not Adam-like. Start "
+                    "the warm-up after the first optimizer step, use torch.optim.Adam/AdamW, or "
+                    "use saliency='functional'."
+                )
+            step = float(st["step"]) if "step" in st else 1.0
+            b1, b2 = group["betas"]
+            wt = p.detach()
+            if self.kind == "adam_taylor":
+                corr = (1.0 - b2**step) ** -0.5
+                return _rowdot(w, wt.abs(), st["exp_avg_sq"].sqrt()) * corr
+            if self.kind == "adam_fisher":
+                corr = 1.0 / (1.0 - b2**step)
+                return _rowdot(w, wt.float().square(), st["exp_avg_sq"]) * corr
+            corr = 1.0 / (1.0 - b1**step)
+            return _sum_other_axis(w, (wt.float() * st["exp_avg"].float()).abs()) * corr
+
+        scores = _per_weight_scores(units, saliency_of)
+        if self.total is None:
+            self.total = scores
+        else:
+            if [t.shape for t in self.total.attn] != [t.shape for t in scores.attn] or [
+                t.shape for t in self.total.mlp
+            ] != [t.shape for t in scores.mlp]:
+                raise SaliencyError("model shapes changed during a warm-up window; call reset() after pruning")
+            for acc, new in zip(self.total.attn + self.total.mlp, scores.attn + scores.mlp):
+                acc += new
+        self.steps += 1
+
+    def scores(self) -> UnitScores:
+        if self.total is None or self.steps == 0:
+            raise SaliencyError(
+                f"saliency={self.kind!r} has no accumulated steps: the warm-up window saw no "
+                "optimizer step. Increase warmup_steps or move the prune step later."
+            )
+        return UnitScores(
+            attn=[t / self.steps for t in self.total.attn], mlp=[t / self.steps for t in self.total.mlp]
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "steps": self.steps, "total": self.total.state_dict() if self.total else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kind, self.steps = state["kind"], state["steps"]
+        t = state["total"]
+        self.total = UnitScores(t["attn"], t["mlp"]) if t is not None else None
+
+
+def check_adam_optimizers(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], saliency: str) -> None:
+    """Fail before training when Adam-state saliency cannot work with these optimizers."""
+    groups: dict[nn.Parameter, dict] = {}
+    for opt in optimizers:
+        groups.update(_param_groups_by_param(opt))
+    for layer in find_units(model):
+        for w in layer.attn_weights + layer.mlp_weights:
+            if w.weight not in groups:
+                raise SaliencyError(
+                    f"saliency={saliency!r} reads Adam state, but layer {layer.index} {w.name} is not in any "
+                    "optimizer (frozen or filtered out). Use saliency='functional' with calibration batches."
+                )
+
+
+def _param_groups_by_param(optimizer: torch.optim.Optimizer) -> dict[nn.Parameter, dict]:
+    out = {}
+    for group in optimizer.param_groups:
+        if "betas" not in group:
+            raise SaliencyError(
+                f"Adam-state saliency (adam_taylor/adam_fisher/adam_momentum) needs an Adam-family optimizer "
+                f"(param groups with 'betas'); got "
+                f"{type(optimizer).__name__}. Use torch.optim.Adam/AdamW or saliency='functional'."
+            )
+        for p in group["params"]:
+            out[p] = group
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# calibration-based estimators
+# ---------------------------------------------------------------------------------------
+def normalize_batch(batch: Any, index: int, max_positions: int | None = None) -> dict[str, torch.Tensor]:
+    """A calibration batch as ``{"input_ids": LongTensor[B, T], "attention_mask"?: ...}``."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    elif isinstance(batch, dict) and "input_ids" in batch:
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch and batch[k] is not None}
+    else:
+        raise ValueError(
+            f"calibration batch {index} is a {type(batch).__name__}; expected a LongTensor of token ids "
+            "with shape [batch, seq_len] or a dict with 'input_ids' (and optionally 'attention_mask')."
+        )
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        dtype = getattr(ids, "dtype", None)
+        raise ValueError(
+            f"calibration batch {index}: input_ids has shape {shape} and dtype {dtype}; expected an integer "
+            "tensor of shape [batch, seq_len] (add a batch dimension with ids.unsqueeze(0))."
+        )
+    if ids.numel() == 0:
+        raise ValueError(f"calibration batch {index} is empty (shape {tuple(ids.shape)}).")
+    if max_positions is not None and ids.shape[1] > max_positions:
+        raise ValueError(
+            f"calibration batch {index} has seq_len {ids.shape[1]} > the model's max_position_embeddings "
+            f"{max_positions}; cut the windows to at most {max_positions} tokens."
+        )
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.shape != ids.shape:
+        raise ValueError(
+            f"calibration batch {index}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
+            f"shape {tuple(ids.shape)}."
+        )
+    return batch
+
+
+def check_calibration(model: nn.Module, batches: Iterable[Any]) -> list[dict[str, torch.Tensor]]:
+    """Validate and normalise calibration batches (raises with the fix on bad input)."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    out = [normalize_batch(b, i, max_pos) for i, b in enumerate(batches)]
+    if not out:
+        raise ValueError("calibration is empty; pass at least one batch of token ids.")
+    return out
+
+
+@contextlib.contextmanager
+def _eval_and_trainable(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Eval mode (no dropout) and requires_grad on ``params``; both restored on exit."""
+    was_training = model.training
+    flags = [p.requires_grad for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def output_functional(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """F = mean over samples b and vocabulary v of max over positions t of logits[b, t, v]."""
+    logits = logits.float()
+    if attention_mask is not None:
+        logits = logits.masked_fill(~attention_mask.bool()[..., None], float("-inf"))
+    return logits.amax(dim=1).mean()
+
+
+def _gradient_saliency(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], objective: str, progress: bool = False
+) -> UnitScores:
+    """|G * W| with G the signed gradient of ``objective`` averaged over all samples."""
+    units = find_units(model)
+    weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
+    params = [w.weight for w in weights]
+    device = params[0].device
+    n_total = sum(b["input_ids"].shape[0] for b in batches)
+    grads = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=f"nirvana-pl {objective} saliency", leave=False)
+    with _eval_and_trainable(model, params):
+        for batch in it:
+            batch = _to_device(batch, device)
+            mask = batch.get("attention_mask")
+            if objective == "functional":
+                logits = model(**batch, use_cache=False).logits
+                value = output_functional(logits, mask)
+            else:
+                labels = batch["input_ids"].masked_fill(mask == 0, -100) if mask is not None else batch["input_ids"]
+                value = model(**batch, labels=labels, use_cache=False).loss
+            weight = batch["input_ids"].shape[0] / n_total
+            for acc, g in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
+                if g is not None:
+                    acc.add_(g.float(), alpha=weight)
+            del value
+    by_param = {id(p): g for p, g in zip(params, grads)}
+    with torch.no_grad():
+        return _per_weight_scores(
+            units, lambda w: _sum_other_axis(w, (by_param[id(w.weight)] * w.weight.float()).abs())
+        )
+
+
+def wanda_sp_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> UnitScores:
+    """|W_ij| * ||x_j||_2 with x the input activations of each linear over calibration tokens."""
+    units = find_units(model)
+    weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
+    sq: dict[int, torch.Tensor] = {}
+    hooks = []
+    current: dict[str, torch.Tensor | None] = {"mask": None}  # padding mask of the batch in flight
+
+    def make_hook(lin: nn.Linear):
+        def hook(_mod, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            if current["mask"] is not None:  # padded positions carry no signal
+                x = x * current["mask"].reshape(-1, 1).to(x)
+            acc = sq.get(id(lin))
+            s = x.square().sum(0)
+            sq[id(lin)] = s if acc is None else acc + s
+
+        return hook
+
+    for w in weights:
+        hooks.append(w.linear.register_forward_pre_hook(make_hook(w.linear)))
+    device = weights[0].weight.device
+    try:
+        with _eval_and_trainable(model, []), torch.no_grad():
+            for batch in batches:
+                batch = _to_device(batch, device)
+                current["mask"] = batch.get("attention_mask")
+                model(**batch, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def saliency_of(w: WeightSlice) -> torch.Tensor:
+        norm = sq[id(w.linear)].sqrt()
+        W = w.weight.detach().float().abs()
+        if w.axis == 0:
+            return W @ norm
+        return W.sum(0) * norm
+
+    with torch.no_grad():
+        return _per_weight_scores(units, saliency_of)
+
+
+def compute_scores(
+    model: nn.Module,
+    saliency: str,
+    calibration: Iterable[Any] | None = None,
+    optimizer_scores: UnitScores | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> UnitScores:
+    """One entry point for all estimators that do not need a training run.
+
+    Adam-state estimators cannot be computed here: they need the mean over a warm-up
+    window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
+    """
+    check_estimator(saliency)
+    if saliency in ADAM_ESTIMATORS:
+        if optimizer_scores is None:
+            raise SaliencyError(
+                f"saliency={saliency!r} reads the optimizer's Adam state during training; it is not "
+                "available in one-shot prune(). Use saliency='functional' with calibration batches, or "
+                "NirvanaPruningCallback inside a fit."
+            )
+        return optimizer_scores
+    if saliency == "magnitude":
+        return magnitude_scores(model)
+    if saliency == "random":
+        return random_scores(model, seed)
+    if calibration is None:
+        raise ValueError(
+            f"saliency={saliency!r} needs calibration batches: pass calibration=[LongTensor[B, T], ...]."
+        )
+    batches = check_calibration(model, calibration)
+    if saliency == "wanda_sp":
+        return wanda_sp_scores(model, batches)
+    return _gradient_saliency(model, batches, saliency, progress=progress)

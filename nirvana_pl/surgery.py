@@ -1,0 +1,170 @@
+"""Apply a PruningPlan to a model: slice weights, biases, optimizer state and the config.
+
+Parameters are shrunk in place (``param.data`` is replaced), so every ``nn.Parameter``
+object survives: an optimizer that holds them keeps stepping them, and its per-parameter
+state is sliced the same way (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, momentum...),
+while scalar state (``step``) and param-group settings are untouched.
+
+The plan is fully validated against the model before the first tensor changes, so bad input
+never leaves a half-pruned model.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .plan import PruningPlan
+from .units import LayerUnits, WeightSlice, find_units, head_dim_of, prunable_parameter_count, unit_index
+
+
+class PlanMismatchError(ValueError):
+    """The plan does not fit the model it is applied to."""
+
+
+def validate_plan(model: nn.Module, plan: PruningPlan, min_kv_groups: int = 1) -> list[LayerUnits]:
+    units = find_units(model)
+    if len(plan.layers) != len(units):
+        raise PlanMismatchError(f"plan has {len(plan.layers)} layers, the model has {len(units)}.")
+    for u, lp in zip(units, plan.layers):
+        for what, before, now, kept in (
+            ("KV groups", lp.kv_groups_before, u.num_kv_groups, lp.kept_kv_groups),
+            ("MLP channels", lp.mlp_channels_before, u.mlp_width, lp.kept_mlp_channels),
+        ):
+            if before != now:
+                raise PlanMismatchError(
+                    f"layer {u.index}: plan was made for {before} {what}, the model has {now}. Plans refer "
+                    "to the model they were made on; apply them in order."
+                )
+            if list(kept) != sorted(set(kept)) or (kept and (kept[0] < 0 or kept[-1] >= now)):
+                raise PlanMismatchError(
+                    f"layer {u.index}: kept {what} must be sorted unique indices in [0, {now}); got {list(kept)[:16]}..."
+                )
+        if len(lp.kept_kv_groups) < min(min_kv_groups, u.num_kv_groups):
+            raise PlanMismatchError(f"layer {u.index}: a plan must keep at least {min_kv_groups} KV group(s).")
+    predicted = predicted_params_after(units, plan)
+    if plan.params_after and plan.params_after != predicted:
+        raise PlanMismatchError(
+            f"plan says params_after={plan.params_after}, but its kept units leave {predicted} attention+MLP "
+            "parameters on this model; the plan was edited or made for another model."
+        )
+    return units
+
+
+def predicted_params_after(units: Sequence[LayerUnits], plan: PruningPlan) -> int:
+    """Attention+MLP parameters of the model once ``plan`` is applied."""
+    removed = sum(
+        (u.num_kv_groups - len(lp.kept_kv_groups)) * u.kv_group_cost
+        + (u.mlp_width - len(lp.kept_mlp_channels)) * u.mlp_channel_cost
+        for u, lp in zip(units, plan.layers)
+    )
+    return sum(p.numel() for u in units for m in (u.attn, u.mlp) for p in m.parameters()) - removed
+
+
+def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizer: torch.optim.Optimizer | None):
+    idx = unit_index(n_units, w.rows_per_unit, kept).to(w.weight.device)
+    params = [(w.weight, w.axis)]
+    if w.bias is not None:
+        params.append((w.bias, 0))
+    for p, axis in params:
+        old_shape = p.shape
+        with torch.no_grad():
+            p.data = p.data.index_select(axis, idx).contiguous()
+        p.grad = None
+        if optimizer is not None and p in optimizer.state:
+            st = optimizer.state[p]
+            for key, value in list(st.items()):
+                if isinstance(value, torch.Tensor) and value.shape == old_shape:
+                    st[key] = value.index_select(axis, idx.to(value.device)).contiguous()
+    if w.axis == 0:
+        w.linear.out_features = idx.numel()
+    else:
+        w.linear.in_features = idx.numel()
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Physically remove the units ``plan`` drops; slice the optimizers' state alongside.
+
+    Raises :class:`PlanMismatchError` (model untouched) when the plan does not fit the model.
+    """
+    units = validate_plan(model, plan)
+    optimizers = list(optimizers)
+    if plan.is_identity:
+        return
+    expected = predicted_params_after(units, plan)
+    for u, lp in zip(units, plan.layers):
+        n_kv, n_mlp = u.num_kv_groups, u.mlp_width
+        for w in u.attn_weights:
+            if len(lp.kept_kv_groups) != n_kv:
+                _slice_weight(w, lp.kept_kv_groups, n_kv, _owner(optimizers, w.weight))
+        for w in u.mlp_weights:
+            if len(lp.kept_mlp_channels) != n_mlp:
+                _slice_weight(w, lp.kept_mlp_channels, n_mlp, _owner(optimizers, w.weight))
+    update_config(model)
+    actual = prunable_parameter_count(model)
+    if actual != expected:  # internal consistency check: unit costs must match the real slices
+        raise RuntimeError(f"surgery left {actual} attention+MLP parameters, the plan predicted {expected}.")
+
+
+def _owner(optimizers: Sequence[torch.optim.Optimizer], p: nn.Parameter) -> torch.optim.Optimizer | None:
+    for opt in optimizers:
+        if p in opt.state or any(p is q for g in opt.param_groups for q in g["params"]):
+            return opt
+    return None
+
+
+def layer_widths(model: nn.Module) -> list[dict[str, int]]:
+    """Per-layer sizes as they stand: KV heads, query heads, MLP width."""
+    return [
+        {
+            "num_key_value_heads": u.num_kv_groups,
+            "num_attention_heads": u.num_kv_groups * u.group_size,
+            "intermediate_size": u.mlp_width,
+        }
+        for u in find_units(model)
+    ]
+
+
+def update_config(model: nn.Module) -> None:
+    """Write the real per-layer widths into ``model.config``.
+
+    When every layer has the same width the stock fields describe the model and the per-layer
+    list is dropped; otherwise ``config.nirvana_layer_widths`` holds one entry per layer.
+    ``head_dim`` is always written explicitly, because stock configs derive it from
+    ``hidden_size / num_attention_heads``, which pruning changes.
+    """
+    config = model.config
+    widths = layer_widths(model)
+    config.head_dim = head_dim_of(config)
+    if all(w == widths[0] for w in widths):
+        for key, value in widths[0].items():
+            setattr(config, key, value)
+        if hasattr(config, "nirvana_layer_widths"):
+            del config.nirvana_layer_widths
+    else:
+        config.nirvana_layer_widths = widths
+
+
+def resize_to_widths(model: nn.Module, widths: Sequence[dict[str, int]]) -> None:
+    """Give ``model`` the per-layer shapes ``widths`` (keeping the first units).
+
+    Used before loading a pruned state dict into a freshly built dense model: only the shapes
+    matter, the values are overwritten by the load.
+    """
+    from .plan import LayerPlan
+
+    units = find_units(model)
+    if len(widths) != len(units):
+        raise PlanMismatchError(f"{len(widths)} layer widths given, the model has {len(units)} layers.")
+    layers = []
+    for u, w in zip(units, widths):
+        kv, mlp = int(w["num_key_value_heads"]), int(w["intermediate_size"])
+        if kv > u.num_kv_groups or mlp > u.mlp_width:
+            raise PlanMismatchError(
+                f"layer {u.index}: cannot grow from {u.num_kv_groups} KV groups / {u.mlp_width} MLP channels "
+                f"to {kv} / {mlp}; build the model from the dense config."
+            )
+        layers.append(LayerPlan(u.num_kv_groups, u.mlp_width, list(range(kv)), list(range(mlp))))
+    apply_plan(model, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="resize"))

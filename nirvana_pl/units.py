@@ -1,0 +1,195 @@
+"""Where the prunable units of a model are.
+
+A decoder layer has two kinds of units (METHOD.md section 1):
+
+* one **KV group** = the ``g`` query heads that share a key/value head, that k and v
+  head, and the matching input columns of ``o_proj``;
+* one **MLP channel** = a row of ``gate_proj`` and ``up_proj`` and a column of ``down_proj``.
+
+This module only *describes* units (which rows/columns of which weights belong to which
+unit); scoring, allocation and surgery live elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+#: Architectures whose decoder layers this library knows how to prune, keyed by
+#: ``config.model_type`` (exported non-uniform models carry the base type in
+#: ``config.nirvana_base_model_type``).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not an architecture nirvana_pl can prune."""
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    """One weight of a unit kind and the axis along which units index it.
+
+    ``axis=0`` means units own output rows (q, k, v, gate, up; their bias follows);
+    ``axis=1`` means units own input columns (o, down; their bias is never pruned).
+    ``rows_per_unit`` is how many rows/columns one unit owns in this weight.
+    """
+
+    name: str
+    linear: nn.Linear
+    axis: int
+    rows_per_unit: int
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        # Only the bias of a row-sliced weight belongs to units.
+        return self.linear.bias if self.axis == 0 else None
+
+
+@dataclass
+class LayerUnits:
+    """Prunable units of one decoder layer, as the model stands now."""
+
+    index: int
+    attn: nn.Module
+    mlp: nn.Module
+    head_dim: int
+    group_size: int  # g = query heads per KV head; constant under pruning
+
+    @property
+    def attn_weights(self) -> list[WeightSlice]:
+        h, g = self.head_dim, self.group_size
+        a = self.attn
+        return [
+            WeightSlice("q_proj", a.q_proj, 0, g * h),
+            WeightSlice("k_proj", a.k_proj, 0, h),
+            WeightSlice("v_proj", a.v_proj, 0, h),
+            WeightSlice("o_proj", a.o_proj, 1, g * h),
+        ]
+
+    @property
+    def mlp_weights(self) -> list[WeightSlice]:
+        m = self.mlp
+        return [
+            WeightSlice("gate_proj", m.gate_proj, 0, 1),
+            WeightSlice("up_proj", m.up_proj, 0, 1),
+            WeightSlice("down_proj", m.down_proj, 1, 1),
+        ]
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.attn.k_proj.out_features // self.head_dim
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp.gate_proj.out_features
+
+    @property
+    def kv_group_cost(self) -> int:
+        """Parameters removed with one KV group (weights plus the biases that go with it)."""
+        return sum(_unit_cost(w) for w in self.attn_weights)
+
+    @property
+    def mlp_channel_cost(self) -> int:
+        return sum(_unit_cost(w) for w in self.mlp_weights)
+
+
+def _unit_cost(w: WeightSlice) -> int:
+    other = w.linear.in_features if w.axis == 0 else w.linear.out_features
+    cost = w.rows_per_unit * other
+    if w.bias is not None:
+        cost += w.rows_per_unit
+    return cost
+
+
+def base_model_type(config) -> str:
+    return getattr(config, "nirvana_base_model_type", None) or config.model_type
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a supported decoder LLM."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no `.config`; nirvana_pl prunes transformers models "
+            f"of type {', '.join(SUPPORTED_MODEL_TYPES)} (e.g. LlamaForCausalLM)."
+        )
+    mtype = base_model_type(config)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {mtype!r} ({type(model).__name__}) is not supported; nirvana_pl prunes "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} models (LlamaForCausalLM, MistralForCausalLM, "
+            f"Qwen2ForCausalLM and their base models)."
+        )
+    if not _decoder_layers(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no decoder layers to prune (found no `.layers` holding "
+            f"modules with `self_attn` and `mlp`)."
+        )
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    inner = getattr(model, "model", model)  # *ForCausalLM -> *Model
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        return []
+    return [layer for layer in layers if hasattr(layer, "self_attn") and hasattr(layer, "mlp")]
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def find_units(model: nn.Module) -> list[LayerUnits]:
+    """The prunable units of every decoder layer of ``model``, in layer order."""
+    check_supported(model)
+    config = model.config
+    h = head_dim_of(config)
+    out = []
+    for i, layer in enumerate(_decoder_layers(model)):
+        attn = layer.self_attn
+        g = attn.num_key_value_groups
+        out.append(LayerUnits(index=i, attn=attn, mlp=layer.mlp, head_dim=h, group_size=g))
+    return out
+
+
+def iter_unit_weights(layer: LayerUnits) -> Iterator[tuple[str, WeightSlice]]:
+    """(kind, weight) for every prunable weight of a layer; kind is "attn" or "mlp"."""
+    for w in layer.attn_weights:
+        yield "attn", w
+    for w in layer.mlp_weights:
+        yield "mlp", w
+
+
+def unit_index(num_units: int, rows_per_unit: int, kept: torch.Tensor | list[int]) -> torch.Tensor:
+    """Row/column indices (along a weight's unit axis) owned by the ``kept`` units.
+
+    For GQA group k with ``rows_per_unit = g*h`` this is ``[k*g*h, (k+1)*g*h)``.
+    """
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= num_units):
+        raise IndexError(f"unit index out of range [0, {num_units}): {kept.tolist()}")
+    offsets = torch.arange(rows_per_unit, dtype=torch.long)
+    return (kept[:, None] * rows_per_unit + offsets[None, :]).reshape(-1)
+
+
+def prunable_parameter_count(model: nn.Module) -> int:
+    """Parameters of attention and MLP modules of the decoder layers (embeddings excluded).
+
+    Counted on the real modules, so it is the number a user can check.
+    """
+    total = 0
+    for layer in find_units(model):
+        for mod in (layer.attn, layer.mlp):
+            total += sum(p.numel() for p in mod.parameters())
+    return total
+
+
+def num_unit_rows(w: WeightSlice) -> int:
+    return w.weight.shape[w.axis]

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite: set up .venv if needed, then run pytest (offline).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/ensure_env.sh"
+cd "$ROOT"
+exec python -m pytest "$@"

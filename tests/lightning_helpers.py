@@ -1,0 +1,63 @@
+"""A user-style LightningModule and data for callback tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 128
+
+
+def tiny_config(kind: str = "llama"):
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    return LlamaConfig(**common)
+
+
+class CausalLM(pl.LightningModule):
+    """What a user already has: a transformers model under some attribute, AdamW, a scheduler."""
+
+    def __init__(self, kind: str = "llama", lr: float = 3e-3, seed: int = 0, optimizer: str = "adamw"):
+        super().__init__()
+        torch.manual_seed(seed)
+        config = tiny_config(kind)
+        self.net = Qwen2ForCausalLM(config) if kind == "qwen2" else LlamaForCausalLM(config)
+        self.lr = lr
+        self.optimizer_name = optimizer
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.net(input_ids=ids, labels=ids).loss
+        self.log("train_loss", loss, prog_bar=False)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def token_loader(n: int = 64, seq: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    # A learnable pattern: each sequence counts up from a random start, so loss can fall.
+    starts = torch.randint(0, VOCAB, (n, 1), generator=gen)
+    ids = (starts + torch.arange(seq)) % VOCAB
+    return DataLoader(TensorDataset(ids), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path, max_steps: int, callbacks, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", devices=1,
+        enable_progress_bar=False, enable_model_summary=False, logger=pl.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False, log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)

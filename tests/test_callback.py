@@ -1,0 +1,252 @@
+"""NirvanaPruningCallback inside real (tiny) Lightning fits."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_helpers import CausalLM, token_loader, trainer
+
+from nirvana_pl import NirvanaPruningCallback, UnsupportedModelError
+from nirvana_pl.saliency import SaliencyError
+from nirvana_pl.units import find_units, prunable_parameter_count
+
+
+class Snapshots(Callback):
+    """Copies of the model's parameters and the optimizer state at chosen global steps."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.params: dict[int, dict[str, torch.Tensor]] = {}
+        self.optim: dict[int, dict] = {}
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        step = trainer.global_step
+        if step in self.steps and step not in self.params:
+            self.params[step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            opt = trainer.optimizers[0]
+            self.optim[step] = {
+                n: copy.deepcopy(opt.state[p]) for n, p in pl_module.named_parameters() if p in opt.state
+            }
+
+
+def _shapes(module):
+    return {n: tuple(p.shape) for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("saliency", ["adam_taylor", "functional"])
+def test_fit_prunes_midway_and_keeps_training(tmp_path, saliency):
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=8, warmup_steps=4, saliency=saliency, gamma=2.0)
+    # The pruning callback runs first, so snapshots at step 8 see the pruned model.
+    snaps = Snapshots([7, 8, 20])
+    module = CausalLM()
+    dense_params = sum(p.numel() for p in module.parameters())
+    t = trainer(tmp_path, 20, [cb, snaps])
+    t.fit(module, token_loader())
+
+    assert len(cb.plans) == 1
+    assert sum(p.numel() for p in module.parameters()) < dense_params
+    assert abs(cb.plans[0].realised_sparsity - 0.5) < 0.05
+    assert all(math.isfinite(x) for x in snaps.losses)
+    # Kept weights keep changing after the prune.
+    changed = [n for n, p in snaps.params[20].items() if not torch.equal(p, snaps.params[8][n])]
+    assert any("q_proj" in n for n in changed) and any("gate_proj" in n for n in changed)
+    # The optimizer Lightning keeps stepping holds state of the pruned shapes.
+    opt = t.optimizers[0]
+    for p in module.parameters():
+        st = opt.state[p]
+        assert st["exp_avg"].shape == p.shape and st["exp_avg_sq"].shape == p.shape
+        assert int(st["step"]) == 20
+    # The LR scheduler went on counting through the prune.
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 20
+
+
+def test_optimizer_state_after_prune_is_the_sliced_old_state(tmp_path):
+    """Adam moments of kept weights right after the prune equal the moments just before, sliced."""
+
+    class BeforePrune(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 6:
+                opt = trainer.optimizers[0]
+                self.state = {n: copy.deepcopy(opt.state[p]) for n, p in pl_module.named_parameters()}
+
+    before = BeforePrune()
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=6, warmup_steps=3, saliency="adam_fisher", gamma=3.0)
+    after = Snapshots([6])
+    module = CausalLM()
+    t = trainer(tmp_path, 6, [before, cb, after])  # order: snapshot, prune, snapshot
+    t.fit(module, token_loader())
+
+    plan = cb.plans[0]
+    units = find_units(module.net)
+    for li, (u, lp) in enumerate(zip(units, plan.layers)):
+        h, g = u.head_dim, u.group_size
+        kv = torch.tensor(lp.kept_kv_groups)
+        q_rows = (kv[:, None] * g * h + torch.arange(g * h)).reshape(-1)
+        ch = torch.tensor(lp.kept_mlp_channels)
+        prefix = f"net.model.layers.{li}."
+        for name, axis, idx in (
+            ("self_attn.q_proj.weight", 0, q_rows),
+            ("self_attn.o_proj.weight", 1, q_rows),
+            ("mlp.gate_proj.weight", 0, ch),
+            ("mlp.down_proj.weight", 1, ch),
+        ):
+            old, new = before.state[prefix + name], after.optim[6][prefix + name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(new[key], old[key].index_select(axis, idx)), (name, key)
+            assert float(new["step"]) == float(old["step"])
+
+
+def test_gradient_accumulation_prunes_on_an_optimizer_step_boundary(tmp_path):
+    seen = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((batch_idx, trainer.global_step, prunable_parameter_count(pl_module.net)))
+
+    cb = NirvanaPruningCallback(sparsity=0.3, prune_at=3, warmup_steps=2, saliency="adam_taylor")
+    t = trainer(tmp_path, 5, [cb, Watch()], accumulate_grad_batches=2)
+    t.fit(CausalLM(), token_loader())
+    dense = seen[0][2]
+    first_pruned = next(i for i, (_, _, n) in enumerate(seen) if n < dense)
+    batch_idx, step, _ = seen[first_pruned]
+    assert step == 3 and (batch_idx + 1) % 2 == 0  # right after the 3rd optimizer step
+    assert cb._records[0].event_step == 3
+
+
+def test_iterative_schedule_targets_are_relative_to_dense(tmp_path):
+    cb = NirvanaPruningCallback(schedule={4: 0.2, 8: 0.35, 12: 0.5}, warmup_steps=3, saliency="adam_momentum")
+    module = CausalLM()
+    dense = prunable_parameter_count(module.net)
+    t = trainer(tmp_path, 14, [cb])
+    t.fit(module, token_loader())
+    assert [r.event_step for r in cb._records] == [4, 8, 12]
+    for record, target in zip(cb._records, (0.2, 0.35, 0.5)):
+        assert abs(record.realised_sparsity - target) < 0.05
+    assert abs(1 - prunable_parameter_count(module.net) / dense - 0.5) < 0.05
+
+
+def test_metrics_logged_and_report_written(tmp_path):
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=5, warmup_steps=2, saliency="adam_taylor")
+    t = trainer(tmp_path, 6, [cb])
+    t.fit(CausalLM(), token_loader())
+    report = json.loads(cb.report_path.read_text())
+    (event,) = report["events"]
+    assert event["step"] == 5 and len(event["kept_mlp_width_per_layer"]) == 4
+    assert event["params_after"] < event["params_before"]
+    with open(t.logger.experiment.metrics_file_path) as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("nirvana/realised_sparsity")]
+    assert logged and abs(float(logged[0]["nirvana/realised_sparsity"]) - event["realised_sparsity"]) < 1e-6
+    for key in ("params_before", "params_after", "kv_groups_removed", "mlp_channels_removed", "prune_seconds"):
+        assert logged[0][f"nirvana/{key}"] != ""
+
+
+def test_resume_after_prune_recreates_shapes_and_does_not_reprune(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2, saliency="adam_taylor")
+    module = CausalLM()
+    t = trainer(tmp_path, 6, [cb, ckpt], enable_checkpointing=True)
+    t.fit(module, token_loader())
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    pruned_shapes = _shapes(module)
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    fresh = CausalLM(seed=1)  # dense, different weights
+    cb2 = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2, saliency="adam_taylor")
+    at_start = AtStart()
+    t2 = trainer(tmp_path / "resumed", 9, [cb2, at_start])
+    t2.fit(fresh, token_loader(), ckpt_path=path)
+    assert _shapes(fresh) == pruned_shapes
+    saved_weights = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(at_start.params[n], saved_weights[n]) for n in at_start.params)
+    assert [r.event_step for r in cb2._records] == [4]  # restored, not re-pruned
+    assert t2.global_step == 9
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    opt = t2.optimizers[0]
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in fresh.parameters())
+    assert int(saved["optimizer_states"][0]["state"][0]["step"]) == 6
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.0, prune_at=5), "sparsity=1.0"),
+        (dict(sparsity=-0.1, prune_at=5), "sparsity=-0.1"),
+        (dict(sparsity=0.5, prune_at=5, gamma=0.0), "gamma=0.0"),
+        (dict(sparsity=0.5, prune_at=0), "prune_at=0"),
+        (dict(sparsity=0.5, prune_at=5, warmup_steps=10), "warmup_steps <= 5"),
+        (dict(sparsity=0.5, prune_at=5, warmup_steps=0, saliency="adam_taylor"), "warmup_steps >= 1"),
+        (dict(sparsity=0.5, prune_at=5, saliency="nope"), "saliency='nope'"),
+        (dict(schedule={4: 0.3, 6: 0.2}), "must not decrease"),
+        (dict(schedule={4: 0.2, 6: 0.3}, warmup_steps=3), "previous prune at step 4"),
+        (dict(prune_at=5), "sparsity= and prune_at="),
+    ],
+)
+def test_bad_arguments_raise_naming_the_parameter(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NirvanaPruningCallback(**{"warmup_steps": 2, **kwargs})
+
+
+def test_prune_step_beyond_max_steps_warns(tmp_path):
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=50, warmup_steps=2)
+    with pytest.warns(UserWarning, match="beyond Trainer\\(max_steps=3\\)"):
+        trainer(tmp_path, 3, [cb]).fit(CausalLM(), token_loader())
+    assert cb.plans == []
+
+
+def test_model_without_prunable_layers_fails_at_setup(tmp_path):
+    class NotAnLLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0].float()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=2, warmup_steps=1)
+    with pytest.raises(UnsupportedModelError, match="Llama, Mistral and Qwen2"):
+        trainer(tmp_path, 3, [cb]).fit(NotAnLLM(), token_loader())
+
+
+def test_model_attr_wrong_path_is_named(tmp_path):
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=2, warmup_steps=1, model_attr="backbone")
+    with pytest.raises(AttributeError, match="model_attr='backbone'"):
+        trainer(tmp_path, 3, [cb]).fit(CausalLM(), token_loader())
+
+
+def test_calibration_of_wrong_shape_fails_at_setup(tmp_path):
+    cb = NirvanaPruningCallback(
+        sparsity=0.5, prune_at=2, warmup_steps=1, saliency="functional", calibration=[torch.arange(10)]
+    )
+    with pytest.raises(ValueError, match="calibration batch 0"):
+        trainer(tmp_path, 3, [cb]).fit(CausalLM(), token_loader())
+
+
+def test_adam_saliency_with_sgd_is_a_clear_error(tmp_path):
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=3, warmup_steps=2, saliency="adam_taylor")
+    with pytest.raises(SaliencyError, match="functional"):
+        trainer(tmp_path, 4, [cb]).fit(CausalLM(optimizer="sgd"), token_loader())
+
+
+def test_infeasible_sparsity_fails_at_setup_with_the_largest_feasible_value(tmp_path):
+    from nirvana_pl import InfeasibleSparsityError
+
+    cb = NirvanaPruningCallback(sparsity=0.95, prune_at=3, warmup_steps=2, gamma=3.0)
+    with pytest.raises(InfeasibleSparsityError, match="largest feasible sparsity is 0\\.[0-9]{3}"):
+        trainer(tmp_path, 4, [cb]).fit(CausalLM(), token_loader())

@@ -1,0 +1,377 @@
+"""saliency.py: estimators -> per-unit scores (METHOD.md section 2)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import MAX_POS, calib_batches, tiny_llama, tiny_qwen2
+from nirvana_pl.allocate import AllocationConfig, allocate
+from nirvana_pl.saliency import (
+    ADAM_ESTIMATORS,
+    ESTIMATORS,
+    AdamStateSaliency,
+    SaliencyError,
+    UnitScores,
+    compute_scores,
+    random_scores,
+)
+from nirvana_pl.surgery import apply_plan
+from nirvana_pl.units import find_units
+
+NON_ADAM = [e for e in ESTIMATORS if e not in ADAM_ESTIMATORS]
+
+
+def _shapes_ok(model, scores: UnitScores) -> None:
+    units = find_units(model)
+    assert isinstance(scores, UnitScores)
+    assert len(scores.attn) == len(scores.mlp) == len(units)
+    for u, a, m in zip(units, scores.attn, scores.mlp):
+        assert a.shape == (u.num_kv_groups,)
+        assert m.shape == (u.mlp_width,)
+        for v in (a, m):
+            assert v.dtype == torch.float32
+            assert torch.isfinite(v).all()
+            assert (v >= 0).all()
+
+
+def _unit_sums(model, per_weight) -> UnitScores:
+    """Reference reduction: ``per_weight(name, linear) -> tensor like the weight``; unit = sum of its
+    rows (q, k, v, gate, up) and columns (o, down)."""
+    attn, mlp = [], []
+    for u in find_units(model):
+        a, m = u.attn, u.mlp
+        G = u.num_kv_groups
+        def rows(name, lin, n):
+            return per_weight(name, lin).double().sum(1).view(n, -1).sum(1)
+        def cols(name, lin, n):
+            return per_weight(name, lin).double().sum(0).view(n, -1).sum(1)
+        attn.append(
+            (rows("q_proj", a.q_proj, G) + rows("k_proj", a.k_proj, G) + rows("v_proj", a.v_proj, G)
+             + cols("o_proj", a.o_proj, G)).float()
+        )
+        I = u.mlp_width
+        mlp.append((rows("gate_proj", m.gate_proj, I) + rows("up_proj", m.up_proj, I)
+                    + cols("down_proj", m.down_proj, I)).float())
+    return UnitScores(attn, mlp)
+
+
+def _close(a: UnitScores, b: UnitScores, rtol=1e-4) -> None:
+    for x, y in zip(a.attn + a.mlp, b.attn + b.mlp):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=1e-7 + rtol * float(y.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------
+# every non-Adam estimator through compute_scores
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NON_ADAM)
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_compute_scores_shapes_finite_fp32(name, factory):
+    model = factory()
+    model.train()  # estimators must restore the mode
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # frozen weights are still scored
+    flags["model.layers.0.mlp.up_proj.weight"] = False
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scores = compute_scores(model, name, calibration=calib_batches())
+    _shapes_ok(model, scores)
+    assert model.training
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.requires_grad == flags[n], n
+        assert p.grad is None, n
+    again = compute_scores(model, name, calibration=calib_batches())
+    for x, y in zip(scores.attn + scores.mlp, again.attn + again.mlp):
+        assert torch.equal(x, y)  # deterministic
+    if name != "random":
+        # scores come from the weights: a unit whose weights are all zero scores exactly zero
+        z = copy.deepcopy(model)
+        with torch.no_grad():
+            u = find_units(z)[1]
+            u.mlp.gate_proj.weight[5] = 0
+            u.mlp.up_proj.weight[5] = 0
+            u.mlp.down_proj.weight[:, 5] = 0
+        assert compute_scores(z, name, calibration=calib_batches()).mlp[1][5] == 0
+
+
+@pytest.mark.parametrize("name", ["magnitude", "functional"])
+def test_scores_are_fp32_for_bf16_model(name):
+    model = tiny_llama().to(torch.bfloat16)
+    scores = compute_scores(model, name, calibration=calib_batches(n=1))
+    _shapes_ok(model, scores)
+
+
+def test_scores_follow_pruned_shapes():
+    model = tiny_llama()
+    plan = allocate(model, random_scores(model, seed=1), AllocationConfig(sparsity=0.4))
+    apply_plan(model, plan)
+    for name in NON_ADAM:
+        _shapes_ok(model, compute_scores(model, name, calibration=calib_batches(n=1)))
+
+
+def test_magnitude_matches_reference():
+    model = tiny_qwen2()
+    ref = _unit_sums(model, lambda _n, lin: lin.weight.detach().abs())
+    _close(compute_scores(model, "magnitude"), ref)
+
+
+def test_random_is_seeded():
+    model = tiny_llama()
+    a, b, c = (compute_scores(model, "random", seed=s) for s in (1, 1, 2))
+    assert all(torch.equal(x, y) for x, y in zip(a.attn + a.mlp, b.attn + b.mlp))
+    assert not all(torch.equal(x, y) for x, y in zip(a.mlp, c.mlp))
+
+
+def test_wanda_sp_matches_reference():
+    model = tiny_llama()
+    batches = calib_batches(n=2)
+    norms_sq: dict[int, torch.Tensor] = {}
+    hooks = []
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                    layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            def hook(mod, args):
+                x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+                norms_sq[id(mod)] = norms_sq.get(id(mod), 0) + x.square().sum(0)
+            hooks.append(lin.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    ref = _unit_sums(model, lambda _n, lin: lin.weight.detach().double().abs() * norms_sq[id(lin)].sqrt()[None, :])
+    _close(compute_scores(model, "wanda_sp", calibration=batches), ref)
+
+
+# ---------------------------------------------------------------------------------------
+# functional: signed gradients averaged over samples, |.| after the average
+# ---------------------------------------------------------------------------------------
+def _manual_functional_grads(model, batches, masks=None):
+    units = find_units(model)
+    lins = {}
+    for u in units:
+        for w in u.attn_weights + u.mlp_weights:
+            lins[id(w.linear)] = w.linear
+    params = [lin.weight for lin in lins.values()]
+    n_total = sum(b.shape[0] for b in batches)
+    total = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
+    per_batch_abs = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
+    for i, ids in enumerate(batches):
+        mask = None if masks is None else masks[i]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        if mask is not None:
+            logits = logits.masked_fill(mask[..., None] == 0, float("-inf"))
+        F = logits.max(dim=1).values.mean()  # mean over b, v of max over t
+        grads = torch.autograd.grad(F, params)
+        for p, g in zip(params, grads):
+            total[id(p)] += g.double() * ids.shape[0] / n_total
+            per_batch_abs[id(p)] += (g.double() * p.detach().double()).abs() * ids.shape[0] / n_total
+    return total, per_batch_abs
+
+
+def test_functional_averages_signed_grads_before_abs():
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(11)
+    batches = [torch.randint(3, 128, (2, 9), generator=gen), torch.randint(3, 128, (3, 9), generator=gen)]
+    G, abs_first = _manual_functional_grads(model, batches)
+    ref = _unit_sums(model, lambda _n, lin: (G[id(lin.weight)] * lin.weight.detach().double()).abs())
+    got = compute_scores(model, "functional", calibration=batches)
+    _close(got, ref)
+    # the order matters (the test can tell): |mean g*W| != mean |g*W|
+    wrong = _unit_sums(model, lambda _n, lin: abs_first[id(lin.weight)])
+    diff = max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(got.mlp, wrong.mlp))
+    assert diff > 1e-3
+
+
+def test_functional_ignores_padded_positions():
+    model = tiny_llama()
+    ids = calib_batches(n=1, batch=2, seq=10)[0]
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    other = ids.clone()
+    other[1, 7:] = 5  # different tokens under the padding
+    a = compute_scores(model, "functional", calibration=[{"input_ids": ids, "attention_mask": mask}])
+    b = compute_scores(model, "functional", calibration=[{"input_ids": other, "attention_mask": mask}])
+    _close(a, b, rtol=1e-5)
+    G, _ = _manual_functional_grads(model, [ids], masks=[mask])
+    _close(a, _unit_sums(model, lambda _n, lin: (G[id(lin.weight)] * lin.weight.detach().double()).abs()))
+
+
+@pytest.mark.parametrize("name", ["taylor_loss", "wanda_sp"])
+def test_calibration_estimators_ignore_padded_positions(name):
+    model = tiny_llama()
+    ids = calib_batches(n=1, batch=2, seq=10)[0]
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    other = ids.clone()
+    other[1, 7:] = 5
+    a = compute_scores(model, name, calibration=[{"input_ids": ids, "attention_mask": mask}])
+    b = compute_scores(model, name, calibration=[{"input_ids": other, "attention_mask": mask}])
+    _close(a, b, rtol=1e-5)
+
+
+def test_taylor_loss_matches_reference():
+    model = tiny_llama()
+    batches = calib_batches(n=2, batch=2, seq=9, seed=4)
+    params = [w.weight for u in find_units(model) for w in u.attn_weights + u.mlp_weights]
+    G = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            G[id(p)] += g.double() / len(batches)
+    ref = _unit_sums(model, lambda _n, lin: (G[id(lin.weight)] * lin.weight.detach().double()).abs())
+    _close(compute_scores(model, "taylor_loss", calibration=batches), ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Adam-state estimators
+# ---------------------------------------------------------------------------------------
+def _step(model, opt, seed):
+    ids = calib_batches(n=1, batch=2, seq=8, seed=seed)[0]
+    model.train()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.eval()
+
+
+def _adam_reference(model, opt, kind) -> UnitScores:
+    b1, b2 = opt.param_groups[0]["betas"]
+
+    def per_weight(_n, lin):
+        st = opt.state[lin.weight]
+        t = float(st["step"])
+        W = lin.weight.detach().double()
+        v_hat = st["exp_avg_sq"].double() / (1 - b2**t)
+        m_hat = st["exp_avg"].double() / (1 - b1**t)
+        if kind == "adam_taylor":
+            return W.abs() * v_hat.sqrt()
+        if kind == "adam_fisher":
+            return W.square() * v_hat
+        return (W * m_hat).abs()
+
+    return _unit_sums(model, per_weight)
+
+
+@pytest.mark.parametrize("kind", ADAM_ESTIMATORS)
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_adam_state_saliency_matches_direct_computation(kind, factory):
+    model = factory()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.85, 0.97))
+    acc = AdamStateSaliency(kind)
+    refs = []
+    for step in range(3):
+        _step(model, opt, seed=step)
+        acc.accumulate(model, opt)
+        refs.append(_adam_reference(model, opt, kind))
+    assert acc.steps == 3
+    mean_ref = UnitScores(
+        attn=[sum(r.attn[i] for r in refs) / 3 for i in range(len(refs[0].attn))],
+        mlp=[sum(r.mlp[i] for r in refs) / 3 for i in range(len(refs[0].mlp))],
+    )
+    scores = acc.scores()
+    _shapes_ok(model, scores)
+    _close(scores, mean_ref)
+    # compute_scores passes the accumulated scores through
+    assert compute_scores(model, kind, optimizer_scores=scores) is scores
+    # state_dict round trip
+    other = AdamStateSaliency(kind)
+    other.load_state_dict(acc.state_dict())
+    _close(other.scores(), scores, rtol=0)
+    assert other.steps == acc.steps
+
+
+@pytest.mark.parametrize("kind", ADAM_ESTIMATORS)
+def test_adam_state_saliency_with_sgd_points_to_functional(kind):
+    model = tiny_llama()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    _step(model, opt, seed=0)
+    with pytest.raises(SaliencyError, match="functional"):
+        AdamStateSaliency(kind).accumulate(model, opt)
+
+
+def test_adam_state_saliency_before_any_step_raises():
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters())
+    acc = AdamStateSaliency("adam_taylor")
+    with pytest.raises(SaliencyError):
+        acc.scores()
+    with pytest.raises(SaliencyError):
+        acc.accumulate(model, opt)
+
+
+def test_adam_state_saliency_frozen_weight_raises():
+    model = tiny_llama()
+    frozen = model.model.layers[2].mlp.down_proj.weight
+    opt = torch.optim.AdamW([p for p in model.parameters() if p is not frozen])
+    _step(model, opt, seed=0)
+    with pytest.raises(SaliencyError, match="functional"):
+        AdamStateSaliency("adam_fisher").accumulate(model, opt)
+
+
+def test_adam_state_saliency_shape_change_needs_reset():
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters())
+    acc = AdamStateSaliency("adam_taylor")
+    _step(model, opt, 0)
+    acc.accumulate(model, opt)
+    apply_plan(model, allocate(model, acc.scores(), AllocationConfig(sparsity=0.3)), [opt])
+    _step(model, opt, 1)
+    with pytest.raises(SaliencyError, match="reset"):
+        acc.accumulate(model, opt)
+    acc.reset()
+    acc.accumulate(model, opt)
+    _shapes_ok(model, acc.scores())
+
+
+def test_unknown_adam_kind_raises():
+    with pytest.raises(ValueError):
+        AdamStateSaliency("functional")
+
+
+@pytest.mark.parametrize("kind", ADAM_ESTIMATORS)
+def test_compute_scores_adam_without_optimizer_scores_raises(kind):
+    with pytest.raises(SaliencyError, match="functional"):
+        compute_scores(tiny_llama(), kind, calibration=calib_batches(n=1))
+
+
+def test_unknown_estimator_raises():
+    with pytest.raises(ValueError, match="functional"):
+        compute_scores(tiny_llama(), "wanda")
+
+
+# ---------------------------------------------------------------------------------------
+# calibration validation
+# ---------------------------------------------------------------------------------------
+def _good():
+    return calib_batches(n=1)[0]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.randint(0, 128, (12,)),  # 1-D
+        torch.rand(2, 12),  # float
+        torch.randint(0, 128, (1, MAX_POS + 1)),  # longer than max_position_embeddings
+        "the quick brown fox",  # a string
+        {"text": "hello"},  # dict without input_ids
+        {"input_ids": torch.randint(0, 128, (2, 8)), "attention_mask": torch.ones(2, 7, dtype=torch.long)},
+        torch.zeros(2, 0, dtype=torch.long),  # empty
+    ],
+    ids=["1d", "float", "too_long", "string", "no_input_ids", "mask_shape", "empty"],
+)
+@pytest.mark.parametrize("name", ["functional", "wanda_sp"])
+def test_bad_calibration_raises_with_batch_index(bad, name):
+    with pytest.raises(ValueError, match=r"batch 1\b"):
+        compute_scores(tiny_llama(), name, calibration=[_good(), bad])
+
+
+def test_missing_or_empty_calibration_raises():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="calibration"):
+        compute_scores(model, "functional")
+    with pytest.raises(ValueError, match="calibration"):
+        compute_scores(model, "taylor_loss", calibration=[])
