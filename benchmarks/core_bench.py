@@ -64,7 +64,7 @@ GOALS = {"accumulate_overhead": 1.02, "prune_over_step": 1.0, "rss_prune_over_tr
 # repetitions: (full, quick)
 REPS = {
     "train_warmup": (4, 2),       # steps before A/B (both arms, accumulate included)
-    "ab_blocks": (12, 4),         # alternating blocks AB, BA, AB, ...
+    "ab_blocks": (20, 4),         # alternating blocks AB, BA, AB, ...
     "ab_steps_per_block": (2, 1),
     "prune_repeats": (2, 1),      # extra prune timings on a restored copy (after the RSS measurement)
     "fwd_warmup": (2, 1),
@@ -165,6 +165,43 @@ def rel_iqr(xs) -> float:
     return (q[2] - q[0]) / median(xs)
 
 
+QUIET_CORES = 0.15  # a timed sample is "quiet" when other processes used less than this many cores
+
+
+class Series:
+    """Timed samples plus the CPU load of other processes while each one ran."""
+
+    def __init__(self):
+        self.t: list[float] = []
+        self.busy: list[float] = []
+
+    def time(self, fn, *args, **kwargs):
+        mon = ForeignCpu()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.t.append(time.perf_counter() - t0)
+        self.busy.append(mon.cores())
+        return out
+
+    def quiet(self) -> list[float]:
+        return [t for t, b in zip(self.t, self.busy) if b < QUIET_CORES]
+
+    def to_dict(self) -> dict:
+        return {"s": self.t, "foreign_cores": self.busy}
+
+
+def paired_medians(a: Series, b: Series) -> dict:
+    """Medians of a and b over quiet samples when both arms have enough of them, else over all samples."""
+    qa, qb = a.quiet(), b.quiet()
+    enough = lambda q, s: len(q) >= max(3, -(-len(s.t) * 3 // 10))  # noqa: E731  (>= 30 %, at least 3)
+    use_quiet = enough(qa, a) and enough(qb, b)
+    xa, xb = (qa, qb) if use_quiet else (a.t, b.t)
+    return {
+        "a": median(xa), "b": median(xb), "quiet_only": use_quiet, "n_used": [len(xa), len(xb)],
+        "n_total": [len(a.t), len(b.t)], "a_all": median(a.t), "b_all": median(b.t), "xa": xa, "xb": xb,
+    }
+
+
 def bootstrap_ratio_ci(num, den, n=2000, level=0.90, seed=0):
     """Percentile bootstrap interval of median(num)/median(den)."""
     rng = random.Random(seed)
@@ -257,46 +294,38 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------- phases
 def phase_train_ab(model, opt, adam, batches, sampler, reps):
     """Part 1 (and the training half of part 3): A = plain step, B = step + accumulate."""
-    acc_times: list[float] = []
-    times = {"A": [], "B": []}
-    it = iter(range(10**9))
+    acc = Series()
+    arms = {"A": Series(), "B": Series()}
+    counter = iter(range(10**9))
 
-    def step(arm: str, record: bool) -> None:
-        ids = batches[next(it) % len(batches)]
-        t0 = time.perf_counter()
-        train_step(model, opt, ids)
+    def step(arm: str) -> None:
+        train_step(model, opt, batches[next(counter) % len(batches)])
         if arm == "B":
-            t1 = time.perf_counter()
-            adam.accumulate(model, [opt])
-            t2 = time.perf_counter()
-            if record:
-                acc_times.append(t2 - t1)
-        t_end = time.perf_counter()
-        if record:
-            times[arm].append(t_end - t0)
+            acc.time(adam.accumulate, model, [opt])
 
     gc.collect()
     rss_start = sampler.reset()
     ru_before = ru_maxrss_bytes()
     foreign = ForeignCpu()
     for i in range(reps["train_warmup"]):
-        step("B" if i % 2 else "A", record=False)
+        step("B" if i % 2 else "A")
     if adam.steps == 0:  # make sure the accumulator is populated even with a single warm-up step
         adam.accumulate(model, [opt])
+    acc = Series()  # warm-up calls are not recorded
     block_ratios = []
     for b in range(reps["ab_blocks"]):
         order = ("A", "B") if b % 2 == 0 else ("B", "A")
-        n0 = {k: len(v) for k, v in times.items()}
+        n0 = {k: len(v.t) for k, v in arms.items()}
         for arm in order:
             for _ in range(reps["ab_steps_per_block"]):
-                step(arm, record=True)
-        block_ratios.append(median(times["B"][n0["B"]:]) / median(times["A"][n0["A"]:]))
+                arms[arm].time(step, arm)
+        block_ratios.append(median(arms["B"].t[n0["B"]:]) / median(arms["A"].t[n0["A"]:]))
     train_peak, samples = sampler.read()
     return {
-        "step_s": times,
+        "arms": arms,
+        "accumulate": acc,
         "block_ratios": block_ratios,
         "foreign_cores": foreign.cores(),
-        "accumulate_s": acc_times,
         "rss_at_start": rss_start,
         "train_peak_rss": train_peak,
         "train_rss_samples": samples,
@@ -382,7 +411,7 @@ def phase_throughput(reps):
     models = {"dense": dense, "pruned": pruned}
 
     foreign = ForeignCpu()
-    fwd = {"dense": [], "pruned": []}
+    fwd = {"dense": Series(), "pruned": Series()}
     for m in models.values():
         m.eval()
     with torch.inference_mode():
@@ -392,12 +421,9 @@ def phase_throughput(reps):
         for r in range(reps["fwd_reps"]):
             order = ("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")
             for name in order:
-                ids = batches[r % len(batches)]
-                t0 = time.perf_counter()
-                models[name](input_ids=ids, use_cache=False)
-                fwd[name].append(time.perf_counter() - t0)
+                fwd[name].time(models[name], input_ids=batches[r % len(batches)], use_cache=False)
 
-    train = {"dense": [], "pruned": []}
+    train = {"dense": Series(), "pruned": Series()}
     opts = {}
     for name, m in models.items():
         m.train()
@@ -407,10 +433,7 @@ def phase_throughput(reps):
     for r in range(reps["train_cmp_reps"]):
         order = ("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")
         for name in order:
-            ids = batches[r % len(batches)]
-            t0 = time.perf_counter()
-            train_step(models[name], opts[name], ids)
-            train[name].append(time.perf_counter() - t0)
+            train[name].time(train_step, models[name], opts[name], batches[r % len(batches)])
 
     lin = {k: linear_flops_per_token(m) for k, m in models.items()}
     att = {k: attention_matmul_flops_per_token(m, SEQ) for k, m in models.items()}
@@ -465,10 +488,11 @@ def main() -> int:
 
     log("[1/4] training steps, A = plain, B = plain + adam_taylor accumulate (alternating blocks) ...")
     tr = phase_train_ab(model, opt, adam, batches, sampler, reps)
-    a_med, b_med = median(tr["step_s"]["A"]), median(tr["step_s"]["B"])
-    acc_med = median(tr["accumulate_s"])
+    ab = paired_medians(tr["arms"]["A"], tr["arms"]["B"])
+    a_med, b_med = ab["a"], ab["b"]
+    acc_med = median(tr["accumulate"].t)
     ratio1 = b_med / a_med
-    ci1 = bootstrap_ratio_ci(tr["step_s"]["B"], tr["step_s"]["A"])
+    ci1 = bootstrap_ratio_ci(ab["xb"], ab["xa"])
     direct1 = 1.0 + acc_med / a_med
     paired1 = median(tr["block_ratios"])
     log(f"      step A {a_med * 1e3:.1f} ms, B {b_med * 1e3:.1f} ms, accumulate {acc_med * 1e3:.2f} ms")
@@ -487,24 +511,31 @@ def main() -> int:
     log("[4/4] forward throughput / training step, dense vs pruned (magnitude, s=0.5, gamma=3) ...")
     th = phase_throughput(reps)
     sampler.stop()
-    fwd_d, fwd_p = median(th["fwd_s"]["dense"]), median(th["fwd_s"]["pruned"])
+    fm = paired_medians(th["fwd_s"]["dense"], th["fwd_s"]["pruned"])
+    fwd_d, fwd_p = fm["a"], fm["b"]
     tps_d, tps_p = BATCH * SEQ / fwd_d, BATCH * SEQ / fwd_p
     speed4 = tps_p / tps_d
     lin, att = th["linear_flops_per_token"], th["attention_matmul_flops_per_token"]
     ideal_lin = lin["dense"] / lin["pruned"]
     ideal_all = (lin["dense"] + att["dense"]) / (lin["pruned"] + att["pruned"])
     quot4 = speed4 / ideal_lin
-    tr_d, tr_p = median(th["train_s"]["dense"]), median(th["train_s"]["pruned"])
+    tm = paired_medians(th["train_s"]["dense"], th["train_s"]["pruned"])
+    tr_d, tr_p = tm["a"], tm["b"]
     train_speedup = tr_d / tr_p
 
     wall = time.perf_counter() - wall0
     info["loadavg_end"] = os.getloadavg()
 
     mib = 2**20
+
+    def used(m: dict) -> str:
+        n = f"{m['n_used'][0]}+{m['n_used'][1]} of {m['n_total'][0]}+{m['n_total'][1]}"
+        return f"quiet samples only, {n}" if m["quiet_only"] else f"all samples, {n}: machine busy"
+
     rows = [
         ("1", "step time with / without adam_taylor accumulate", f"{ratio1:.4f}",
          f"<= {GOALS['accumulate_overhead']}", status(ratio1 <= GOALS["accumulate_overhead"]),
-         f"median {b_med * 1e3:.1f} / {a_med * 1e3:.1f} ms; 90% bootstrap CI [{ci1[0]:.3f}, {ci1[1]:.3f}]; "
+         f"median {b_med * 1e3:.1f} / {a_med * 1e3:.1f} ms ({used(ab)}); 90% bootstrap CI [{ci1[0]:.3f}, {ci1[1]:.3f}]; "
          f"paired-block median {paired1:.4f}; accumulate {acc_med * 1e3:.2f} ms/step -> direct estimate "
          f"{direct1:.4f}"),
         ("2", "prune event / dense training step", f"{ratio2:.3f}", f"<= {GOALS['prune_over_step']}",
@@ -517,10 +548,10 @@ def main() -> int:
          f"{tr['ru_maxrss_after_training'] / mib:.0f} -> {pr['ru_maxrss_after_prune'] / mib:.0f} MiB"),
         ("4", "fwd tokens/s pruned/dense over ideal (linear FLOPs)", f"{quot4:.3f}", f">= {GOALS['fwd_vs_ideal']}",
          status(quot4 >= GOALS["fwd_vs_ideal"]),
-         f"measured {speed4:.3f}x ({tps_p:,.0f} vs {tps_d:,.0f} tok/s), ideal linear {ideal_lin:.3f}x "
+         f"measured {speed4:.3f}x ({tps_p:,.0f} vs {tps_d:,.0f} tok/s, {used(fm)}), ideal linear {ideal_lin:.3f}x "
          f"(linear+attention matmuls {ideal_all:.3f}x)"),
         ("4b", "training-step speed-up pruned/dense (info)", f"{train_speedup:.3f}", "-", "info",
-         f"median {tr_p * 1e3:.0f} vs {tr_d * 1e3:.0f} ms"),
+         f"median {tr_p * 1e3:.0f} vs {tr_d * 1e3:.0f} ms ({used(tm)})"),
     ]
     header = ("#", "measurement", "value", "goal", "status", "details")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
@@ -532,7 +563,26 @@ def main() -> int:
              f"{th['foreign_cores']:.2f} of {info['cpu_count']} cores during parts 1 / 2-3 / 4")
     log(f"\nwall time {wall:.0f} s; load average start {info['loadavg_start'][0]:.2f}, end "
         f"{info['loadavg_end'][0]:.2f}; {noise}")
-    if max(tr["foreign_cores"], th["foreign_cores"]) > 0.25:
+    notes = []
+    empty = [i for i, w in enumerate(pr["plan"].mlp_widths_kept()) if w == 0]
+    if empty:
+        notes.append(
+            f"The adam_taylor plan of part 2 removed every MLP channel of layer(s) {empty} (allocation is global and "
+            "has a per-layer floor for KV groups, min_kv_groups, but none for MLP channels). The model still runs "
+            "(an empty MLP adds zero to the residual stream); whether that is wanted is a method question."
+        )
+    notes.append(
+        f"The accumulate cost is per optimizer step and proportional to the parameters, while the step cost also "
+        f"grows with the tokens per step: with {BATCH * SEQ} tokens per step it is {acc_med / a_med:.1%} of a step; "
+        "halving the tokens per step roughly doubles that fraction."
+    )
+    notes.append(
+        "With torch.set_num_threads(2) on 2 cores, another process taking one core slows every step about 10x "
+        "(OpenMP threads wait on each other), so runs on a busy machine are not comparable; see the noise rule."
+    )
+    for n in notes:
+        log("note: " + n)
+    if not (ab["quiet_only"] and fm["quiet_only"] and tm["quiet_only"]):
         log("WARNING: the machine was busy with other processes; timings are noisy (try --wait-quiet 300).")
 
     # ----------------------------------------------------------------------------- files
@@ -552,9 +602,11 @@ def main() -> int:
             "accumulate_overhead": {
                 "ratio": ratio1, "goal": GOALS["accumulate_overhead"], "met": ratio1 <= GOALS["accumulate_overhead"],
                 "bootstrap90": list(ci1), "direct_estimate": direct1, "paired_block_median": paired1,
+                "medians": {k: v for k, v in ab.items() if k not in ("xa", "xb")},
                 "block_ratios": tr["block_ratios"], "foreign_cores": tr["foreign_cores"], "step_median_s": {"A": a_med, "B": b_med},
-                "accumulate_median_s": acc_med, "step_rel_iqr": {k: rel_iqr(v) for k, v in tr["step_s"].items()},
-                "step_s": tr["step_s"], "accumulate_s": tr["accumulate_s"],
+                "accumulate_median_s": acc_med,
+                "step_rel_iqr": {k: rel_iqr(v.t) for k, v in tr["arms"].items()},
+                "step_s": {k: v.to_dict() for k, v in tr["arms"].items()}, "accumulate_s": tr["accumulate"].to_dict(),
             },
             "prune_over_step": {
                 "ratio": ratio2, "goal": GOALS["prune_over_step"], "met": ratio2 <= GOALS["prune_over_step"],
@@ -581,10 +633,13 @@ def main() -> int:
                 "linear_flops_per_token": lin, "attention_matmul_flops_per_token": att, "params": th["params"],
                 "plan": {"realised_sparsity": plan4.realised_sparsity, "kv_groups_kept": plan4.kv_groups_kept(),
                          "mlp_widths_kept": plan4.mlp_widths_kept()},
-                "fwd_s": th["fwd_s"],
+                "medians": {k: v for k, v in fm.items() if k not in ("xa", "xb")},
+                "fwd_s": {k: v.to_dict() for k, v in th["fwd_s"].items()},
             },
             "train_speedup_info": {"speedup": train_speedup, "step_median_s": {"dense": tr_d, "pruned": tr_p},
-                                   "ideal_linear": ideal_lin, "train_s": th["train_s"]},
+                                   "ideal_linear": ideal_lin,
+                                   "medians": {k: v for k, v in tm.items() if k not in ("xa", "xb")},
+                                   "train_s": {k: v.to_dict() for k, v in th["train_s"].items()}},
         },
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -609,12 +664,18 @@ lm_head {counts['lm_head']:,}). Random token batches of {BATCH} x {SEQ}; AdamW(l
 
 ## How each number is measured
 
+Noise rule (the machine is shared). For every timed sample the script also records how much CPU other processes
+used while it ran (`psutil.cpu_times()` of the whole machine minus this process's CPU time). Medians are taken over
+the *quiet* samples (other processes < {QUIET_CORES} cores) when both arms of a comparison have at least 30 % (and
+at least 3) quiet samples; otherwise over all samples, and the table says "machine busy". The table shows which
+rule was used and how many samples went in. All samples are in the JSON.
+
 1. **Accumulate overhead.** Plain PyTorch loop (no Lightning, for timing precision): `zero_grad`, forward with
    labels, backward, `AdamW.step()` (Lightning's order). Arm B adds `AdamStateSaliency("adam_taylor").accumulate(model, [opt])`
    after the step, which is what `NirvanaPruningCallback.on_train_batch_end` does in its warm-up window (the rest of the
    hook is a few comparisons). {reps['train_warmup']} warm-up steps, then {reps['ab_blocks']} blocks of
    {reps['ab_steps_per_block']} step(s) per arm in alternating order (AB, BA, ...); value = median(B) / median(A)
-   over all recorded steps; "paired-block median" = median over blocks of the within-block ratio.
+   (noise rule above); "paired-block median" = median over blocks of the within-block ratio (all samples).
    The accumulate call is also timed alone; "direct estimate" = 1 + median(accumulate) / median(A), which is less
    sensitive to machine noise than the difference of two medians.
 2. **Prune event.** The body of `NirvanaPruningCallback._prune` for an `adam_*` estimator on the model trained in
@@ -643,6 +704,10 @@ lm_head {counts['lm_head']:,}). Random token batches of {BATCH} x {SEQ}; AdamW(l
 
 Prune event of part 2 (adam_taylor): realised sparsity {plan1.realised_sparsity:.3f}, kept KV groups per layer
 {plan1.kv_groups_kept()}, MLP widths {plan1.mlp_widths_kept()}.
+
+## Notes
+
+{chr(10).join("- " + n for n in notes)}
 
 Console table of this run:
 

@@ -102,6 +102,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.o
         for w in u.mlp_weights:
             if len(lp.kept_mlp_channels) != n_mlp:
                 _slice_weight(w, lp.kept_mlp_channels, n_mlp, _owner(optimizers, w.weight))
+    for u in units:
+        if hasattr(u.mlp, "intermediate_size"):  # informational attribute of stock MLP modules
+            u.mlp.intermediate_size = u.mlp_width
     update_config(model)
     actual = prunable_parameter_count(model)
     if actual != expected:  # internal consistency check: unit costs must match the real slices
@@ -130,21 +133,32 @@ def layer_widths(model: nn.Module) -> list[dict[str, int]]:
 def update_config(model: nn.Module) -> None:
     """Write the real per-layer widths into ``model.config``.
 
-    When every layer has the same width the stock fields describe the model and the per-layer
-    list is dropped; otherwise ``config.nirvana_layer_widths`` holds one entry per layer.
+    When every layer has the same width (and the stock config class accepts it) the stock fields
+    describe the model and the per-layer list is dropped; otherwise ``config.nirvana_layer_widths`` holds one entry per layer.
     ``head_dim`` is always written explicitly, because stock configs derive it from
     ``hidden_size / num_attention_heads``, which pruning changes.
     """
     config = model.config
     widths = layer_widths(model)
     config.head_dim = head_dim_of(config)
-    if all(w == widths[0] for w in widths):
+    if all(w == widths[0] for w in widths) and _stock_config_accepts(config, widths[0]):
         for key, value in widths[0].items():
             setattr(config, key, value)
         if hasattr(config, "nirvana_layer_widths"):
             del config.nirvana_layer_widths
     else:
         config.nirvana_layer_widths = widths
+
+
+def _stock_config_accepts(config, widths: dict[str, int]) -> bool:
+    """Whether the stock config class validates these widths (Llama's checks hidden % heads)."""
+    try:
+        probe = type(config).from_dict({**config.to_dict(), **widths, "head_dim": head_dim_of(config)})
+        if hasattr(probe, "validate"):
+            probe.validate()
+        return True
+    except Exception:  # any validation failure means: describe the layers per layer instead
+        return False
 
 
 def resize_to_widths(model: nn.Module, widths: Sequence[dict[str, int]]) -> None:

@@ -6,7 +6,8 @@ so nothing is downloaded. What it does, in one Lightning fit:
 
 1. trains a dense ~3M-parameter Llama (GQA: 8 query heads, 4 KV heads);
 2. accumulates ``adam_taylor`` saliency over the warm-up window before ``--prune-at``;
-3. removes KV groups and MLP channels to ``--sparsity`` of the attention+MLP parameters;
+3. removes KV groups and MLP channels to ``--sparsity`` of the attention+MLP parameters
+   (try ``--saliency random`` to see what a poor choice of units costs);
 4. keeps fine-tuning the smaller model to ``--max-steps``;
 
 then prints held-out perplexity of the dense, just-pruned and recovered model, and saves the
@@ -101,9 +102,9 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--gamma", type=float, default=3.0)
     parser.add_argument("--saliency", default="adam_taylor", choices=nirvana_pl.ESTIMATORS)
-    parser.add_argument("--prune-at", type=int, default=150)
+    parser.add_argument("--prune-at", type=int, default=300)
     parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--max-steps", type=int, default=450)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -10,8 +10,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/constraints-cpu.txt" -nt "$STAMP" ]; then
     echo "[nirvana-pl] installing into $VENV (first run only) ..."
-    "$VENV/bin/pip" install --quiet --upgrade pip
-    DS_BUILD_OPS=0 "$VENV/bin/pip" install --quiet -c "$ROOT/constraints-cpu.txt" -e "$ROOT[dev,data,lora]"
+    LOG="$VENV/install.log"
+    if ! { "$VENV/bin/pip" install --upgrade pip &&
+           DS_BUILD_OPS=0 "$VENV/bin/pip" install -c "$ROOT/constraints-cpu.txt" -e "$ROOT[dev,data,lora]"; } >"$LOG" 2>&1; then
+        tail -n 40 "$LOG"; echo "[nirvana-pl] installation failed; full log: $LOG" >&2; exit 1
+    fi
     touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -214,9 +214,11 @@ def test_uniform_saves_a_stock_folder(arch, sparsity, tmp_path):
 def test_uniform_widths_the_stock_config_rejects_use_the_nirvana_format(tmp_path):
     # LlamaConfig requires hidden_size % num_attention_heads == 0; 3 of 4 KV groups = 6 heads over 64.
     model = _pruned("llama", 0.4, uniform=True)
-    assert model.config.num_attention_heads == 6 and model.config.hidden_size == 64
-    with pytest.warns(UserWarning, match="not a valid stock LlamaConfig"):
-        folder = save_pruned(model, tmp_path / "pruned")
+    assert {w["num_attention_heads"] for w in layer_widths(model)} == {6} and model.config.hidden_size == 64
+    # surgery already kept the per-layer description, so a plain save_pretrained works too
+    assert model.config.nirvana_layer_widths == layer_widths(model)
+    model.save_pretrained(tmp_path / "plain")
+    folder = save_pruned(model, tmp_path / "pruned")
     cfg = _config_json(folder)
     assert cfg["model_type"] == "nirvana_llama"
     assert cfg["nirvana_layer_widths"] == layer_widths(model)

@@ -358,11 +358,13 @@ def test_config_after_nonuniform_prune_has_real_layer_widths(factory):
     assert "nirvana_layer_widths" in cfg.to_json_string()
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2_no_head_dim"])
-def test_config_after_uniform_prune_builds_same_shapes(factory):
+@pytest.mark.parametrize(
+    "factory, sparsity", [(tiny_llama, 0.1), (tiny_qwen2, 0.4)], ids=["llama", "qwen2_no_head_dim"]
+)
+def test_config_after_uniform_prune_builds_same_shapes(factory, sparsity):
     model = factory()
     h = head_dim_of(model.config)
-    plan = _plan(model, sparsity=0.4, uniform=True)
+    plan = _plan(model, sparsity=sparsity, uniform=True)
     apply_plan(model, plan)
     cfg = model.config
     layer = model.model.layers[0]
@@ -372,9 +374,20 @@ def test_config_after_uniform_prune_builds_same_shapes(factory):
     assert cfg.head_dim == h
     assert getattr(cfg, "nirvana_layer_widths", None) is None
 
+    assert plan.kv_groups_kept()[0] < 4 or plan.mlp_widths_kept()[0] < 176  # something was pruned
     fresh = type(model)(copy.deepcopy(cfg)).eval()
     shapes = {n: p.shape for n, p in model.named_parameters()}
     assert {n: p.shape for n, p in fresh.named_parameters()} == shapes
     fresh.load_state_dict(model.state_dict())
     ids = _ids()
     torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), atol=ATOL, rtol=0)
+
+
+def test_uniform_widths_a_stock_config_rejects_stay_per_layer():
+    """LlamaConfig wants hidden % heads == 0: 6 heads over hidden 64 must not enter the stock fields."""
+    model = tiny_llama()
+    dense_heads = model.config.num_attention_heads
+    apply_plan(model, _plan(model, sparsity=0.4, uniform=True))
+    widths = model.config.nirvana_layer_widths
+    assert {w["num_attention_heads"] for w in widths} == {6}
+    assert model.config.num_attention_heads == dense_heads
