@@ -250,3 +250,18 @@ def test_infeasible_sparsity_fails_at_setup_with_the_largest_feasible_value(tmp_
     cb = NirvanaPruningCallback(sparsity=0.95, prune_at=3, warmup_steps=2, gamma=3.0)
     with pytest.raises(InfeasibleSparsityError, match="largest feasible sparsity is 0\\.[0-9]{3}"):
         trainer(tmp_path, 4, [cb]).fit(CausalLM(), token_loader())
+
+
+def test_callback_export_of_a_pruned_qwen2_reloads_with_equal_outputs(tmp_path):
+    from nirvana_pl import load_pruned
+
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_taylor", gamma=2.0)
+    module = CausalLM(kind="qwen2")
+    trainer(tmp_path, 6, [cb]).fit(module, token_loader())
+    assert module.net.model.layers[0].self_attn.q_proj.bias is not None
+    folder = cb.save_pretrained(tmp_path / "pruned")
+    reloaded = load_pruned(folder)
+    ids = next(iter(token_loader()))[0]
+    module.net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, module.net(ids).logits, atol=1e-5, rtol=0)
