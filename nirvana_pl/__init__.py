@@ -3,9 +3,12 @@
 Public API::
 
     from nirvana_pl import NirvanaPruningCallback, prune, PruningPlan, save_pruned, load_pruned
+    from nirvana_pl import CalibrationSelector, token_windows   # KL-selected calibration data
 """
 
 from .allocate import AllocationConfig, DenseReference, InfeasibleSparsityError
+from .calibration import CalibrationSelector, kl_divergence, masked
+from .data import token_windows
 from .oneshot import prune
 from .plan import LayerPlan, PruningPlan
 from .saliency import ESTIMATORS, SaliencyError
@@ -16,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllocationConfig",
+    "CalibrationSelector",
     "DenseReference",
     "ESTIMATORS",
     "InfeasibleSparsityError",
@@ -26,9 +30,12 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "SaliencyError",
     "UnsupportedModelError",
+    "kl_divergence",
     "load_pruned",
+    "masked",
     "prune",
     "save_pruned",
+    "token_windows",
 ]
 
 

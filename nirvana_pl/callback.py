@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -18,7 +18,9 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from .allocate import AllocationConfig, DenseReference, InfeasibleSparsityError, allocate, max_feasible_sparsity
+from .allocate import DenseReference, InfeasibleSparsityError, max_feasible_sparsity
+from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
+from .oneshot import allocation_config, check_auto_feasible, check_selection_args, make_plan
 from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
 from .saliency import (
@@ -28,7 +30,6 @@ from .saliency import (
     check_adam_optimizers,
     check_calibration,
     check_estimator,
-    compute_scores,
 )
 from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, layer_widths, resize_to_widths
@@ -50,7 +51,10 @@ class NirvanaPruningCallback(Callback):
         schedule: ``{step: target_sparsity}`` for iterative pruning (targets relative to the
             original dense model), instead of ``sparsity``/``prune_at``.
         calibration: token-id batches (LongTensor[B, T] or dicts with ``input_ids``) for the
-            data-driven estimators; if None they are collected from the warm-up window.
+            data-driven estimators (if None they are collected from the warm-up window), or a
+            :class:`~nirvana_pl.CalibrationSelector` that chooses the calibration set at each prune
+            event by the KL test (and gamma, with ``gamma="auto"``).
+        gamma_grid: the gammas ``gamma="auto"`` chooses from.
         num_calibration_batches: how many training batches to collect when ``calibration`` is None.
         model_attr: dotted path of the transformers model inside the LightningModule; found
             automatically when None.
@@ -64,10 +68,11 @@ class NirvanaPruningCallback(Callback):
         prune_at: int | None = None,
         warmup_steps: int = 100,
         saliency: str = "adam_taylor",
-        gamma: float = 3.0,
+        gamma: float | str = 3.0,
         *,
         schedule: Mapping[int, float] | None = None,
-        calibration: Iterable[Any] | None = None,
+        calibration: Iterable[Any] | CalibrationSelector | None = None,
+        gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
         num_calibration_batches: int = 8,
         model_attr: str | None = None,
         min_kv_groups: int = 1,
@@ -78,10 +83,12 @@ class NirvanaPruningCallback(Callback):
     ) -> None:
         super().__init__()
         check_estimator(saliency)
+        check_selection_args(saliency, calibration, gamma)
         self.schedule = PruningSchedule.build(sparsity, prune_at, schedule, warmup_steps)
         # Validate every target with the allocation rules now, not at the prune step.
         self._alloc = [
-            AllocationConfig(e.sparsity, gamma, min_kv_groups, mlp_round_to, uniform) for e in self.schedule.events
+            allocation_config(e.sparsity, gamma, min_kv_groups=min_kv_groups, mlp_round_to=mlp_round_to, uniform=uniform)
+            for e in self.schedule.events
         ]
         if saliency in ADAM_ESTIMATORS and warmup_steps < 1:
             raise ValueError(
@@ -97,7 +104,10 @@ class NirvanaPruningCallback(Callback):
             raise ValueError(f"num_calibration_batches={num_calibration_batches!r} must be an integer >= 1.")
         self.saliency = saliency
         self.gamma = gamma
-        self.calibration = list(calibration) if calibration is not None else None
+        self.selector = calibration if isinstance(calibration, CalibrationSelector) else None
+        self.calibration = list(calibration) if calibration is not None and self.selector is None else None
+        self.gamma_auto = gamma == "auto"
+        self.gamma_grid = tuple(gamma_grid)
         self.num_calibration_batches = num_calibration_batches
         self.model_attr = model_attr
         self.seed = seed
@@ -146,10 +156,13 @@ class NirvanaPruningCallback(Callback):
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
         for event, alloc in zip(self.schedule.events, self._alloc):
-            s_max = max_feasible_sparsity(self._reference, alloc.gamma, alloc.min_kv_groups)
+            if self.gamma_auto:
+                s_max, which = check_auto_feasible(self._reference, alloc, self.gamma_grid), f"any gamma of {self.gamma_grid}"
+            else:
+                s_max, which = max_feasible_sparsity(self._reference, alloc.gamma, alloc.min_kv_groups), f"gamma={alloc.gamma}"
             if event.sparsity > s_max:
                 raise InfeasibleSparsityError(
-                    f"sparsity={event.sparsity} (prune at step {event.step}) is not reachable with gamma={alloc.gamma}"
+                    f"sparsity={event.sparsity} (prune at step {event.step}) is not reachable with {which}"
                     f" on this model: the largest feasible sparsity is {int(s_max * 1000) / 1000:.3f}. Lower the "
                     "sparsity or gamma."
                 )
@@ -203,7 +216,7 @@ class NirvanaPruningCallback(Callback):
             return
         if self._adam is not None:
             self._adam.accumulate(self.model, trainer.optimizers)
-        elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None:
+        elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
             self._collected.append(_input_ids_of(batch))
         if step == event.step:
             self._prune(trainer, pl_module, event)
@@ -213,16 +226,16 @@ class NirvanaPruningCallback(Callback):
         model = self.model
         total_before = sum(p.numel() for p in model.parameters())
         index = self.schedule.events.index(event)
-        if self._adam is not None:
-            scores = self._adam.scores()
-        else:
-            calibration = self.calibration if self.calibration is not None else list(self._collected)
-            with trainer.precision_plugin.forward_context():
-                scores = compute_scores(
-                    model, self.saliency, calibration=calibration, seed=self.seed + index,
-                    progress=trainer.is_global_zero,
-                )
-        plan = allocate(model, scores, self._alloc[index], self._reference, saliency=self.saliency)
+        calibration: Any = self.selector or self.calibration
+        if calibration is None and self._adam is None:
+            calibration = list(self._collected)
+        with trainer.precision_plugin.forward_context():
+            plan, selection = make_plan(
+                model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
+                gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid,
+                optimizer_scores=self._adam.scores() if self._adam is not None else None,
+                seed=self.seed + index, progress=trainer.is_global_zero,
+            )
         apply_plan(model, plan, trainer.optimizers)
         seconds = time.perf_counter() - start
         record = PruneRecord(
@@ -238,12 +251,23 @@ class NirvanaPruningCallback(Callback):
             self._adam.reset()
         self._collected.clear()
 
-        for name, value in record.metrics(self._reference).items():
+        metrics = record.metrics(self._reference)
+        metrics["gamma"] = plan.gamma
+        if selection is not None:
+            metrics["calibration_kl"] = selection["kl"]
+            for i, kl in enumerate(selection.get("candidate_kls", [])):
+                metrics[f"candidate_kl_{i}"] = kl
+            for g, kl in (selection.get("gamma_search") or {}).get("curve", {}).items():
+                metrics[f"gamma_kl_{g}"] = kl
+        for name, value in metrics.items():
             pl_module.log(f"nirvana/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
         if trainer.is_global_zero:
             directory = self.report_dir or Path(trainer.log_dir or trainer.default_root_dir)
             self._report_path = write_report(directory, self._records, self._reference)
-            rank_zero_info(format_summary(record, self._reference) + f"\n  report: {self._report_path}")
+            message = format_summary(record, self._reference)
+            if selection is not None:
+                message += f"\n  KL selection: {_describe_selection(selection)}"
+            rank_zero_info(message + f"\n  report: {self._report_path}")
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
@@ -314,3 +338,16 @@ def _input_ids_of(batch: Any) -> torch.Tensor:
             "pass calibration=[...] to the callback."
         )
     return ids.detach().to("cpu", copy=True)
+
+
+def _describe_selection(selection: Mapping[str, Any]) -> str:
+    parts = []
+    if selection.get("candidate_kls"):
+        kls = ", ".join(f"{k:.4g}" for k in selection["candidate_kls"])
+        parts.append(f"candidate KLs [{kls}] -> #{selection['best_index']} ({selection.get('mode', 'sets')})")
+    search = selection.get("gamma_search")
+    if search:
+        curve = ", ".join(f"{g}: {k:.4g}" for g, k in search["curve"].items())
+        parts.append(f"gamma curve {{{curve}}} -> gamma={search['best_gamma']}")
+    parts.append(f"KL {selection['kl']:.4g}")
+    return "; ".join(parts)

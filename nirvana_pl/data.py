@@ -195,6 +195,8 @@ def _tensor_documents(ids: torch.Tensor, mask: Any, where: str) -> list[Document
             f"calibration {where}: token ids must be an integer tensor of shape [T] or [B, T]; got shape "
             f"{tuple(ids.shape)} and dtype {ids.dtype}."
         )
+    if ids.numel() == 0:
+        return []
     rows = ids.reshape(-1, ids.shape[-1]).to("cpu", torch.long)
     if mask is not None:
         mask = _as_long(mask, where).reshape(rows.shape).to("cpu").bool()

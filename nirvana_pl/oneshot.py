@@ -1,24 +1,99 @@
-"""One-shot pruning for plain PyTorch: score, allocate and cut in one call."""
+"""One-shot pruning for plain PyTorch: score, allocate and cut in one call.
+
+:func:`make_plan` is the decision pipeline shared with the Lightning callback
+(scores -> optional KL selection -> plan); :func:`prune` applies its plan in place.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from torch import nn
 
-from .allocate import AllocationConfig, DenseReference, allocate
+from .allocate import AllocationConfig, DenseReference, allocate, max_feasible_sparsity
+from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .plan import PruningPlan
-from .saliency import compute_scores
+from .saliency import CALIBRATION_ESTIMATORS, UnitScores, compute_scores, check_estimator
 from .surgery import apply_plan
+
+#: gamma used to choose the calibration set under gamma="auto" (the grid then picks gamma).
+AUTO_GAMMA_START = 3.0
+
+
+def check_selection_args(saliency: str, calibration: Any, gamma: float | str) -> None:
+    """Raise early (naming the fix) when a selector / gamma='auto' cannot do anything useful."""
+    auto = gamma == "auto"
+    if isinstance(gamma, str) and not auto:
+        raise ValueError(f"gamma={gamma!r} must be a positive number or 'auto'.")
+    selector = isinstance(calibration, CalibrationSelector)
+    if auto and not selector:
+        raise ValueError(
+            "gamma='auto' chooses gamma by the KL test on a probe set: pass "
+            "calibration=CalibrationSelector(pool=token_windows(...)) as well."
+        )
+    if selector and not auto and saliency not in CALIBRATION_ESTIMATORS:
+        raise ValueError(
+            f"calibration=CalibrationSelector(...) selects calibration data for {', '.join(CALIBRATION_ESTIMATORS)} "
+            f"or gamma when gamma='auto'; with saliency={saliency!r} and gamma={gamma} it has nothing to choose. "
+            "Use gamma='auto' or a calibration-based saliency."
+        )
+
+
+def allocation_config(sparsity: float, gamma: float | str, **kwargs: Any) -> AllocationConfig:
+    return AllocationConfig(sparsity=sparsity, gamma=AUTO_GAMMA_START if gamma == "auto" else gamma, **kwargs)
+
+
+def check_auto_feasible(reference: DenseReference, config: AllocationConfig, grid: Sequence[float]) -> float:
+    """Largest sparsity feasible for some gamma of ``grid`` (what gamma='auto' can reach)."""
+    return max(max_feasible_sparsity(reference, g, config.min_kv_groups) for g in grid)
+
+
+def make_plan(
+    model: nn.Module,
+    saliency: str,
+    config: AllocationConfig,
+    reference: DenseReference,
+    *,
+    calibration: Iterable[Any] | CalibrationSelector | None = None,
+    gamma_auto: bool = False,
+    gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
+    optimizer_scores: UnitScores | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[PruningPlan, dict[str, Any] | None]:
+    """Decide what to prune. Returns the plan and, when a KL selection ran, its JSON-able summary.
+
+    With a :class:`CalibrationSelector` and a calibration-based saliency, the calibration set (and,
+    with ``gamma_auto``, gamma) is chosen by the KL test; with Adam-state or data-free scores and
+    ``gamma_auto``, only gamma is chosen. The model's weights are never changed here.
+    """
+    grid = gamma_grid if gamma_auto else None
+    if isinstance(calibration, CalibrationSelector) and saliency in CALIBRATION_ESTIMATORS:
+        result = calibration.select(model, saliency, config, reference, progress=progress, gamma_grid=grid)
+        return _with_selection(result.plan, result.summary())
+    scores = compute_scores(
+        model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
+        optimizer_scores=optimizer_scores, seed=seed, progress=progress,
+    )
+    if gamma_auto and isinstance(calibration, CalibrationSelector):
+        search = calibration.choose_gamma(model, scores, config, gamma_grid, reference, progress=progress)
+        return _with_selection(search.plan, {"gamma_search": search.summary(), "kl": search.best_kl})
+    return allocate(model, scores, config, reference, saliency=saliency), None
+
+
+def _with_selection(plan: PruningPlan, summary: dict[str, Any]) -> tuple[PruningPlan, dict[str, Any]]:
+    plan.score_summary["selection"] = summary  # travels with the plan into JSON and reports
+    return plan, summary
 
 
 def prune(
     model: nn.Module,
     sparsity: float,
     saliency: str = "functional",
-    calibration: Iterable[Any] | None = None,
-    gamma: float = 3.0,
+    calibration: Iterable[Any] | CalibrationSelector | None = None,
+    gamma: float | str = 3.0,
     *,
+    gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
     min_kv_groups: int = 1,
     mlp_round_to: int = 8,
     uniform: bool = False,
@@ -29,14 +104,18 @@ def prune(
     """Prune ``model`` in place to ``sparsity`` of its attention+MLP parameters; return the plan.
 
     ``calibration`` is a list of LongTensor[B, T] token ids (or dicts with ``input_ids``) for
-    ``functional``, ``taylor_loss`` and ``wanda_sp``. ``reference`` is the original dense model's
-    sizes when the model was already pruned (targets are relative to it).
+    ``functional``, ``taylor_loss`` and ``wanda_sp``, or a :class:`CalibrationSelector` that
+    chooses the calibration set by the KL test (METHOD.md section 5). ``gamma="auto"`` (with a
+    selector) chooses gamma from ``gamma_grid`` by the same test. ``reference`` is the original
+    dense model's sizes when the model was already pruned (targets are relative to it).
     """
-    config = AllocationConfig(
-        sparsity=sparsity, gamma=gamma, min_kv_groups=min_kv_groups, mlp_round_to=mlp_round_to, uniform=uniform
-    )
+    check_estimator(saliency)
+    check_selection_args(saliency, calibration, gamma)
+    config = allocation_config(sparsity, gamma, min_kv_groups=min_kv_groups, mlp_round_to=mlp_round_to, uniform=uniform)
     reference = reference or DenseReference.of(model)
-    scores = compute_scores(model, saliency, calibration=calibration, seed=seed, progress=progress)
-    plan = allocate(model, scores, config, reference, saliency=saliency)
+    plan, _ = make_plan(
+        model, saliency, config, reference, calibration=calibration, gamma_auto=gamma == "auto",
+        gamma_grid=gamma_grid, seed=seed, progress=progress,
+    )
     apply_plan(model, plan)
     return plan
