@@ -304,6 +304,7 @@ class SelectionResult:
     gamma_search: GammaSearch | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    candidate_plans: list[PruningPlan] = field(default_factory=list)  # plan of every candidate, in order
 
     def summary(self) -> dict[str, Any]:
         """JSON-able numbers for a report."""
@@ -515,6 +516,7 @@ class CalibrationSelector:
             gamma_search=search,
             seconds=time.perf_counter() - start,
             notes=notes,
+            candidate_plans=[e[1] for e in evaluated],
         )
 
     def choose_gamma(

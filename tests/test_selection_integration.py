@@ -87,3 +87,13 @@ def test_callback_adam_scores_with_gamma_auto(tmp_path):
     curve = {g: float(t.callback_metrics[f"nirvana/gamma_kl_{g}"]) for g in grid}
     assert cb.plans[0].gamma == min(curve, key=curve.get)
     assert float(t.callback_metrics["nirvana/gamma"]) == cb.plans[0].gamma
+
+
+def test_selection_result_keeps_every_candidate_plan():
+    model = tiny_llama()
+    sel = _selector()
+    from nirvana_pl.allocate import AllocationConfig
+
+    result = sel.select(model, "functional", AllocationConfig(0.4, 2.0))
+    assert len(result.candidate_plans) == 3
+    assert result.candidate_plans[result.best_index].fingerprint() == result.plan.fingerprint()
