@@ -535,6 +535,51 @@ class CalibrationSelector:
             chunk_tokens=self.chunk_tokens, progress=progress,
         )
 
+    def choose_scores(
+        self,
+        model: nn.Module,
+        candidates: dict[str, UnitScores],
+        alloc_config: AllocationConfig,
+        reference: DenseReference | None = None,
+        gamma_grid: Sequence[float] | None = None,
+        progress: bool = False,
+    ) -> tuple[PruningPlan, dict[str, Any]]:
+        """Least-KL plan among several score sets (e.g. the adam_* estimators of one warm-up).
+
+        With ``gamma_grid`` each score set gets its own gamma search first. Returns the plan (its
+        ``saliency`` names the winning score set) and a JSON-able summary of every candidate.
+        """
+        if not candidates:
+            raise ValueError("choose_scores needs at least one candidate score set.")
+        self._check_model(model, None)
+        ref = reference or DenseReference.of(model)
+        probe = self.dense_probe(model)
+        results: dict[str, tuple[PruningPlan, float, GammaSearch | None]] = {}
+        for name in _progress(list(candidates), progress, "nirvana-pl candidate plans"):
+            if gamma_grid is not None:
+                search = choose_gamma(
+                    model, candidates[name], gamma_grid, probe=probe, alloc_config=alloc_config, reference=ref,
+                    saliency=name, chunk_tokens=self.chunk_tokens,
+                )
+                results[name] = (search.plan, search.best_kl, search)
+            else:
+                plan = allocate(model, candidates[name], alloc_config, ref, saliency=name)
+                with masked(model, plan):
+                    results[name] = (plan, kl_divergence(model, probe, self.chunk_tokens), None)
+        names = list(results)
+        best = min(range(len(names)), key=lambda i: (results[names[i]][1], i))  # ties: the earlier candidate
+        plan, kl, search = results[names[best]]
+        summary = {
+            "mode": "scores",
+            "candidates": names,
+            "candidate_kls": [results[n][1] for n in names],
+            "best_index": best,
+            "kl": kl,
+            "gamma": plan.gamma,
+            "gamma_search": search.summary() if search else None,
+        }
+        return plan, summary
+
     # ------------------------------------------------------------------ helpers
     def _evaluate(
         self,

@@ -115,7 +115,10 @@ class NirvanaPruningCallback(Callback):
 
         self._model: nn.Module | None = None
         self._reference: DenseReference | None = None
-        self._adam = AdamStateSaliency(saliency) if saliency in ADAM_ESTIMATORS else None
+        # Adam-state accumulators: the configured estimator, or all of them when a selector
+        # chooses among their plans by KL.
+        kinds = (ADAM_ESTIMATORS if self.selector is not None else (saliency,)) if saliency in ADAM_ESTIMATORS else ()
+        self._adam = {kind: AdamStateSaliency(kind) for kind in kinds}
         self._collected: deque[torch.Tensor] = deque(maxlen=num_calibration_batches)
         self._records: list[PruneRecord] = []
         self._last_step = -1
@@ -200,7 +203,7 @@ class NirvanaPruningCallback(Callback):
             resize_to_widths(self.model, widths)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adam is not None:
+        if self._adam:
             check_adam_optimizers(self.model, trainer.optimizers, self.saliency)
 
     # ------------------------------------------------------------------ training
@@ -214,8 +217,9 @@ class NirvanaPruningCallback(Callback):
         event = self.schedule.window_containing(step)
         if event is None or any(r.event_step == event.step for r in self._records):
             return
-        if self._adam is not None:
-            self._adam.accumulate(self.model, trainer.optimizers)
+        if self._adam:
+            for accumulator in self._adam.values():
+                accumulator.accumulate(self.model, trainer.optimizers)
         elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
             self._collected.append(_input_ids_of(batch))
         if step == event.step:
@@ -227,13 +231,13 @@ class NirvanaPruningCallback(Callback):
         total_before = sum(p.numel() for p in model.parameters())
         index = self.schedule.events.index(event)
         calibration: Any = self.selector or self.calibration
-        if calibration is None and self._adam is None:
+        if calibration is None and not self._adam:
             calibration = list(self._collected)
         with trainer.precision_plugin.forward_context():
             plan, selection = make_plan(
                 model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
                 gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid,
-                optimizer_scores=self._adam.scores() if self._adam is not None else None,
+                optimizer_scores={kind: acc.scores() for kind, acc in self._adam.items()} or None,
                 seed=self.seed + index, progress=trainer.is_global_zero,
             )
         apply_plan(model, plan, trainer.optimizers)
@@ -247,8 +251,8 @@ class NirvanaPruningCallback(Callback):
             seconds=seconds,
         )
         self._records.append(record)
-        if self._adam is not None:
-            self._adam.reset()
+        for accumulator in self._adam.values():
+            accumulator.reset()
         self._collected.clear()
 
         metrics = record.metrics(self._reference)
@@ -274,7 +278,7 @@ class NirvanaPruningCallback(Callback):
         return {
             "records": [r.to_dict() for r in self._records],
             "reference": self._reference.to_dict() if self._reference else None,
-            "adam": self._adam.state_dict() if self._adam is not None else None,
+            "adam": {kind: acc.state_dict() for kind, acc in self._adam.items()},
             "last_step": self._last_step,
         }
 
@@ -282,8 +286,9 @@ class NirvanaPruningCallback(Callback):
         self._records = [PruneRecord.from_dict(r) for r in state_dict["records"]]
         if state_dict.get("reference"):
             self._reference = DenseReference(**state_dict["reference"])
-        if self._adam is not None and state_dict.get("adam"):
-            self._adam.load_state_dict(state_dict["adam"])
+        for kind, acc_state in (state_dict.get("adam") or {}).items():
+            if kind in self._adam:
+                self._adam[kind].load_state_dict(acc_state)
         self._last_step = state_dict.get("last_step", -1)
         if self._model is not None and self._records:
             expected = [
@@ -343,8 +348,9 @@ def _input_ids_of(batch: Any) -> torch.Tensor:
 def _describe_selection(selection: Mapping[str, Any]) -> str:
     parts = []
     if selection.get("candidate_kls"):
-        kls = ", ".join(f"{k:.4g}" for k in selection["candidate_kls"])
-        parts.append(f"candidate KLs [{kls}] -> #{selection['best_index']} ({selection.get('mode', 'sets')})")
+        names = selection.get("candidates") or [f"#{i}" for i in range(len(selection["candidate_kls"]))]
+        kls = ", ".join(f"{n}: {k:.4g}" for n, k in zip(names, selection["candidate_kls"]))
+        parts.append(f"candidate KLs {{{kls}}} -> {names[selection['best_index']]} ({selection.get('mode', 'sets')})")
     search = selection.get("gamma_search")
     if search:
         curve = ", ".join(f"{g}: {k:.4g}" for g, k in search["curve"].items())

@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
 from .allocate import AllocationConfig, DenseReference, allocate, max_feasible_sparsity
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .plan import PruningPlan
-from .saliency import CALIBRATION_ESTIMATORS, UnitScores, compute_scores, check_estimator
+from .saliency import CALIBRATION_ESTIMATORS, DATA_FREE_ESTIMATORS, UnitScores, check_estimator, compute_scores
 from .surgery import apply_plan
 
 #: gamma used to choose the calibration set under gamma="auto" (the grid then picks gamma).
@@ -31,11 +31,11 @@ def check_selection_args(saliency: str, calibration: Any, gamma: float | str) ->
             "gamma='auto' chooses gamma by the KL test on a probe set: pass "
             "calibration=CalibrationSelector(pool=token_windows(...)) as well."
         )
-    if selector and not auto and saliency not in CALIBRATION_ESTIMATORS:
+    if selector and not auto and saliency in DATA_FREE_ESTIMATORS:
         raise ValueError(
-            f"calibration=CalibrationSelector(...) selects calibration data for {', '.join(CALIBRATION_ESTIMATORS)} "
-            f"or gamma when gamma='auto'; with saliency={saliency!r} and gamma={gamma} it has nothing to choose. "
-            "Use gamma='auto' or a calibration-based saliency."
+            f"calibration=CalibrationSelector(...) selects calibration data for {', '.join(CALIBRATION_ESTIMATORS)}, "
+            f"the Adam-state estimator for adam_*, or gamma when gamma='auto'; with saliency={saliency!r} and "
+            f"gamma={gamma} it has nothing to choose. Use gamma='auto' or a data-driven saliency."
         )
 
 
@@ -57,7 +57,7 @@ def make_plan(
     calibration: Iterable[Any] | CalibrationSelector | None = None,
     gamma_auto: bool = False,
     gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
-    optimizer_scores: UnitScores | None = None,
+    optimizer_scores: UnitScores | Mapping[str, UnitScores] | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[PruningPlan, dict[str, Any] | None]:
@@ -65,12 +65,21 @@ def make_plan(
 
     With a :class:`CalibrationSelector` and a calibration-based saliency, the calibration set (and,
     with ``gamma_auto``, gamma) is chosen by the KL test; with Adam-state or data-free scores and
-    ``gamma_auto``, only gamma is chosen. The model's weights are never changed here.
+    ``gamma_auto``, only gamma is chosen. ``optimizer_scores`` may map several Adam-state
+    estimators to their scores: with a selector the plan of least KL among them is kept.
+    The model's weights are never changed here.
     """
     grid = gamma_grid if gamma_auto else None
-    if isinstance(calibration, CalibrationSelector) and saliency in CALIBRATION_ESTIMATORS:
-        result = calibration.select(model, saliency, config, reference, progress=progress, gamma_grid=grid)
+    selector = calibration if isinstance(calibration, CalibrationSelector) else None
+    if selector is not None and saliency in CALIBRATION_ESTIMATORS:
+        result = selector.select(model, saliency, config, reference, progress=progress, gamma_grid=grid)
         return _with_selection(result.plan, result.summary())
+    if isinstance(optimizer_scores, Mapping):
+        if selector is not None:
+            return _with_selection(
+                *selector.choose_scores(model, dict(optimizer_scores), config, reference, grid, progress=progress)
+            )
+        optimizer_scores = optimizer_scores[saliency]
     scores = compute_scores(
         model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
         optimizer_scores=optimizer_scores, seed=seed, progress=progress,

@@ -97,3 +97,17 @@ def test_selection_result_keeps_every_candidate_plan():
     result = sel.select(model, "functional", AllocationConfig(0.4, 2.0))
     assert len(result.candidate_plans) == 3
     assert result.candidate_plans[result.best_index].fingerprint() == result.plan.fingerprint()
+
+
+def test_callback_with_adam_scores_keeps_the_least_kl_estimator(tmp_path):
+    cb = NirvanaPruningCallback(
+        sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_taylor", gamma=2.0, calibration=_selector()
+    )
+    t = trainer(tmp_path, 5, [cb])
+    t.fit(CausalLM(), token_loader())
+    selection = cb.plans[0].score_summary["selection"]
+    assert selection["candidates"] == ["adam_taylor", "adam_fisher", "adam_momentum"]
+    kls = selection["candidate_kls"]
+    best = min(range(3), key=lambda i: (kls[i], i))
+    assert cb.plans[0].saliency == selection["candidates"][best]
+    assert float(t.callback_metrics["nirvana/calibration_kl"]) == pytest.approx(kls[best])
