@@ -137,6 +137,11 @@ class NirvanaPruningCallback(Callback):
         return [r.plan for r in self._records]
 
     @property
+    def records(self) -> list[PruneRecord]:
+        """Every prune event so far: its plan and the parameter counts measured after surgery."""
+        return list(self._records)
+
+    @property
     def report_path(self) -> Path | None:
         return self._report_path
 
@@ -214,16 +219,19 @@ class NirvanaPruningCallback(Callback):
         if step == self._last_step:  # still accumulating gradients: not an optimizer-step boundary
             return
         self._last_step = step
-        event = self.schedule.window_containing(step)
-        if event is None or any(r.event_step == event.step for r in self._records):
-            return
-        if self._adam:
-            for accumulator in self._adam.values():
-                accumulator.accumulate(self.model, trainer.optimizers)
-        elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
-            self._collected.append(_input_ids_of(batch))
-        if step == event.step:
+        window = self.schedule.window_containing(step)
+        if window is not None and not self._done(window):
+            if self._adam:
+                for accumulator in self._adam.values():
+                    accumulator.accumulate(self.model, trainer.optimizers)
+            elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
+                self._collected.append(_input_ids_of(batch))
+        event = self.schedule.event_at(step)
+        if event is not None and not self._done(event):
             self._prune(trainer, pl_module, event)
+
+    def _done(self, event: PruneEvent) -> bool:
+        return any(r.event_step == event.step for r in self._records)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: PruneEvent) -> None:
         start = time.perf_counter()

@@ -1,8 +1,18 @@
-"""What a prune event did, as metrics, a console summary and a JSON report."""
+"""What a prune event did: metrics, a console table, and a JSON report with a markdown summary and a plot.
+
+Files written next to each other by :func:`write_report` (rewritten at every prune event):
+
+* ``nirvana_prune_report.json`` - every event: targets, realised sparsity, parameters, kept units
+  per layer (counts and indices), score statistics, plan fingerprint;
+* ``nirvana_prune_report.md`` - the same for people: an events table and a per-layer table, plus any
+  run results added later with :func:`write_markdown` (e.g. held-out perplexity, output folders);
+* ``nirvana_allocation.png`` - kept fraction per layer for attention and MLP (when matplotlib is installed).
+"""
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +21,7 @@ from .allocate import DenseReference
 from .plan import PruningPlan
 
 REPORT_NAME = "nirvana_prune_report.json"
+MARKDOWN_NAME = "nirvana_prune_report.md"
 
 
 @dataclass
@@ -68,17 +79,66 @@ class PruneRecord:
 
 
 def format_summary(record: PruneRecord, reference: DenseReference | None = None) -> str:
+    """A console summary of one prune event: a headline and a per-layer table of what is kept."""
     m = record.metrics(reference)
     plan = record.plan
-    return (
+    head = (
         f"NIRVANA prune at step {record.event_step} ({plan.saliency}, gamma={plan.gamma:g}): "
         f"attention+MLP sparsity {m['realised_sparsity']:.1%} (target {plan.target_sparsity:.1%}); "
         f"params {record.total_params_before:,} -> {record.total_params_after:,}; "
         f"KV groups removed {m['kv_groups_removed']:.1%}, MLP channels removed {m['mlp_channels_removed']:.1%}; "
-        f"{record.seconds:.2f} s\n"
-        f"  kept KV groups per layer: {plan.kv_groups_kept()}\n"
-        f"  kept MLP width per layer: {plan.mlp_widths_kept()}"
+        f"{record.seconds:.2f} s"
     )
+    rows = layer_rows(plan.kv_groups_kept(), plan.mlp_widths_kept(), _dense_sizes(record, reference))
+    return head + "\n" + "\n".join("  " + line for line in format_table(rows))
+
+
+def _dense_sizes(record: PruneRecord, reference: DenseReference | None) -> dict[str, int]:
+    if reference is not None:
+        return {
+            "kv_groups_per_layer": reference.kv_groups_per_layer,
+            "mlp_width": reference.mlp_width,
+            "kv_group_cost": reference.kv_group_cost,
+            "mlp_channel_cost": reference.mlp_channel_cost,
+        }
+    layers = record.plan.layers
+    return {
+        "kv_groups_per_layer": max(layer.kv_groups_before for layer in layers),
+        "mlp_width": max(layer.mlp_channels_before for layer in layers),
+    }
+
+
+def layer_rows(kv_kept: list[int], mlp_kept: list[int], dense: dict[str, Any]) -> list[list[str]]:
+    """Rows (header first, total last) of the per-layer table: kept KV groups, MLP width, parameters."""
+    kv_d, mlp_d = dense["kv_groups_per_layer"], dense["mlp_width"]
+    c_a, c_m = dense.get("kv_group_cost"), dense.get("mlp_channel_cost")
+    with_params = bool(c_a and c_m)
+    header = ["layer", "KV groups kept", "MLP width kept"] + (["attn+MLP params kept"] if with_params else [])
+    rows = [header]
+
+    def row(name: str, kv: int, kvd: int, mlp: int, mlpd: int) -> list[str]:
+        cells = [name, f"{kv}/{kvd} ({kv / kvd:.0%})", f"{mlp}/{mlpd} ({mlp / mlpd:.0%})"]
+        if with_params:
+            kept, full = kv * c_a + mlp * c_m, kvd * c_a + mlpd * c_m
+            cells.append(f"{kept:,} ({kept / full:.0%})")
+        return cells
+
+    for i, (kv, mlp) in enumerate(zip(kv_kept, mlp_kept)):
+        rows.append(row(str(i), kv, kv_d, mlp, mlp_d))
+    n = len(kv_kept)
+    rows.append(row("total", sum(kv_kept), kv_d * n, sum(mlp_kept), mlp_d * n))
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> list[str]:
+    """Plain-text table lines (first row is the header; the last row is set off as a total)."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+
+    def line(r: list[str]) -> str:
+        return " | ".join(cell.rjust(w) for cell, w in zip(r, widths))
+
+    rule = "-+-".join("-" * w for w in widths)
+    return [line(rows[0]), rule] + [line(r) for r in rows[1:-1]] + [rule, line(rows[-1])]
 
 
 def report_dict(records: list[PruneRecord], reference: DenseReference | None) -> dict[str, Any]:
@@ -103,10 +163,124 @@ def report_dict(records: list[PruneRecord], reference: DenseReference | None) ->
 
 
 def write_report(directory: str | Path, records: list[PruneRecord], reference: DenseReference | None) -> Path:
+    """Write the JSON report, its markdown summary and the allocation plot into ``directory``; return the JSON path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / REPORT_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report_dict(records, reference), indent=2))
-    tmp.replace(path)  # never leave a half-written report behind
+    report = report_dict(records, reference)
+    _atomic_write(path, json.dumps(report, indent=2))  # never leave a half-written report behind
+    plot = _write_plot(directory, report)
+    write_markdown(directory, report, plot=plot)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_plot(directory: Path, report: dict[str, Any]) -> Path | None:
+    from .plots import PLOT_NAME, matplotlib_available, plot_allocation
+
+    if not report["events"] or not matplotlib_available():
+        return None
+    try:
+        return plot_allocation(report, directory / PLOT_NAME)
+    except Exception as err:  # noqa: BLE001 - a plot must never stop a training run
+        warnings.warn(f"nirvana-pl: the allocation plot could not be drawn ({type(err).__name__}: {err}).", stacklevel=2)
+        return None
+
+
+def render_markdown(report: dict[str, Any], results: dict[str, Any] | None = None, plot: str | None = None) -> str:
+    """The markdown summary of a report (``report_dict``); ``results`` adds run results (perplexity, folders)."""
+    lines = ["# NIRVANA pruning report", ""]
+    dense = report.get("dense")
+    events = report.get("events", [])
+    if dense:
+        lines += [
+            f"Dense model: {dense['num_layers']} layers, {dense['kv_groups_per_layer']} KV groups and "
+            f"{dense['mlp_width']} MLP channels per layer, {dense['prunable_params']:,} attention+MLP parameters.",
+            "",
+        ]
+    if results:
+        lines += _results_markdown(results)
+    if events:
+        lines += [
+            "## Prune events",
+            "",
+            "| step | saliency | gamma | target | realised sparsity | params before | params after | KV groups removed | MLP channels removed | seconds |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in events:
+            lines.append(
+                f"| {e['step']} | {e['saliency']} | {e['gamma']:g} | {e['target_sparsity']:.1%} | "
+                f"{e['realised_sparsity']:.1%} | {int(e['params_before']):,} | {int(e['params_after']):,} | "
+                f"{e['kv_groups_removed']:.1%} | {e['mlp_channels_removed']:.1%} | {e['prune_seconds']:.2f} |"
+            )
+        lines.append("")
+        if plot:
+            lines += [f"![kept fraction per layer]({plot})", ""]
+        last = events[-1]
+        sizes = dict(dense) if dense else {
+            "kv_groups_per_layer": max(last["kept_kv_groups_per_layer"]),
+            "mlp_width": max(last["kept_mlp_width_per_layer"]),
+        }
+        rows = layer_rows(last["kept_kv_groups_per_layer"], last["kept_mlp_width_per_layer"], sizes)
+        lines += [f"## Per layer after the last event (step {last['step']})", ""]
+        lines.append("| " + " | ".join(rows[0]) + " |")
+        lines.append("|" + "---:|" * len(rows[0]))
+        for r in rows[1:-1]:
+            lines.append("| " + " | ".join(r) + " |")
+        lines.append("| **" + "** | **".join(rows[-1]) + "** |")
+        lines.append("")
+    else:
+        lines += ["No prune event has happened yet.", ""]
+    return "\n".join(lines)
+
+
+def _results_markdown(results: dict[str, Any]) -> list[str]:
+    lines = ["## Results", ""]
+    ppl = results.get("perplexity") or {}
+    if any(v is not None for v in ppl.values()):
+        lines += ["| held-out perplexity | value |", "|---|---:|"]
+        after_each = results.get("perplexity_after_each_prune") or []
+        rows = [("dense", "dense (before pruning)")]
+        if len(after_each) <= 1:
+            rows.append(("just_pruned", "just pruned"))
+        rows.append(("recovered", "recovered (end of training)"))
+        for key, label in rows:
+            if ppl.get(key) is not None:
+                lines.append(f"| {label} | {ppl[key]:.3f} |")
+            if key == "dense" and len(after_each) > 1:
+                for event in after_each:
+                    lines.append(
+                        f"| after the prune at step {event['step']} (sparsity {event['realised_sparsity']:.1%}) | "
+                        f"{event['ppl']:.3f} |"
+                    )
+        lines.append("")
+    for key, value in results.items():
+        if key not in ("perplexity", "perplexity_after_each_prune") and value is not None:
+            lines.append(f"- {key.replace('_', ' ')}: `{value}`")
+    if len(lines) > 2 and lines[-1] != "":
+        lines.append("")
+    return lines
+
+
+def write_markdown(
+    directory: str | Path,
+    report: dict[str, Any] | None = None,
+    results: dict[str, Any] | None = None,
+    plot: str | Path | None = None,
+) -> Path:
+    """Write ``nirvana_prune_report.md`` into ``directory`` (from ``report``, else the JSON report there)."""
+    from .plots import PLOT_NAME
+
+    directory = Path(directory)
+    if report is None:
+        report = json.loads((directory / REPORT_NAME).read_text())
+    if plot is None and (directory / PLOT_NAME).is_file():
+        plot = directory / PLOT_NAME
+    path = directory / MARKDOWN_NAME
+    _atomic_write(path, render_markdown(report, results, Path(plot).name if plot else None))
     return path

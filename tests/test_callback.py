@@ -265,3 +265,12 @@ def test_callback_export_of_a_pruned_qwen2_reloads_with_equal_outputs(tmp_path):
     module.net.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, module.net(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_warmup_zero_with_given_calibration_prunes_at_the_step(tmp_path):
+    calibration = [next(iter(token_loader()))[0]]
+    cb = NirvanaPruningCallback(
+        sparsity=0.3, prune_at=3, warmup_steps=0, saliency="functional", calibration=calibration
+    )
+    trainer(tmp_path, 4, [cb]).fit(CausalLM(), token_loader())
+    assert [r.event_step for r in cb.records] == [3]

