@@ -20,6 +20,10 @@ from .saliency import UnitScores
 from .units import LayerUnits, find_units, prunable_parameter_count
 
 
+#: config attribute where a pruned model remembers its dense reference
+CONFIG_KEY = "nirvana_dense_reference"
+
+
 class InfeasibleSparsityError(ValueError):
     """The requested sparsity cannot be reached with this gamma and these constraints."""
 
@@ -37,12 +41,20 @@ class DenseReference:
 
     @classmethod
     def of(cls, model: nn.Module) -> "DenseReference":
+        """The sizes of ``model`` as dense, or, for a model pruned before, the ones it remembers.
+
+        A prune records the dense reference in ``model.config.nirvana_dense_reference`` (it is
+        saved and loaded with the config), so later targets stay relative to the original model.
+        """
+        recorded = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+        if recorded:
+            return cls(**recorded)
         units = find_units(model)
         first = units[0]
         if any(u.num_kv_groups != first.num_kv_groups or u.mlp_width != first.mlp_width for u in units):
             raise ValueError(
-                "the model's layers already differ in width; build the DenseReference from the "
-                "original dense model (the callback keeps it across prune events)."
+                "the model's layers already differ in width and its config records no dense reference; pass "
+                "reference=DenseReference.of(original_dense_model) so targets stay relative to the dense model."
             )
         return cls(
             num_layers=len(units),
@@ -55,6 +67,10 @@ class DenseReference:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def attach(self, model: nn.Module) -> None:
+        """Remember these dense sizes in ``model.config`` (kept through save/load)."""
+        setattr(model.config, CONFIG_KEY, self.to_dict())
 
     @property
     def total_kv_groups(self) -> int:
@@ -258,8 +274,13 @@ def _uniform(
     if per_layer_removed > 0:
         mlp_keep = round(mlp_keep / config.mlp_round_to) * config.mlp_round_to
     mlp_keep = int(max(0, min(ref.mlp_width, mlp_keep)))
-    kv_keep = min(kv_keep, min(u.num_kv_groups for u in units))
-    mlp_keep = min(mlp_keep, min(u.mlp_width for u in units))
+    if len({(u.num_kv_groups, u.mlp_width) for u in units}) > 1:
+        raise ValueError(
+            "uniform=True needs a model whose layers have equal widths; this one was pruned non-uniformly "
+            "before. Keep uniform=False for later prune events of a non-uniform model."
+        )
+    kv_keep = min(kv_keep, units[0].num_kv_groups)
+    mlp_keep = min(mlp_keep, units[0].mlp_width)
     kept_kv = [_keep_top(v, kv_keep) for v in scores.attn]
     kept_mlp = [_keep_top(v, mlp_keep) for v in scores.mlp]
     return kept_kv, kept_mlp

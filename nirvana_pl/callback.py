@@ -7,6 +7,7 @@ optimizer state), report.py writes what happened, export.py saves the result.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 
 from .allocate import DenseReference, InfeasibleSparsityError, max_feasible_sparsity
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
+from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
 from .oneshot import allocation_config, check_auto_feasible, check_selection_args, make_plan
 from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
@@ -30,6 +32,7 @@ from .saliency import (
     check_adam_optimizers,
     check_calibration,
     check_estimator,
+    gradient_reduce,
 )
 from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, layer_widths, resize_to_widths
@@ -119,11 +122,16 @@ class NirvanaPruningCallback(Callback):
         # chooses among their plans by KL.
         kinds = (ADAM_ESTIMATORS if self.selector is not None else (saliency,)) if saliency in ADAM_ESTIMATORS else ()
         self._adam = {kind: AdamStateSaliency(kind) for kind in kinds}
-        self._collected: deque[torch.Tensor] = deque(maxlen=num_calibration_batches)
+        self._collected: deque[dict[str, torch.Tensor]] = deque(maxlen=num_calibration_batches)
         self._records: list[PruneRecord] = []
         self._last_step = -1
         self._report_path: Path | None = None
         self._load_hook: Any = None
+
+    @property
+    def state_key(self) -> str:
+        # Two pruning callbacks in one Trainer keep separate checkpoint entries.
+        return self._generate_state_key(saliency=self.saliency, schedule=[(e.step, e.sparsity) for e in self.schedule.events])
 
     # ------------------------------------------------------------------ public
     @property
@@ -153,14 +161,13 @@ class NirvanaPruningCallback(Callback):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._model = locate_model(pl_module, self.model_attr)
+        # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
         if stage != "fit":
             return
-        self._model = locate_model(pl_module, self.model_attr)
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            raise ValueError(
-                f"NirvanaPruningCallback supports single-process training in this version; strategy "
-                f"{type(trainer.strategy).__name__} is not supported yet. Use Trainer(devices=1)."
-            )
+            check_strategy(trainer.strategy)  # DDP is supported; sharded strategies are refused
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
         for event, alloc in zip(self.schedule.events, self._alloc):
@@ -182,7 +189,14 @@ class NirvanaPruningCallback(Callback):
             )
         if self.calibration is not None:
             self.calibration = check_calibration(self._model, self.calibration)
-        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
+        collects = self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None
+        if collects and self.num_calibration_batches > self.schedule.events[0].warmup_steps:
+            rank_zero_warn(
+                f"NirvanaPruningCallback: num_calibration_batches={self.num_calibration_batches} but one training "
+                f"batch is kept per optimizer step of the warm-up window (warmup_steps="
+                f"{self.schedule.events[0].warmup_steps}); at most that many are used. Raise warmup_steps or pass "
+                "calibration=[...]."
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._load_hook is not None:
@@ -241,14 +255,28 @@ class NirvanaPruningCallback(Callback):
         calibration: Any = self.selector or self.calibration
         if calibration is None and not self._adam:
             calibration = list(self._collected)
-        with trainer.precision_plugin.forward_context():
+        # Every rank computes (gradient saliency all-reduces the signed gradients across ranks,
+        # so all ranks must take part); rank 0's plan is then the one every rank applies.
+        with trainer.precision_plugin.forward_context(), gradient_reduce(gradient_reduce_hook()):
             plan, selection = make_plan(
                 model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
                 gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid,
                 optimizer_scores={kind: acc.scores() for kind, acc in self._adam.items()} or None,
                 seed=self.seed + index, progress=trainer.is_global_zero,
             )
+        plan, agreed = agree_on_plan(plan)
+        if selection is not None:  # rank 0's summary travels inside its plan
+            selection = plan.score_summary.get("selection", selection)
+        if not agreed:
+            warnings.warn(
+                f"NirvanaPruningCallback: rank {trainer.global_rank}'s own plan differed from rank 0's "
+                "(numerical noise in the scores); every rank applies rank 0's plan.",
+                stacklevel=2,
+            )
+        check_same_plan(plan)
         apply_plan(model, plan, trainer.optimizers)
+        self._reference.attach(model)
+        rewrap_ddp(trainer.strategy)
         seconds = time.perf_counter() - start
         record = PruneRecord(
             event_step=event.step,
@@ -288,6 +316,7 @@ class NirvanaPruningCallback(Callback):
             "reference": self._reference.to_dict() if self._reference else None,
             "adam": {kind: acc.state_dict() for kind, acc in self._adam.items()},
             "last_step": self._last_step,
+            "collected": list(self._collected),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -298,6 +327,8 @@ class NirvanaPruningCallback(Callback):
             if kind in self._adam:
                 self._adam[kind].load_state_dict(acc_state)
         self._last_step = state_dict.get("last_step", -1)
+        self._collected.clear()
+        self._collected.extend(state_dict.get("collected", []))
         if self._model is not None and self._records:
             expected = [
                 (len(layer.kept_kv_groups), len(layer.kept_mlp_channels)) for layer in self._records[-1].plan.layers
@@ -336,12 +367,13 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
     )
 
 
-def _input_ids_of(batch: Any) -> torch.Tensor:
-    ids = None
+def _input_ids_of(batch: Any) -> dict[str, torch.Tensor]:
+    """Token ids (and the padding mask, when the batch has one) of a training batch, on the CPU."""
+    ids, mask = None, None
     if isinstance(batch, torch.Tensor):
         ids = batch
     elif isinstance(batch, Mapping):
-        ids = batch.get("input_ids")
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
     elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
         ids = batch[0]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -350,7 +382,10 @@ def _input_ids_of(batch: Any) -> torch.Tensor:
             f"'input_ids', or a tuple starting with one) in the training batch ({type(batch).__name__}); "
             "pass calibration=[...] to the callback."
         )
-    return ids.detach().to("cpu", copy=True)
+    out = {"input_ids": ids.detach().to("cpu", copy=True)}
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        out["attention_mask"] = mask.detach().to("cpu", copy=True)
+    return out
 
 
 def _describe_selection(selection: Mapping[str, Any]) -> str:

@@ -127,4 +127,5 @@ def prune(
         gamma_grid=gamma_grid, seed=seed, progress=progress,
     )
     apply_plan(model, plan)
+    reference.attach(model)
     return plan

@@ -15,6 +15,7 @@ column sums for o, down (METHOD.md section 2). Biases are not scored.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -56,13 +57,6 @@ class UnitScores:
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
         return {"attn": [t.clone() for t in self.attn], "mlp": [t.clone() for t in self.mlp]}
-
-    @classmethod
-    def zeros_like_model(cls, units: Sequence[LayerUnits]) -> "UnitScores":
-        return cls(
-            attn=[torch.zeros(u.num_kv_groups, dtype=torch.float32) for u in units],
-            mlp=[torch.zeros(u.mlp_width, dtype=torch.float32) for u in units],
-        )
 
 
 def check_estimator(name: str) -> None:
@@ -171,7 +165,12 @@ class AdamStateSaliency:
                     "the warm-up after the first optimizer step, use torch.optim.Adam/AdamW, or "
                     "use saliency='functional'."
                 )
-            step = float(st["step"]) if "step" in st else 1.0
+            if "step" not in st:
+                raise SaliencyError(
+                    f"saliency={self.kind!r}: the state of {w.name} has no 'step' count ({opt_names}), so Adam's "
+                    "bias correction cannot be applied. Use torch.optim.Adam/AdamW or saliency='functional'."
+                )
+            step = float(st["step"])
             b1, b2 = group["betas"]
             wt = p.detach()
             if self.kind == "adam_taylor":
@@ -292,7 +291,7 @@ def check_calibration(model: nn.Module, batches: Iterable[Any]) -> list[dict[str
 @contextlib.contextmanager
 def _eval_and_trainable(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
     """Eval mode (no dropout) and requires_grad on ``params``; both restored on exit."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode, not just the root's
     flags = [p.requires_grad for p in params]
     model.eval()
     for p in params:
@@ -302,7 +301,8 @@ def _eval_and_trainable(model: nn.Module, params: Sequence[nn.Parameter]) -> Ite
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -317,10 +317,40 @@ def output_functional(logits: torch.Tensor, attention_mask: torch.Tensor | None)
     return logits.amax(dim=1).mean()
 
 
+GradientReduce = Callable[[Sequence[torch.Tensor], int], None]
+_GRADIENT_REDUCE: contextvars.ContextVar[GradientReduce | None] = contextvars.ContextVar(
+    "nirvana_gradient_reduce", default=None
+)
+
+
+@contextlib.contextmanager
+def gradient_reduce(reduce: GradientReduce | None) -> Iterator[None]:
+    """Use ``reduce`` in every gradient saliency (``functional``, ``taylor_loss``) inside the block.
+
+    ``reduce(grads, n_samples)`` receives the signed per-weight gradients (fp32, each the mean
+    over this process's ``n_samples`` calibration samples) and must replace them in place by
+    the mean over all processes' samples, BEFORE the absolute value is taken (e.g. an
+    all-reduce across data-parallel ranks; see ``nirvana_pl.distributed``).
+    """
+    token = _GRADIENT_REDUCE.set(reduce)
+    try:
+        yield
+    finally:
+        _GRADIENT_REDUCE.reset(token)
+
+
 def _gradient_saliency(
-    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], objective: str, progress: bool = False
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    objective: str,
+    progress: bool = False,
+    reduce: GradientReduce | None = None,
 ) -> UnitScores:
-    """|G * W| with G the signed gradient of ``objective`` averaged over all samples."""
+    """|G * W| with G the signed gradient of ``objective`` averaged over all samples.
+
+    ``reduce`` (default: the one set by :func:`gradient_reduce`, else none) combines the signed
+    averaged gradients across processes before the absolute value.
+    """
     units = find_units(model)
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     params = [w.weight for w in weights]
@@ -347,6 +377,9 @@ def _gradient_saliency(
                 if g is not None:
                     acc.add_(g.float(), alpha=weight)
             del value
+    reduce = reduce if reduce is not None else _GRADIENT_REDUCE.get()
+    if reduce is not None:
+        reduce(grads, n_total)
     by_param = {id(p): g for p, g in zip(params, grads)}
     with torch.no_grad():
         return _per_weight_scores(
@@ -404,8 +437,11 @@ def compute_scores(
     optimizer_scores: UnitScores | None = None,
     seed: int = 0,
     progress: bool = False,
+    reduce: GradientReduce | None = None,
 ) -> UnitScores:
     """One entry point for all estimators that do not need a training run.
+
+    ``reduce``: see :func:`gradient_reduce` (gradient estimators only).
 
     Adam-state estimators cannot be computed here: they need the mean over a warm-up
     window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
@@ -430,4 +466,4 @@ def compute_scores(
     batches = check_calibration(model, calibration)
     if saliency == "wanda_sp":
         return wanda_sp_scores(model, batches)
-    return _gradient_saliency(model, batches, saliency, progress=progress)
+    return _gradient_saliency(model, batches, saliency, progress=progress, reduce=reduce)

@@ -11,7 +11,7 @@ never leaves a half-pruned model.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -63,12 +63,42 @@ def predicted_params_after(units: Sequence[LayerUnits], plan: PruningPlan) -> in
     return sum(p.numel() for u in units for m in (u.attn, u.mlp) for p in m.parameters()) - removed
 
 
+def _unit_params(w: WeightSlice) -> list[tuple[nn.Parameter, int]]:
+    """(parameter, axis along which units index it): the weight, and the bias of a row-sliced weight."""
+    return [(w.weight, w.axis)] + ([(w.bias, 0)] if w.bias is not None else [])
+
+
+def _state_action(value: object, shape: torch.Size, axis: int) -> str:
+    """How a per-parameter optimizer state entry follows the slice: "slice", "keep" or "error".
+
+    Same-shape moments (Adam, AMSGrad, SGD momentum) and factored ones that keep the unit axis
+    (Adafactor's row/column statistics) are sliced; scalars and entries broadcast along the unit
+    axis are kept; anything else (e.g. blockwise-quantised state) cannot be carried over.
+    """
+    if not isinstance(value, torch.Tensor) or value.numel() <= 1:
+        return "keep"
+    if value.dim() != len(shape) or any(v not in (o, 1) for v, o in zip(value.shape, shape)):
+        return "error"
+    return "slice" if value.shape[axis] == shape[axis] else "keep"
+
+
+def _check_optimizer_state(jobs: Sequence[tuple[WeightSlice, Any]]) -> None:
+    for w, optimizer in jobs:
+        if optimizer is None:
+            continue
+        for p, axis in _unit_params(w):
+            for key, value in optimizer.state.get(p, {}).items():
+                if _state_action(value, p.shape, axis) == "error":
+                    raise PlanMismatchError(
+                        f"{type(optimizer).__name__} state {key!r} of {w.name} has shape {tuple(value.shape)}, which "
+                        f"does not follow the weight's shape {tuple(p.shape)}, so it cannot be sliced. Use "
+                        "Adam/AdamW/SGD/Adafactor, or create the optimizer after pruning."
+                    )
+
+
 def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizer: torch.optim.Optimizer | None):
     idx = unit_index(n_units, w.rows_per_unit, kept).to(w.weight.device)
-    params = [(w.weight, w.axis)]
-    if w.bias is not None:
-        params.append((w.bias, 0))
-    for p, axis in params:
+    for p, axis in _unit_params(w):
         old_shape = p.shape
         with torch.no_grad():
             p.data = p.data.index_select(axis, idx).contiguous()
@@ -76,7 +106,7 @@ def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizer: 
         if optimizer is not None and p in optimizer.state:
             st = optimizer.state[p]
             for key, value in list(st.items()):
-                if isinstance(value, torch.Tensor) and value.shape == old_shape:
+                if _state_action(value, old_shape, axis) == "slice":
                     st[key] = value.index_select(axis, idx.to(value.device)).contiguous()
     if w.axis == 0:
         w.linear.out_features = idx.numel()
@@ -87,21 +117,24 @@ def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizer: 
 def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
     """Physically remove the units ``plan`` drops; slice the optimizers' state alongside.
 
-    Raises :class:`PlanMismatchError` (model untouched) when the plan does not fit the model.
+    Raises :class:`PlanMismatchError` (model untouched) when the plan does not fit the model or an
+    optimizer holds state that cannot follow the slice.
     """
     units = validate_plan(model, plan)
     optimizers = list(optimizers)
     if plan.is_identity:
         return
     expected = predicted_params_after(units, plan)
+    jobs = []  # (weight, kept units, units before, owning optimizer), all checked before any change
     for u, lp in zip(units, plan.layers):
-        n_kv, n_mlp = u.num_kv_groups, u.mlp_width
-        for w in u.attn_weights:
-            if len(lp.kept_kv_groups) != n_kv:
-                _slice_weight(w, lp.kept_kv_groups, n_kv, _owner(optimizers, w.weight))
-        for w in u.mlp_weights:
-            if len(lp.kept_mlp_channels) != n_mlp:
-                _slice_weight(w, lp.kept_mlp_channels, n_mlp, _owner(optimizers, w.weight))
+        if len(lp.kept_kv_groups) != u.num_kv_groups:
+            jobs += [(w, lp.kept_kv_groups, u.num_kv_groups) for w in u.attn_weights]
+        if len(lp.kept_mlp_channels) != u.mlp_width:
+            jobs += [(w, lp.kept_mlp_channels, u.mlp_width) for w in u.mlp_weights]
+    jobs = [(w, kept, n, _owner(optimizers, w.weight)) for w, kept, n in jobs]
+    _check_optimizer_state([(w, opt) for w, _, _, opt in jobs])
+    for w, kept, n, opt in jobs:
+        _slice_weight(w, kept, n, opt)
     for u in units:
         if hasattr(u.mlp, "intermediate_size"):  # informational attribute of stock MLP modules
             u.mlp.intermediate_size = u.mlp_width

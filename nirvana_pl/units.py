@@ -13,7 +13,6 @@ unit); scoring, allocation and surgery live elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -154,17 +153,15 @@ def find_units(model: nn.Module) -> list[LayerUnits]:
     out = []
     for i, layer in enumerate(_decoder_layers(model)):
         attn = layer.self_attn
+        if hasattr(attn.q_proj, "base_layer") or hasattr(layer.mlp.gate_proj, "base_layer"):
+            raise UnsupportedModelError(
+                f"layer {i} carries LoRA adapters (peft); pruning adapter-wrapped layers is not supported yet. "
+                "Prune the base model first and attach the adapters afterwards, or merge them "
+                "(model.merge_and_unload()) before pruning."
+            )
         g = attn.num_key_value_groups
         out.append(LayerUnits(index=i, attn=attn, mlp=layer.mlp, head_dim=h, group_size=g))
     return out
-
-
-def iter_unit_weights(layer: LayerUnits) -> Iterator[tuple[str, WeightSlice]]:
-    """(kind, weight) for every prunable weight of a layer; kind is "attn" or "mlp"."""
-    for w in layer.attn_weights:
-        yield "attn", w
-    for w in layer.mlp_weights:
-        yield "mlp", w
 
 
 def unit_index(num_units: int, rows_per_unit: int, kept: torch.Tensor | list[int]) -> torch.Tensor:
@@ -189,7 +186,3 @@ def prunable_parameter_count(model: nn.Module) -> int:
         for mod in (layer.attn, layer.mlp):
             total += sum(p.numel() for p in mod.parameters())
     return total
-
-
-def num_unit_rows(w: WeightSlice) -> int:
-    return w.weight.shape[w.axis]

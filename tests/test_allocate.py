@@ -339,7 +339,7 @@ def test_dense_reference_refuses_nonuniform_model():
     plan = allocate(model, random_scores(model, seed=7), AllocationConfig(sparsity=0.4))
     apply_plan(model, plan)
     assert len(set(plan.mlp_widths_kept())) > 1
-    with pytest.raises(ValueError, match="original dense model"):
+    with pytest.raises(ValueError, match="original_dense_model"):
         DenseReference.of(model)
 
 

@@ -1,0 +1,201 @@
+"""A 2-process CPU DDP fit of the tiny Llama with NirvanaPruningCallback (run by tests/test_ddp.py).
+
+Lightning's strategy="ddp" relaunches this very command for rank 1, so this must be a script,
+not pytest. Every rank prints JSON lines prefixed with ``NIRVANA_DDP `` on stdout:
+``{"event": "prune", ...}`` at the prune step and ``{"event": "end", ...}`` after the fit.
+
+Usage: python tests/scripts/ddp_prune.py --saliency adam_taylor --out DIR [--port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for lightning_helpers
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning_helpers import CausalLM, token_loader  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from nirvana_pl import NirvanaPruningCallback  # noqa: E402
+from nirvana_pl.units import find_units  # noqa: E402
+
+PREFIX = "NIRVANA_DDP "
+
+
+OWN_PLAN_MATCHED: list[bool] = []  # per prune event: did this rank's own plan equal rank 0's?
+
+
+def _record_agreement() -> None:
+    import nirvana_pl.callback as callback_module
+
+    original = callback_module.agree_on_plan
+
+    def agree_on_plan(plan, src=0):
+        chosen, agreed = original(plan, src)
+        OWN_PLAN_MATCHED.append(agreed)
+        return chosen, agreed
+
+    callback_module.agree_on_plan = agree_on_plan  # the name the callback calls
+
+
+def _tamper_rank1() -> None:
+    """--mismatch: rank 1 applies a different plan, so the fingerprint check must refuse."""
+    import nirvana_pl.callback as callback_module
+
+    original = callback_module.agree_on_plan
+
+    def agree_on_plan(plan, src=0):
+        chosen, agreed = original(plan, src)
+        if dist.get_rank() == 1:
+            layer = chosen.layers[0]
+            layer.kept_mlp_channels = list(layer.kept_mlp_channels)[:-8]
+        return chosen, agreed
+
+    callback_module.agree_on_plan = agree_on_plan
+
+
+def emit(payload: dict) -> None:
+    print(PREFIX + json.dumps(payload, sort_keys=True), flush=True)
+
+
+def parameters_checksum(module) -> float:
+    """A float64, position-weighted sum of all parameters (cheap cross-rank comparison)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(module.parameters())))
+
+
+def gather(value):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+class Probe(Callback):
+    """Checksums and shapes right after the prune and at the end, compared across ranks."""
+
+    def __init__(self, pruner: NirvanaPruningCallback, prune_at: int):
+        self.pruner = pruner
+        self.prune_at = prune_at
+        self.marked = False
+        self.losses_after: list[float] = []
+        self.grad_norms_after: list[float] = []
+        self.post_prune_checksum: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.strategy.model._nirvana_probe_old_wrapper = True  # ids can be reused: mark the dense wrapper
+        self.marked = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.post_prune_checksum is not None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.grad_norms_after.append(float(sum(g.double().square().sum() for g in grads)) ** 0.5)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.post_prune_checksum is not None:
+            self.losses_after.append(float(outputs["loss"]))
+        if step == self.prune_at and self.post_prune_checksum is None and self.pruner.plans:
+            model = trainer.strategy.model
+            self.post_prune_checksum = parameters_checksum(pl_module)
+            plan = self.pruner.plans[-1]
+            shapes = [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)]
+            ddp_params = (
+                {id(p) for p in model.parameters()} if isinstance(model, DistributedDataParallel) else set()
+            )
+            info = {
+                "event": "prune",
+                "rank": trainer.global_rank,
+                "world_size": trainer.world_size,
+                "step": step,
+                "fingerprint": plan.fingerprint(),
+                "checksum": self.post_prune_checksum,
+                "shapes": shapes,
+                "realised_sparsity": plan.realised_sparsity,
+                "wrapper_is_ddp": isinstance(model, DistributedDataParallel),
+                "wrapper_replaced": self.marked and not getattr(model, "_nirvana_probe_old_wrapper", False),
+                "wrapper_wraps_module": isinstance(model, DistributedDataParallel) and model.module is pl_module,
+                "own_plan_matched_rank0": OWN_PLAN_MATCHED,
+                "wrapper_same_params": ddp_params == {id(p) for p in pl_module.parameters()},
+            }
+            everyone = gather([info["fingerprint"], info["checksum"]])
+            info["all_fingerprints_equal"] = len({e[0] for e in everyone}) == 1
+            info["all_checksums_equal"] = len({e[1] for e in everyone}) == 1
+            emit(info)
+
+    def on_train_end(self, trainer, pl_module):
+        checksum = parameters_checksum(pl_module)
+        everyone = gather(checksum)
+        # Bit-identical parameters across ranks: the strongest check that the rebuilt DDP
+        # wrapper synchronised the pruned parameters' gradients (each rank sees other data).
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
+        rank0 = flat.clone()
+        dist.broadcast(rank0, src=0)
+        emit(
+            {
+                "event": "end",
+                "rank": trainer.global_rank,
+                "step": trainer.global_step,
+                "checksum": checksum,
+                "all_checksums_equal": len(set(everyone)) == 1,
+                "params_equal_rank0": bool(torch.equal(flat, rank0)),
+                "losses_after": self.losses_after,
+                "losses_finite": all(math.isfinite(x) for x in self.losses_after),
+                "grad_norms_after": self.grad_norms_after,
+                "changed_since_prune": checksum != self.post_prune_checksum,
+                "num_params": int(sum(p.numel() for p in pl_module.parameters())),
+                "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+            }
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--saliency", default="adam_taylor")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--prune-at", type=int, default=6)
+    ap.add_argument("--steps-after", type=int, default=10)
+    ap.add_argument("--mismatch", action="store_true", help="make rank 1's plan differ (must fail)")
+    args = ap.parse_args()
+    _record_agreement()
+    if args.mismatch:
+        _tamper_rank1()
+    if args.port is not None:
+        os.environ.setdefault("MASTER_PORT", str(args.port))
+    torch.set_num_threads(1)
+
+    prune_at = args.prune_at
+    pruner = NirvanaPruningCallback(
+        sparsity=0.5, prune_at=prune_at, warmup_steps=3, saliency=args.saliency, gamma=2.0,
+        num_calibration_batches=4, report_dir=args.out,
+    )
+    probe = Probe(pruner, prune_at)
+    trainer = pl.Trainer(
+        default_root_dir=args.out, max_steps=prune_at + args.steps_after, accelerator="cpu", devices=2,
+        strategy="ddp", callbacks=[pruner, probe], enable_progress_bar=False, enable_model_summary=False,
+        logger=False, enable_checkpointing=False, log_every_n_steps=1,
+    )
+    # Same seed on every rank (DDP also broadcasts rank 0's weights); each rank gets its half
+    # of the data through Lightning's DistributedSampler.
+    module = CausalLM(seed=0)
+    trainer.fit(module, token_loader(n=128, batch_size=4))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

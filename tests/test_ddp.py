@@ -1,0 +1,163 @@
+"""NirvanaPruningCallback under Lightning DDP (2 CPU processes, gloo).
+
+Lightning's strategy="ddp" relaunches the whole command line for rank 1, so the fit runs in
+tests/scripts/ddp_prune.py as a subprocess; each rank prints ``NIRVANA_DDP {json}`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+from nirvana_pl import distributed
+from nirvana_pl.saliency import compute_scores, gradient_reduce
+from nirvana_pl.units import find_units
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "ddp_prune.py"
+PREFIX = "NIRVANA_DDP "
+DENSE_SHAPES = [[4, 176]] * 4
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    env = dict(os.environ)
+    for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    env.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    records = []
+    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
+        # Two ranks share the pipe; a line may carry more than one record.
+        for chunk in line.split(PREFIX)[1:]:
+            chunk = chunk.strip()
+            if chunk:
+                records.append(json.JSONDecoder().raw_decode(chunk)[0])
+    return proc, records
+
+
+def _by_rank(records: list[dict], event: str) -> dict[int, dict]:
+    return {r["rank"]: r for r in records if r["event"] == event}
+
+
+@pytest.mark.parametrize("saliency", ["adam_taylor", "functional"])
+def test_ddp_fit_prunes_identically_and_keeps_syncing(tmp_path, saliency):
+    proc, records = _run(tmp_path, "--saliency", saliency)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    prune, end = _by_rank(records, "prune"), _by_rank(records, "end")
+    assert set(prune) == {0, 1} and set(end) == {0, 1}, records
+
+    # Same decision on both ranks, and every rank's own (pre-broadcast) plan already agreed:
+    # for `functional` that needs the signed gradients averaged across ranks before |.|.
+    assert prune[0]["fingerprint"] == prune[1]["fingerprint"]
+    assert all(p["all_fingerprints_equal"] and p["own_plan_matched_rank0"] == [True] for p in prune.values())
+    # Identical parameters across ranks right after the prune and at the end of the fit.
+    assert prune[0]["checksum"] == prune[1]["checksum"]
+    assert all(p["all_checksums_equal"] for p in prune.values())
+    assert end[0]["checksum"] == end[1]["checksum"]
+    assert all(e["all_checksums_equal"] and e["params_equal_rank0"] for e in end.values())
+    # Training went on after the prune through a fresh DDP wrapper over the pruned module.
+    for p in prune.values():
+        assert p["world_size"] == 2
+        assert p["wrapper_is_ddp"] and p["wrapper_replaced"] and p["wrapper_wraps_module"] and p["wrapper_same_params"]
+        assert abs(p["realised_sparsity"] - 0.5) < 0.05
+    for e in end.values():
+        assert e["losses_finite"] and len(e["losses_after"]) == 10
+        assert e["changed_since_prune"] and e["checksum"] != prune[e["rank"]]["checksum"]
+        assert e["step"] == 16
+    # Each rank saw its own data (different losses) but the same averaged gradients.
+    assert end[0]["losses_after"] != end[1]["losses_after"]
+    assert end[0]["grad_norms_after"] == end[1]["grad_norms_after"]
+    # Pruned shapes, the same on both ranks, smaller than the dense ones, kept to the end.
+    shapes = prune[0]["shapes"]
+    assert shapes == prune[1]["shapes"] == end[0]["shapes"] == end[1]["shapes"]
+    assert shapes != DENSE_SHAPES
+    assert all(kv <= 4 and mlp <= 176 and mlp % 8 == 0 for kv, mlp in shapes)
+    assert sum(kv * 1000 + mlp for kv, mlp in shapes) < sum(kv * 1000 + mlp for kv, mlp in DENSE_SHAPES)
+
+
+def test_ddp_plan_mismatch_across_ranks_raises(tmp_path):
+    proc, records = _run(tmp_path, "--mismatch")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "pruning plans differ across DDP ranks" in text
+    assert "ranks [0]" in text and "ranks [1]" in text
+    assert not _by_rank(records, "prune")  # no surgery happened
+
+
+# ---------------------------------------------------------------------------------------
+# in-process pieces
+# ---------------------------------------------------------------------------------------
+def test_check_strategy_accepts_ddp_and_refuses_sharded():
+    distributed.check_strategy(object.__new__(SingleDeviceStrategy))
+    distributed.check_strategy(object.__new__(DDPStrategy))
+    with pytest.raises(ValueError, match="FSDPStrategy yet.*FSDP"):
+        distributed.check_strategy(object.__new__(FSDPStrategy))
+    fake_deepspeed = type("DeepSpeedStrategy", (DDPStrategy,), {})  # a DDPStrategy subclass
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        distributed.check_strategy(object.__new__(fake_deepspeed))
+
+
+def test_single_process_helpers_are_no_ops():
+    from nirvana_pl.allocate import DenseReference
+    from nirvana_pl.oneshot import allocation_config, make_plan
+
+    assert not distributed.is_distributed()
+    assert distributed.gradient_reduce_hook() is None
+    model = tiny_llama()
+    plan, _ = make_plan(model, "magnitude", allocation_config(0.3, 2.0), DenseReference.of(model))
+    assert distributed.agree_on_plan(plan) == (plan, True)
+    distributed.check_same_plan(plan)
+    assert distributed.rewrap_ddp(object.__new__(SingleDeviceStrategy)) is False
+    grads = [torch.ones(3)]
+    distributed.average_gradients(grads, 4)
+    assert torch.equal(grads[0], torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["functional", "taylor_loss"])
+def test_gradient_reduce_hook_sees_signed_grads_before_abs(name):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def negate(grads, n):  # a sign flip before |.| must not change the scores
+        seen["n"], seen["count"] = n, len(grads)
+        seen["signs"] = any(bool((g < 0).any()) for g in grads)
+        for g in grads:
+            g.neg_()
+
+    plain = compute_scores(model, name, calibration=[ids])
+    with gradient_reduce(negate):
+        flipped = compute_scores(model, name, calibration=[ids])
+    n_weights = sum(len(u.attn_weights) + len(u.mlp_weights) for u in find_units(model))
+    assert seen == {"n": 2, "count": n_weights, "signs": True}
+    for a, b in zip(plain.attn + plain.mlp, flipped.attn + flipped.mlp):
+        assert torch.equal(a, b)
+
+    def zero(grads, n):
+        for g in grads:
+            g.zero_()
+
+    zeroed = compute_scores(model, name, calibration=[ids], reduce=zero)
+    assert all(float(t.abs().sum()) == 0 for t in zeroed.attn + zeroed.mlp)
+    assert any(float(t.abs().sum()) > 0 for t in plain.attn + plain.mlp)
