@@ -17,7 +17,7 @@ from torch import nn
 
 from .plan import LayerPlan, PruningPlan
 from .saliency import UnitScores
-from .units import LayerUnits, find_units, prunable_parameter_count
+from .units import LayerUnits, find_units, prunable_parameter_count, removed_parameters
 
 
 #: config attribute where a pruned model remembers its dense reference
@@ -190,10 +190,7 @@ def allocate(
                   kept_mlp_channels=kept_mlp[i])
         for i in range(len(units))
     ]
-    params_after = params_before - sum(
-        (kv_now[i] - len(kept_kv[i])) * units[i].kv_group_cost + (mlp_now[i] - len(kept_mlp[i])) * units[i].mlp_channel_cost
-        for i in range(len(units))
-    )
+    params_after = params_before - removed_parameters(units, [len(k) for k in kept_kv], [len(k) for k in kept_mlp])
     return PruningPlan(
         layers=layers,
         target_sparsity=s,

@@ -26,7 +26,7 @@ from torch import nn
 from .hub_code import modeling_nirvana
 from .hub_code.modeling_nirvana import NIRVANA_CLASSES
 from .surgery import layer_widths
-from .units import UnsupportedModelError, base_model_type, check_supported, head_dim_of
+from .units import UnsupportedModelError, base_model_type, check_supported, head_dim_of, try_stock_config
 
 HUB_CODE_FILE = "modeling_nirvana.py"
 CONFIG_FILE = "config.json"
@@ -54,16 +54,6 @@ def _config_dict(config) -> dict[str, Any]:
         d.pop(key, None)
     return d
 
-
-def _try_stock_config(config_cls: type, d: dict[str, Any]) -> tuple[Any, str | None]:
-    """(config, None) if ``config_cls`` accepts ``d``, else (None, why)."""
-    try:
-        cfg = config_cls.from_dict(d)
-        if hasattr(cfg, "validate"):  # transformers>=5 @strict configs; also run at save time
-            cfg.validate()
-    except Exception as err:  # noqa: BLE001 - any rejection means "not describable by the stock config"
-        return None, f"{type(err).__name__}: {err}"
-    return cfg, None
 
 
 def save_pruned(
@@ -96,7 +86,7 @@ def save_pruned(
 
     save_config = None
     if all(w == widths[0] for w in widths):
-        save_config, why = _try_stock_config(stock_config_cls, {**d, **widths[0]})
+        save_config, why = try_stock_config(stock_config_cls, {**d, **widths[0]})
         if save_config is None:
             warnings.warn(
                 f"save_pruned: the uniform widths {widths[0]} are not a valid stock {stock_config_cls.__name__} "

@@ -17,7 +17,16 @@ import torch
 from torch import nn
 
 from .plan import PruningPlan
-from .units import LayerUnits, WeightSlice, find_units, head_dim_of, prunable_parameter_count, unit_index
+from .units import (
+    LayerUnits,
+    WeightSlice,
+    find_units,
+    head_dim_of,
+    prunable_parameter_count,
+    removed_parameters,
+    try_stock_config,
+    unit_index,
+)
 
 
 class PlanMismatchError(ValueError):
@@ -55,12 +64,8 @@ def validate_plan(model: nn.Module, plan: PruningPlan, min_kv_groups: int = 1) -
 
 def predicted_params_after(units: Sequence[LayerUnits], plan: PruningPlan) -> int:
     """Attention+MLP parameters of the model once ``plan`` is applied."""
-    removed = sum(
-        (u.num_kv_groups - len(lp.kept_kv_groups)) * u.kv_group_cost
-        + (u.mlp_width - len(lp.kept_mlp_channels)) * u.mlp_channel_cost
-        for u, lp in zip(units, plan.layers)
-    )
-    return sum(p.numel() for u in units for m in (u.attn, u.mlp) for p in m.parameters()) - removed
+    current = sum(p.numel() for u in units for m in (u.attn, u.mlp) for p in m.parameters())
+    return current - removed_parameters(units, plan.kv_groups_kept(), plan.mlp_widths_kept())
 
 
 def _unit_params(w: WeightSlice) -> list[tuple[nn.Parameter, int]]:
@@ -185,13 +190,8 @@ def update_config(model: nn.Module) -> None:
 
 def _stock_config_accepts(config, widths: dict[str, int]) -> bool:
     """Whether the stock config class validates these widths (Llama's checks hidden % heads)."""
-    try:
-        probe = type(config).from_dict({**config.to_dict(), **widths, "head_dim": head_dim_of(config)})
-        if hasattr(probe, "validate"):
-            probe.validate()
-        return True
-    except Exception:  # any validation failure means: describe the layers per layer instead
-        return False
+    values = {**config.to_dict(), **widths, "head_dim": head_dim_of(config)}
+    return try_stock_config(type(config), values)[0] is not None
 
 
 def resize_to_widths(model: nn.Module, widths: Sequence[dict[str, int]]) -> None:

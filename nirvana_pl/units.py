@@ -13,6 +13,7 @@ unit); scoring, allocation and surgery live elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -186,3 +187,25 @@ def prunable_parameter_count(model: nn.Module) -> int:
         for mod in (layer.attn, layer.mlp):
             total += sum(p.numel() for p in mod.parameters())
     return total
+
+
+def removed_parameters(units: Sequence[LayerUnits], kept_kv: Sequence[int], kept_mlp: Sequence[int]) -> int:
+    """Attention+MLP parameters that go when layer l keeps ``kept_kv[l]`` groups and ``kept_mlp[l]`` channels."""
+    return sum(
+        (u.num_kv_groups - kv) * u.kv_group_cost + (u.mlp_width - mlp) * u.mlp_channel_cost
+        for u, kv, mlp in zip(units, kept_kv, kept_mlp)
+    )
+
+
+def try_stock_config(config_cls: type, values: dict[str, Any]) -> tuple[Any, str | None]:
+    """(config, None) if the stock ``config_cls`` validates ``values``, else (None, why).
+
+    Stock configs may reject pruned widths (Llama checks ``hidden_size % num_attention_heads``).
+    """
+    try:
+        config = config_cls.from_dict(values)
+        if hasattr(config, "validate"):  # transformers>=5 @strict configs; also run at save time
+            config.validate()
+    except Exception as err:  # noqa: BLE001 - any rejection means "not describable by the stock config"
+        return None, f"{type(err).__name__}: {err}"
+    return config, None
