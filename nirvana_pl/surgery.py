@@ -11,11 +11,12 @@ never leaves a half-pruned model.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .optim import check_state_follows, owner_of, slice_state
 from .plan import PruningPlan
 from .units import (
     LayerUnits,
@@ -73,34 +74,6 @@ def _unit_params(w: WeightSlice) -> list[tuple[nn.Parameter, int]]:
     return [(w.weight, w.axis)] + ([(w.bias, 0)] if w.bias is not None else [])
 
 
-def _state_action(value: object, shape: torch.Size, axis: int) -> str:
-    """How a per-parameter optimizer state entry follows the slice: "slice", "keep" or "error".
-
-    Same-shape moments (Adam, AMSGrad, SGD momentum) and factored ones that keep the unit axis
-    (Adafactor's row/column statistics) are sliced; scalars and entries broadcast along the unit
-    axis are kept; anything else (e.g. blockwise-quantised state) cannot be carried over.
-    """
-    if not isinstance(value, torch.Tensor) or value.numel() <= 1:
-        return "keep"
-    if value.dim() != len(shape) or any(v not in (o, 1) for v, o in zip(value.shape, shape)):
-        return "error"
-    return "slice" if value.shape[axis] == shape[axis] else "keep"
-
-
-def _check_optimizer_state(jobs: Sequence[tuple[WeightSlice, Any]]) -> None:
-    for w, optimizer in jobs:
-        if optimizer is None:
-            continue
-        for p, axis in _unit_params(w):
-            for key, value in optimizer.state.get(p, {}).items():
-                if _state_action(value, p.shape, axis) == "error":
-                    raise PlanMismatchError(
-                        f"{type(optimizer).__name__} state {key!r} of {w.name} has shape {tuple(value.shape)}, which "
-                        f"does not follow the weight's shape {tuple(p.shape)}, so it cannot be sliced. Use "
-                        "Adam/AdamW/SGD/Adafactor, or create the optimizer after pruning."
-                    )
-
-
 def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizer: torch.optim.Optimizer | None):
     idx = unit_index(n_units, w.rows_per_unit, kept).to(w.weight.device)
     for p, axis in _unit_params(w):
@@ -108,11 +81,8 @@ def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizer: 
         with torch.no_grad():
             p.data = p.data.index_select(axis, idx).contiguous()
         p.grad = None
-        if optimizer is not None and p in optimizer.state:
-            st = optimizer.state[p]
-            for key, value in list(st.items()):
-                if _state_action(value, old_shape, axis) == "slice":
-                    st[key] = value.index_select(axis, idx.to(value.device)).contiguous()
+        if optimizer is not None:
+            slice_state(optimizer, p, old_shape, axis, idx)
     if w.axis == 0:
         w.linear.out_features = idx.numel()
     else:
@@ -136,8 +106,14 @@ def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.o
             jobs += [(w, lp.kept_kv_groups, u.num_kv_groups) for w in u.attn_weights]
         if len(lp.kept_mlp_channels) != u.mlp_width:
             jobs += [(w, lp.kept_mlp_channels, u.mlp_width) for w in u.mlp_weights]
-    jobs = [(w, kept, n, _owner(optimizers, w.weight)) for w, kept, n in jobs]
-    _check_optimizer_state([(w, opt) for w, _, _, opt in jobs])
+    jobs = [(w, kept, n, owner_of(optimizers, w.weight)) for w, kept, n in jobs]
+    for w, _, _, opt in jobs:
+        if opt is not None:
+            try:
+                for p, axis in _unit_params(w):
+                    check_state_follows(opt, p, axis, w.name)
+            except ValueError as err:
+                raise PlanMismatchError(str(err)) from None
     for w, kept, n, opt in jobs:
         _slice_weight(w, kept, n, opt)
     for u in units:
@@ -147,13 +123,6 @@ def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.o
     actual = prunable_parameter_count(model)
     if actual != expected:  # internal consistency check: unit costs must match the real slices
         raise RuntimeError(f"surgery left {actual} attention+MLP parameters, the plan predicted {expected}.")
-
-
-def _owner(optimizers: Sequence[torch.optim.Optimizer], p: nn.Parameter) -> torch.optim.Optimizer | None:
-    for opt in optimizers:
-        if p in opt.state or any(p is q for g in opt.param_groups for q in g["params"]):
-            return opt
-    return None
 
 
 def layer_widths(model: nn.Module) -> list[dict[str, int]]:

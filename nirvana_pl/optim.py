@@ -1,0 +1,57 @@
+"""Carry optimizer state over to the kept slices of pruned parameters (plain torch optimizers).
+
+Surgery keeps every ``nn.Parameter`` object and shrinks its data, so an optimizer keeps stepping
+the same parameters; only its per-parameter state has to follow the slice.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def owner_of(optimizers: Sequence[torch.optim.Optimizer], p: nn.Parameter) -> torch.optim.Optimizer | None:
+    """The optimizer that steps ``p`` (None when no optimizer holds it, e.g. a frozen weight)."""
+    for opt in optimizers:
+        if p in opt.state or any(p is q for g in opt.param_groups for q in g["params"]):
+            return opt
+    return None
+
+
+def state_action(value: object, shape: torch.Size, axis: int) -> str:
+    """How a per-parameter optimizer state entry follows the slice: "slice", "keep" or "error".
+
+    Same-shape moments (Adam, AMSGrad, SGD momentum) and factored ones that keep the unit axis
+    (Adafactor's row/column statistics) are sliced; scalars and entries broadcast along the unit
+    axis are kept; anything else (e.g. blockwise-quantised state) cannot be carried over.
+    """
+    if not isinstance(value, torch.Tensor) or value.numel() <= 1:
+        return "keep"
+    if value.dim() != len(shape) or any(v not in (o, 1) for v, o in zip(value.shape, shape)):
+        return "error"
+    return "slice" if value.shape[axis] == shape[axis] else "keep"
+
+
+def check_state_follows(optimizer: torch.optim.Optimizer, p: nn.Parameter, axis: int, name: str) -> None:
+    """Raise ValueError (before anything changes) if some state of ``p`` cannot follow a slice."""
+    for key, value in optimizer.state.get(p, {}).items():
+        if state_action(value, p.shape, axis) == "error":
+            raise ValueError(
+                f"{type(optimizer).__name__} state {key!r} of {name} has shape {tuple(value.shape)}, which "
+                f"does not follow the weight's shape {tuple(p.shape)}, so it cannot be sliced. Use "
+                "Adam/AdamW/SGD/Adafactor, or create the optimizer after pruning."
+            )
+
+
+def slice_state(
+    optimizer: torch.optim.Optimizer, p: nn.Parameter, old_shape: torch.Size, axis: int, idx: torch.Tensor
+) -> None:
+    """Keep the ``idx`` entries along ``axis`` of every state tensor of ``p`` that follows its shape."""
+    state = optimizer.state.get(p)
+    if not state:
+        return
+    for key, value in list(state.items()):
+        if state_action(value, old_shape, axis) == "slice":
+            state[key] = value.index_select(axis, idx.to(value.device)).contiguous()
