@@ -114,6 +114,27 @@ def max_feasible_sparsity(ref: DenseReference, gamma: float, min_kv_groups: int 
     return max(0.0, removable / ref.prunable_params)
 
 
+def check_feasible(ref: DenseReference, sparsity: float, gammas: Sequence[float], min_kv_groups: int = 1,
+                   where: str = "") -> None:
+    """Raise :class:`InfeasibleSparsityError` naming the largest feasible sparsity, unless
+    ``sparsity`` is reachable with some gamma of ``gammas`` (p_m <= 1, ``min_kv_groups`` kept)."""
+    s_max = max(max_feasible_sparsity(ref, g, min_kv_groups) for g in gammas)
+    if sparsity <= s_max + 1e-12:
+        return
+    if len(gammas) == 1:
+        gamma = float(gammas[0])
+        p_a = sparsity * ref.prunable_params / (
+            ref.total_kv_groups * ref.kv_group_cost + gamma * ref.total_mlp_channels * ref.mlp_channel_cost
+        )
+        which = f"gamma={gamma:g} (it needs {gamma * p_a:.1%} of MLP channels and {p_a:.1%} of KV groups)"
+    else:
+        which = f"any gamma of {tuple(gammas)}"
+    raise InfeasibleSparsityError(
+        f"sparsity={sparsity}{where} is not reachable with {which} and min_kv_groups={min_kv_groups} per layer: "
+        f"the largest feasible sparsity is {math.floor(s_max * 1000) / 1000:.3f}. Lower sparsity or gamma."
+    )
+
+
 def _check_scores(scores: UnitScores, units: Sequence[LayerUnits]) -> None:
     for kind, vecs, sizes in (
         ("attn", scores.attn, [u.num_kv_groups for u in units]),
@@ -162,14 +183,7 @@ def allocate(
     ca, cm = ref.kv_group_cost, ref.mlp_channel_cost
     budget = s * ref.prunable_params  # parameters removed from the dense model in total
     p_a = budget / (n_a * ca + gamma * n_m * cm)
-    p_m = gamma * p_a
-    s_max = max_feasible_sparsity(ref, gamma, config.min_kv_groups)
-    if p_m > 1.0 or s > s_max + 1e-12:
-        raise InfeasibleSparsityError(
-            f"sparsity={s} with gamma={gamma} needs to remove {p_m:.1%} of MLP channels and {p_a:.1%} of KV "
-            f"groups (min_kv_groups={config.min_kv_groups} per layer); the largest feasible sparsity is "
-            f"{math.floor(s_max * 1000) / 1000:.3f}. Lower sparsity or lower gamma."
-        )
+    check_feasible(ref, s, [gamma], config.min_kv_groups)
 
     kv_now = [u.num_kv_groups for u in units]
     mlp_now = [u.mlp_width for u in units]

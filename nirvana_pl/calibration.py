@@ -41,7 +41,7 @@ from torch import nn
 from .allocate import AllocationConfig, DenseReference, InfeasibleSparsityError, allocate, max_feasible_sparsity
 from .data import as_batches
 from .plan import PruningPlan
-from .saliency import CALIBRATION_ESTIMATORS, UnitScores, check_calibration, compute_scores
+from .saliency import CALIBRATION_ESTIMATORS, UnitScores, check_calibration, compute_scores, eval_mode
 from .surgery import validate_plan
 from .units import check_supported, unit_index
 
@@ -119,15 +119,9 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 @contextlib.contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
-    # Per-module modes are restored, not model.train(flag): a fit may hold frozen parts in eval.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # no dropout: dense and pruned must see the same function
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    # no dropout and no autograd: dense and pruned must see the same function
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -19,10 +19,10 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from .allocate import DenseReference, InfeasibleSparsityError, max_feasible_sparsity
+from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
-from .oneshot import allocation_config, check_auto_feasible, check_selection_args, make_plan
+from .oneshot import allocation_config, check_selection_args, make_plan
 from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
 from .saliency import (
@@ -171,16 +171,8 @@ class NirvanaPruningCallback(Callback):
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
         for event, alloc in zip(self.schedule.events, self._alloc):
-            if self.gamma_auto:
-                s_max, which = check_auto_feasible(self._reference, alloc, self.gamma_grid), f"any gamma of {self.gamma_grid}"
-            else:
-                s_max, which = max_feasible_sparsity(self._reference, alloc.gamma, alloc.min_kv_groups), f"gamma={alloc.gamma}"
-            if event.sparsity > s_max:
-                raise InfeasibleSparsityError(
-                    f"sparsity={event.sparsity} (prune at step {event.step}) is not reachable with {which}"
-                    f" on this model: the largest feasible sparsity is {int(s_max * 1000) / 1000:.3f}. Lower the "
-                    "sparsity or gamma."
-                )
+            gammas = self.gamma_grid if self.gamma_auto else [alloc.gamma]
+            check_feasible(self._reference, event.sparsity, gammas, alloc.min_kv_groups, f" (prune at step {event.step})")
         max_steps = trainer.max_steps
         if max_steps is not None and max_steps > 0 and self.schedule.last_step > max_steps:
             rank_zero_warn(

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from .allocate import AllocationConfig, DenseReference, allocate, max_feasible_sparsity
+from .allocate import AllocationConfig, DenseReference, allocate
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .plan import PruningPlan
 from .saliency import CALIBRATION_ESTIMATORS, DATA_FREE_ESTIMATORS, UnitScores, check_estimator, compute_scores
@@ -41,11 +41,6 @@ def check_selection_args(saliency: str, calibration: Any, gamma: float | str) ->
 
 def allocation_config(sparsity: float, gamma: float | str, **kwargs: Any) -> AllocationConfig:
     return AllocationConfig(sparsity=sparsity, gamma=AUTO_GAMMA_START if gamma == "auto" else gamma, **kwargs)
-
-
-def check_auto_feasible(reference: DenseReference, config: AllocationConfig, grid: Sequence[float]) -> float:
-    """Largest sparsity feasible for some gamma of ``grid`` (what gamma='auto' can reach)."""
-    return max(max_feasible_sparsity(reference, g, config.min_kv_groups) for g in grid)
 
 
 def make_plan(

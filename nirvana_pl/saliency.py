@@ -289,8 +289,12 @@ def check_calibration(model: nn.Module, batches: Iterable[Any]) -> list[dict[str
 
 
 @contextlib.contextmanager
-def _eval_and_trainable(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Eval mode (no dropout) and requires_grad on ``params``; both restored on exit."""
+def eval_mode(model: nn.Module, trainable: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+    """Eval mode (no dropout) and requires_grad on ``trainable``; both restored on exit.
+
+    Each module's own mode is restored (not ``model.train(flag)``): a fit may hold frozen parts in eval.
+    """
+    params = list(trainable)
     modes = [(m, m.training) for m in model.modules()]  # each module's own mode, not just the root's
     flags = [p.requires_grad for p in params]
     model.eval()
@@ -362,7 +366,7 @@ def _gradient_saliency(
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc=f"nirvana-pl {objective} saliency", leave=False)
-    with _eval_and_trainable(model, params):
+    with eval_mode(model, params):
         for batch in it:
             batch = _to_device(batch, device)
             mask = batch.get("attention_mask")
@@ -410,7 +414,7 @@ def wanda_sp_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
         hooks.append(w.linear.register_forward_pre_hook(make_hook(w.linear)))
     device = weights[0].weight.device
     try:
-        with _eval_and_trainable(model, []), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 batch = _to_device(batch, device)
                 current["mask"] = batch.get("attention_mask")
