@@ -21,6 +21,8 @@ from torch import nn
 
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
+from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
+from .optim import retarget_optimizers
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
 from .oneshot import allocation_config, check_selection_args, make_plan
 from .plan import PruningPlan
@@ -63,6 +65,11 @@ class NirvanaPruningCallback(Callback):
             automatically when None.
         min_kv_groups, mlp_round_to, uniform: allocation constraints (see ``AllocationConfig``).
         report_dir: where the JSON report goes (default: the trainer's log dir).
+        recovery: recover with LoRA after the (first) prune: a ``peft.LoraConfig`` or a dict of its
+            arguments (defaults r 8, alpha 16, all linear layers). At the prune event the adapters are
+            attached to the pruned model, every other weight is frozen, and the optimizers step only
+            the adapters from then on (same param groups and LR schedule).
+        recovery_train_norms: with ``recovery``, keep the norm weights trainable too.
     """
 
     def __init__(
@@ -83,6 +90,8 @@ class NirvanaPruningCallback(Callback):
         uniform: bool = False,
         seed: int = 0,
         report_dir: str | Path | None = None,
+        recovery: Any = None,
+        recovery_train_norms: bool = False,
     ) -> None:
         super().__init__()
         check_estimator(saliency)
@@ -102,6 +111,14 @@ class NirvanaPruningCallback(Callback):
             raise ValueError(
                 f"saliency={saliency!r} needs calibration batches: pass calibration=[LongTensor[B, T], ...] or "
                 "warmup_steps >= 1 so that training batches of the warm-up window are used."
+            )
+        self.recovery = lora_config(recovery, what="recovery") if recovery is not None else None
+        self.recovery_train_norms = bool(recovery_train_norms)
+        if self.recovery is not None and saliency in ADAM_ESTIMATORS and len(self.schedule.events) > 1:
+            raise ValueError(
+                f"recovery= freezes the base weights at the first prune, so saliency={saliency!r} (read from their "
+                "Adam state) has nothing to read for the later events of the schedule. Use saliency='functional' "
+                "for an iterative schedule with LoRA recovery, or a single prune."
             )
         if not (isinstance(num_calibration_batches, int) and num_calibration_batches >= 1):
             raise ValueError(f"num_calibration_batches={num_calibration_batches!r} must be an integer >= 1.")
@@ -168,6 +185,13 @@ class NirvanaPruningCallback(Callback):
             return
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
             check_strategy(trainer.strategy)  # DDP is supported; sharded strategies are refused
+        if self.recovery is not None:
+            if has_lora(self._model):
+                raise ValueError(
+                    "NirvanaPruningCallback(recovery=...) attaches LoRA adapters after the prune, but the model "
+                    "already carries LoRA adapters; drop recovery= or start from the plain model."
+                )
+            check_recovery_targets(self._model, self.recovery)
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
         for event, alloc in zip(self.schedule.events, self._alloc):
@@ -196,13 +220,18 @@ class NirvanaPruningCallback(Callback):
             self._load_hook = None
 
     def _reshape_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        """Give a freshly built dense model the pruned shapes of the checkpoint before it loads."""
+        """Give a freshly built dense model the pruned shapes (and recovery adapters) of the checkpoint before it loads."""
         names = {id(p): n for n, p in module.named_parameters()}
+
+        def saved(weight: nn.Parameter) -> torch.Tensor | None:
+            name = prefix + names[id(weight)]
+            base_name = name.replace(".base_layer.weight", ".weight").removesuffix(".weight") + ".base_layer.weight"
+            return state_dict.get(name, state_dict.get(base_name))  # plain, or saved from inside a LoRA layer
+
         h = head_dim_of(self.model.config)
         widths = []
         for u in find_units(self.model):
-            k = state_dict.get(prefix + names[id(u.attn.k_proj.weight)])
-            gate = state_dict.get(prefix + names[id(u.mlp.gate_proj.weight)])
+            k, gate = saved(u.attn_weights[1].weight), saved(u.mlp_weights[0].weight)
             if k is None or gate is None:
                 return  # not a full model state dict; leave shapes alone
             group = u.group_size
@@ -212,9 +241,18 @@ class NirvanaPruningCallback(Callback):
             )
         if widths != layer_widths(self.model):
             resize_to_widths(self.model, widths)
+        saved_adapters = any(".lora_A." in key for key in state_dict if key.startswith(prefix))
+        if saved_adapters and self.recovery is not None and not has_lora(self.model):
+            attach_recovery_adapters(self.model, self.recovery, self.recovery_train_norms)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming after a LoRA recovery began: the optimizers were just built over every weight; make
+        # them step the adapters only, before their saved state is loaded into them.
+        if self.recovery is not None and has_lora(self.model):
+            self._retarget_optimizers(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adam:
+        if self._adam and not all(self._done(e) for e in self.schedule.events):
             check_adam_optimizers(self.model, trainer.optimizers, self.saliency)
 
     # ------------------------------------------------------------------ training
@@ -268,6 +306,9 @@ class NirvanaPruningCallback(Callback):
         check_same_plan(plan)
         apply_plan(model, plan, trainer.optimizers)
         self._reference.attach(model)
+        if self.recovery is not None and not has_lora(model):
+            attach_recovery_adapters(model, self.recovery, self.recovery_train_norms)
+            self._retarget_optimizers(trainer, pl_module)
         rewrap_ddp(trainer.strategy)
         seconds = time.perf_counter() - start
         record = PruneRecord(
@@ -285,6 +326,7 @@ class NirvanaPruningCallback(Callback):
 
         metrics = record.metrics(self._reference)
         metrics["gamma"] = plan.gamma
+        metrics["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if selection is not None:
             metrics["calibration_kl"] = selection["kl"]
             for i, kl in enumerate(selection.get("candidate_kls", [])):
@@ -300,6 +342,10 @@ class NirvanaPruningCallback(Callback):
             if selection is not None:
                 message += f"\n  KL selection: {_describe_selection(selection)}"
             rank_zero_info(message + f"\n  report: {self._report_path}")
+
+    def _retarget_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        retarget_optimizers(trainer.optimizers, trainable, adapter_anchors(self.model))
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

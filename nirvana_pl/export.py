@@ -25,10 +25,12 @@ from torch import nn
 
 from .hub_code import modeling_nirvana
 from .hub_code.modeling_nirvana import NIRVANA_CLASSES
+from .lora import base_state_dict, has_lora, save_adapter
 from .surgery import layer_widths
 from .units import UnsupportedModelError, base_model_type, check_supported, head_dim_of, try_stock_config
 
 HUB_CODE_FILE = "modeling_nirvana.py"
+ADAPTER_SUBFOLDER = "adapter"
 CONFIG_FILE = "config.json"
 
 #: stock model_type -> nirvana model_type
@@ -62,6 +64,7 @@ def save_pruned(
     *,
     tokenizer: Any | None = None,
     safe_serialization: bool = True,
+    adapters: str = "merge",
     **save_pretrained_kwargs: Any,
 ) -> Path:
     """Write ``model`` (a pruned or dense Llama/Mistral/Qwen2 causal LM) to ``directory``.
@@ -69,9 +72,22 @@ def save_pruned(
     Uniform widths that the stock config accepts give a stock folder; anything else gives a
     nirvana folder (see the module docstring). ``tokenizer`` is saved alongside when given. Extra
     keyword arguments go to ``model.save_pretrained`` (e.g. ``max_shard_size``). Returns the folder.
+
+    A model with LoRA adapters (peft, also a ``PeftModel``) is saved with ``adapters="merge"`` as the
+    plain model with the adapters folded into its weights, or with ``adapters="separate"`` as the
+    pruned base in ``directory`` plus the adapters in ``directory/adapter``, which
+    ``peft.PeftModel.from_pretrained(base, directory / "adapter")`` loads onto that base.
+    The model itself is not changed.
     """
-    _check_not_adapter(model)
+    if adapters not in ("merge", "separate"):
+        raise ValueError(f"save_pruned(adapters={adapters!r}): choose 'merge' or 'separate'.")
+    if hasattr(model, "get_base_model"):  # a peft PeftModel: its base model carries the LoRA layers
+        model = model.get_base_model()
     check_supported(model)
+    if has_lora(model):
+        if "state_dict" in save_pretrained_kwargs:
+            raise ValueError("save_pruned: a model with LoRA adapters builds its own state_dict; drop state_dict=.")
+        save_pretrained_kwargs["state_dict"] = base_state_dict(model, merge=adapters == "merge")
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_pruned(directory={str(path)!r}): that path is a file; pass a folder path.")
@@ -127,18 +143,11 @@ def save_pruned(
         )
         shutil.copyfile(Path(modeling_nirvana.__file__), path / HUB_CODE_FILE)
 
+    if adapters == "separate" and has_lora(model):
+        save_adapter(model, path / ADAPTER_SUBFOLDER, base_model_name_or_path=str(path))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
-
-
-def _check_not_adapter(model: nn.Module) -> None:
-    # A LoRA-wrapped model would be saved as an adapter (or not at all) and lose the pruned base weights.
-    if hasattr(model, "merge_and_unload") or getattr(model, "_hf_peft_config_loaded", False):
-        raise ValueError(
-            f"save_pruned got a model with LoRA adapters ({type(model).__name__}); merge them first: "
-            "`model = model.merge_and_unload()` (peft), then save_pruned(model, folder)."
-        )
 
 
 def _check_serialization(model: nn.Module, safe_serialization: bool, kwargs: dict[str, Any]) -> None:

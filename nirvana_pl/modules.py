@@ -144,17 +144,11 @@ def load_model(
 
 def apply_lora(model: nn.Module, lora: Mapping[str, Any], seq2seq: bool = False) -> nn.Module:
     """Wrap ``model`` with peft LoRA adapters; ``lora`` holds ``peft.LoraConfig`` arguments."""
-    try:
-        from peft import LoraConfig, TaskType, get_peft_model
-    except ImportError as err:  # pragma: no cover - peft is an optional dependency
-        raise ImportError("lora= needs peft: pip install 'nirvana-pl[lora]'.") from err
-    options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **dict(lora)}
-    options.setdefault("task_type", TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM)
-    try:
-        config = LoraConfig(**options)
-    except TypeError as err:
-        raise ValueError(f"lora={dict(lora)!r}: {err}; the keys are those of peft.LoraConfig (r, lora_alpha, ...).") from err
-    return get_peft_model(model, config)
+    from peft import get_peft_model
+
+    from .lora import lora_config
+
+    return get_peft_model(model, lora_config(lora, seq2seq=seq2seq, what="lora"))
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -475,6 +469,8 @@ class SavePrunedModel(Callback):
         save_tokenizer: also save the module's ``tokenizer`` when it can be saved.
         check_reload: reload the folder with :func:`nirvana_pl.load_pruned` and compare logits.
         model_attr: dotted path of the transformers model in the LightningModule (found when None).
+        adapters: for a model with LoRA adapters, ``"merge"`` saves them folded into the weights,
+            ``"separate"`` saves the pruned base plus an ``adapter/`` folder for ``peft.PeftModel``.
     """
 
     def __init__(
@@ -483,7 +479,11 @@ class SavePrunedModel(Callback):
         save_tokenizer: bool = True,
         check_reload: bool = True,
         model_attr: str | None = None,
+        adapters: str = "merge",
     ) -> None:
+        if adapters not in ("merge", "separate"):
+            raise ValueError(f"SavePrunedModel(adapters={adapters!r}): choose 'merge' or 'separate'.")
+        self.adapters = adapters
         self.dirpath = dirpath
         self.save_tokenizer = save_tokenizer
         self.check_reload = check_reload
@@ -495,27 +495,24 @@ class SavePrunedModel(Callback):
         if not trainer.is_global_zero:
             return
         from .callback import locate_model
-        from .export import load_pruned, save_pruned
+        from .export import ADAPTER_SUBFOLDER, load_pruned, save_pruned
+        from .lora import has_lora
 
-        inner = _inner_model(pl_module)
-        if hasattr(inner, "merge_and_unload"):  # LoRA: save the merged weights
-            rank_zero_warn("SavePrunedModel: merging LoRA adapters into the saved copy (training model unchanged).")
-            import copy
-
-            inner = copy.deepcopy(inner).merge_and_unload()
-            model = inner
-        else:
-            model = locate_model(pl_module, self.model_attr)
+        model = locate_model(pl_module, self.model_attr)  # LoRA layers, if any, sit inside it
         directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "pruned_model"
         tokenizer = getattr(pl_module, "tokenizer", None) if self.save_tokenizer else None
         if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
             tokenizer = None
         was_training = model.training
         model.eval()
-        save_pruned(model, directory, tokenizer=tokenizer)
+        save_pruned(model, directory, tokenizer=tokenizer, adapters=self.adapters)
         self.saved_to = directory
         if self.check_reload:
             reloaded = load_pruned(directory, dtype=next(model.parameters()).dtype).eval()
+            if self.adapters == "separate" and has_lora(model):
+                from peft import PeftModel
+
+                reloaded = PeftModel.from_pretrained(reloaded, directory / ADAPTER_SUBFOLDER).eval()
             probe = torch.arange(16, device=next(model.parameters()).device).remainder(
                 model.config.vocab_size
             ).unsqueeze(0)

@@ -55,3 +55,34 @@ def slice_state(
     for key, value in list(state.items()):
         if state_action(value, old_shape, axis) == "slice":
             state[key] = value.index_select(axis, idx.to(value.device)).contiguous()
+
+
+def retarget_optimizers(
+    optimizers: Sequence[torch.optim.Optimizer],
+    trainable: Sequence[nn.Parameter],
+    anchors: dict[nn.Parameter, nn.Parameter],
+) -> None:
+    """Make ``optimizers`` step exactly ``trainable`` from now on, in place (LR schedulers keep working).
+
+    Parameters no longer trainable leave their param groups and their state is dropped; a new
+    parameter joins the group of its anchor (``anchors[p]``, e.g. the base weight a LoRA adapter
+    adapts), else the first group of the first optimizer. The number of groups and their
+    hyperparameters stay, so a scheduler's per-group ``base_lrs`` still line up.
+    """
+    if not optimizers:
+        raise ValueError("there is no optimizer to retarget; configure_optimizers() returned none.")
+    keep = set(trainable)
+    group_of: dict[nn.Parameter, dict] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                group_of[p] = group
+            group["params"] = [p for p in group["params"] if p in keep]
+        for p in [p for p in opt.state if p not in keep]:
+            del opt.state[p]
+    placed = {p for opt in optimizers for g in opt.param_groups for p in g["params"]}
+    fallback = optimizers[0].param_groups[0]
+    for p in trainable:
+        if p not in placed:
+            group_of.get(anchors.get(p), fallback)["params"].append(p)
+            placed.add(p)

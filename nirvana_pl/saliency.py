@@ -103,7 +103,7 @@ def _rowdot(w: WeightSlice, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 def magnitude_scores(model: nn.Module) -> UnitScores:
     with torch.no_grad():
-        return _per_weight_scores(find_units(model), lambda w: _sum_other_axis(w, w.weight.abs()))
+        return _per_weight_scores(find_units(model), lambda w: _sum_other_axis(w, w.effective_weight().abs()))
 
 
 def random_scores(model: nn.Module, seed: int = 0) -> UnitScores:
@@ -151,12 +151,8 @@ class AdamStateSaliency:
         def saliency_of(w: WeightSlice) -> torch.Tensor:
             p = w.weight
             group = param_group.get(p)
-            if group is None:
-                raise SaliencyError(
-                    f"saliency={self.kind!r} reads Adam state, but {w.name} (shape {tuple(p.shape)}) "
-                    "is not in the optimizer (frozen weight?). Use saliency='functional' with "
-                    "calibration batches instead."
-                )
+            if group is None or not p.requires_grad:
+                raise SaliencyError(_not_trained_message(self.kind, f"{w.name} (shape {tuple(p.shape)})", w))
             st = state.get(p, {})
             if "exp_avg_sq" not in st or "exp_avg" not in st:
                 raise SaliencyError(
@@ -172,7 +168,7 @@ class AdamStateSaliency:
                 )
             step = float(st["step"])
             b1, b2 = group["betas"]
-            wt = p.detach()
+            wt = w.effective_weight()
             if self.kind == "adam_taylor":
                 corr = (1.0 - b2**step) ** -0.5
                 return _rowdot(w, wt.abs(), st["exp_avg_sq"].sqrt()) * corr
@@ -220,11 +216,21 @@ def check_adam_optimizers(model: nn.Module, optimizers: Sequence[torch.optim.Opt
         groups.update(_param_groups_by_param(opt))
     for layer in find_units(model):
         for w in layer.attn_weights + layer.mlp_weights:
-            if w.weight not in groups:
-                raise SaliencyError(
-                    f"saliency={saliency!r} reads Adam state, but layer {layer.index} {w.name} is not in any "
-                    "optimizer (frozen or filtered out). Use saliency='functional' with calibration batches."
-                )
+            if w.weight not in groups or not w.weight.requires_grad:
+                raise SaliencyError(_not_trained_message(saliency, f"layer {layer.index} {w.name}", w))
+
+
+def _not_trained_message(saliency: str, where: str, w: WeightSlice) -> str:
+    why = (
+        "is the frozen base weight of a LoRA layer, which has no Adam state"
+        if w.adapters
+        else "is frozen or in no optimizer"
+    )
+    return (
+        f"saliency={saliency!r} reads the Adam state of the weights, but {where} {why}. Use "
+        "saliency='functional' with calibration batches: it takes base-weight gradients for the calibration "
+        "backward only and leaves nothing behind."
+    )
 
 
 def _param_groups_by_param(optimizer: torch.optim.Optimizer) -> dict[nn.Parameter, dict]:
@@ -387,7 +393,7 @@ def _gradient_saliency(
     by_param = {id(p): g for p, g in zip(params, grads)}
     with torch.no_grad():
         return _per_weight_scores(
-            units, lambda w: _sum_other_axis(w, (by_param[id(w.weight)] * w.weight.float()).abs())
+            units, lambda w: _sum_other_axis(w, (by_param[id(w.weight)] * w.effective_weight().float()).abs())
         )
 
 
@@ -425,7 +431,7 @@ def wanda_sp_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
 
     def saliency_of(w: WeightSlice) -> torch.Tensor:
         norm = sq[id(w.linear)].sqrt()
-        W = w.weight.detach().float().abs()
+        W = w.effective_weight().float().abs()
         if w.axis == 0:
             return W @ norm
         return W.sum(0) * norm

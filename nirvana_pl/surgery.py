@@ -27,6 +27,7 @@ from .units import (
     removed_parameters,
     try_stock_config,
     unit_index,
+    units_parameter_count,
 )
 
 
@@ -65,28 +66,25 @@ def validate_plan(model: nn.Module, plan: PruningPlan, min_kv_groups: int = 1) -
 
 def predicted_params_after(units: Sequence[LayerUnits], plan: PruningPlan) -> int:
     """Attention+MLP parameters of the model once ``plan`` is applied."""
-    current = sum(p.numel() for u in units for m in (u.attn, u.mlp) for p in m.parameters())
+    current = units_parameter_count(units)
     return current - removed_parameters(units, plan.kv_groups_kept(), plan.mlp_widths_kept())
 
 
-def _unit_params(w: WeightSlice) -> list[tuple[nn.Parameter, int]]:
-    """(parameter, axis along which units index it): the weight, and the bias of a row-sliced weight."""
-    return [(w.weight, w.axis)] + ([(w.bias, 0)] if w.bias is not None else [])
-
-
-def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizer: torch.optim.Optimizer | None):
+def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizers: Sequence[torch.optim.Optimizer]):
     idx = unit_index(n_units, w.rows_per_unit, kept).to(w.weight.device)
-    for p, axis in _unit_params(w):
+    for p, axis in w.unit_parameters():
         old_shape = p.shape
         with torch.no_grad():
             p.data = p.data.index_select(axis, idx).contiguous()
         p.grad = None
+        optimizer = owner_of(optimizers, p)  # per parameter: a LoRA base is frozen, its adapters are not
         if optimizer is not None:
             slice_state(optimizer, p, old_shape, axis, idx)
-    if w.axis == 0:
-        w.linear.out_features = idx.numel()
-    else:
-        w.linear.in_features = idx.numel()
+    # Shape attributes of the base linear, of a LoRA wrapper, and of the adapter linears it slices.
+    attr = "out_features" if w.axis == 0 else "in_features"
+    for module in [w.linear, w.module] + [ad.B if w.axis == 0 else ad.A for ad in w.adapters]:
+        if hasattr(module, attr):
+            setattr(module, attr, idx.numel())
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
@@ -100,22 +98,22 @@ def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.o
     if plan.is_identity:
         return
     expected = predicted_params_after(units, plan)
-    jobs = []  # (weight, kept units, units before, owning optimizer), all checked before any change
+    jobs = []  # (weight, kept units, units before)
     for u, lp in zip(units, plan.layers):
         if len(lp.kept_kv_groups) != u.num_kv_groups:
             jobs += [(w, lp.kept_kv_groups, u.num_kv_groups) for w in u.attn_weights]
         if len(lp.kept_mlp_channels) != u.mlp_width:
             jobs += [(w, lp.kept_mlp_channels, u.mlp_width) for w in u.mlp_weights]
-    jobs = [(w, kept, n, owner_of(optimizers, w.weight)) for w, kept, n in jobs]
-    for w, _, _, opt in jobs:
-        if opt is not None:
-            try:
-                for p, axis in _unit_params(w):
+    for w, _, _ in jobs:  # every optimizer state must be able to follow its slice before anything changes
+        for p, axis in w.unit_parameters():
+            opt = owner_of(optimizers, p)
+            if opt is not None:
+                try:
                     check_state_follows(opt, p, axis, w.name)
-            except ValueError as err:
-                raise PlanMismatchError(str(err)) from None
-    for w, kept, n, opt in jobs:
-        _slice_weight(w, kept, n, opt)
+                except ValueError as err:
+                    raise PlanMismatchError(str(err)) from None
+    for w, kept, n in jobs:
+        _slice_weight(w, kept, n, optimizers)
     for u in units:
         if hasattr(u.mlp, "intermediate_size"):  # informational attribute of stock MLP modules
             u.mlp.intermediate_size = u.mlp_width

@@ -29,18 +29,40 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class LoraAdapter:
+    """One LoRA adapter (peft) on a prunable linear: ``W_eff = W + scaling * B @ A``.
+
+    ``A`` (r x in) owns input columns, ``B`` (out x r) owns output rows, so pruning slices
+    ``A``'s columns with a column-sliced weight and ``B``'s rows with a row-sliced one.
+    ``in_weight``: whether it is part of the effective weight now (active and not merged into W).
+    """
+
+    name: str
+    A: nn.Linear
+    B: nn.Linear
+    scaling: float
+    in_weight: bool
+
+
+@dataclass(frozen=True)
 class WeightSlice:
     """One weight of a unit kind and the axis along which units index it.
 
+    ``module`` is what the model holds: an ``nn.Linear``, or a peft LoRA layer around one
+    (``linear`` is then its base layer and ``adapters`` its LoRA pairs).
     ``axis=0`` means units own output rows (q, k, v, gate, up; their bias follows);
     ``axis=1`` means units own input columns (o, down; their bias is never pruned).
     ``rows_per_unit`` is how many rows/columns one unit owns in this weight.
     """
 
     name: str
-    linear: nn.Linear
+    module: nn.Module
     axis: int
     rows_per_unit: int
+
+    @property
+    def linear(self) -> nn.Linear:
+        return getattr(self.module, "base_layer", self.module)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -50,6 +72,50 @@ class WeightSlice:
     def bias(self) -> nn.Parameter | None:
         # Only the bias of a row-sliced weight belongs to units.
         return self.linear.bias if self.axis == 0 else None
+
+    @property
+    def adapters(self) -> list[LoraAdapter]:
+        m = self.module
+        if not hasattr(m, "lora_A"):
+            return []
+        merged = set(getattr(m, "merged_adapters", ()))
+        active = set(getattr(m, "active_adapters", ()))
+        off = bool(getattr(m, "disable_adapters", False))
+        return [
+            LoraAdapter(name, m.lora_A[name], m.lora_B[name], float(m.scaling[name]),
+                        in_weight=name in active and name not in merged and not off)
+            for name in m.lora_A.keys()
+        ]
+
+    def unit_parameters(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, axis along which units index it) of everything the units of this weight own.
+
+        The weight; the bias of a row-sliced weight; LoRA ``B`` rows (and ``B``'s bias) of a
+        row-sliced weight, LoRA ``A`` columns of a column-sliced one.
+        """
+        out = [(self.weight, self.axis)] + ([(self.bias, 0)] if self.bias is not None else [])
+        for ad in self.adapters:
+            if self.axis == 0:
+                out.append((ad.B.weight, 0))
+                if ad.B.bias is not None:
+                    out.append((ad.B.bias, 0))
+            else:
+                out.append((ad.A.weight, 1))
+        return out
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with (``W + scaling * B @ A`` over unmerged active adapters), detached.
+
+        Without adapters this is the weight itself (no copy); with them, an fp32 tensor.
+        """
+        adapters = [ad for ad in self.adapters if ad.in_weight]
+        w = self.weight.detach()
+        if not adapters:
+            return w
+        w = w.float()
+        for ad in adapters:
+            w = w + ad.scaling * (ad.B.weight.detach().float() @ ad.A.weight.detach().float())
+        return w
 
 
 @dataclass
@@ -154,15 +220,44 @@ def find_units(model: nn.Module) -> list[LayerUnits]:
     out = []
     for i, layer in enumerate(_decoder_layers(model)):
         attn = layer.self_attn
-        if hasattr(attn.q_proj, "base_layer") or hasattr(layer.mlp.gate_proj, "base_layer"):
-            raise UnsupportedModelError(
-                f"layer {i} carries LoRA adapters (peft); pruning adapter-wrapped layers is not supported yet. "
-                "Prune the base model first and attach the adapters afterwards, or merge them "
-                "(model.merge_and_unload()) before pruning."
-            )
         g = attn.num_key_value_groups
-        out.append(LayerUnits(index=i, attn=attn, mlp=layer.mlp, head_dim=h, group_size=g))
+        unit = LayerUnits(index=i, attn=attn, mlp=layer.mlp, head_dim=h, group_size=g)
+        for w in unit.attn_weights + unit.mlp_weights:
+            check_wrapper(w, f"layer {i}")
+        out.append(unit)
     return out
+
+
+def check_wrapper(w: WeightSlice, where: str) -> None:
+    """Accept a plain ``nn.Linear`` or a peft LoRA layer around one; refuse what cannot be sliced."""
+    m = w.module
+    if not hasattr(m, "base_layer"):
+        if not isinstance(m, nn.Linear):
+            raise UnsupportedModelError(f"{where} {w.name} is a {type(m).__name__}, expected an nn.Linear.")
+        return
+    if not (hasattr(m, "lora_A") and hasattr(m, "lora_B")):
+        raise UnsupportedModelError(
+            f"{where} {w.name} is wrapped by {type(m).__name__}, an adapter type nirvana_pl cannot slice (LoRA "
+            "is supported). Merge the adapter into the base weights before pruning (model.merge_and_unload())."
+        )
+    if not isinstance(w.linear, nn.Linear):
+        raise UnsupportedModelError(
+            f"{where} {w.name}: the LoRA base layer is a {type(w.linear).__name__} (quantised?), not an nn.Linear; "
+            "structured pruning needs plain weights. Load the model unquantised to prune it."
+        )
+    dora = [n for n, on in getattr(m, "use_dora", {}).items() if on]
+    if dora:
+        raise UnsupportedModelError(
+            f"{where} {w.name} carries DoRA adapter(s) {dora}: DoRA's magnitude depends on whole weight "
+            "columns, so it does not survive a structured slice. Use plain LoRA (use_dora=False) or merge first."
+        )
+    if getattr(m, "fan_in_fan_out", False):
+        raise UnsupportedModelError(f"{where} {w.name}: LoRA with fan_in_fan_out=True is not supported.")
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name (from ``named_parameters``) belongs to a LoRA adapter, not the base model."""
+    return any(part.startswith("lora_") for part in name.split("."))
 
 
 def unit_index(num_units: int, rows_per_unit: int, kept: torch.Tensor | list[int]) -> torch.Tensor:
@@ -180,13 +275,21 @@ def unit_index(num_units: int, rows_per_unit: int, kept: torch.Tensor | list[int
 def prunable_parameter_count(model: nn.Module) -> int:
     """Parameters of attention and MLP modules of the decoder layers (embeddings excluded).
 
-    Counted on the real modules, so it is the number a user can check.
+    Counted on the real modules, so it is the number a user can check. LoRA adapter weights are
+    not counted: sparsity is a property of the base model (adapters come and go, or are merged).
     """
-    total = 0
-    for layer in find_units(model):
-        for mod in (layer.attn, layer.mlp):
-            total += sum(p.numel() for p in mod.parameters())
-    return total
+    return units_parameter_count(find_units(model))
+
+
+def units_parameter_count(units: Sequence[LayerUnits]) -> int:
+    """:func:`prunable_parameter_count` of the layers ``units`` describe."""
+    return sum(
+        p.numel()
+        for layer in units
+        for mod in (layer.attn, layer.mlp)
+        for n, p in mod.named_parameters()
+        if not is_adapter_parameter(n)
+    )
 
 
 def removed_parameters(units: Sequence[LayerUnits], kept_kv: Sequence[int], kept_mlp: Sequence[int]) -> int:

@@ -304,14 +304,24 @@ def test_save_pruned_rejects_unsupported_and_file_paths(tmp_path):
         save_pruned(_pruned("llama"), tmp_path / "file")
 
 
-def test_save_pruned_asks_to_merge_lora_first(tmp_path):
+def test_save_pruned_of_a_peft_model_merges_or_keeps_the_adapter_apart(tmp_path):
     peft = pytest.importorskip("peft")
-    model = _pruned("llama")
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(ValueError, match="merge_and_unload"):
-        save_pruned(lora, tmp_path / "lora")
-    folder = save_pruned(lora.merge_and_unload(), tmp_path / "merged")
-    assert _config_json(folder)["model_type"] == "nirvana_llama"
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(
+        _pruned("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = lora(input_ids=ids).logits
+    merged = save_pruned(lora, tmp_path / "merged")
+    assert _config_json(merged)["model_type"] == "nirvana_llama"
+    assert not (merged / "adapter").exists()
+    separate = save_pruned(lora, tmp_path / "separate", adapters="separate")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(merged)(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        restored = peft.PeftModel.from_pretrained(load_pruned(separate), separate / "adapter")
+        torch.testing.assert_close(restored(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-6)
+    assert any("lora_" in n for n, _ in lora.named_parameters())  # saving left the adapters in place
 
 
 def test_direct_construction_initialises_resized_layers():

@@ -8,7 +8,7 @@ from conftest import tiny_llama
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import CausalLM, token_loader, trainer
 
-from nirvana_pl import NirvanaPruningCallback, UnsupportedModelError, load_pruned, prune, save_pruned
+from nirvana_pl import NirvanaPruningCallback, load_pruned, prune, save_pruned
 from nirvana_pl.allocate import AllocationConfig, allocate
 from nirvana_pl.saliency import magnitude_scores
 from nirvana_pl.surgery import PlanMismatchError, apply_plan
@@ -64,14 +64,6 @@ def test_uniform_after_a_non_uniform_prune_is_refused():
     prune(model, 0.3, "random")
     with pytest.raises(ValueError, match="uniform=True needs a model whose layers have equal widths"):
         prune(model, 0.5, "random", uniform=True)
-
-
-def test_lora_wrapped_layers_are_refused_with_the_fix():
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(UnsupportedModelError, match="Prune the base model first"):
-        prune(peft_model.base_model.model, 0.3, "magnitude")
 
 
 def test_validate_with_a_pruned_checkpoint_recreates_the_shapes(tmp_path):
