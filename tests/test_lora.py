@@ -48,7 +48,7 @@ def _plan(model, sparsity=0.4, saliency="functional"):
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
-@pytest.mark.parametrize("targets", [ALL, ["q_proj", "o_proj"], ["down_proj", "up_proj"]])
+@pytest.mark.parametrize("targets", [ALL, ["q_proj", "o_proj", "lm_head"], ["down_proj", "up_proj"]])
 def test_pruned_lora_model_equals_its_masked_twin_and_keeps_training(factory, targets):
     model = _lora_model(factory, targets)
     base = model.base_model.model
