@@ -21,10 +21,10 @@ from torch import nn
 
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
-from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
-from .optim import retarget_optimizers
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
+from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import allocation_config, check_selection_args, make_plan
+from .optim import retarget_optimizers
 from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
 from .saliency import (
