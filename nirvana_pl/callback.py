@@ -438,3 +438,19 @@ def _describe_selection(selection: Mapping[str, Any]) -> str:
         parts.append(f"gamma curve {{{curve}}} -> gamma={search['best_gamma']}")
     parts.append(f"KL {selection['kl']:.4g}")
     return "; ".join(parts)
+
+
+def _accept_selector_subclasses_in_configs() -> None:
+    """Let LightningCLI configs give ``calibration: {class_path: <a CalibrationSelector subclass>}``.
+
+    jsonargparse accepts only a dataclass itself unless told otherwise; the setting is additive and
+    global, and it must be in place before a parser reads this class's signature, i.e. at import.
+    """
+    try:
+        from jsonargparse import set_parsing_settings
+    except ImportError:  # configs are not used without jsonargparse
+        return
+    set_parsing_settings(subclasses_enabled=[CalibrationSelector])
+
+
+_accept_selector_subclasses_in_configs()

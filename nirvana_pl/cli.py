@@ -80,15 +80,10 @@ def _lightning_cli_class() -> type:
 def enable_config_subclasses() -> None:
     """Let configs give a subclass of the dataclass ``CalibrationSelector`` (e.g. ``TextCalibrationSelector``).
 
-    jsonargparse accepts only the dataclass itself by default, and its ``pool`` is a tensor that YAML
-    cannot hold. Call this before building your own LightningCLI to use
-    ``callbacks/nirvana_functional_kl.yaml`` with it.
+    Importing ``nirvana_pl.callback`` already does this (so a user's own LightningCLI reads
+    ``callbacks/nirvana_functional_kl.yaml`` as it is); this function remains for explicit use.
     """
-    from jsonargparse import set_parsing_settings
-
-    from .calibration import CalibrationSelector
-
-    set_parsing_settings(subclasses_enabled=[CalibrationSelector])
+    from . import callback  # noqa: F401 - its import registers the setting
 
 
 class ConfigError(ValueError):

@@ -231,3 +231,30 @@ def test_users_lightning_cli_with_the_drop_in_callback_config(tmp_path, monkeypa
     saver = next(cb for cb in run.trainer.callbacks if isinstance(cb, SavePrunedModel))
     assert saver.saved_to is not None and nirvana_pl.load_pruned(saver.saved_to) is not None
     assert nirvana.report_path is not None and nirvana.report_path.with_suffix(".md").is_file()
+
+
+def test_users_lightning_cli_reads_the_kl_callback_config_as_it_is(tmp_path):
+    # A fresh process: nothing of nirvana_pl.cli has run, only the user's own LightningCLI.
+    script = tmp_path / "user_cli.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "import lightning.pytorch as pl\n"
+        "from lightning.pytorch.cli import LightningCLI\n"
+        "from lightning_helpers import CausalLM, token_loader\n"
+        "class Tokens(pl.LightningDataModule):\n"
+        "    def train_dataloader(self):\n"
+        "        return token_loader()\n"
+        "cli = LightningCLI(CausalLM, Tokens, run=False)\n"
+        "from nirvana_pl import NirvanaPruningCallback\n"
+        "cb = next(c for c in cli.trainer.callbacks if isinstance(c, NirvanaPruningCallback))\n"
+        "print('SELECTOR', type(cb).__name__, type(cb.selector).__name__, cb.gamma)\n"
+    )
+    config = ROOT / "callbacks" / "nirvana_functional_kl.yaml"
+    out = subprocess.run(
+        [sys.executable, str(script), "--config", str(config), "--trainer.accelerator", "cpu",
+         "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SELECTOR NirvanaPruningCallback TextCalibrationSelector auto" in out.stdout
