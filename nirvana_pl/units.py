@@ -21,7 +21,7 @@ from torch import nn
 #: Architectures whose decoder layers this library knows how to prune, keyed by
 #: ``config.model_type`` (exported non-uniform models carry the base type in
 #: ``config.nirvana_base_model_type``).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "t5")
 
 
 class UnsupportedModelError(ValueError):
@@ -125,8 +125,13 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"model_type {mtype!r} ({type(model).__name__}) is not supported; nirvana_pl prunes "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} models (LlamaForCausalLM, MistralForCausalLM, "
-            f"Qwen2ForCausalLM and their base models)."
+            f"Qwen2ForCausalLM and their base models, T5ForConditionalGeneration, T5EncoderModel)."
         )
+    if mtype == "t5":
+        from .t5 import check_t5
+
+        check_t5(model)
+        return
     if not _decoder_layers(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} has no decoder layers to prune (found no `.layers` holding "
@@ -150,6 +155,10 @@ def find_units(model: nn.Module) -> list[LayerUnits]:
     """The prunable units of every decoder layer of ``model``, in layer order."""
     check_supported(model)
     config = model.config
+    if base_model_type(config) == "t5":
+        from .t5 import find_t5_units
+
+        return find_t5_units(model)
     h = head_dim_of(config)
     out = []
     for i, layer in enumerate(_decoder_layers(model)):
@@ -185,6 +194,8 @@ def prunable_parameter_count(model: nn.Module) -> int:
     total = 0
     for layer in find_units(model):
         for mod in (layer.attn, layer.mlp):
+            if mod is None:  # a T5 cross-attention entry has no FFN
+                continue
             total += sum(p.numel() for p in mod.parameters())
     return total
 
