@@ -109,7 +109,7 @@ def check_t5(model: nn.Module) -> None:
     if encoder is None or not hasattr(encoder, "block"):
         raise UnsupportedModelError(
             f"{name} is a T5 model without an `.encoder` stack of blocks; nirvana_pl prunes "
-            "T5ForConditionalGeneration (and T5EncoderModel). Pass that model, not a sub-module."
+            "T5ForConditionalGeneration. Pass that model, not a sub-module."
         )
     decoder = getattr(model, "decoder", None)
     if decoder is not None and not hasattr(decoder, "block"):

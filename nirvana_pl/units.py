@@ -125,7 +125,7 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"model_type {mtype!r} ({type(model).__name__}) is not supported; nirvana_pl prunes "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} models (LlamaForCausalLM, MistralForCausalLM, "
-            f"Qwen2ForCausalLM and their base models, T5ForConditionalGeneration, T5EncoderModel)."
+            f"Qwen2ForCausalLM and their base models, T5ForConditionalGeneration)."
         )
     if mtype == "t5":
         from .t5 import check_t5
