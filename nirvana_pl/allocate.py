@@ -38,6 +38,8 @@ class DenseReference:
     kv_group_cost: int
     mlp_channel_cost: int
     prunable_params: int
+    #: layers (unit entries) that have an MLP, when not all do (T5's cross-attention entries have none)
+    num_mlp_layers: int | None = None
 
     @classmethod
     def of(cls, model: nn.Module) -> "DenseReference":
@@ -50,8 +52,11 @@ class DenseReference:
         if recorded:
             return cls(**recorded)
         units = find_units(model)
-        first = units[0]
-        if any(u.num_kv_groups != first.num_kv_groups or u.mlp_width != first.mlp_width for u in units):
+        mlp_units = [u for u in units if u.mlp_weights]
+        first = mlp_units[0] if mlp_units else units[0]
+        if any(u.num_kv_groups != first.num_kv_groups for u in units) or any(
+            u.mlp_width != first.mlp_width for u in mlp_units
+        ):
             raise ValueError(
                 "the model's layers already differ in width and its config records no dense reference; pass "
                 "reference=DenseReference.of(original_dense_model) so targets stay relative to the dense model."
@@ -63,10 +68,14 @@ class DenseReference:
             kv_group_cost=first.kv_group_cost,
             mlp_channel_cost=first.mlp_channel_cost,
             prunable_params=prunable_parameter_count(model),
+            num_mlp_layers=len(mlp_units) if len(mlp_units) != len(units) else None,
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["num_mlp_layers"] is None:  # decoder models: every layer has an MLP
+            del d["num_mlp_layers"]
+        return d
 
     def attach(self, model: nn.Module) -> None:
         """Remember these dense sizes in ``model.config`` (kept through save/load)."""
@@ -78,7 +87,7 @@ class DenseReference:
 
     @property
     def total_mlp_channels(self) -> int:
-        return self.num_layers * self.mlp_width
+        return (self.num_layers if self.num_mlp_layers is None else self.num_mlp_layers) * self.mlp_width
 
 
 @dataclass(frozen=True)
@@ -201,7 +210,7 @@ def allocate(
 
     layers = [
         LayerPlan(kv_groups_before=kv_now[i], mlp_channels_before=mlp_now[i], kept_kv_groups=kept_kv[i],
-                  kept_mlp_channels=kept_mlp[i])
+                  kept_mlp_channels=kept_mlp[i], label=getattr(units[i], "label", ""))
         for i in range(len(units))
     ]
     params_after = params_before - removed_parameters(units, [len(k) for k in kept_kv], [len(k) for k in kept_mlp])
@@ -280,18 +289,20 @@ def _uniform(
     L = ref.num_layers
     kv_keep = max(config.min_kv_groups, ref.kv_groups_per_layer - round(p_a * ref.kv_groups_per_layer))
     attn_removed = L * (ref.kv_groups_per_layer - kv_keep) * ref.kv_group_cost
-    per_layer_removed = max(0.0, (budget - attn_removed) / (L * ref.mlp_channel_cost))
+    L_mlp = L if ref.num_mlp_layers is None else ref.num_mlp_layers
+    per_layer_removed = max(0.0, (budget - attn_removed) / (L_mlp * ref.mlp_channel_cost))
     mlp_keep = ref.mlp_width - per_layer_removed
     if per_layer_removed > 0:
         mlp_keep = round(mlp_keep / config.mlp_round_to) * config.mlp_round_to
     mlp_keep = int(max(0, min(ref.mlp_width, mlp_keep)))
-    if len({(u.num_kv_groups, u.mlp_width) for u in units}) > 1:
+    mlp_units = [u for u in units if u.mlp_weights]  # T5 cross-attention entries have no MLP
+    if len({u.num_kv_groups for u in units}) > 1 or len({u.mlp_width for u in mlp_units}) > 1:
         raise ValueError(
             "uniform=True needs a model whose layers have equal widths; this one was pruned non-uniformly "
             "before. Keep uniform=False for later prune events of a non-uniform model."
         )
     kv_keep = min(kv_keep, units[0].num_kv_groups)
-    mlp_keep = min(mlp_keep, units[0].mlp_width)
+    mlp_keep = min(mlp_keep, mlp_units[0].mlp_width if mlp_units else 0)
     kept_kv = [_keep_top(v, kv_keep) for v in scores.attn]
-    kept_mlp = [_keep_top(v, mlp_keep) for v in scores.mlp]
+    kept_mlp = [_keep_top(v, min(mlp_keep, v.numel())) for v in scores.mlp]
     return kept_kv, kept_mlp

@@ -71,14 +71,17 @@ def masked(model: nn.Module, plan: PruningPlan) -> Iterator[nn.Module]:
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for u, lp in zip(units, plan.layers):
-            removed_kv = sorted(set(range(u.num_kv_groups)) - set(lp.kept_kv_groups))
-            if removed_kv:
-                idx = unit_index(u.num_kv_groups, u.group_size * u.head_dim, removed_kv)
-                handles.append(u.attn.o_proj.register_forward_pre_hook(_zero_input_columns(idx)))
-            removed_mlp = sorted(set(range(u.mlp_width)) - set(lp.kept_mlp_channels))
-            if removed_mlp:
-                idx = torch.tensor(removed_mlp, dtype=torch.long)
-                handles.append(u.mlp.down_proj.register_forward_pre_hook(_zero_input_columns(idx)))
+            # the input columns of the weights units own by column: o_proj / down_proj (T5: o / wo)
+            for weights, n, kept in ((u.attn_weights, u.num_kv_groups, lp.kept_kv_groups),
+                                     (u.mlp_weights, u.mlp_width, lp.kept_mlp_channels)):  # fmt: skip
+                removed = sorted(set(range(n)) - set(kept))
+                if not removed:
+                    continue
+                for w in weights:
+                    if w.axis == 1:
+                        idx = unit_index(n, w.rows_per_unit, removed)
+                        # on the module the model calls (a LoRA layer too), so adapters see the zeros as well
+                        handles.append(w.module.register_forward_pre_hook(_zero_input_columns(idx)))
         _MASKED[model] = _MASKED.get(model, 0) + 1
         try:
             yield model

@@ -221,6 +221,11 @@ class NirvanaPruningCallback(Callback):
 
     def _reshape_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         """Give a freshly built dense model the pruned shapes (and recovery adapters) of the checkpoint before it loads."""
+        from .t5 import is_t5, resize_from_state_dict
+
+        if is_t5(self.model):  # T5 also needs the kept original heads (buffers in the state dict)
+            resize_from_state_dict(self.model, module, state_dict, prefix)
+            return
         names = {id(p): n for n, p in module.named_parameters()}
 
         def saved(weight: nn.Parameter) -> torch.Tensor | None:
@@ -401,7 +406,7 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
     found = ", ".join(sorted({type(m).__name__ for m in candidates})) or "no transformers model"
     raise UnsupportedModelError(
         f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes "
-        "Llama, Mistral and Qwen2 causal LMs; pass model_attr='path.to.model' if it is nested unusually."
+        "Llama, Mistral and Qwen2 causal LMs and T5ForConditionalGeneration; pass model_attr='path.to.model' if it is nested unusually."
     )
 
 
@@ -423,6 +428,11 @@ def _input_ids_of(batch: Any) -> dict[str, torch.Tensor]:
     out = {"input_ids": ids.detach().to("cpu", copy=True)}
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
         out["attention_mask"] = mask.detach().to("cpu", copy=True)
+    if isinstance(batch, Mapping):  # encoder-decoder batches: the decoder side (dropped for decoder LLMs)
+        for key in ("labels", "decoder_input_ids", "decoder_attention_mask"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == ids.shape[0]:
+                out[key] = value.detach().to("cpu", copy=True)
     return out
 
 

@@ -24,7 +24,9 @@ from typing import Any
 from torch import nn
 
 from .hub_code import modeling_nirvana
+from .hub_code import modeling_nirvana_t5
 from .hub_code.modeling_nirvana import NIRVANA_CLASSES
+from .hub_code.modeling_nirvana_t5 import NIRVANA_T5_CLASSES
 from .lora import base_state_dict, has_lora, save_adapter
 from .surgery import layer_widths
 from .units import UnsupportedModelError, base_model_type, check_supported, head_dim_of, try_stock_config
@@ -92,6 +94,11 @@ def save_pruned(
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_pruned(directory={str(path)!r}): that path is a file; pass a folder path.")
     _check_serialization(model, safe_serialization, save_pretrained_kwargs)
+    if base_model_type(model.config) == "t5":
+        _save_t5(model, path, save_pretrained_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        return path
 
     config = model.config
     base = base_model_type(config)
@@ -198,6 +205,12 @@ def load_pruned(directory: str | Path, **from_pretrained_kwargs: Any) -> nn.Modu
         )
     data = json.loads(cfg_file.read_text())
     mtype = data.get("model_type")
+    if mtype in NIRVANA_T5_CLASSES or (mtype == "t5" and data.get("nirvana_t5_layers") is not None):
+        return _load_t5(path, data, from_pretrained_kwargs)
+    if mtype == "t5":
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(path, **from_pretrained_kwargs)
     if isinstance(mtype, str) and mtype.startswith("nirvana_"):
         if mtype not in NIRVANA_CLASSES:
             raise ValueError(
@@ -219,6 +232,91 @@ def load_pruned(directory: str | Path, **from_pretrained_kwargs: Any) -> nn.Modu
             from_pretrained_kwargs["config"] = config_cls.from_dict({**d, "nirvana_base_model_type": mtype})
         return model_cls.from_pretrained(path, **from_pretrained_kwargs)
     return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- T5
+T5_HUB_CODE_FILE = "modeling_nirvana_t5.py"
+_T5_NIRVANA_KEYS = ("auto_map", "nirvana_t5_layers", "nirvana_base_model_type")
+
+
+def _save_t5(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
+    """A dense-headed T5 whose FFNs share one width: a stock folder; anything else: the ``nirvana_t5`` format
+    (per-attention kept heads and per-FFN widths in ``nirvana_t5_layers``, remote code next to the weights)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from .t5 import is_dense_heads, t5_layers
+
+    if not isinstance(model, T5ForConditionalGeneration):
+        raise UnsupportedModelError(
+            f"save_pruned: T5 models are exported as T5ForConditionalGeneration; got {type(model).__name__}. For a "
+            "T5EncoderModel use model.save_pretrained(folder) and rebuild with nirvana_pl.t5.resize_to_t5_layers."
+        )
+    layers = t5_layers(model)  # measured on the modules, not read from the config
+    d = {k: v for k, v in _config_dict(model.config).items() if k not in _T5_NIRVANA_KEYS}
+    widths = {e["d_ff"] for entries in layers.values() for e in entries}
+    stock = None
+    if is_dense_heads(layers, model.config.num_heads) and len(widths) == 1:
+        stock, _ = try_stock_config(T5Config, {**d, "d_ff": widths.pop()})
+    if stock is not None:
+        # A stock T5Attention has no kept-heads buffer: write the weights without it.
+        with _stock_t5_attention(model):
+            _save_with_config(model, stock, path, kwargs)
+        _patch_config_json(path, {"architectures": ["T5ForConditionalGeneration"]}, drop=_T5_NIRVANA_KEYS)
+        return
+    ntype = "nirvana_t5"
+    nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES[ntype]
+    nconfig = nconfig_cls.from_dict({**d, "nirvana_t5_layers": layers})
+    _save_with_config(model, nconfig, path, kwargs)
+    module = Path(T5_HUB_CODE_FILE).stem
+    _patch_config_json(
+        path,
+        {
+            "model_type": ntype,
+            "nirvana_base_model_type": "t5",
+            "nirvana_t5_layers": layers,
+            "architectures": [nmodel_cls.__name__],
+            "auto_map": {
+                "AutoConfig": f"{module}.{nconfig_cls.__name__}",
+                "AutoModelForSeq2SeqLM": f"{module}.{nmodel_cls.__name__}",
+            },
+        },
+    )
+    shutil.copyfile(Path(modeling_nirvana_t5.__file__), path / T5_HUB_CODE_FILE)
+
+
+class _stock_t5_attention:
+    """Within the block, every NirvanaT5Attention that keeps all heads in order looks stock (no buffer)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from .hub_code.modeling_nirvana_t5 import KEPT_HEADS, NirvanaT5Attention
+
+        self.saved = []
+        for m in model.modules():
+            if isinstance(m, NirvanaT5Attention):
+                self.saved.append((m, m._buffers[KEPT_HEADS]))
+        self.key = KEPT_HEADS
+
+    def __enter__(self) -> None:
+        from transformers.models.t5.modeling_t5 import T5Attention
+
+        for m, _ in self.saved:
+            del m._buffers[self.key]
+            m.__class__ = T5Attention
+
+    def __exit__(self, *exc: Any) -> None:
+        from .hub_code.modeling_nirvana_t5 import NirvanaT5Attention
+
+        for m, buf in self.saved:
+            m.__class__ = NirvanaT5Attention
+            m._buffers[self.key] = buf
+
+
+def _load_t5(path: Path, data: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES["nirvana_t5"]
+    if "config" not in kwargs:
+        d = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "auto_map")}
+        kwargs["config"] = nconfig_cls.from_dict(d)
+    return nmodel_cls.from_pretrained(path, **kwargs)
 
 
 __all__ = ["load_pruned", "save_pruned"]

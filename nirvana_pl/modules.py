@@ -516,9 +516,12 @@ class SavePrunedModel(Callback):
             probe = torch.arange(16, device=next(model.parameters()).device).remainder(
                 model.config.vocab_size
             ).unsqueeze(0)
+            inputs = {"input_ids": probe}
+            if getattr(model.config, "is_encoder_decoder", False):  # T5: teacher-forced decoder on the probe
+                inputs["decoder_input_ids"] = model._shift_right(probe)
             with torch.no_grad():
-                a = model(input_ids=probe, use_cache=False).logits.float()
-                b = reloaded.to(probe.device)(input_ids=probe, use_cache=False).logits.float()
+                a = model(**inputs, use_cache=False).logits.float()
+                b = reloaded.to(probe.device)(**inputs, use_cache=False).logits.float()
             self.reload_max_abs_diff = float((a - b).abs().max())
             del reloaded
             if not math.isfinite(self.reload_max_abs_diff) or self.reload_max_abs_diff > 1e-3 * max(1.0, float(a.abs().max())):

@@ -17,6 +17,9 @@ class LayerPlan:
     mlp_channels_before: int
     kept_kv_groups: list[int]
     kept_mlp_channels: list[int]
+    #: which unit entry this is, where a layer holds several (T5: ``encoder.3``, ``decoder.3.self``,
+    #: ``decoder.3.cross``); empty for decoder LLMs, whose entries are their layers
+    label: str = ""
 
     @property
     def is_identity(self) -> bool:
@@ -62,6 +65,10 @@ class PruningPlan:
     def mlp_widths_kept(self) -> list[int]:
         return [len(layer.kept_mlp_channels) for layer in self.layers]
 
+    def layer_labels(self) -> list[str]:
+        """Label of each entry (``encoder.0`` ...), or its index for decoder LLMs."""
+        return [layer.label or str(i) for i, layer in enumerate(self.layers)]
+
     def fraction_removed(self) -> dict[str, float]:
         kv_before = sum(layer.kv_groups_before for layer in self.layers)
         mlp_before = sum(layer.mlp_channels_before for layer in self.layers)
@@ -72,7 +79,9 @@ class PruningPlan:
 
     # --- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["layers"] = [_layer_dict(layer) for layer in self.layers]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruningPlan":
@@ -96,5 +105,12 @@ class PruningPlan:
 
     def fingerprint(self) -> str:
         """SHA-256 of the decision (kept indices and shapes), for cross-rank checks."""
-        decision = [asdict(layer) for layer in self.layers]
+        decision = [_layer_dict(layer) for layer in self.layers]
         return hashlib.sha256(json.dumps(decision, sort_keys=True).encode()).hexdigest()
+
+
+def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
+    d = asdict(layer)
+    if not d["label"]:  # decoder LLMs: the same JSON (and fingerprint) as before labels existed
+        del d["label"]
+    return d

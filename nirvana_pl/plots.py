@@ -29,13 +29,17 @@ def kept_fractions(report: dict[str, Any]) -> list[dict[str, Any]]:
         mlp = event["kept_mlp_width_per_layer"]
         kv_dense = dense.get("kv_groups_per_layer") or max(kv)
         mlp_dense = dense.get("mlp_width") or max(mlp)
+        labels = event.get("layer_labels")
+        # unit entries without an MLP (T5 cross-attention) have no MLP fraction: NaN draws no bar
+        no_mlp = [bool(labels) and labels[i].endswith(".cross") for i in range(len(mlp))]
         out.append(
             {
                 "step": event["step"],
                 "target": event.get("target_sparsity"),
                 "realised": event.get("realised_sparsity"),
                 "attention": [k / kv_dense for k in kv],
-                "mlp": [m / mlp_dense for m in mlp],
+                "mlp": [float("nan") if skip else m / mlp_dense for m, skip in zip(mlp, no_mlp)],
+                **({"labels": labels} if labels else {}),
             }
         )
     return out
@@ -69,8 +73,10 @@ def plot_allocation(report: dict[str, Any], path: str | Path, title: str | None 
         ax.set_ylabel("kept fraction")
         ax.set_title(label, fontsize=10, loc="left")
         ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xlabel("layer")
+    axes[1].set_xlabel("layer" if "labels" not in events[-1] else "unit entry")
     axes[1].set_xticks(layers)
+    if "labels" in events[-1]:
+        axes[1].set_xticklabels(events[-1]["labels"], rotation=60, ha="right")
     axes[1].tick_params(axis="x", labelsize=7 if n_layers > 20 else 9)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(events), 4), fontsize=8, frameon=False)

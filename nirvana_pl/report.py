@@ -51,7 +51,7 @@ class PruneRecord:
 
     def metrics(self, reference: DenseReference | None = None) -> dict[str, float]:
         fractions = self.removed_fractions(reference)
-        return {
+        out = {
             "target_sparsity": self.plan.target_sparsity,
             "realised_sparsity": self.realised_sparsity,
             "params_before": self.total_params_before,
@@ -60,6 +60,9 @@ class PruneRecord:
             "mlp_channels_removed": fractions["mlp_channels"],
             "prune_seconds": self.seconds,
         }
+        for kind, share in kind_fractions(self.plan, reference).items():
+            out[f"heads_removed_{kind.replace('.', '_')}"] = share
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +81,31 @@ class PruneRecord:
         return cls(**data)
 
 
+def entry_kind(label: str) -> str:
+    """Kind of a labelled unit entry: ``encoder``, ``decoder.self`` or ``decoder.cross`` (T5); '' when unlabelled."""
+    if not label:
+        return ""
+    parts = label.split(".")
+    return parts[0] if len(parts) < 3 else f"{parts[0]}.{parts[-1]}"
+
+
+def kind_fractions(plan: PruningPlan, reference: DenseReference | None = None) -> dict[str, float]:
+    """Share of the dense heads each kind of attention lost (T5: encoder, decoder.self, decoder.cross).
+
+    Empty for decoder LLMs, whose entries are all one kind (see ``kv_groups_removed``).
+    """
+    kept: dict[str, int] = {}
+    dense: dict[str, int] = {}
+    for layer in plan.layers:
+        kind = entry_kind(layer.label)
+        if not kind:
+            return {}
+        full = reference.kv_groups_per_layer if reference is not None else layer.kv_groups_before
+        kept[kind] = kept.get(kind, 0) + len(layer.kept_kv_groups)
+        dense[kind] = dense.get(kind, 0) + full
+    return {kind: 1.0 - kept[kind] / max(dense[kind], 1) for kind in kept}
+
+
 def format_summary(record: PruneRecord, reference: DenseReference | None = None) -> str:
     """A console summary of one prune event: a headline and a per-layer table of what is kept."""
     m = record.metrics(reference)
@@ -89,7 +117,12 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
         f"KV groups removed {m['kv_groups_removed']:.1%}, MLP channels removed {m['mlp_channels_removed']:.1%}; "
         f"{record.seconds:.2f} s"
     )
-    rows = layer_rows(plan.kv_groups_kept(), plan.mlp_widths_kept(), _dense_sizes(record, reference))
+    kinds = kind_fractions(plan, reference)
+    if kinds:
+        head += "\n  heads removed by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in kinds.items())
+    labels = [layer.label for layer in plan.layers]
+    rows = layer_rows(plan.kv_groups_kept(), plan.mlp_widths_kept(), _dense_sizes(record, reference),
+                      labels if any(labels) else None)  # fmt: skip
     return head + "\n" + "\n".join("  " + line for line in format_table(rows))
 
 
@@ -108,25 +141,35 @@ def _dense_sizes(record: PruneRecord, reference: DenseReference | None) -> dict[
     }
 
 
-def layer_rows(kv_kept: list[int], mlp_kept: list[int], dense: dict[str, Any]) -> list[list[str]]:
-    """Rows (header first, total last) of the per-layer table: kept KV groups, MLP width, parameters."""
+def layer_rows(
+    kv_kept: list[int], mlp_kept: list[int], dense: dict[str, Any], labels: list[str] | None = None
+) -> list[list[str]]:
+    """Rows (header first, total last) of the per-layer table: kept KV groups, MLP width, parameters.
+
+    ``labels`` names labelled unit entries (T5: ``encoder.0``, ``decoder.0.self``, ``decoder.0.cross``);
+    an entry without an MLP (``.cross``) shows ``-`` as its MLP width.
+    """
     kv_d, mlp_d = dense["kv_groups_per_layer"], dense["mlp_width"]
     c_a, c_m = dense.get("kv_group_cost"), dense.get("mlp_channel_cost")
     with_params = bool(c_a and c_m)
     header = ["layer", "KV groups kept", "MLP width kept"] + (["attn+MLP params kept"] if with_params else [])
+    if labels:
+        header[:3] = ["entry", "heads kept", "FFN width kept"]
     rows = [header]
 
     def row(name: str, kv: int, kvd: int, mlp: int, mlpd: int) -> list[str]:
-        cells = [name, f"{kv}/{kvd} ({kv / kvd:.0%})", f"{mlp}/{mlpd} ({mlp / mlpd:.0%})"]
+        mlp_cell = f"{mlp}/{mlpd} ({mlp / mlpd:.0%})" if mlpd else "-"
+        cells = [name, f"{kv}/{kvd} ({kv / kvd:.0%})", mlp_cell]
         if with_params:
             kept, full = kv * c_a + mlp * c_m, kvd * c_a + mlpd * c_m
             cells.append(f"{kept:,} ({kept / full:.0%})")
         return cells
 
+    has_mlp = [not (labels and entry_kind(labels[i]) == "decoder.cross") for i in range(len(kv_kept))]
     for i, (kv, mlp) in enumerate(zip(kv_kept, mlp_kept)):
-        rows.append(row(str(i), kv, kv_d, mlp, mlp_d))
+        rows.append(row(labels[i] if labels else str(i), kv, kv_d, mlp, mlp_d if has_mlp[i] else 0))
     n = len(kv_kept)
-    rows.append(row("total", sum(kv_kept), kv_d * n, sum(mlp_kept), mlp_d * n))
+    rows.append(row("total", sum(kv_kept), kv_d * n, sum(mlp_kept), mlp_d * sum(has_mlp)))
     return rows
 
 
@@ -155,6 +198,8 @@ def report_dict(records: list[PruneRecord], reference: DenseReference | None) ->
                 "kept_kv_groups_per_layer": r.plan.kv_groups_kept(),
                 "kept_mlp_width_per_layer": r.plan.mlp_widths_kept(),
                 "kept_kv_group_indices": [layer.kept_kv_groups for layer in r.plan.layers],
+                **({"layer_labels": [layer.label for layer in r.plan.layers]} if r.plan.layers and r.plan.layers[0].label
+                   else {}),  # fmt: skip
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
             }
@@ -197,7 +242,14 @@ def render_markdown(report: dict[str, Any], results: dict[str, Any] | None = Non
     lines = ["# NIRVANA pruning report", ""]
     dense = report.get("dense")
     events = report.get("events", [])
-    if dense:
+    if dense and dense.get("num_mlp_layers") is not None:  # T5: attentions and FFNs are separate entries
+        lines += [
+            f"Dense model: {dense['num_layers']} attentions of {dense['kv_groups_per_layer']} heads and "
+            f"{dense['num_mlp_layers']} FFNs of {dense['mlp_width']} channels, {dense['prunable_params']:,} "
+            "attention+FFN parameters.",
+            "",
+        ]
+    elif dense:
         lines += [
             f"Dense model: {dense['num_layers']} layers, {dense['kv_groups_per_layer']} KV groups and "
             f"{dense['mlp_width']} MLP channels per layer, {dense['prunable_params']:,} attention+MLP parameters.",
@@ -219,6 +271,16 @@ def render_markdown(report: dict[str, Any], results: dict[str, Any] | None = Non
                 f"{e['kv_groups_removed']:.1%} | {e['mlp_channels_removed']:.1%} | {e['prune_seconds']:.2f} |"
             )
         lines.append("")
+        kinds = [(e["step"], {k[len("heads_removed_"):]: v for k, v in e.items() if k.startswith("heads_removed_")})
+                 for e in events]  # fmt: skip
+        if any(k for _, k in kinds):
+            names = list(kinds[-1][1])
+            lines += ["Share of the dense attention heads removed, by kind (FFN channels form one pool):", "",
+                      "| step | " + " | ".join(n.replace("_", ".") for n in names) + " |",
+                      "|---:|" + "---:|" * len(names)]  # fmt: skip
+            for step, k in kinds:
+                lines.append(f"| {step} | " + " | ".join(f"{k.get(n, 0.0):.1%}" for n in names) + " |")
+            lines.append("")
         if plot:
             lines += [f"![kept fraction per layer]({plot})", ""]
         last = events[-1]
@@ -226,7 +288,8 @@ def render_markdown(report: dict[str, Any], results: dict[str, Any] | None = Non
             "kv_groups_per_layer": max(last["kept_kv_groups_per_layer"]),
             "mlp_width": max(last["kept_mlp_width_per_layer"]),
         }
-        rows = layer_rows(last["kept_kv_groups_per_layer"], last["kept_mlp_width_per_layer"], sizes)
+        rows = layer_rows(last["kept_kv_groups_per_layer"], last["kept_mlp_width_per_layer"], sizes,
+                          last.get("layer_labels"))  # fmt: skip
         lines += [f"## Per layer after the last event (step {last['step']})", ""]
         lines.append("| " + " | ".join(rows[0]) + " |")
         lines.append("|" + "---:|" * len(rows[0]))

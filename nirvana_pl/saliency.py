@@ -250,12 +250,19 @@ def _param_groups_by_param(optimizer: torch.optim.Optimizer) -> dict[nn.Paramete
 # ---------------------------------------------------------------------------------------
 # calibration-based estimators
 # ---------------------------------------------------------------------------------------
-def normalize_batch(batch: Any, index: int, max_positions: int | None = None) -> dict[str, torch.Tensor]:
-    """A calibration batch as ``{"input_ids": LongTensor[B, T], "attention_mask"?: ...}``."""
+def normalize_batch(
+    batch: Any, index: int, max_positions: int | None = None, seq2seq: bool = False
+) -> dict[str, torch.Tensor]:
+    """A calibration batch as ``{"input_ids": LongTensor[B, T], "attention_mask"?: ...}``.
+
+    ``seq2seq``: also keep ``labels`` / ``decoder_input_ids`` / ``decoder_attention_mask`` (encoder-decoder
+    models; see :func:`nirvana_pl.t5.seq2seq_inputs` for what the decoder reads).
+    """
+    keys = ("input_ids", "attention_mask") + (_SEQ2SEQ_KEYS if seq2seq else ())
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     elif isinstance(batch, dict) and "input_ids" in batch:
-        batch = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch and batch[k] is not None}
+        batch = {k: batch[k] for k in keys if k in batch and batch[k] is not None}
     else:
         raise ValueError(
             f"calibration batch {index} is a {type(batch).__name__}; expected a LongTensor of token ids "
@@ -282,13 +289,18 @@ def normalize_batch(batch: Any, index: int, max_positions: int | None = None) ->
             f"calibration batch {index}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
             f"shape {tuple(ids.shape)}."
         )
+    if seq2seq:
+        from .t5 import check_seq2seq_batch
+
+        check_seq2seq_batch(batch, index)
     return batch
 
 
 def check_calibration(model: nn.Module, batches: Iterable[Any]) -> list[dict[str, torch.Tensor]]:
     """Validate and normalise calibration batches (raises with the fix on bad input)."""
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    out = [normalize_batch(b, i, max_pos) for i, b in enumerate(batches)]
+    seq2seq = _is_seq2seq(model)
+    out = [normalize_batch(b, i, max_pos, seq2seq) for i, b in enumerate(batches)]
     if not out:
         raise ValueError("calibration is empty; pass at least one batch of token ids.")
     return out
@@ -313,6 +325,14 @@ def eval_mode(model: nn.Module, trainable: Sequence[nn.Parameter] = ()) -> Itera
             p.requires_grad_(f)
         for m, training in modes:
             m.training = training
+
+
+_SEQ2SEQ_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")
+
+
+def _is_seq2seq(model: nn.Module) -> bool:
+    """Encoder-decoder models get teacher-forced decoder inputs (see :func:`nirvana_pl.t5.seq2seq_inputs`)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -365,6 +385,9 @@ def _gradient_saliency(
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     params = [w.weight for w in weights]
     device = params[0].device
+    seq2seq = _is_seq2seq(model)
+    if seq2seq:
+        from .t5 import seq2seq_inputs
     n_total = sum(b["input_ids"].shape[0] for b in batches)
     grads = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
     it = batches
@@ -376,7 +399,13 @@ def _gradient_saliency(
         for batch in it:
             batch = _to_device(batch, device)
             mask = batch.get("attention_mask")
-            if objective == "functional":
+            if seq2seq:  # teacher-forced decoder logits / the seq2seq loss
+                inputs, dec_mask, labels = seq2seq_inputs(model, batch, with_labels=objective != "functional")
+                if objective == "functional":
+                    value = output_functional(model(**inputs, use_cache=False).logits, dec_mask)
+                else:
+                    value = model(**inputs, labels=labels, use_cache=False).loss
+            elif objective == "functional":
                 logits = model(**batch, use_cache=False).logits
                 value = output_functional(logits, mask)
             else:
@@ -403,28 +432,39 @@ def wanda_sp_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     sq: dict[int, torch.Tensor] = {}
     hooks = []
-    current: dict[str, torch.Tensor | None] = {"mask": None}  # padding mask of the batch in flight
+    # padding masks of the batch in flight, per input sequence (encoder-decoder models have two)
+    current: dict[str, torch.Tensor | None] = {"mask": None, "encoder": None, "decoder": None}
+    seq2seq = _is_seq2seq(model)
 
-    def make_hook(lin: nn.Linear):
+    def make_hook(lin: nn.Linear, stream: str = "mask"):
         def hook(_mod, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            if current["mask"] is not None:  # padded positions carry no signal
-                x = x * current["mask"].reshape(-1, 1).to(x)
+            if current[stream] is not None:  # padded positions carry no signal
+                x = x * current[stream].reshape(-1, 1).to(x)
             acc = sq.get(id(lin))
             s = x.square().sum(0)
             sq[id(lin)] = s if acc is None else acc + s
 
         return hook
 
-    for w in weights:
-        hooks.append(w.linear.register_forward_pre_hook(make_hook(w.linear)))
+    for layer in units:
+        for w in layer.attn_weights + layer.mlp_weights:
+            stream = layer.input_stream(w) if seq2seq else "mask"
+            hooks.append(w.linear.register_forward_pre_hook(make_hook(w.linear, stream)))
     device = weights[0].weight.device
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
                 batch = _to_device(batch, device)
                 current["mask"] = batch.get("attention_mask")
-                model(**batch, use_cache=False)
+                if seq2seq:
+                    from .t5 import seq2seq_inputs
+
+                    inputs, current["decoder"], _ = seq2seq_inputs(model, batch)
+                    current["encoder"] = batch.get("attention_mask")
+                    model(**inputs, use_cache=False)
+                else:
+                    model(**batch, use_cache=False)
     finally:
         for h in hooks:
             h.remove()

@@ -117,7 +117,12 @@ def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.o
     for u in units:
         if hasattr(u.mlp, "intermediate_size"):  # informational attribute of stock MLP modules
             u.mlp.intermediate_size = u.mlp_width
-    update_config(model)
+    if _is_t5(model):  # head bookkeeping (kept original heads for the position bias) and the config
+        from .t5 import after_slicing
+
+        after_slicing(model, units, [lp.kept_kv_groups for lp in plan.layers])
+    else:
+        update_config(model)
     actual = prunable_parameter_count(model)
     if actual != expected:  # internal consistency check: unit costs must match the real slices
         raise RuntimeError(f"surgery left {actual} attention+MLP parameters, the plan predicted {expected}.")
@@ -143,6 +148,11 @@ def update_config(model: nn.Module) -> None:
     ``head_dim`` is always written explicitly, because stock configs derive it from
     ``hidden_size / num_attention_heads``, which pruning changes.
     """
+    if _is_t5(model):
+        from .t5 import update_t5_config
+
+        update_t5_config(model)
+        return
     config = model.config
     widths = layer_widths(model)
     config.head_dim = head_dim_of(config)
@@ -153,6 +163,12 @@ def update_config(model: nn.Module) -> None:
             del config.nirvana_layer_widths
     else:
         config.nirvana_layer_widths = widths
+
+
+def _is_t5(model: nn.Module) -> bool:
+    from .t5 import is_t5
+
+    return is_t5(model)
 
 
 def _stock_config_accepts(config, widths: dict[str, int]) -> bool:

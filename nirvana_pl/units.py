@@ -21,7 +21,7 @@ from torch import nn
 #: Architectures whose decoder layers this library knows how to prune, keyed by
 #: ``config.model_type`` (exported non-uniform models carry the base type in
 #: ``config.nirvana_base_model_type``).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "t5")
 
 
 class UnsupportedModelError(ValueError):
@@ -191,8 +191,13 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"model_type {mtype!r} ({type(model).__name__}) is not supported; nirvana_pl prunes "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} models (LlamaForCausalLM, MistralForCausalLM, "
-            f"Qwen2ForCausalLM and their base models)."
+            f"Qwen2ForCausalLM and their base models, T5ForConditionalGeneration)."
         )
+    if mtype == "t5":
+        from .t5 import check_t5
+
+        check_t5(model)
+        return
     if not _decoder_layers(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} has no decoder layers to prune (found no `.layers` holding "
@@ -216,6 +221,10 @@ def find_units(model: nn.Module) -> list[LayerUnits]:
     """The prunable units of every decoder layer of ``model``, in layer order."""
     check_supported(model)
     config = model.config
+    if base_model_type(config) == "t5":
+        from .t5 import find_t5_units
+
+        return find_t5_units(model)
     h = head_dim_of(config)
     out = []
     for i, layer in enumerate(_decoder_layers(model)):
@@ -287,6 +296,7 @@ def units_parameter_count(units: Sequence[LayerUnits]) -> int:
         p.numel()
         for layer in units
         for mod in (layer.attn, layer.mlp)
+        if mod is not None  # a T5 cross-attention entry has no FFN
         for n, p in mod.named_parameters()
         if not is_adapter_parameter(n)
     )

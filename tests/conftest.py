@@ -118,6 +118,33 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_t5(gated: bool = False, num_layers: int = 2, num_decoder_layers: int = 2, seed: int = 0):
+    """T5ForConditionalGeneration: d_model 32, 4 heads of d_kv 8, d_ff 64; ``gated`` picks the
+    ``wi_0``/``wi_1`` FFN (gated-gelu) instead of ``wi`` (relu)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=num_layers,
+        num_decoder_layers=num_decoder_layers, feed_forward_proj="gated-gelu" if gated else "relu",
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, dropout_rate=0.0,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    # A distinct, visible relative bias per head, non-trivial layer norms, and stronger residual branches
+    # (v, o, wo x4) so that the random model's outputs (and greedy generations) depend on the input.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(name.endswith(f"{k}.weight") for k in ("Attention.v", "Attention.o", "DenseReluDense.wo")):
+                p.mul_(4.0)
+            elif name.endswith("relative_attention_bias.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name.endswith("layer_norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    return model.float().eval()
+
+
 def calib_batches(n: int = 2, batch: int = 2, seq: int = 12, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (batch, seq), generator=gen) for _ in range(n)]

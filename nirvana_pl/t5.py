@@ -1,0 +1,375 @@
+"""T5 (encoder-decoder) support: where the units are, what surgery does besides slicing, and the
+teacher-forced inputs of the data-driven estimators.
+
+T5 is described to the generic allocate/plan/surgery code as a list of *unit entries*, each a
+:class:`T5Units` (a :class:`~nirvana_pl.units.LayerUnits` with a label):
+
+* ``encoder.<i>``: the heads of encoder block i's self-attention and its FFN channels;
+* ``decoder.<i>.self``: the heads of decoder block i's self-attention and its FFN channels;
+* ``decoder.<i>.cross``: the heads of decoder block i's cross-attention (no FFN: width 0).
+
+A head is a unit of group size 1 (rows ``d_kv`` of q, k, v; columns of o). All heads share one pool
+and all FFN channels another (METHOD.md section 3). The relative position bias is never pruned: the
+first block of each stack computes it for every original head and each pruned attention
+(:class:`~nirvana_pl.hub_code.modeling_nirvana_t5.NirvanaT5Attention`) reads the columns of the
+original heads it keeps, recorded in its buffer ``nirvana_kept_heads`` (saved with the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .hub_code.modeling_nirvana_t5 import KEPT_HEADS, NirvanaT5Attention, make_pruned_attention, resize_attention, resize_ffn
+from .units import LayerUnits, UnsupportedModelError, WeightSlice
+
+#: the kinds of unit entries, in report order
+KINDS = ("encoder", "decoder.self", "decoder.cross")
+
+
+def is_t5(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    base = getattr(config, "nirvana_base_model_type", None) or getattr(config, "model_type", None)
+    return base == "t5"
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and hasattr(model, "decoder")
+
+
+@dataclass
+class T5Units(LayerUnits):
+    """One unit entry of a T5 model: the heads of one attention and (optionally) one FFN.
+
+    ``mlp`` is the FFN module (``DenseReluDense``) or None for a cross-attention entry.
+    """
+
+    label: str = ""
+    kind: str = ""
+    stream: str = "encoder"  # which sequence the attention's queries (and the FFN) read
+
+    @property
+    def attn_weights(self) -> list[WeightSlice]:
+        h, a = self.head_dim, self.attn
+        return [
+            WeightSlice("q", a.q, 0, h),
+            WeightSlice("k", a.k, 0, h),
+            WeightSlice("v", a.v, 0, h),
+            WeightSlice("o", a.o, 1, h),
+        ]
+
+    @property
+    def mlp_weights(self) -> list[WeightSlice]:
+        m = self.mlp
+        if m is None:
+            return []
+        rows = [WeightSlice(n, getattr(m, n), 0, 1) for n in (("wi_0", "wi_1") if hasattr(m, "wi_0") else ("wi",))]
+        return rows + [WeightSlice("wo", m.wo, 1, 1)]
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.attn.q.out_features // self.head_dim
+
+    @property
+    def mlp_width(self) -> int:
+        return 0 if self.mlp is None else self.mlp.wo.in_features
+
+    @property
+    def mlp_channel_cost(self) -> int:
+        if self.mlp is None:  # no FFN in this entry; the cost of a channel anywhere else
+            d = self.attn.o.out_features
+            return d * 3 if self._gated else d * 2
+        return super().mlp_channel_cost
+
+    _gated: bool = False
+
+    def input_stream(self, w: WeightSlice) -> str:
+        """Which sequence feeds ``w`` (``encoder`` or ``decoder``): the key/value of cross-attention read the encoder."""
+        if self.kind == "decoder.cross" and w.name in ("k", "v"):
+            return "encoder"
+        return self.stream
+
+    def modules(self) -> list[nn.Module]:
+        return [self.attn] + ([self.mlp] if self.mlp is not None else [])
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    return [m for m in model.modules() if isinstance(m, T5Attention)]
+
+
+def check_t5(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a T5 whose units this library understands."""
+    name = type(model).__name__
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not hasattr(encoder, "block"):
+        raise UnsupportedModelError(
+            f"{name} is a T5 model without an `.encoder` stack of blocks; nirvana_pl prunes "
+            "T5ForConditionalGeneration. Pass that model, not a sub-module."
+        )
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None and not hasattr(decoder, "block"):
+        raise UnsupportedModelError(f"{name}.decoder has no `.block` list; it is not a T5 stack.")
+    if any(hasattr(m, "base_layer") for m in model.modules()):
+        raise UnsupportedModelError(
+            f"{name} carries LoRA adapters (peft); pruning adapter-wrapped layers is not supported yet. Prune the "
+            "base model first and attach the adapters afterwards, or merge them (model.merge_and_unload())."
+        )
+    seen: dict[int, str] = {}
+    for stack_name, stack in (("encoder", encoder), ("decoder", decoder)):
+        if stack is None:
+            continue
+        for i, block in enumerate(stack.block):
+            where = f"{stack_name}.block[{i}]"
+            attns = [("SelfAttention", block.layer[0].SelfAttention)]
+            if stack_name == "decoder":
+                attns.append(("EncDecAttention", block.layer[1].EncDecAttention))
+            for attr, attn in attns:
+                has_bias = getattr(attn, "relative_attention_bias", None) is not None
+                if has_bias and (i != 0 or attr != "SelfAttention"):
+                    raise UnsupportedModelError(
+                        f"{where}.{attr} owns a relative_attention_bias, but in T5 only the self-attention of the "
+                        "first block of each stack does (the later blocks reuse its bias). Pruning heads needs that "
+                        "layout; this model's position bias is wired differently, so it cannot be pruned."
+                    )
+                if attr == "SelfAttention" and i == 0 and not has_bias:
+                    raise UnsupportedModelError(
+                        f"{where}.SelfAttention has no relative_attention_bias; T5 computes the position bias there. "
+                        "This model is not laid out like T5ForConditionalGeneration and cannot be pruned."
+                    )
+                if has_bias and attn.relative_attention_bias.embedding_dim != model.config.num_heads:
+                    raise UnsupportedModelError(
+                        f"{where}.{attr}.relative_attention_bias has {attn.relative_attention_bias.embedding_dim} "
+                        f"head columns, config.num_heads={model.config.num_heads}; they must match (it is the dense "
+                        "head count, never pruned)."
+                    )
+                for pname in ("q", "k", "v", "o"):
+                    lin = getattr(attn, pname, None)
+                    if not isinstance(lin, nn.Linear):
+                        raise UnsupportedModelError(f"{where}.{attr}.{pname} is {type(lin).__name__}, not nn.Linear.")
+                    key = id(lin.weight)
+                    if key in seen:
+                        raise UnsupportedModelError(
+                            f"{where}.{attr}.{pname}.weight is the same Parameter as {seen[key]}: heads tied across "
+                            "layers cannot be pruned per layer. Untie them (give each attention its own weights) "
+                            "before pruning."
+                        )
+                    seen[key] = f"{where}.{attr}.{pname}.weight"
+            ffn = block.layer[-1].DenseReluDense
+            for pname in ("wi_0", "wi_1", "wo") if hasattr(ffn, "wi_0") else ("wi", "wo"):
+                lin = getattr(ffn, pname, None)
+                if not isinstance(lin, nn.Linear):
+                    raise UnsupportedModelError(f"{where}.DenseReluDense.{pname} is {type(lin).__name__}, not nn.Linear.")
+                key = id(lin.weight)
+                if key in seen:
+                    raise UnsupportedModelError(
+                        f"{where}.DenseReluDense.{pname}.weight is the same Parameter as {seen[key]}: FFN weights tied "
+                        "across layers cannot be pruned per layer. Untie them before pruning."
+                    )
+                seen[key] = f"{where}.DenseReluDense.{pname}.weight"
+
+
+def find_t5_units(model: nn.Module) -> list[T5Units]:
+    """The unit entries of a T5 model: ``encoder.i`` for every encoder block, then ``decoder.i.self`` and
+    ``decoder.i.cross`` for every decoder block."""
+    check_t5(model)
+    h = int(model.config.d_kv)
+    gated = bool(getattr(model.config, "is_gated_act", False))
+    out: list[T5Units] = []
+
+    def add(attn, mlp, label, kind, stream):
+        out.append(T5Units(index=len(out), attn=attn, mlp=mlp, head_dim=h, group_size=1, label=label, kind=kind,
+                           stream=stream, _gated=gated))  # fmt: skip
+
+    for i, block in enumerate(model.encoder.block):
+        add(block.layer[0].SelfAttention, block.layer[-1].DenseReluDense, f"encoder.{i}", "encoder", "encoder")
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        for i, block in enumerate(decoder.block):
+            add(block.layer[0].SelfAttention, block.layer[-1].DenseReluDense, f"decoder.{i}.self", "decoder.self",
+                "decoder")  # fmt: skip
+            add(block.layer[1].EncDecAttention, None, f"decoder.{i}.cross", "decoder.cross", "decoder")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- surgery
+def kept_original_heads(attn: nn.Module) -> torch.Tensor:
+    """Original indices of the heads ``attn`` has now (all of them for a stock, never pruned attention)."""
+    kept = getattr(attn, KEPT_HEADS, None)
+    if kept is None:  # a stock attention: n_heads is its head count until make_pruned_attention updates it
+        return torch.arange(int(attn.n_heads))
+    return kept.detach().cpu()
+
+
+def after_slicing(model: nn.Module, units: Sequence[T5Units], kept_heads: Sequence[Sequence[int]]) -> None:
+    """Bookkeeping after the q/k/v/o of every entry were sliced to ``kept_heads`` (indices before the slice).
+
+    Every attention of the model becomes a NirvanaT5Attention (so the full position bias travels between
+    blocks whatever each one kept), with its kept original heads composed over all prune events.
+    """
+    bias_heads = int(model.config.num_heads)
+    for u, kept in zip(units, kept_heads):
+        before = kept_original_heads(u.attn)
+        make_pruned_attention(u.attn, before[torch.as_tensor(list(kept), dtype=torch.long)], bias_heads)
+    for attn in _attention_modules(model):  # e.g. a T5EncoderModel has no decoder entries
+        if not isinstance(attn, NirvanaT5Attention):
+            make_pruned_attention(attn, kept_original_heads(attn), bias_heads)
+    update_t5_config(model)
+
+
+def t5_layers(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
+    """Per block: the original indices of the kept heads of each attention and the FFN width, measured on the modules."""
+    out: dict[str, list[dict[str, Any]]] = {"encoder": [], "decoder": []}
+    for u in find_t5_units(model):
+        heads = kept_original_heads(u.attn).tolist()
+        if u.kind == "encoder":
+            out["encoder"].append({"self_heads": heads, "d_ff": u.mlp_width})
+        elif u.kind == "decoder.self":
+            out["decoder"].append({"self_heads": heads, "d_ff": u.mlp_width})
+        else:
+            out["decoder"][-1]["cross_heads"] = heads
+    if getattr(model, "decoder", None) is None:
+        del out["decoder"]
+    return out
+
+
+def is_dense_heads(layers: dict[str, list[dict[str, Any]]], num_heads: int) -> bool:
+    full = list(range(num_heads))
+    return all(
+        entry.get(key, full) == full for entries in layers.values() for entry in entries for key in ("self_heads", "cross_heads")
+    )
+
+
+def update_t5_config(model: nn.Module) -> None:
+    """Write the real widths into ``model.config``: ``nirvana_t5_layers`` when heads were pruned or FFN widths
+    differ, else the stock ``d_ff``. ``num_heads`` stays the dense head count (the relative bias width)."""
+    config = model.config
+    layers = t5_layers(model)
+    widths = {e["d_ff"] for entries in layers.values() for e in entries}
+    if is_dense_heads(layers, config.num_heads) and len(widths) == 1:
+        config.d_ff = widths.pop()
+        if hasattr(config, "nirvana_t5_layers"):
+            del config.nirvana_t5_layers
+    else:
+        config.nirvana_t5_layers = layers
+
+
+def resize_to_t5_layers(model: nn.Module, layers: dict[str, list[dict[str, Any]]]) -> None:
+    """Give ``model`` the shapes (and kept-heads buffers) of ``layers``; values are to be loaded afterwards."""
+    from .hub_code.modeling_nirvana_t5 import apply_t5_layers
+
+    apply_t5_layers(model, layers, int(model.config.num_heads))
+    for attn in _attention_modules(model):
+        if not isinstance(attn, NirvanaT5Attention):
+            make_pruned_attention(attn, kept_original_heads(attn), int(model.config.num_heads))
+    update_t5_config(model)
+
+
+def layers_from_state_dict(
+    model: nn.Module, state_dict: Any, names: dict[int, str], prefix: str
+) -> dict[str, list[dict[str, Any]]] | None:
+    """The widths a state dict of ``model`` holds (kept-heads buffers and FFN shapes), or None when it is not
+    a full state dict of this model."""
+    layers: dict[str, list[dict[str, Any]]] = {"encoder": [], "decoder": []}
+    for u in find_t5_units(model):
+        q_name = names.get(id(u.attn.q.weight))
+        if q_name is None:
+            return None
+        q = state_dict.get(prefix + q_name)
+        if q is None:
+            return None
+        n_heads = q.shape[0] // u.head_dim
+        buf = state_dict.get(prefix + q_name[: -len("q.weight")] + KEPT_HEADS)
+        heads = buf.tolist() if buf is not None else list(range(n_heads))
+        if len(heads) != n_heads:
+            raise UnsupportedModelError(
+                f"the checkpoint's {q_name} has {n_heads} heads but its {KEPT_HEADS} lists {len(heads)}; the "
+                "checkpoint is inconsistent."
+            )
+        if u.mlp is not None:
+            wo = state_dict.get(prefix + names[id(u.mlp.wo.weight)])
+            if wo is None:
+                return None
+            entry = {"self_heads": heads, "d_ff": int(wo.shape[1])}
+            layers["encoder" if u.kind == "encoder" else "decoder"].append(entry)
+        else:
+            layers["decoder"][-1]["cross_heads"] = heads
+    if getattr(model, "decoder", None) is None:
+        del layers["decoder"]
+    return layers
+
+
+def resize_from_state_dict(model: nn.Module, module: nn.Module, state_dict: Any, prefix: str) -> None:
+    """Before ``module.load_state_dict(state_dict)``: give the T5 ``model`` inside ``module`` the checkpoint's
+    pruned shapes (used to resume a fit from a checkpoint written after a prune)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    layers = layers_from_state_dict(model, state_dict, names, prefix)
+    if layers is None or layers == t5_layers(model):
+        return
+    resize_to_t5_layers(model, layers)
+
+
+# ---------------------------------------------------------------------------------------------- data
+SEQ2SEQ_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")
+
+
+def seq2seq_inputs(
+    model: nn.Module, batch: dict[str, torch.Tensor], with_labels: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """Teacher-forced model inputs of a calibration batch: (kwargs, decoder padding mask, labels).
+
+    The decoder reads ``decoder_input_ids`` when given, else the model's shift-right of ``labels``,
+    else the shift-right of ``input_ids`` (the batch has no target: the decoder then reconstructs
+    the input, so the output functional is still taken over real decoder logits). The decoder
+    padding mask is ``decoder_attention_mask``, else ``labels != -100``, else ``attention_mask``.
+    ``with_labels`` adds the loss labels (``labels``, else ``input_ids`` with padding as -100).
+    """
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    labels = batch.get("labels")
+    dec_ids, dec_mask = batch.get("decoder_input_ids"), batch.get("decoder_attention_mask")
+    if labels is None and dec_ids is None:
+        labels_src = ids.masked_fill(mask == 0, -100) if mask is not None else ids
+        if dec_mask is None:
+            dec_mask = mask
+    else:
+        labels_src = labels
+    if dec_ids is None:
+        dec_ids = model._shift_right(labels_src)
+    if dec_mask is None and labels is not None:
+        dec_mask = (labels != -100).long()
+    kwargs = {"input_ids": ids, "decoder_input_ids": dec_ids}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if dec_mask is not None and batch.get("decoder_attention_mask") is not None:
+        kwargs["decoder_attention_mask"] = dec_mask
+    loss_labels = None
+    if with_labels:
+        loss_labels = labels_src if labels_src is not None else ids
+        if loss_labels.shape != dec_ids.shape:
+            raise ValueError(
+                f"calibration batch: labels shape {tuple(loss_labels.shape)} differs from decoder_input_ids "
+                f"shape {tuple(dec_ids.shape)}; give labels that match the decoder inputs."
+            )
+    return kwargs, dec_mask, loss_labels
+
+
+def check_seq2seq_batch(batch: dict[str, Any], index: int) -> None:
+    """Shapes of the seq2seq keys of one calibration batch (the decoder side may differ in length)."""
+    n = batch["input_ids"].shape[0]
+    for key in SEQ2SEQ_KEYS:
+        t = batch.get(key)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != n or t.dtype not in (torch.long, torch.int32):
+            raise ValueError(
+                f"calibration batch {index}: {key} must be an integer tensor [batch={n}, target_len]; got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}."
+            )
+    for a, b in (("decoder_attention_mask", "decoder_input_ids"), ("decoder_attention_mask", "labels")):
+        if batch.get(a) is not None and batch.get(b) is not None and batch[a].shape != batch[b].shape:
+            raise ValueError(f"calibration batch {index}: {a} shape {tuple(batch[a].shape)} differs from {b} shape "
+                             f"{tuple(batch[b].shape)}.")  # fmt: skip
