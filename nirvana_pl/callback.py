@@ -21,6 +21,7 @@ from torch import nn
 
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
+from .deepspeed import install_resume_reshape, is_deepspeed, prune_engine, reader_for
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
 from .oneshot import allocation_config, check_selection_args, make_plan
 from .plan import PruningPlan
@@ -167,7 +168,9 @@ class NirvanaPruningCallback(Callback):
         if stage != "fit":
             return
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            check_strategy(trainer.strategy)  # DDP is supported; sharded strategies are refused
+            check_strategy(trainer.strategy)  # DDP and DeepSpeed ZeRO-1/2 are supported; FSDP is refused
+        if is_deepspeed(trainer.strategy):  # a pruned DeepSpeed checkpoint needs an engine of its shapes
+            install_resume_reshape(trainer.strategy, self._reshape_before_load)
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
         for event, alloc in zip(self.schedule.events, self._alloc):
@@ -214,7 +217,7 @@ class NirvanaPruningCallback(Callback):
             resize_to_widths(self.model, widths)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adam:
+        if self._adam and not is_deepspeed(trainer.strategy):  # ZeRO state is read per parameter instead
             check_adam_optimizers(self.model, trainer.optimizers, self.saliency)
 
     # ------------------------------------------------------------------ training
@@ -229,7 +232,7 @@ class NirvanaPruningCallback(Callback):
         if window is not None and not self._done(window):
             if self._adam:
                 for accumulator in self._adam.values():
-                    accumulator.accumulate(self.model, trainer.optimizers)
+                    accumulator.accumulate(self.model, trainer.optimizers, reader_for(trainer.strategy, trainer.optimizers))
             elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
                 self._collected.append(_input_ids_of(batch))
         event = self.schedule.event_at(step)
@@ -266,7 +269,10 @@ class NirvanaPruningCallback(Callback):
                 stacklevel=2,
             )
         check_same_plan(plan)
-        apply_plan(model, plan, trainer.optimizers)
+        if is_deepspeed(trainer.strategy):
+            prune_engine(trainer.strategy, model, plan)  # shrinks the modules and rebuilds the engine
+        else:
+            apply_plan(model, plan, trainer.optimizers)
         self._reference.attach(model)
         rewrap_ddp(trainer.strategy)
         seconds = time.perf_counter() - start
