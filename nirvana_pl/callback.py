@@ -21,6 +21,7 @@ from torch import nn
 
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
+from .deepspeed import install_resume_reshape, is_deepspeed, prune_engine, reader_for
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import allocation_config, check_selection_args, make_plan
@@ -184,7 +185,15 @@ class NirvanaPruningCallback(Callback):
         if stage != "fit":
             return
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            check_strategy(trainer.strategy)  # DDP is supported; sharded strategies are refused
+            check_strategy(trainer.strategy)  # DDP and DeepSpeed ZeRO-1/2 are supported; FSDP is refused
+        if is_deepspeed(trainer.strategy):  # a pruned DeepSpeed checkpoint needs an engine of its shapes
+            if self.recovery is not None or has_lora(self._model):
+                raise ValueError(
+                    "NirvanaPruningCallback: LoRA adapters (recovery= or a peft model) are not supported under "
+                    "DeepSpeed yet (the engine would have to be rebuilt around the adapters). Use DDP or a single "
+                    "device for LoRA, or recover with full fine-tuning under DeepSpeed."
+                )
+            install_resume_reshape(trainer.strategy, self._reshape_before_load)
         if self.recovery is not None:
             if has_lora(self._model):
                 raise ValueError(
@@ -257,7 +266,7 @@ class NirvanaPruningCallback(Callback):
             self._retarget_optimizers(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adam and not all(self._done(e) for e in self.schedule.events):
+        if self._adam and not is_deepspeed(trainer.strategy) and not all(self._done(e) for e in self.schedule.events):
             check_adam_optimizers(self.model, trainer.optimizers, self.saliency)
 
     # ------------------------------------------------------------------ training
@@ -272,7 +281,7 @@ class NirvanaPruningCallback(Callback):
         if window is not None and not self._done(window):
             if self._adam:
                 for accumulator in self._adam.values():
-                    accumulator.accumulate(self.model, trainer.optimizers)
+                    accumulator.accumulate(self.model, trainer.optimizers, reader_for(trainer.strategy, trainer.optimizers))
             elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
                 self._collected.append(_input_ids_of(batch))
         event = self.schedule.event_at(step)
@@ -309,7 +318,10 @@ class NirvanaPruningCallback(Callback):
                 stacklevel=2,
             )
         check_same_plan(plan)
-        apply_plan(model, plan, trainer.optimizers)
+        if is_deepspeed(trainer.strategy):
+            prune_engine(trainer.strategy, model, plan)  # shrinks the modules and rebuilds the engine
+        else:
+            apply_plan(model, plan, trainer.optimizers)
         self._reference.attach(model)
         if self.recovery is not None and not has_lora(model):
             attach_recovery_adapters(model, self.recovery, self.recovery_train_norms)

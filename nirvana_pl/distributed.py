@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 from .plan import PruningPlan
 
 _UNSUPPORTED = {
-    "DeepSpeed": "DeepSpeed partitions parameters and optimizer state across ranks",
     "FSDP": "FSDP shards parameters across ranks (flattened parameters)",
     "ModelParallel": "model-parallel strategies shard parameters across ranks",
     "XLA": "XLA strategies are not tested with structured surgery",
@@ -43,16 +42,22 @@ def is_distributed() -> bool:
 
 
 def check_strategy(strategy: Any) -> None:
-    """Accept single-device and DDP strategies; refuse sharded ones with a clear message."""
+    """Accept single-device, DDP and DeepSpeed ZeRO-1/2 strategies; refuse sharded ones with a clear message."""
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    from .deepspeed import check_deepspeed_strategy, is_deepspeed
+
+    if is_deepspeed(strategy):
+        check_deepspeed_strategy(strategy)
+        return
     names = [c.__name__ for c in type(strategy).__mro__]
     for key, why in _UNSUPPORTED.items():
         if any(key in n for n in names):
             raise ValueError(
                 f"NirvanaPruningCallback does not support strategy {type(strategy).__name__} yet: {why}, and "
                 "the callback's surgery needs whole parameters on every rank. Use a single device "
-                "(Trainer(devices=1)) or data parallel training (Trainer(strategy='ddp'))."
+                "(Trainer(devices=1)), data parallel training (Trainer(strategy='ddp')) or DeepSpeed ZeRO-1/2 "
+                "(Trainer(strategy=DeepSpeedStrategy(stage=2)))."
             )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(

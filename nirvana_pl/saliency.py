@@ -118,6 +118,10 @@ def random_scores(model: nn.Module, seed: int = 0) -> UnitScores:
 # ---------------------------------------------------------------------------------------
 # Adam-state estimators (training-integrated)
 # ---------------------------------------------------------------------------------------
+# (weight, {"exp_avg", "exp_avg_sq", "step"}, param group with "betas") of one parameter
+AdamStateReader = Callable[[nn.Parameter], "tuple[torch.Tensor, dict, dict | None]"]
+
+
 class AdamStateSaliency:
     """Mean over optimizer steps of a per-unit saliency read from Adam's moments.
 
@@ -136,24 +140,34 @@ class AdamStateSaliency:
 
     @torch.no_grad()
     def accumulate(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        reader: AdamStateReader | None = None,
     ) -> None:
-        """Add the saliency of the current weights and Adam moments (one optimizer step)."""
+        """Add the saliency of the current weights and Adam moments (one optimizer step).
+
+        ``reader`` replaces the lookup in ``optimizer.state`` where the state is partitioned
+        (DeepSpeed ZeRO): it is called once per weight, in the same order on every rank.
+        """
         units = find_units(model)
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
         param_group: dict[nn.Parameter, dict] = {}
         state: dict = {}
-        for opt in optimizers:
-            param_group.update(_param_groups_by_param(opt))
-            state.update(opt.state)
+        if reader is None:
+            for opt in optimizers:
+                param_group.update(_param_groups_by_param(opt))
+                state.update(opt.state)
         opt_names = ", ".join(type(o).__name__ for o in optimizers) or "none"
 
         def saliency_of(w: WeightSlice) -> torch.Tensor:
             p = w.weight
-            group = param_group.get(p)
+            if reader is not None:  # partitioned state (DeepSpeed ZeRO), read collectively
+                wt, st, group = reader(p)
+            else:
+                wt, st, group = w.effective_weight(), state.get(p, {}), param_group.get(p)
             if group is None or not p.requires_grad:
                 raise SaliencyError(_not_trained_message(self.kind, f"{w.name} (shape {tuple(p.shape)})", w))
-            st = state.get(p, {})
             if "exp_avg_sq" not in st or "exp_avg" not in st:
                 raise SaliencyError(
                     f"saliency={self.kind!r} found no Adam state for {w.name}: the optimizer "
@@ -168,7 +182,6 @@ class AdamStateSaliency:
                 )
             step = float(st["step"])
             b1, b2 = group["betas"]
-            wt = w.effective_weight()
             if self.kind == "adam_taylor":
                 corr = (1.0 - b2**step) ** -0.5
                 return _rowdot(w, wt.abs(), st["exp_avg_sq"].sqrt()) * corr

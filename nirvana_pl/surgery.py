@@ -198,3 +198,24 @@ def resize_to_widths(model: nn.Module, widths: Sequence[dict[str, int]]) -> None
             )
         layers.append(LayerPlan(u.num_kv_groups, u.mlp_width, list(range(kv)), list(range(mlp))))
     apply_plan(model, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="resize"))
+
+
+def planned_slices(model: nn.Module, plan: PruningPlan) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+    """(parameter, axis, kept indices) for every parameter ``plan`` shrinks (the plan is validated).
+
+    For callers that carry state kept outside the module (e.g. a DeepSpeed engine's partitioned
+    fp32 masters and moments) over to the kept slices.
+    """
+    units = validate_plan(model, plan)
+    out = []
+    for u, lp in zip(units, plan.layers):
+        for weights, kept, n in (
+            (u.attn_weights, lp.kept_kv_groups, u.num_kv_groups),
+            (u.mlp_weights, lp.kept_mlp_channels, u.mlp_width),
+        ):
+            if len(kept) == n:
+                continue
+            for w in weights:
+                idx = unit_index(n, w.rows_per_unit, kept)
+                out += [(p, axis, idx) for p, axis in w.unit_parameters()]
+    return out

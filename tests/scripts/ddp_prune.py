@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--prune-at", type=int, default=6)
     ap.add_argument("--steps-after", type=int, default=10)
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--nodes", type=int, default=1, help="num_nodes (one process per node is started by the caller)")
     ap.add_argument("--mismatch", action="store_true", help="make rank 1's plan differ (must fail)")
     args = ap.parse_args()
     _record_agreement()
@@ -184,7 +186,7 @@ def main() -> None:
     )
     probe = Probe(pruner, prune_at)
     trainer = pl.Trainer(
-        default_root_dir=args.out, max_steps=prune_at + args.steps_after, accelerator="cpu", devices=2,
+        default_root_dir=args.out, max_steps=prune_at + args.steps_after, accelerator="cpu", devices=args.devices, num_nodes=args.nodes,
         strategy="ddp", callbacks=[pruner, probe], enable_progress_bar=False, enable_model_summary=False,
         logger=False, enable_checkpointing=False, log_every_n_steps=1,
     )

@@ -1,0 +1,354 @@
+"""DeepSpeed ZeRO support for NirvanaPruningCallback: every DeepSpeed detail lives here.
+
+Under ZeRO the fp32 master weights and the Adam moments are partitioned across ranks, and the
+engine's flat buffers are sized for the dense model, so a prune event
+
+1. reads each parameter's full fp32 master and Adam moments with DeepSpeed's
+   ``safe_get_full_*`` collectives (every rank, the same parameters, the same order; one
+   parameter at a time) and keeps the kept slices; each rank keeps only the parameters it owns
+   (round robin), so no rank holds a copy of the whole model's optimizer state;
+2. tears the engine down, shrinks the modules (:func:`nirvana_pl.surgery.apply_plan`),
+3. builds a new engine and optimizer through the strategy (``configure_optimizers`` again) and
+   gives the LR scheduler its old state, so the schedule continues;
+4. installs the carried fp32 masters, ``exp_avg``, ``exp_avg_sq`` and the step count with the
+   ``safe_set_full_*`` collectives (each owner broadcasts its parameters).
+
+ZeRO-3 partitions the module parameters themselves and is not supported yet: it is refused at
+set-up with a message. :class:`CPUDeepSpeedStrategy` runs Lightning's ``DeepSpeedStrategy`` in CPU
+processes (gloo); on GPUs use the stock ``DeepSpeedStrategy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import nn
+
+from .plan import PruningPlan
+from .surgery import apply_plan, planned_slices
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+SUPPORTED_STAGES = (1, 2)
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` in CPU processes (gloo), for CPU users and tests.
+
+    Lightning refuses DeepSpeed without CUDA; this subclass skips that check and the GPU
+    device-index validation, and passes the local rank to ``deepspeed.initialize`` (a CPU device has
+    no index). Everything else (ZeRO config, checkpoints, precision) is the stock strategy. bf16 works
+    on CPU, fp16 does not.
+    """
+
+    strategy_name = "deepspeed_cpu"
+
+    def setup_environment(self) -> None:
+        # DDPStrategy.setup_environment without DeepSpeedStrategy's CUDA check
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+
+def is_deepspeed(strategy: Any) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def zero_stage(strategy: Any) -> int:
+    config = getattr(strategy, "config", None) or {}
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def check_deepspeed_strategy(strategy: Any) -> None:
+    """Refuse ZeRO stages the surgery cannot rebuild, and optimizers defined in the DeepSpeed config."""
+    stage = zero_stage(strategy)
+    if stage not in SUPPORTED_STAGES:
+        raise ValueError(
+            f"NirvanaPruningCallback supports DeepSpeed ZeRO stages {SUPPORTED_STAGES}; the strategy's config has "
+            f"zero_optimization.stage={stage}. Use DeepSpeedStrategy(stage=2) (or stage=1)."
+        )
+    if "optimizer" in (strategy.config or {}):
+        raise ValueError(
+            "NirvanaPruningCallback rebuilds the optimizer after pruning through "
+            "LightningModule.configure_optimizers(); the DeepSpeed config defines 'optimizer' instead. "
+            "Remove it from the config and return the optimizer from configure_optimizers()."
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# reading the partitioned state
+# ---------------------------------------------------------------------------------------
+def _lp_groups(ds_optimizer: Any) -> list[list[nn.Parameter]]:
+    for attr in ("bit16_groups", "bf16_groups", "fp16_groups"):
+        groups = getattr(ds_optimizer, attr, None)
+        if groups:
+            return groups
+    raise TypeError(f"{type(ds_optimizer).__name__} is not a DeepSpeed ZeRO optimizer (no parameter groups found).")
+
+
+def _flat_partitions(ds_optimizer: Any) -> list[torch.Tensor]:
+    """The fp32 tensors the base optimizer steps, one per parameter group."""
+    return [g["params"][0] for g in ds_optimizer.optimizer.param_groups]
+
+
+def _group_index(ds_optimizer: Any) -> dict[int, int]:
+    return {id(p): i for i, group in enumerate(_lp_groups(ds_optimizer)) for p in group}
+
+
+def adam_state_reader(ds_optimizer: Any) -> Callable[[nn.Parameter], tuple[torch.Tensor, dict, dict | None]]:
+    """A :data:`~nirvana_pl.saliency.AdamStateReader` over a ZeRO optimizer (collective per call)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    index = _group_index(ds_optimizer)
+    base = ds_optimizer.optimizer
+    flats = _flat_partitions(ds_optimizer)
+    link_optimizer_state(ds_optimizer)
+
+    def read(p: nn.Parameter) -> tuple[torch.Tensor, dict, dict | None]:
+        gi = index.get(id(p))
+        if gi is None:
+            return p.detach(), {}, None
+        st = base.state.get(flats[gi], {})
+        if "step" not in st:
+            return p.detach(), {}, base.param_groups[gi]
+        state = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_KEYS}
+        state["step"] = st["step"]
+        return safe_get_full_fp32_param(p), state, base.param_groups[gi]
+
+    return read
+
+
+def reader_for(strategy: Any, optimizers: Any) -> Any:
+    """The Adam-state reader for ``strategy`` (None when ``optimizer.state`` can be read directly)."""
+    if not is_deepspeed(strategy):
+        return None
+    return adam_state_reader(list(optimizers)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# the prune event
+# ---------------------------------------------------------------------------------------
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_from(tensor: torch.Tensor | None, shape: torch.Size, owner: int, device: torch.device) -> torch.Tensor:
+    rank, world = _rank_world()
+    if world == 1:
+        assert tensor is not None
+        return tensor.to(device)
+    buf = tensor.to(device) if rank == owner else torch.empty(shape, dtype=torch.float32, device=device)
+    dist.broadcast(buf, src=owner)
+    return buf
+
+
+def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str, Any]:
+    """Apply ``plan`` to a model trained by a DeepSpeed engine and rebuild the engine around it.
+
+    Every rank must call this with the same plan (checked by the caller). Returns a summary
+    (``step``: the carried Adam step counts per group, ``params``: parameters carried over).
+    """
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+    )
+
+    check_deepspeed_strategy(strategy)
+    pl_module = strategy.lightning_module
+    engine = strategy.model
+    ds_optimizer = strategy.optimizers[0]
+    rank, world = _rank_world()
+    slices = {id(p): (axis, idx) for p, axis, idx in planned_slices(model, plan)}  # validates the plan
+    index = _group_index(ds_optimizer)
+    base = ds_optimizer.optimizer
+    flats = _flat_partitions(ds_optimizer)
+    link_optimizer_state(ds_optimizer)
+    steps = [base.state.get(f, {}).get("step") for f in flats]
+    has_state = all(s is not None for s in steps)
+
+    # 1. the kept slices of every trainable parameter's fp32 master and moments (one parameter at a
+    #    time; the owner rank keeps a CPU copy)
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+    carried: dict[int, dict[str, torch.Tensor]] = {}
+    shapes: dict[int, torch.Size] = {}
+    for i, p in enumerate(params):
+        if id(p) not in index:
+            continue
+        values = {"fp32": safe_get_full_fp32_param(p)}
+        if has_state:
+            values.update({key: safe_get_full_optimizer_state(p, key) for key in ADAM_KEYS})
+        if id(p) in slices:
+            axis, idx = slices[id(p)]
+            values = {k: v.index_select(axis, idx.to(v.device)) for k, v in values.items()}
+        shapes[i] = values["fp32"].shape
+        if i % world == rank:
+            carried[i] = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in values.items()}
+    lr_configs = list(strategy.lr_scheduler_configs)
+    scheduler_states = [c.scheduler.state_dict() for c in lr_configs]
+
+    # 2. tear the engine down and shrink the modules
+    del engine, ds_optimizer, base, flats
+    _teardown_engine(strategy)
+    apply_plan(model, plan, ())
+
+    # 3. a new engine and optimizer from configure_optimizers(); the scheduler continues
+    strategy._initialize_deepspeed_train(pl_module)
+    new_optimizer = strategy.optimizers[0]
+    for config, state in zip(strategy.lr_scheduler_configs, scheduler_states):
+        config.scheduler.load_state_dict(state)
+        last = getattr(config.scheduler, "_last_lr", None)
+        if last is not None:
+            for group, lr in zip(config.scheduler.optimizer.param_groups, last):
+                group["lr"] = lr
+
+    # 4. install the carried state: create the Adam state a first step would create, then overwrite
+    new_base = new_optimizer.optimizer
+    new_flats = _flat_partitions(new_optimizer)
+    if has_state:
+        for flat, step in zip(new_flats, steps):
+            new_base.state[flat] = {
+                "step": step.clone() if isinstance(step, torch.Tensor) else step,
+                **{key: torch.zeros_like(flat) for key in ADAM_KEYS},
+            }
+        _relink_optimizer_state(new_optimizer)
+    new_index = _group_index(new_optimizer)
+    device = new_flats[0].device
+    for i, p in enumerate(params):
+        if i not in shapes:
+            continue
+        if id(p) not in new_index:
+            raise RuntimeError(f"parameter {i} ({tuple(p.shape)}) is missing from the rebuilt DeepSpeed optimizer.")
+        owner = i % world
+        mine = carried.pop(i, None)
+        fp32 = _broadcast_from(mine["fp32"] if mine else None, shapes[i], owner, device)
+        safe_set_full_fp32_param(p, fp32)
+        with torch.no_grad():
+            p.data.copy_(fp32.to(p.dtype))  # the module weight is the cast of the fp32 master
+        if has_state:
+            for key in ADAM_KEYS:
+                value = _broadcast_from(mine[key] if mine else None, shapes[i], owner, device)
+                safe_set_full_optimizer_state(p, value, key)
+    return {"step": [float(s) if s is not None else 0.0 for s in steps], "params": len(shapes)}
+
+
+def _teardown_engine(strategy: Any) -> None:
+    """Destroy the strategy's engine (hooks, optimizer) and leave the bare LightningModule in its place."""
+    pl_module = strategy.lightning_module
+    engine = strategy.model
+    if engine is not pl_module and hasattr(engine, "destroy"):
+        engine.destroy()
+    strategy.model = pl_module
+    strategy.optimizers = []
+    strategy.lr_scheduler_configs = []
+    for p in pl_module.parameters():
+        for attr in ("_hp_mapping", "_dp_group"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+
+
+def _relink_optimizer_state(ds_optimizer: Any) -> None:
+    """Point the ZeRO parameters' fragment mappings at the (new) base-optimizer state tensors."""
+    if hasattr(ds_optimizer, "_hp_optimizer_states_linked"):
+        ds_optimizer._hp_optimizer_states_linked = False
+        ds_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def link_optimizer_state(ds_optimizer: Any) -> None:
+    """Make ``safe_get_full_optimizer_state`` work before the first step after a checkpoint load.
+
+    ZeRO-1/2 link the per-parameter views of the Adam state lazily, at the next step; a state
+    loaded from a checkpoint exists before that. A no-op when already linked or without state.
+    """
+    base = ds_optimizer.optimizer
+    if getattr(ds_optimizer, "_hp_optimizer_states_linked", True) or not all(
+        f in base.state for f in _flat_partitions(ds_optimizer)
+    ):
+        return
+    _relink_optimizer_state(ds_optimizer)
+
+
+# ---------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------
+def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, torch.Size] | None:
+    """Parameter shapes (name -> shape) recorded in a DeepSpeed checkpoint directory, or None."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted(root.glob("*/mp_rank_00_model_states.pt")) + sorted(root.glob("mp_rank_00_model_states.pt"))
+    if not candidates:
+        return None
+    state = torch.load(candidates[0], map_location="cpu", weights_only=False)
+    shapes: dict[str, torch.Size] = {}
+    for group in state.get("param_shapes") or []:
+        shapes.update({name: torch.Size(shape) for name, shape in group.items()})
+    if not shapes and isinstance(state.get("module"), Mapping):
+        shapes = {name: t.shape for name, t in state["module"].items() if isinstance(t, torch.Tensor)}
+    return shapes or None
+
+
+def shape_placeholders(shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Meta tensors of the given shapes: a state dict the shape-only load hook can read."""
+    return {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+
+
+def install_resume_reshape(strategy: Any, reshape: Callable[..., None]) -> None:
+    """Make ``strategy.load_checkpoint`` give the model a checkpoint's pruned shapes first.
+
+    Lightning builds the DeepSpeed engine before it loads a checkpoint, with the shapes the
+    LightningModule has (dense); the engine's flat buffers cannot take a pruned checkpoint. The
+    wrapped ``load_checkpoint`` reads the parameter shapes the checkpoint records; when they differ,
+    it reshapes the modules with ``reshape(module, state_dict, prefix)`` (the callback's shape-only
+    load hook) and builds the engine again (``configure_optimizers``), then loads as usual.
+    """
+    if getattr(strategy, "_nirvana_resume_reshape", False):
+        return
+    original = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        shapes = checkpoint_shapes(checkpoint_path)
+        pl_module = strategy.lightning_module
+        if shapes is not None and _shapes_differ(pl_module, shapes):
+            training = pl_module.trainer is not None and pl_module.trainer.training
+            _teardown_engine(strategy)
+            reshape(pl_module, shape_placeholders(shapes), "")
+            if training:
+                strategy._initialize_deepspeed_train(pl_module)
+            else:
+                strategy._initialize_deepspeed_inference(pl_module)
+        return original(checkpoint_path, *args, **kwargs)
+
+    strategy.load_checkpoint = load_checkpoint
+    strategy._nirvana_resume_reshape = True
+
+
+def _shapes_differ(pl_module: nn.Module, shapes: Mapping[str, torch.Size]) -> bool:
+    own = {name: (p.ds_shape if hasattr(p, "ds_shape") else p.shape) for name, p in pl_module.named_parameters()}
+    return any(name in own and torch.Size(own[name]) != shape for name, shape in shapes.items())

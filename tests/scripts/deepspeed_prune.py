@@ -1,0 +1,254 @@
+"""A 2-rank CPU DeepSpeed ZeRO fit of the tiny Llama with NirvanaPruningCallback (run by tests/test_deepspeed.py).
+
+Lightning relaunches this command for local rank 1 (``--devices 2``); with ``--nodes 2`` the test
+starts one process per "node" itself (NODE_RANK 0 and 1). Every rank prints JSON lines prefixed
+with ``NIRVANA_DS `` on stdout: ``prune`` (right after the prune), ``end`` (after the fit) and, with
+``--resume``, ``resumed`` (after the checkpoint has loaded).
+
+Usage: python tests/scripts/deepspeed_prune.py --out DIR --stage 2 [--precision bf16-mixed]
+       [--devices 2 | --nodes 2] [--resume CKPT_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for lightning_helpers
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning_helpers import CausalLM, token_loader  # noqa: E402
+
+import nirvana_pl  # noqa: E402
+from nirvana_pl import NirvanaPruningCallback  # noqa: E402
+from nirvana_pl.deepspeed import CPUDeepSpeedStrategy, link_optimizer_state  # noqa: E402
+from nirvana_pl.surgery import apply_plan  # noqa: E402
+from nirvana_pl.units import find_units  # noqa: E402
+
+PREFIX = "NIRVANA_DS "
+KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def emit(payload: dict) -> None:
+    print(PREFIX + json.dumps(payload, sort_keys=True), flush=True)
+
+
+def full_state(pl_module) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> fp32 master and Adam moments, gathered (collective: every rank, same order)."""
+    link_optimizer_state(pl_module.trainer.optimizers[0])
+    out = {}
+    for name, p in pl_module.named_parameters():
+        entry = {"fp32": safe_get_full_fp32_param(p).detach().clone()}
+        for key in KEYS:
+            entry[key] = safe_get_full_optimizer_state(p, key).detach().clone()
+        out[name] = entry
+    return out
+
+
+def adam_step(trainer) -> float:
+    base = trainer.optimizers[0].optimizer
+    return float(next(iter(base.state.values()))["step"])
+
+
+def all_equal_across_ranks(flat: torch.Tensor) -> bool:
+    rank0 = flat.clone()
+    dist.broadcast(rank0, src=0)
+    same = torch.tensor([float(torch.equal(flat, rank0))])
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item() == 1.0)
+
+
+class Before(Callback):
+    """At the prune step, before the pruner: the dense state, and a plain copy with a torch AdamW."""
+
+    def __init__(self, prune_at: int):
+        self.prune_at = prune_at
+        self.state = None
+        self.lr = None
+        self.sched_epoch = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.prune_at or self.state is not None:
+            return
+        self.state = full_state(pl_module)
+        self.step = adam_step(trainer)
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.sched_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+        self.engine_id = id(trainer.strategy.model)
+
+
+class After(Callback):
+    """Right after the prune; then the losses of the steps that follow, and the end state."""
+
+    def __init__(self, pruner: NirvanaPruningCallback, before: Before, prune_at: int, out: Path, save: bool):
+        self.pruner, self.before, self.prune_at, self.out, self.save = pruner, before, prune_at, out, save
+        self.losses_after: list[float] = []
+        self.done = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.done:
+            self.losses_after.append(float(outputs["loss"]))
+        if trainer.global_step != self.prune_at or self.done or not self.pruner.plans:
+            return
+        self.done = True
+        plan = self.pruner.plans[-1]
+        after = full_state(pl_module)
+        # The same plan applied in one process to a plain copy holding the dense fp32 masters, with
+        # a torch AdamW holding the dense moments: the stock surgery path slices both.
+        dense = self.before.state
+        ref = CausalLM(seed=0).net.float()  # dense, same architecture; values from the gathered state
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        model_names = [names[id(p)] for p in self.pruner.model.parameters()]
+        opt = torch.optim.AdamW(ref.parameters())
+        with torch.no_grad():
+            for name, p in zip(model_names, ref.parameters()):
+                p.data = dense[name]["fp32"].clone()
+                opt.state[p] = {"step": torch.tensor(self.before.step), **{k: dense[name][k].clone() for k in KEYS}}
+        apply_plan(ref, plan, [opt])
+        mismatched = []
+        for name, p in zip(model_names, ref.parameters()):
+            got = after[name]
+            if not torch.equal(got["fp32"], p.data) or any(not torch.equal(got[k], opt.state[p][k]) for k in KEYS):
+                mismatched.append(name)
+        module_cast_ok = all(
+            torch.equal(p.detach(), after[names[id(p)]]["fp32"].to(p.dtype)) for p in pl_module.parameters()
+        )
+        flat = torch.cat([p.detach().float().reshape(-1) for p in pl_module.parameters()])
+        flat_fp32 = torch.cat([after[n]["fp32"].reshape(-1) for n, _ in pl_module.named_parameters()])
+        emit(
+            {
+                "event": "prune",
+                "rank": trainer.global_rank,
+                "world_size": trainer.world_size,
+                "node_rank": trainer.node_rank,
+                "num_nodes": trainer.num_nodes,
+                "fingerprint": plan.fingerprint(),
+                "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+                "realised_sparsity": plan.realised_sparsity,
+                "params_equal_across_ranks": all_equal_across_ranks(flat),
+                "fp32_equal_across_ranks": all_equal_across_ranks(flat_fp32),
+                "equal_to_single_process_plan": not mismatched,
+                "mismatched": mismatched[:5],
+                "compared": len(model_names),
+                "module_is_cast_of_fp32": module_cast_ok,
+                "step_before": self.before.step,
+                "step_after": adam_step(trainer),
+                "lr_before": self.before.lr,
+                "lr_after": trainer.optimizers[0].param_groups[0]["lr"],
+                "sched_epoch_before": self.before.sched_epoch,
+                "sched_epoch_after": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+                "engine_replaced": id(trainer.strategy.model) != self.before.engine_id,
+                "optimizer_is_engine_optimizer": trainer.optimizers[0] is trainer.strategy.model.optimizer,
+                "nirvana_pl_file": nirvana_pl.__file__,
+            }
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        state = full_state(pl_module)
+        flat = torch.cat([p.detach().float().reshape(-1) for p in pl_module.parameters()])
+        if self.save:
+            path = self.out / "ckpt"
+            trainer.save_checkpoint(path)
+            if trainer.is_global_zero:
+                torch.save({"state": state, "step": adam_step(trainer)}, self.out / "saved_state.pt")
+        emit(
+            {
+                "event": "end",
+                "rank": trainer.global_rank,
+                "step": trainer.global_step,
+                "losses_after": self.losses_after,
+                "losses_finite": all(math.isfinite(x) for x in self.losses_after),
+                "params_equal_across_ranks": all_equal_across_ranks(flat),
+                "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+            }
+        )
+
+
+class Resumed(Callback):
+    """--resume: the loaded state equals the state saved after the prune; training goes on."""
+
+    def __init__(self, pruner: NirvanaPruningCallback, saved: Path):
+        self.pruner, self.saved = pruner, saved
+        self.losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        saved = torch.load(self.saved, weights_only=False)
+        state = full_state(pl_module)
+        same = all(
+            torch.equal(state[n][k], saved["state"][n][k]) for n in saved["state"] for k in ("fp32",) + KEYS
+        )
+        emit(
+            {
+                "event": "resumed",
+                "rank": trainer.global_rank,
+                "step": trainer.global_step,
+                "records": len(self.pruner.records),
+                "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+                "state_equal_saved": same and set(state) == set(saved["state"]),
+                "adam_step": adam_step(trainer),
+                "saved_adam_step": saved["step"],
+            }
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        emit({"event": "resumed_end", "rank": trainer.global_rank, "step": trainer.global_step, "losses": self.losses,
+              "losses_finite": all(math.isfinite(x) for x in self.losses)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--saliency", default="adam_taylor")
+    ap.add_argument("--prune-at", type=int, default=6)
+    ap.add_argument("--steps-after", type=int, default=10)
+    ap.add_argument("--save", action="store_true", help="save a DeepSpeed checkpoint at the end")
+    ap.add_argument("--resume", default=None, help="resume from this DeepSpeed checkpoint directory")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prune_at = args.prune_at
+    pruner = NirvanaPruningCallback(
+        sparsity=0.5, prune_at=prune_at, warmup_steps=3, saliency=args.saliency, gamma=2.0, report_dir=out,
+    )
+    max_steps = prune_at + args.steps_after
+    if args.resume:
+        callbacks = [pruner, Resumed(pruner, out / "saved_state.pt")]
+        max_steps += 4
+    else:
+        before = Before(prune_at)
+        callbacks = [before, pruner, After(pruner, before, prune_at, out, args.save)]
+    trainer = pl.Trainer(
+        default_root_dir=out, max_steps=max_steps, accelerator="cpu", devices=args.devices, num_nodes=args.nodes,
+        strategy=CPUDeepSpeedStrategy(stage=args.stage), precision=args.precision, callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    module = CausalLM(seed=0)
+    trainer.fit(module, token_loader(n=256, batch_size=4), ckpt_path=args.resume)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""NirvanaPruningCallback under DeepSpeed ZeRO (2 CPU ranks, gloo) and a two-"node" launch.
+
+Each fit runs tests/scripts/deepspeed_prune.py as a subprocess (Lightning relaunches the command for
+rank 1). DeepSpeed compiles its CPU communication op on first use; every case shares one
+TORCH_EXTENSIONS_DIR per test session, so it is compiled once per suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="DeepSpeed tests need `pip install nirvana-pl[deepspeed]`")
+
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy  # noqa: E402
+
+from nirvana_pl import distributed  # noqa: E402
+from nirvana_pl.deepspeed import CPUDeepSpeedStrategy, checkpoint_shapes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "deepspeed_prune.py"
+DDP_SCRIPT = ROOT / "tests" / "scripts" / "ddp_prune.py"
+PREFIX = ("NIRVANA_DS ", "NIRVANA_DDP ")
+DENSE_SHAPES = [[4, 176]] * 4
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def extensions_dir(tmp_path_factory) -> str:
+    """One torch-extensions cache for the whole session (DeepSpeed's op compile happens once)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
+
+
+def _env(extensions_dir: str, port: int, **extra: str) -> dict:
+    env = dict(os.environ)
+    for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    paths = [str(ROOT), str(ROOT / "tests")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=os.pathsep.join(paths),
+        TORCH_EXTENSIONS_DIR=extensions_dir, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1", **extra,
+    )
+    return env
+
+
+def _records(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        for prefix in PREFIX:  # two ranks share the pipe; a line may carry more than one record
+            for chunk in line.split(prefix)[1:]:
+                chunk = chunk.split("NIRVANA_")[0].strip()
+                if chunk.startswith("{"):
+                    out.append(json.JSONDecoder().raw_decode(chunk)[0])
+    return out
+
+
+def _run(extensions_dir: str, out: Path, *args: str, script: Path = SCRIPT) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    proc = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), *args], cwd=ROOT, env=_env(extensions_dir, _free_port()),
+        capture_output=True, text=True, timeout=600,
+    )
+    return proc, _records(proc.stdout + "\n" + proc.stderr)
+
+
+def _by_rank(records: list[dict], event: str) -> dict[int, dict]:
+    return {r["rank"]: r for r in records if r["event"] == event}
+
+
+def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
+    prune, end = _by_rank(records, "prune"), _by_rank(records, "end")
+    assert set(prune) == set(range(world_size)) and set(end) == set(range(world_size)), records
+    assert len({p["fingerprint"] for p in prune.values()}) == 1
+    for p in prune.values():
+        assert p["nirvana_pl_file"].startswith(str(ROOT))
+        assert p["world_size"] == world_size
+        # identical parameters (module and fp32 masters) on every rank right after the prune
+        assert p["params_equal_across_ranks"] and p["fp32_equal_across_ranks"]
+        # the fp32 masters and Adam moments equal the stock single-process surgery of the same plan on
+        # the dense state gathered before the prune (i.e. the kept slices, bit for bit)
+        assert p["equal_to_single_process_plan"], p["mismatched"]
+        assert p["compared"] > 30 and p["module_is_cast_of_fp32"]
+        # a new engine and optimizer; Adam's step count and the LR schedule carried over
+        assert p["engine_replaced"] and p["optimizer_is_engine_optimizer"]
+        assert p["step_after"] == p["step_before"] == 6
+        assert p["lr_after"] == p["lr_before"] and p["sched_epoch_after"] == p["sched_epoch_before"] == 6
+        assert abs(p["realised_sparsity"] - 0.5) < 0.05
+        assert p["shapes"] != DENSE_SHAPES
+    for e in end.values():
+        losses = e["losses_after"]
+        assert e["losses_finite"] and len(losses) == 10 and e["step"] == 16
+        assert sum(losses[-3:]) < sum(losses[:3])  # training goes on and the loss falls
+        assert e["params_equal_across_ranks"] and e["shapes"] == prune[0]["shapes"]
+    return prune
+
+
+@pytest.mark.parametrize("stage,precision", [(1, "bf16-mixed"), (2, "32-true")])
+def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, extensions_dir, stage, precision):
+    proc, records = _run(extensions_dir, tmp_path, "--stage", str(stage), "--precision", precision)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _check_prune(records)
+
+
+def test_zero2_resume_after_prune_and_fp32_export(tmp_path, extensions_dir):
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    from lightning_helpers import CausalLM
+
+    from nirvana_pl import load_pruned, save_pruned
+    from nirvana_pl.surgery import resize_to_widths
+    from nirvana_pl.units import find_units
+
+    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--save")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    prune = _check_prune(records)
+    shapes = prune[0]["shapes"]
+    recorded = checkpoint_shapes(tmp_path / "ckpt")
+    assert recorded["net.model.layers.0.mlp.gate_proj.weight"][0] == shapes[0][1]
+
+    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--resume", str(tmp_path / "ckpt"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    resumed, resumed_end = _by_rank(records, "resumed"), _by_rank(records, "resumed_end")
+    assert set(resumed) == {0, 1} and set(resumed_end) == {0, 1}, records
+    for r in resumed.values():
+        # the engine was rebuilt with the pruned shapes; weights, moments and step are the saved ones
+        assert r["shapes"] == shapes and r["records"] == 1 and r["step"] == 16
+        assert r["state_equal_saved"] and r["adam_step"] == r["saved_adam_step"] == 16
+    for r in resumed_end.values():
+        assert r["step"] == 20 and r["losses_finite"] and len(r["losses"]) == 4
+
+    # the ZeRO checkpoint -> one fp32 state dict -> a transformers directory that loads on its own
+    fp32 = tmp_path / "fp32.ckpt"
+    convert_zero_checkpoint_to_fp32_state_dict(str(tmp_path / "ckpt"), str(fp32))
+    state = torch.load(fp32, map_location="cpu", weights_only=False)["state_dict"]
+    module = CausalLM(seed=1)
+    widths = [
+        {"num_key_value_heads": kv, "num_attention_heads": kv * 2, "intermediate_size": mlp} for kv, mlp in shapes
+    ]
+    resize_to_widths(module.net, widths)
+    module.load_state_dict(state)
+    saved = torch.load(tmp_path / "saved_state.pt", weights_only=False)["state"]
+    for name, p in module.named_parameters():
+        assert torch.equal(p.detach(), saved[name]["fp32"]), name
+    save_pruned(module.net, tmp_path / "export")
+    loaded = load_pruned(tmp_path / "export")
+    assert [[u.num_kv_groups, u.mlp_width] for u in find_units(loaded)] == shapes
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, module.net.eval()(ids).logits)
+
+
+def _two_nodes(extensions_dir: str, out: Path, script: Path, *args: str) -> tuple[list[subprocess.CompletedProcess], list[dict]]:
+    """Two processes standing for two nodes: num_nodes=2, devices=1, NODE_RANK 0 and 1 on loopback."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), "--out", str(out / f"node{rank}"), "--devices", "1", "--nodes", "2", *args],
+            cwd=ROOT, env=_env(extensions_dir, port, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done, _records("\n".join(d.stdout + "\n" + d.stderr for d in done))
+
+
+def test_two_node_deepspeed_run(tmp_path, extensions_dir):
+    done, records = _two_nodes(extensions_dir, tmp_path, SCRIPT, "--stage", "2")
+    for d in done:
+        assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-6000:]
+    prune = _check_prune(records)
+    assert {p["node_rank"] for p in prune.values()} == {0, 1}
+    assert all(p["num_nodes"] == 2 for p in prune.values())
+
+
+def test_two_node_ddp_run(tmp_path, extensions_dir):
+    done, records = _two_nodes(extensions_dir, tmp_path, DDP_SCRIPT, "--saliency", "adam_taylor")
+    for d in done:
+        assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-6000:]
+    prune, end = _by_rank(records, "prune"), _by_rank(records, "end")
+    assert set(prune) == {0, 1} and set(end) == {0, 1}, records
+    assert prune[0]["fingerprint"] == prune[1]["fingerprint"] and prune[0]["checksum"] == prune[1]["checksum"]
+    assert all(e["params_equal_rank0"] and e["losses_finite"] for e in end.values())
+
+
+# ---------------------------------------------------------------------------------------
+# in-process pieces
+# ---------------------------------------------------------------------------------------
+def test_check_strategy_accepts_zero_1_2_and_refuses_others():
+    for stage in (1, 2):
+        distributed.check_strategy(DeepSpeedStrategy(stage=stage))
+        distributed.check_strategy(CPUDeepSpeedStrategy(stage=stage))
+    with pytest.raises(ValueError, match=r"zero_optimization.stage=3.*stage=2"):
+        distributed.check_strategy(DeepSpeedStrategy(stage=3))
+    with pytest.raises(ValueError, match="configure_optimizers"):
+        distributed.check_strategy(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="FSDPStrategy yet.*FSDP"):
+        distributed.check_strategy(object.__new__(FSDPStrategy))
+    distributed.check_strategy(object.__new__(DDPStrategy))
+
+
+def test_cpu_strategy_is_a_deepspeed_strategy():
+    assert issubclass(CPUDeepSpeedStrategy, DeepSpeedStrategy)
+    assert CPUDeepSpeedStrategy(stage=2).zero_stage_3 is False
+    assert checkpoint_shapes(Path("/nonexistent")) is None
