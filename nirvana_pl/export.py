@@ -31,7 +31,6 @@ from .lora import base_state_dict, has_lora, save_adapter
 from .surgery import layer_widths
 from .units import UnsupportedModelError, base_model_type, check_supported, head_dim_of, try_stock_config
 
-HUB_CODE_FILE = "modeling_nirvana.py"
 ADAPTER_SUBFOLDER = "adapter"
 CONFIG_FILE = "config.json"
 
@@ -133,22 +132,10 @@ def save_pruned(
         ntype = NIRVANA_TYPE_OF[base]
         nconfig_cls, nmodel_cls, _ = NIRVANA_CLASSES[ntype]
         nconfig = nconfig_cls.from_dict({**d, "nirvana_layer_widths": widths, "nirvana_base_model_type": base})
-        _save_with_config(model, nconfig, path, save_pretrained_kwargs)
-        module = Path(HUB_CODE_FILE).stem
-        _patch_config_json(
-            path,
-            {
-                "model_type": ntype,
-                "nirvana_base_model_type": base,
-                "nirvana_layer_widths": widths,
-                "architectures": [nmodel_cls.__name__],
-                "auto_map": {
-                    "AutoConfig": f"{module}.{nconfig_cls.__name__}",
-                    "AutoModelForCausalLM": f"{module}.{nmodel_cls.__name__}",
-                },
-            },
+        _write_remote_code_folder(
+            model, path, save_pretrained_kwargs, nconfig, nmodel_cls, ntype, modeling_nirvana,
+            "AutoModelForCausalLM", {"nirvana_base_model_type": base, "nirvana_layer_widths": widths},
         )
-        shutil.copyfile(Path(modeling_nirvana.__file__), path / HUB_CODE_FILE)
 
     if adapters == "separate" and has_lora(model):
         save_adapter(model, path / ADAPTER_SUBFOLDER, base_model_name_or_path=str(path))
@@ -235,7 +222,6 @@ def load_pruned(directory: str | Path, **from_pretrained_kwargs: Any) -> nn.Modu
 
 
 # ---------------------------------------------------------------------------------------------- T5
-T5_HUB_CODE_FILE = "modeling_nirvana_t5.py"
 _T5_NIRVANA_KEYS = ("auto_map", "nirvana_t5_layers", "nirvana_base_model_type")
 
 
@@ -266,22 +252,33 @@ def _save_t5(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
     ntype = "nirvana_t5"
     nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES[ntype]
     nconfig = nconfig_cls.from_dict({**d, "nirvana_t5_layers": layers})
+    _write_remote_code_folder(
+        model, path, kwargs, nconfig, nmodel_cls, ntype, modeling_nirvana_t5,
+        "AutoModelForSeq2SeqLM", {"nirvana_base_model_type": "t5", "nirvana_t5_layers": layers},
+    )
+
+
+def _write_remote_code_folder(
+    model: nn.Module, path: Path, kwargs: dict[str, Any], nconfig: Any, nmodel_cls: type, ntype: str,
+    hub_module: Any, auto_class: str, fields: dict[str, Any],
+) -> None:
+    """Weights with ``nconfig``, a config.json whose ``auto_map`` points into a copy of ``hub_module``'s file."""
     _save_with_config(model, nconfig, path, kwargs)
-    module = Path(T5_HUB_CODE_FILE).stem
+    hub_file = Path(hub_module.__file__)
+    module = hub_file.stem
     _patch_config_json(
         path,
         {
             "model_type": ntype,
-            "nirvana_base_model_type": "t5",
-            "nirvana_t5_layers": layers,
+            **fields,
             "architectures": [nmodel_cls.__name__],
             "auto_map": {
-                "AutoConfig": f"{module}.{nconfig_cls.__name__}",
-                "AutoModelForSeq2SeqLM": f"{module}.{nmodel_cls.__name__}",
+                "AutoConfig": f"{module}.{type(nconfig).__name__}",
+                auto_class: f"{module}.{nmodel_cls.__name__}",
             },
         },
     )
-    shutil.copyfile(Path(modeling_nirvana_t5.__file__), path / T5_HUB_CODE_FILE)
+    shutil.copyfile(hub_file, path / hub_file.name)
 
 
 class _stock_t5_attention:

@@ -98,12 +98,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.o
     if plan.is_identity:
         return
     expected = predicted_params_after(units, plan)
-    jobs = []  # (weight, kept units, units before)
-    for u, lp in zip(units, plan.layers):
-        if len(lp.kept_kv_groups) != u.num_kv_groups:
-            jobs += [(w, lp.kept_kv_groups, u.num_kv_groups) for w in u.attn_weights]
-        if len(lp.kept_mlp_channels) != u.mlp_width:
-            jobs += [(w, lp.kept_mlp_channels, u.mlp_width) for w in u.mlp_weights]
+    jobs = _slice_jobs(units, plan)
     for w, _, _ in jobs:  # every optimizer state must be able to follow its slice before anything changes
         for p, axis in w.unit_parameters():
             opt = owner_of(optimizers, p)
@@ -207,15 +202,19 @@ def planned_slices(model: nn.Module, plan: PruningPlan) -> list[tuple[nn.Paramet
     fp32 masters and moments) over to the kept slices.
     """
     units = validate_plan(model, plan)
-    out = []
+    return [
+        (p, axis, unit_index(n, w.rows_per_unit, kept))
+        for w, kept, n in _slice_jobs(units, plan)
+        for p, axis in w.unit_parameters()
+    ]
+
+
+def _slice_jobs(units: Sequence[LayerUnits], plan: PruningPlan) -> list[tuple[WeightSlice, list[int], int]]:
+    """(weight, kept units, units before) for every weight whose pool ``plan`` shrinks in its layer."""
+    jobs = []
     for u, lp in zip(units, plan.layers):
-        for weights, kept, n in (
-            (u.attn_weights, lp.kept_kv_groups, u.num_kv_groups),
-            (u.mlp_weights, lp.kept_mlp_channels, u.mlp_width),
-        ):
-            if len(kept) == n:
-                continue
-            for w in weights:
-                idx = unit_index(n, w.rows_per_unit, kept)
-                out += [(p, axis, idx) for p, axis in w.unit_parameters()]
-    return out
+        if len(lp.kept_kv_groups) != u.num_kv_groups:
+            jobs += [(w, lp.kept_kv_groups, u.num_kv_groups) for w in u.attn_weights]
+        if len(lp.kept_mlp_channels) != u.mlp_width:
+            jobs += [(w, lp.kept_mlp_channels, u.mlp_width) for w in u.mlp_weights]
+    return jobs

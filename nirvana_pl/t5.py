@@ -148,29 +148,23 @@ def check_t5(model: nn.Module) -> None:
                         "head count, never pruned)."
                     )
                 for pname in ("q", "k", "v", "o"):
-                    lin = getattr(attn, pname, None)
-                    if not isinstance(lin, nn.Linear):
-                        raise UnsupportedModelError(f"{where}.{attr}.{pname} is {type(lin).__name__}, not nn.Linear.")
-                    key = id(lin.weight)
-                    if key in seen:
-                        raise UnsupportedModelError(
-                            f"{where}.{attr}.{pname}.weight is the same Parameter as {seen[key]}: heads tied across "
-                            "layers cannot be pruned per layer. Untie them (give each attention its own weights) "
-                            "before pruning."
-                        )
-                    seen[key] = f"{where}.{attr}.{pname}.weight"
+                    _check_untied_linear(getattr(attn, pname, None), f"{where}.{attr}.{pname}", "heads", seen)
             ffn = block.layer[-1].DenseReluDense
             for pname in ("wi_0", "wi_1", "wo") if hasattr(ffn, "wi_0") else ("wi", "wo"):
-                lin = getattr(ffn, pname, None)
-                if not isinstance(lin, nn.Linear):
-                    raise UnsupportedModelError(f"{where}.DenseReluDense.{pname} is {type(lin).__name__}, not nn.Linear.")
-                key = id(lin.weight)
-                if key in seen:
-                    raise UnsupportedModelError(
-                        f"{where}.DenseReluDense.{pname}.weight is the same Parameter as {seen[key]}: FFN weights tied "
-                        "across layers cannot be pruned per layer. Untie them before pruning."
-                    )
-                seen[key] = f"{where}.DenseReluDense.{pname}.weight"
+                _check_untied_linear(getattr(ffn, pname, None), f"{where}.DenseReluDense.{pname}", "FFN weights", seen)
+
+
+def _check_untied_linear(lin: Any, name: str, what: str, seen: dict[int, str]) -> None:
+    """``lin`` must be an nn.Linear whose weight no other checked module shares (``seen``: id -> name)."""
+    if not isinstance(lin, nn.Linear):
+        raise UnsupportedModelError(f"{name} is {type(lin).__name__}, not nn.Linear.")
+    key = id(lin.weight)
+    if key in seen:
+        raise UnsupportedModelError(
+            f"{name}.weight is the same Parameter as {seen[key]}: {what} tied across layers cannot be pruned per "
+            "layer. Untie them (give each layer its own weights) before pruning."
+        )
+    seen[key] = f"{name}.weight"
 
 
 def find_t5_units(model: nn.Module) -> list[T5Units]:
