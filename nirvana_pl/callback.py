@@ -39,7 +39,7 @@ from .saliency import (
 )
 from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, layer_widths, resize_to_widths
-from .units import UnsupportedModelError, check_supported, find_units, head_dim_of, prunable_parameter_count
+from .units import UnsupportedModelError, base_parameter_count, check_supported, find_units, head_dim_of, prunable_parameter_count
 
 
 class NirvanaPruningCallback(Callback):
@@ -294,7 +294,7 @@ class NirvanaPruningCallback(Callback):
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: PruneEvent) -> None:
         start = time.perf_counter()
         model = self.model
-        total_before = sum(p.numel() for p in model.parameters())
+        total_before = base_parameter_count(model)
         index = self.schedule.events.index(event)
         calibration: Any = self.selector or self.calibration
         if calibration is None and not self._adam:
@@ -332,7 +332,7 @@ class NirvanaPruningCallback(Callback):
             event_step=event.step,
             plan=plan,
             total_params_before=total_before,
-            total_params_after=sum(p.numel() for p in model.parameters()),
+            total_params_after=base_parameter_count(model),  # recovery adapters are not the model's size
             prunable_params_after=prunable_parameter_count(model),
             seconds=seconds,
         )

@@ -217,7 +217,9 @@ def fit_summary(trainer: Any, seconds: float) -> str:
     if events:
         last = events[-1][1]
         steps = [step for step, _ in events]
-        params_now = sum(p.numel() for p in getattr(module, "model", module).parameters())
+        from .units import base_parameter_count
+
+        params_now = base_parameter_count(getattr(module, "model", module))  # LoRA adapters excluded
         # Removed units are attention+MLP parameters only: dense total = now + what the plans removed.
         params_dense = params_now + last.dense_prunable_params - last.params_after
         summary.update(

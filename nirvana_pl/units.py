@@ -290,6 +290,11 @@ def prunable_parameter_count(model: nn.Module) -> int:
     return units_parameter_count(find_units(model))
 
 
+def base_parameter_count(model: nn.Module) -> int:
+    """All parameters of ``model`` except LoRA adapter weights (the model a merge or export gives)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
+
+
 def units_parameter_count(units: Sequence[LayerUnits]) -> int:
     """:func:`prunable_parameter_count` of the layers ``units`` describe."""
     return sum(

@@ -182,6 +182,8 @@ def test_recovery_attaches_lora_and_trains_only_the_adapters(tmp_path):
         assert moved == (n in adapters), n
     metrics = t.logged_metrics
     assert int(metrics["nirvana/trainable_params"]) == sum(snapshots[8][n].numel() for n in adapters)
+    # sizes reported for the model do not count the recovery adapters
+    assert cb.records[0].total_params_after == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     # export: merged, and base + adapter folder that peft loads; both give the trained model's logits
     ids = _ids(0)
     model.eval()
