@@ -255,3 +255,15 @@ def test_adapters_that_cannot_be_sliced_are_refused_with_the_fix():
         find_units(ia3.base_model.model)
     with pytest.raises(ValueError, match="adapters='merge' or 'separate'|choose 'merge' or 'separate'"):
         save_pruned(tiny_llama(), "unused", adapters="both")
+
+
+def test_recovery_can_keep_the_norms_trainable(tmp_path):
+    module = LM(tiny_llama())
+    cb = NirvanaPruningCallback(sparsity=0.3, prune_at=2, warmup_steps=1, saliency="magnitude",
+                                recovery={"r": 2, "target_modules": ["q_proj"]}, recovery_train_norms=True)
+    trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(module, token_loader())
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    norms = {n for n in trainable if "norm" in n}
+    assert norms and any("lora_" in n for n in trainable)
+    assert trainable == norms | {n for n in trainable if "lora_" in n}
+    assert len(norms) == 2 * 4 + 1  # input and post-attention norm of 4 layers, and the final norm
