@@ -1,0 +1,38 @@
+"""The FLOP counter of benchmarks/quality.py (the 'ideal speed-up' it reports) on a tiny GQA Llama."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from nirvana_pl import prune
+
+_SPEC = importlib.util.spec_from_file_location("quality_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(quality)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_flop_counter_matches_shapes_and_pruning():
+    model = _tiny()
+    d, i, h, nq, nkv, L, V = 64, 96, 16, 4, 2, 2, 128
+    per_layer = 2 * d * (nq * h + 2 * nkv * h) + 2 * nq * h * d + 2 * 3 * d * i
+    assert quality.linear_flops(model) == L * per_layer + 2 * d * V
+    assert quality.attention_flops(model, seq_len=32) == L * 4 * 32 * nq * h
+    dense_lin = quality.linear_flops(model)
+    dense_params = quality.attn_mlp_params(model)
+    prune(model, 0.5, saliency="magnitude", gamma=1.0, mlp_round_to=1)
+    removed = dense_params - quality.attn_mlp_params(model)
+    assert removed > 0
+    # no biases: every removed attention/MLP weight is one multiply-add per token
+    assert dense_lin - quality.linear_flops(model) == 2 * removed
+    assert quality.nonzero_attn_mlp_params(model) <= quality.attn_mlp_params(model)
+    x = torch.randint(0, V, (1, 8))
+    assert model(input_ids=x).logits.shape == (1, 8, V)
