@@ -295,7 +295,7 @@ def prune_command(
     out: str = "runs/prune",
     sparsity: float = 0.3,
     saliency: Literal["functional", "taylor_loss", "wanda_sp", "magnitude", "random"] = "functional",
-    gamma: float = 3.0,
+    gamma: float = 2.0,
     calibration_windows: int = 32,
     calibration_batch_size: int = 8,
     evaluate: bool = True,

@@ -95,7 +95,7 @@ def prune(
     sparsity: float,
     saliency: str = "functional",
     calibration: Iterable[Any] | CalibrationSelector | None = None,
-    gamma: float | str = 3.0,
+    gamma: float | str = 2.0,
     *,
     gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
     min_kv_groups: int = 1,

@@ -219,7 +219,8 @@ class AdamStateSaliency:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kind, self.steps = state["kind"], state["steps"]
         t = state["total"]
-        self.total = UnitScores(t["attn"], t["mlp"]) if t is not None else None
+        # copies: accumulate() adds in place, which must not change the caller's tensors
+        self.total = UnitScores([a.clone() for a in t["attn"]], [m.clone() for m in t["mlp"]]) if t is not None else None
 
 
 def check_adam_optimizers(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], saliency: str) -> None:
