@@ -312,6 +312,22 @@ def test_adam_state_saliency_frozen_weight_raises():
         AdamStateSaliency("adam_fisher").accumulate(model, opt)
 
 
+def test_loading_adam_state_saliency_copies_the_given_tensors():
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt, 0)
+    source = AdamStateSaliency("adam_fisher")
+    source.accumulate(model, opt)
+    saved = source.state_dict()
+    before = [t.clone() for t in saved["total"]["attn"]]
+    loaded = AdamStateSaliency("adam_fisher")
+    loaded.load_state_dict(saved)
+    _step(model, opt, 1)
+    loaded.accumulate(model, opt)  # adds in place into its own copies
+    assert all(torch.equal(a, b) for a, b in zip(saved["total"]["attn"], before))
+    assert loaded.steps == 2
+
+
 def test_adam_state_saliency_shape_change_needs_reset():
     model = tiny_llama()
     opt = torch.optim.AdamW(model.parameters())
