@@ -44,7 +44,7 @@ def test_console_summary_is_a_per_layer_table():
     (record,), reference = _records()
     text = format_summary(record, reference)
     lines = text.splitlines()
-    assert lines[0].startswith("NIRVANA prune at step 10 (functional, gamma=3)")
+    assert lines[0].startswith("NIRVANA prune at step 10 (functional, gamma=2)")
     assert f"{record.total_params_before:,} -> {record.total_params_after:,}" in lines[0]
     header = lines[1]
     for column in ("layer", "KV groups kept", "MLP width kept", "attn+MLP params kept"):
