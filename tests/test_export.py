@@ -49,9 +49,10 @@ FACTORIES = {
 BASE_TYPE = {"llama": "llama", "llama_tied": "llama", "qwen2": "qwen2", "mistral": "mistral"}
 
 
-def _pruned(arch: str, sparsity: float = 0.4, uniform: bool = False):
+def _pruned(arch: str, sparsity: float = 0.4, uniform: bool = False, gamma: float = 3.0):
+    # gamma pinned (not the library default): the uniform cases below rely on the widths it gives
     model = FACTORIES[arch]()
-    prune(model, sparsity, "magnitude", uniform=uniform)
+    prune(model, sparsity, "magnitude", uniform=uniform, gamma=gamma)
     return model
 
 
