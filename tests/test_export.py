@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from functools import partial
 from pathlib import Path
@@ -21,8 +19,8 @@ from nirvana_pl.export import load_pruned, save_pruned  # noqa: E402
 from nirvana_pl.hub_code import modeling_nirvana  # noqa: E402
 from nirvana_pl.oneshot import prune  # noqa: E402
 from nirvana_pl.surgery import layer_widths  # noqa: E402
+from without_nirvana_pl import run_without_nirvana_pl  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 6
 
 
@@ -84,20 +82,9 @@ def _config_json(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-# The child interpreter must not be able to import nirvana_pl: the package is installed editable into
-# the venv (a meta-path finder), and the repo root may sit on sys.path.
+# Checked in a child interpreter that cannot import nirvana_pl (see without_nirvana_pl.py).
 CHILD = textwrap.dedent(
     """
-    import importlib, importlib.util, os, sys
-    folder, expected_file, repo = sys.argv[1], sys.argv[2], os.path.realpath(sys.argv[3])
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
-                        and "editable" not in type(f).__module__]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo]
-    sys.path_importer_cache.clear()
-    importlib.invalidate_caches()
-    assert importlib.util.find_spec("nirvana_pl") is None, "nirvana_pl is still importable in the child"
-
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -141,13 +128,7 @@ def test_non_uniform_loads_with_stock_transformers_without_nirvana_pl(arch, tmp_
          "generated": _greedy(model, ids, mask), "new_tokens": NEW_TOKENS},
         expected,
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(expected), str(REPO)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "CHILD_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_without_nirvana_pl(CHILD, folder, expected, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -6,9 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -28,21 +25,10 @@ from nirvana_pl.t5 import t5_layers
 from nirvana_pl.units import find_units
 from nirvana_pl.surgery import apply_plan
 from test_t5 import _greedy, _inputs, _plan
-
-REPO = Path(__file__).resolve().parents[1]
+from without_nirvana_pl import run_without_nirvana_pl
 
 CHILD = textwrap.dedent(
     """
-    import importlib, importlib.util, os, sys
-    folder, expected_file, repo = sys.argv[1], sys.argv[2], os.path.realpath(sys.argv[3])
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
-                        and "editable" not in type(f).__module__]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo]
-    sys.path_importer_cache.clear()
-    importlib.invalidate_caches()
-    assert importlib.util.find_spec("nirvana_pl") is None, "nirvana_pl is still importable in the child"
-
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
@@ -91,13 +77,7 @@ def test_pruned_t5_loads_with_stock_transformers_without_nirvana_pl(gated, tmp_p
     inputs = _inputs()
     expected = tmp_path / "expected.pt"
     torch.save({"inputs": inputs, "logits": _logits(model, inputs), "generated": _greedy(model, inputs)}, expected)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(expected), str(REPO)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0 and "CHILD_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_without_nirvana_pl(CHILD, folder, expected, tmp_path)
 
 
 @pytest.mark.parametrize("gated", [False, True])
