@@ -280,8 +280,9 @@ class NirvanaPruningCallback(Callback):
         window = self.schedule.window_containing(step)
         if window is not None and not self._done(window):
             if self._adam:
+                reader = reader_for(trainer.strategy, trainer.optimizers)  # one per step, shared by every kind
                 for accumulator in self._adam.values():
-                    accumulator.accumulate(self.model, trainer.optimizers, reader_for(trainer.strategy, trainer.optimizers))
+                    accumulator.accumulate(self.model, trainer.optimizers, reader)
             elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
                 self._collected.append(_input_ids_of(batch))
         event = self.schedule.event_at(step)

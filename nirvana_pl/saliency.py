@@ -272,7 +272,9 @@ def normalize_batch(
     ``seq2seq``: also keep ``labels`` / ``decoder_input_ids`` / ``decoder_attention_mask`` (encoder-decoder
     models; see :func:`nirvana_pl.t5.seq2seq_inputs` for what the decoder reads).
     """
-    keys = ("input_ids", "attention_mask") + (_SEQ2SEQ_KEYS if seq2seq else ())
+    from .t5 import SEQ2SEQ_KEYS  # what an encoder-decoder batch may carry besides the encoder inputs
+
+    keys = ("input_ids", "attention_mask") + (SEQ2SEQ_KEYS if seq2seq else ())
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     elif isinstance(batch, dict) and "input_ids" in batch:
@@ -339,9 +341,6 @@ def eval_mode(model: nn.Module, trainable: Sequence[nn.Parameter] = ()) -> Itera
             p.requires_grad_(f)
         for m, training in modes:
             m.training = training
-
-
-_SEQ2SEQ_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")
 
 
 def _is_seq2seq(model: nn.Module) -> bool:

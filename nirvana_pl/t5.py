@@ -23,21 +23,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .hub_code.modeling_nirvana_t5 import KEPT_HEADS, NirvanaT5Attention, make_pruned_attention, resize_attention, resize_ffn
+from .hub_code.modeling_nirvana_t5 import KEPT_HEADS, NirvanaT5Attention, make_pruned_attention
 from .units import LayerUnits, UnsupportedModelError, WeightSlice
-
-#: the kinds of unit entries, in report order
-KINDS = ("encoder", "decoder.self", "decoder.cross")
 
 
 def is_t5(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     base = getattr(config, "nirvana_base_model_type", None) or getattr(config, "model_type", None)
     return base == "t5"
-
-
-def is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and hasattr(model, "decoder")
 
 
 @dataclass
