@@ -21,7 +21,7 @@ from torch import nn
 
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
-from .deepspeed import install_resume_reshape, is_deepspeed, prune_engine, reader_for
+from .deepspeed import install_resume_reshape, is_deepspeed, prune_engine, reader_for, zero_stage
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import allocation_config, check_selection_args, make_plan
@@ -39,7 +39,16 @@ from .saliency import (
 )
 from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, layer_widths, resize_to_widths
-from .units import UnsupportedModelError, base_parameter_count, check_supported, find_units, head_dim_of, prunable_parameter_count
+from .t5 import is_t5, resize_from_state_dict
+from .units import (
+    UnsupportedModelError,
+    base_parameter_count,
+    check_supported,
+    find_units,
+    head_dim_of,
+    parameter_numel,
+    prunable_parameter_count,
+)
 
 
 class NirvanaPruningCallback(Callback):
@@ -185,13 +194,19 @@ class NirvanaPruningCallback(Callback):
         if stage != "fit":
             return
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            check_strategy(trainer.strategy)  # DDP and DeepSpeed ZeRO-1/2 are supported; FSDP is refused
+            # DDP and DeepSpeed ZeRO are supported (ZeRO-3 with adam_* saliency); FSDP is refused
+            check_strategy(trainer.strategy, self.saliency, runs_model=self.selector is not None or self.gamma_auto)
         if is_deepspeed(trainer.strategy):  # a pruned DeepSpeed checkpoint needs an engine of its shapes
             if self.recovery is not None or has_lora(self._model):
                 raise ValueError(
                     "NirvanaPruningCallback: LoRA adapters (recovery= or a peft model) are not supported under "
                     "DeepSpeed yet (the engine would have to be rebuilt around the adapters). Use DDP or a single "
                     "device for LoRA, or recover with full fine-tuning under DeepSpeed."
+                )
+            if zero_stage(trainer.strategy) == 3 and is_t5(self._model):
+                raise ValueError(
+                    "NirvanaPruningCallback does not support T5 under DeepSpeed ZeRO-3 yet; use "
+                    "DeepSpeedStrategy(stage=2) (or 1) for T5."
                 )
             install_resume_reshape(trainer.strategy, self._reshape_before_load)
         if self.recovery is not None:
@@ -228,10 +243,13 @@ class NirvanaPruningCallback(Callback):
             self._load_hook.remove()
             self._load_hook = None
 
-    def _reshape_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        """Give a freshly built dense model the pruned shapes (and recovery adapters) of the checkpoint before it loads."""
-        from .t5 import is_t5, resize_from_state_dict
+    def _reshape_before_load(
+        self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any, materialize: Any = None
+    ) -> None:
+        """Give a freshly built dense model the pruned shapes (and recovery adapters) of the checkpoint before it loads.
 
+        ``materialize``: see :func:`nirvana_pl.surgery.apply_plan` (DeepSpeed ZeRO-3 passes one).
+        """
         if is_t5(self.model):  # T5 also needs the kept original heads (buffers in the state dict)
             resize_from_state_dict(self.model, module, state_dict, prefix)
             return
@@ -246,15 +264,15 @@ class NirvanaPruningCallback(Callback):
         widths = []
         for u in find_units(self.model):
             k, gate = saved(u.attn_weights[1].weight), saved(u.mlp_weights[0].weight)
-            if k is None or gate is None:
-                return  # not a full model state dict; leave shapes alone
+            if k is None or gate is None or k.numel() == 0 or gate.numel() == 0:
+                return  # not a full model state dict (or ZeRO-3's empty placeholders); leave shapes alone
             group = u.group_size
             widths.append(
                 {"num_key_value_heads": k.shape[0] // h, "num_attention_heads": k.shape[0] // h * group,
                  "intermediate_size": gate.shape[0]}
             )
         if widths != layer_widths(self.model):
-            resize_to_widths(self.model, widths)
+            resize_to_widths(self.model, widths, materialize)
         saved_adapters = any(".lora_A." in key for key in state_dict if key.startswith(prefix))
         if saved_adapters and self.recovery is not None and not has_lora(self.model):
             attach_recovery_adapters(self.model, self.recovery, self.recovery_train_norms)
@@ -344,7 +362,7 @@ class NirvanaPruningCallback(Callback):
 
         metrics = record.metrics(self._reference)
         metrics["gamma"] = plan.gamma
-        metrics["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        metrics["trainable_params"] = sum(parameter_numel(p) for p in pl_module.parameters() if p.requires_grad)
         if selection is not None:
             metrics["calibration_kl"] = selection["kl"]
             for i, kl in enumerate(selection.get("candidate_kls", [])):

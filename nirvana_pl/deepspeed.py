@@ -13,16 +13,21 @@ engine's flat buffers are sized for the dense model, so a prune event
 4. installs the carried fp32 masters, ``exp_avg``, ``exp_avg_sq`` and the step count with the
    ``safe_set_full_*`` collectives (each owner broadcasts its parameters).
 
-ZeRO-3 partitions the module parameters themselves and is not supported yet: it is refused at
-set-up with a message. :class:`CPUDeepSpeedStrategy` runs Lightning's ``DeepSpeedStrategy`` in CPU
-processes (gloo); on GPUs use the stock ``DeepSpeedStrategy``.
+ZeRO-3 partitions the module parameters themselves as well: there, step 2 gathers one weight at
+a time, slices it and partitions it again with its new shape (:func:`zero3_resized`), so no rank
+ever holds the whole model. Saliency under ZeRO-3 reads the gathered fp32 masters (``adam_*``);
+estimators that run the module outside the engine (``functional``, ``wanda_sp``, ...) are refused.
+
+:class:`CPUDeepSpeedStrategy` runs Lightning's ``DeepSpeedStrategy`` in CPU processes (gloo); on
+GPUs use the stock ``DeepSpeedStrategy``.
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,7 +38,9 @@ from .plan import PruningPlan
 from .surgery import apply_plan, planned_slices
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-SUPPORTED_STAGES = (1, 2)
+SUPPORTED_STAGES = (1, 2, 3)
+# estimators that only read the optimizer state (or nothing) work on partitioned ZeRO-3 weights
+ZERO3_SALIENCIES = ("adam_taylor", "adam_fisher", "adam_momentum", "random")
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -82,19 +89,41 @@ def zero_stage(strategy: Any) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def check_deepspeed_strategy(strategy: Any) -> None:
-    """Refuse ZeRO stages the surgery cannot rebuild, and optimizers defined in the DeepSpeed config."""
+def check_deepspeed_strategy(strategy: Any, saliency: str | None = None, runs_model: bool = False) -> None:
+    """Refuse what the engine rebuild cannot carry: unknown ZeRO stages, an optimizer defined in the
+    DeepSpeed config and, under ZeRO-3, estimators or a KL selection that run the partitioned module
+    outside the engine (``runs_model``: a calibration selector or ``gamma="auto"``)."""
     stage = zero_stage(strategy)
+    config = strategy.config or {}
     if stage not in SUPPORTED_STAGES:
         raise ValueError(
             f"NirvanaPruningCallback supports DeepSpeed ZeRO stages {SUPPORTED_STAGES}; the strategy's config has "
-            f"zero_optimization.stage={stage}. Use DeepSpeedStrategy(stage=2) (or stage=1)."
+            f"zero_optimization.stage={stage}. Use DeepSpeedStrategy(stage=2) (or 1 or 3)."
         )
-    if "optimizer" in (strategy.config or {}):
+    if "optimizer" in config:
         raise ValueError(
             "NirvanaPruningCallback rebuilds the optimizer after pruning through "
             "LightningModule.configure_optimizers(); the DeepSpeed config defines 'optimizer' instead. "
             "Remove it from the config and return the optimizer from configure_optimizers()."
+        )
+    if stage != 3:
+        return
+    if saliency is not None and saliency not in ZERO3_SALIENCIES:
+        raise ValueError(
+            f"NirvanaPruningCallback(saliency={saliency!r}) runs or reads the module weights outside the engine, "
+            "but ZeRO-3 partitions them across ranks. Under ZeRO-3 use saliency='adam_fisher' (or another adam_* "
+            f"estimator; {', '.join(ZERO3_SALIENCIES)} are supported), or train with DeepSpeedStrategy(stage=2)."
+        )
+    if runs_model:
+        raise ValueError(
+            "NirvanaPruningCallback: a KL calibration selection (calibration=<selector> or gamma='auto') runs "
+            "pruned candidates of the model outside the engine, which ZeRO-3's partitioned weights do not allow. "
+            "Give a fixed gamma (e.g. gamma=2.0) and no selector under ZeRO-3, or use DeepSpeedStrategy(stage=2)."
+        )
+    if int((config.get("zero_optimization") or {}).get("zero_hpz_partition_size", 1)) > 1:
+        raise ValueError(
+            "NirvanaPruningCallback does not support ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1) "
+            "yet: the secondary weight partitions would have to be rebuilt after a prune. Set it to 1."
         )
 
 
@@ -110,8 +139,17 @@ def _lp_groups(ds_optimizer: Any) -> list[list[nn.Parameter]]:
 
 
 def _flat_partitions(ds_optimizer: Any) -> list[torch.Tensor]:
-    """The fp32 tensors the base optimizer steps, one per parameter group."""
+    """The fp32 tensors the base optimizer steps (keys of its state), one per group of :func:`_lp_groups`."""
+    zero3_flats = getattr(ds_optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3: one per sub-group
+    if zero3_flats is not None:
+        return list(zero3_flats)
     return [g["params"][0] for g in ds_optimizer.optimizer.param_groups]
+
+
+def _hyperparameters(ds_optimizer: Any, group: int) -> dict:
+    """The base optimizer's param group (betas, lr, ...) of group ``group`` of :func:`_lp_groups`."""
+    to_param_group = getattr(ds_optimizer, "sub_group_to_group_id", None)  # ZeRO-3 sub-groups
+    return ds_optimizer.optimizer.param_groups[to_param_group[group] if to_param_group is not None else group]
 
 
 def _group_index(ds_optimizer: Any) -> dict[int, int]:
@@ -133,10 +171,10 @@ def adam_state_reader(ds_optimizer: Any) -> Callable[[nn.Parameter], tuple[torch
             return p.detach(), {}, None
         st = base.state.get(flats[gi], {})
         if "step" not in st:
-            return p.detach(), {}, base.param_groups[gi]
+            return p.detach(), {}, _hyperparameters(ds_optimizer, gi)
         state = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_KEYS}
         state["step"] = st["step"]
-        return safe_get_full_fp32_param(p), state, base.param_groups[gi]
+        return safe_get_full_fp32_param(p), state, _hyperparameters(ds_optimizer, gi)
 
     return read
 
@@ -216,7 +254,7 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     # 2. tear the engine down and shrink the modules
     del engine, ds_optimizer, base, flats
     _teardown_engine(strategy)
-    apply_plan(model, plan, ())
+    apply_plan(model, plan, (), materialize=zero3_resized)
 
     # 3. a new engine and optimizer from configure_optimizers(); the scheduler continues
     strategy._initialize_deepspeed_train(pl_module)
@@ -249,13 +287,37 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
         mine = carried.pop(i, None)
         fp32 = _broadcast_from(mine["fp32"] if mine else None, shapes[i], owner, device)
         safe_set_full_fp32_param(p, fp32)
-        with torch.no_grad():
-            p.data.copy_(fp32.to(p.dtype))  # the module weight is the cast of the fp32 master
+        if not _is_zero3_parameter(p):  # (a ZeRO-3 weight was sliced, as the cast of its master, by zero3_resized)
+            with torch.no_grad():
+                p.data.copy_(fp32.to(p.dtype))  # the module weight is the cast of the fp32 master
         if has_state:
             for key in ADAM_KEYS:
                 value = _broadcast_from(mine[key] if mine else None, shapes[i], owner, device)
                 safe_set_full_optimizer_state(p, value, key)
     return {"step": [float(s) if s is not None else 0.0 for s in steps], "params": len(shapes)}
+
+
+def _is_zero3_parameter(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextmanager
+def zero3_resized(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Let the surgery slice ZeRO-3 parameters: whole inside, partitioned again with their new shape after.
+
+    Gathers ``params`` (one weight and its bias; a collective, every rank in the same order), and
+    after the body has replaced their ``.data`` with the kept slices, records the new full shape and
+    partitions them from scratch. Parameters that ZeRO-3 does not partition pass through untouched.
+    """
+    zero3 = [p for p in params if _is_zero3_parameter(p)]
+    if zero3:
+        zero3[0].all_gather(param_list=zero3)
+    yield
+    if not zero3:
+        return
+    for p in zero3:
+        p.ds_shape, p.ds_numel, p.ds_tensor = p.shape, p.numel(), None  # a new partition of the new size
+    zero3[0].partition(param_list=zero3)
 
 
 def _teardown_engine(strategy: Any) -> None:
@@ -298,17 +360,30 @@ def link_optimizer_state(ds_optimizer: Any) -> None:
 # resume
 # ---------------------------------------------------------------------------------------
 def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, torch.Size] | None:
-    """Parameter shapes (name -> shape) recorded in a DeepSpeed checkpoint directory, or None."""
+    """Parameter shapes (name -> shape) recorded in a DeepSpeed checkpoint directory, or None.
+
+    Reads the model-states file of the tag in ``latest`` (else any tag): ``mp_rank_00_model_states.pt``
+    under ZeRO-1/2, rank 0's ``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ZeRO-3. The file is
+    memory-mapped; only the recorded shapes are read.
+    """
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return None
-    candidates = sorted(root.glob("*/mp_rank_00_model_states.pt")) + sorted(root.glob("mp_rank_00_model_states.pt"))
+    latest = root / "latest"
+    tags = [latest.read_text().strip()] if latest.is_file() else ["*"]
+    candidates = [
+        path
+        for tag in tags + [""]
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        for path in sorted(root.glob(f"{tag}/{name}" if tag else name))
+    ]
     if not candidates:
         return None
-    state = torch.load(candidates[0], map_location="cpu", weights_only=False)
+    state = torch.load(candidates[0], map_location="cpu", weights_only=False, mmap=True)
     shapes: dict[str, torch.Size] = {}
     for group in state.get("param_shapes") or []:
         shapes.update({name: torch.Size(shape) for name, shape in group.items()})
+    shapes.update({name: torch.Size(shape) for name, shape in (state.get("frozen_param_shapes") or {}).items()})
     if not shapes and isinstance(state.get("module"), Mapping):
         shapes = {name: t.shape for name, t in state["module"].items() if isinstance(t, torch.Tensor)}
     return shapes or None
@@ -325,8 +400,9 @@ def install_resume_reshape(strategy: Any, reshape: Callable[..., None]) -> None:
     Lightning builds the DeepSpeed engine before it loads a checkpoint, with the shapes the
     LightningModule has (dense); the engine's flat buffers cannot take a pruned checkpoint. The
     wrapped ``load_checkpoint`` reads the parameter shapes the checkpoint records; when they differ,
-    it reshapes the modules with ``reshape(module, state_dict, prefix)`` (the callback's shape-only
-    load hook) and builds the engine again (``configure_optimizers``), then loads as usual.
+    it reshapes the modules with ``reshape(module, state_dict, prefix, materialize=zero3_resized)``
+    (the callback's shape-only load hook) and builds the engine again (``configure_optimizers``),
+    then loads as usual.
     """
     if getattr(strategy, "_nirvana_resume_reshape", False):
         return
@@ -338,7 +414,7 @@ def install_resume_reshape(strategy: Any, reshape: Callable[..., None]) -> None:
         if shapes is not None and _shapes_differ(pl_module, shapes):
             training = pl_module.trainer is not None and pl_module.trainer.training
             _teardown_engine(strategy)
-            reshape(pl_module, shape_placeholders(shapes), "")
+            reshape(pl_module, shape_placeholders(shapes), "", materialize=zero3_resized)
             if training:
                 strategy._initialize_deepspeed_train(pl_module)
             else:

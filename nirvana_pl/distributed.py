@@ -41,14 +41,17 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
-def check_strategy(strategy: Any) -> None:
-    """Accept single-device, DDP and DeepSpeed ZeRO-1/2 strategies; refuse sharded ones with a clear message."""
+def check_strategy(strategy: Any, saliency: str | None = None, runs_model: bool = False) -> None:
+    """Accept single-device, DDP and DeepSpeed ZeRO strategies; refuse other sharded ones with a clear message.
+
+    ``saliency`` and ``runs_model`` (a KL calibration selection) are checked against ZeRO-3's partitioned weights.
+    """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     from .deepspeed import check_deepspeed_strategy, is_deepspeed
 
     if is_deepspeed(strategy):
-        check_deepspeed_strategy(strategy)
+        check_deepspeed_strategy(strategy, saliency, runs_model)
         return
     names = [c.__name__ for c in type(strategy).__mro__]
     for key, why in _UNSUPPORTED.items():
@@ -56,8 +59,8 @@ def check_strategy(strategy: Any) -> None:
             raise ValueError(
                 f"NirvanaPruningCallback does not support strategy {type(strategy).__name__} yet: {why}, and "
                 "the callback's surgery needs whole parameters on every rank. Use a single device "
-                "(Trainer(devices=1)), data parallel training (Trainer(strategy='ddp')) or DeepSpeed ZeRO-1/2 "
-                "(Trainer(strategy=DeepSpeedStrategy(stage=2)))."
+                "(Trainer(devices=1)), data parallel training (Trainer(strategy='ddp')) or DeepSpeed ZeRO "
+                "(Trainer(strategy=DeepSpeedStrategy(stage=2 or 3)))."
             )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise ValueError(

@@ -368,12 +368,13 @@ _GRADIENT_REDUCE: contextvars.ContextVar[GradientReduce | None] = contextvars.Co
 
 @contextlib.contextmanager
 def gradient_reduce(reduce: GradientReduce | None) -> Iterator[None]:
-    """Use ``reduce`` in every gradient saliency (``functional``, ``taylor_loss``) inside the block.
+    """Use ``reduce`` in every gradient saliency (``functional``, ``taylor_loss``) and ``wanda_sp`` inside the block.
 
     ``reduce(grads, n_samples)`` receives the signed per-weight gradients (fp32, each the mean
     over this process's ``n_samples`` calibration samples) and must replace them in place by
     the mean over all processes' samples, BEFORE the absolute value is taken (e.g. an
-    all-reduce across data-parallel ranks; see ``nirvana_pl.distributed``).
+    all-reduce across data-parallel ranks; see ``nirvana_pl.distributed``). ``wanda_sp`` passes
+    its per-sample mean squared activation norms through the same hook.
     """
     token = _GRADIENT_REDUCE.set(reduce)
     try:
@@ -439,8 +440,15 @@ def _gradient_saliency(
         )
 
 
-def wanda_sp_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> UnitScores:
-    """|W_ij| * ||x_j||_2 with x the input activations of each linear over calibration tokens."""
+def wanda_sp_scores(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], reduce: GradientReduce | None = None
+) -> UnitScores:
+    """|W_ij| * ||x_j|| with x the input activations of each linear over the calibration tokens.
+
+    ``||x_j||`` is the 2-norm over the tokens divided by sqrt(number of calibration samples), which
+    ranks the same and lets ``reduce`` (default: the one set by :func:`gradient_reduce`) average the
+    squared norms over every process's samples, so all data-parallel ranks score the same data.
+    """
     units = find_units(model)
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     sq: dict[int, torch.Tensor] = {}
@@ -481,6 +489,13 @@ def wanda_sp_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     finally:
         for h in hooks:
             h.remove()
+    n_samples = sum(b["input_ids"].shape[0] for b in batches)
+    linears = list(sq)
+    mean_sq = [sq[k] / n_samples for k in linears]
+    reduce = reduce if reduce is not None else _GRADIENT_REDUCE.get()
+    if reduce is not None:
+        reduce(mean_sq, n_samples)
+    sq = dict(zip(linears, mean_sq))
 
     def saliency_of(w: WeightSlice) -> torch.Tensor:
         norm = sq[id(w.linear)].sqrt()
@@ -504,7 +519,7 @@ def compute_scores(
 ) -> UnitScores:
     """One entry point for all estimators that do not need a training run.
 
-    ``reduce``: see :func:`gradient_reduce` (gradient estimators only).
+    ``reduce``: see :func:`gradient_reduce` (gradient estimators and ``wanda_sp``).
 
     Adam-state estimators cannot be computed here: they need the mean over a warm-up
     window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
@@ -528,5 +543,5 @@ def compute_scores(
         )
     batches = check_calibration(model, calibration)
     if saliency == "wanda_sp":
-        return wanda_sp_scores(model, batches)
+        return wanda_sp_scores(model, batches, reduce=reduce)
     return _gradient_saliency(model, batches, saliency, progress=progress, reduce=reduce)

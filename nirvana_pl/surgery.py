@@ -11,7 +11,8 @@ never leaves a half-pruned model.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -31,8 +32,15 @@ from .units import (
 )
 
 
+Materialize = Callable[[Sequence[nn.Parameter]], ContextManager[None]]
+
+
 class PlanMismatchError(ValueError):
     """The plan does not fit the model it is applied to."""
+
+
+def _as_is(params: Sequence[nn.Parameter]) -> ContextManager[None]:
+    return nullcontext()
 
 
 def validate_plan(model: nn.Module, plan: PruningPlan, min_kv_groups: int = 1) -> list[LayerUnits]:
@@ -70,16 +78,24 @@ def predicted_params_after(units: Sequence[LayerUnits], plan: PruningPlan) -> in
     return current - removed_parameters(units, plan.kv_groups_kept(), plan.mlp_widths_kept())
 
 
-def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizers: Sequence[torch.optim.Optimizer]):
+def _slice_weight(
+    w: WeightSlice,
+    kept: Sequence[int],
+    n_units: int,
+    optimizers: Sequence[torch.optim.Optimizer],
+    materialize: Materialize,
+):
     idx = unit_index(n_units, w.rows_per_unit, kept).to(w.weight.device)
-    for p, axis in w.unit_parameters():
-        old_shape = p.shape
-        with torch.no_grad():
-            p.data = p.data.index_select(axis, idx).contiguous()
-        p.grad = None
-        optimizer = owner_of(optimizers, p)  # per parameter: a LoRA base is frozen, its adapters are not
-        if optimizer is not None:
-            slice_state(optimizer, p, old_shape, axis, idx)
+    unit_parameters = w.unit_parameters()
+    with materialize([p for p, _ in unit_parameters]):
+        for p, axis in unit_parameters:
+            old_shape = p.shape
+            with torch.no_grad():
+                p.data = p.data.index_select(axis, idx).contiguous()
+            p.grad = None
+            optimizer = owner_of(optimizers, p)  # per parameter: a LoRA base is frozen, its adapters are not
+            if optimizer is not None:
+                slice_state(optimizer, p, old_shape, axis, idx)
     # Shape attributes of the base linear, of a LoRA wrapper, and of the adapter linears it slices.
     attr = "out_features" if w.axis == 0 else "in_features"
     for module in [w.linear, w.module] + [ad.B if w.axis == 0 else ad.A for ad in w.adapters]:
@@ -87,8 +103,17 @@ def _slice_weight(w: WeightSlice, kept: Sequence[int], n_units: int, optimizers:
             setattr(module, attr, idx.numel())
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+def apply_plan(
+    model: nn.Module,
+    plan: PruningPlan,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    materialize: Materialize | None = None,
+) -> None:
     """Physically remove the units ``plan`` drops; slice the optimizers' state alongside.
+
+    ``materialize(params)`` is entered around the slicing of each weight (with its bias and adapters),
+    for parameters whose values live elsewhere between uses (DeepSpeed ZeRO-3 partitions them; see
+    :func:`nirvana_pl.deepspeed.zero3_resized`), one weight at a time.
 
     Raises :class:`PlanMismatchError` (model untouched) when the plan does not fit the model or an
     optimizer holds state that cannot follow the slice.
@@ -108,7 +133,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, optimizers: Iterable[torch.o
                 except ValueError as err:
                     raise PlanMismatchError(str(err)) from None
     for w, kept, n in jobs:
-        _slice_weight(w, kept, n, optimizers)
+        _slice_weight(w, kept, n, optimizers, materialize or _as_is)
     for u in units:
         if hasattr(u.mlp, "intermediate_size"):  # informational attribute of stock MLP modules
             u.mlp.intermediate_size = u.mlp_width
@@ -172,11 +197,13 @@ def _stock_config_accepts(config, widths: dict[str, int]) -> bool:
     return try_stock_config(type(config), values)[0] is not None
 
 
-def resize_to_widths(model: nn.Module, widths: Sequence[dict[str, int]]) -> None:
+def resize_to_widths(
+    model: nn.Module, widths: Sequence[dict[str, int]], materialize: Materialize | None = None
+) -> None:
     """Give ``model`` the per-layer shapes ``widths`` (keeping the first units).
 
     Used before loading a pruned state dict into a freshly built dense model: only the shapes
-    matter, the values are overwritten by the load.
+    matter, the values are overwritten by the load. ``materialize``: as in :func:`apply_plan`.
     """
     from .plan import LayerPlan
 
@@ -192,7 +219,7 @@ def resize_to_widths(model: nn.Module, widths: Sequence[dict[str, int]]) -> None
                 f"to {kv} / {mlp}; build the model from the dense config."
             )
         layers.append(LayerPlan(u.num_kv_groups, u.mlp_width, list(range(kv)), list(range(mlp))))
-    apply_plan(model, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="resize"))
+    apply_plan(model, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="resize"), (), materialize)
 
 
 def planned_slices(model: nn.Module, plan: PruningPlan) -> list[tuple[nn.Parameter, int, torch.Tensor]]:

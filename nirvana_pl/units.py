@@ -292,13 +292,18 @@ def prunable_parameter_count(model: nn.Module) -> int:
 
 def base_parameter_count(model: nn.Module) -> int:
     """All parameters of ``model`` except LoRA adapter weights (the model a merge or export gives)."""
-    return sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
+    return sum(parameter_numel(p) for n, p in model.named_parameters() if not is_adapter_parameter(n))
+
+
+def parameter_numel(p: nn.Parameter) -> int:
+    """The elements of the whole parameter, also while DeepSpeed ZeRO-3 holds only a partition (``ds_numel``)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def units_parameter_count(units: Sequence[LayerUnits]) -> int:
     """:func:`prunable_parameter_count` of the layers ``units`` describe."""
     return sum(
-        p.numel()
+        parameter_numel(p)
         for layer in units
         for mod in (layer.attn, layer.mlp)
         if mod is not None  # a T5 cross-attention entry has no FFN

@@ -159,3 +159,27 @@ def test_gradient_reduce_hook_sees_signed_grads_before_abs(name):
     zeroed = compute_scores(model, name, calibration=[ids], reduce=zero)
     assert all(float(t.abs().sum()) == 0 for t in zeroed.attn + zeroed.mlp)
     assert any(float(t.abs().sum()) > 0 for t in plain.attn + plain.mlp)
+
+
+def test_wanda_sp_reduce_averages_activation_norms_over_all_ranks_samples():
+    """Two "ranks" with different calibration data score like one process holding both."""
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(3)
+    rank0, rank1 = torch.randint(0, 128, (2, 8), generator=gen), torch.randint(0, 128, (3, 8), generator=gen)
+    other_rank: dict = {}
+
+    def keep(tensors, n):  # what rank 1 would contribute to the all-reduce
+        other_rank["tensors"], other_rank["n"] = [t.clone() for t in tensors], n
+
+    def all_reduce(tensors, n):  # average_gradients' arithmetic over the two ranks
+        total = n + other_rank["n"]
+        for t, o in zip(tensors, other_rank["tensors"]):
+            t.mul_(n / total).add_(o, alpha=other_rank["n"] / total)
+
+    compute_scores(model, "wanda_sp", calibration=[rank1], reduce=keep)
+    reduced = compute_scores(model, "wanda_sp", calibration=[rank0], reduce=all_reduce)
+    both = compute_scores(model, "wanda_sp", calibration=[rank0, rank1])
+    alone = compute_scores(model, "wanda_sp", calibration=[rank0])
+    for a, b in zip(reduced.attn + reduced.mlp, both.attn + both.mlp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(a, b) for a, b in zip(alone.mlp, both.mlp))

@@ -92,6 +92,8 @@ def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
         # the dense state gathered before the prune (i.e. the kept slices, bit for bit)
         assert p["equal_to_single_process_plan"], p["mismatched"]
         assert p["compared"] > 30 and p["module_is_cast_of_fp32"]
+        # under ZeRO-3 every weight is again held as a partition (1/world) of its new whole shape
+        assert p["zero3_partitions"] in ("ok", "not zero3")
         # a new engine and optimizer; Adam's step count and the LR schedule carried over
         assert p["engine_replaced"] and p["optimizer_is_engine_optimizer"]
         assert p["step_after"] == p["step_before"] == 6
@@ -106,14 +108,32 @@ def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
     return prune
 
 
-@pytest.mark.parametrize("stage,precision", [(1, "bf16-mixed"), (2, "32-true")])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, extensions_dir, stage, precision):
     proc, records = _run(extensions_dir, tmp_path, "--stage", str(stage), "--precision", precision)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    _check_prune(records)
+    prune = _check_prune(records)
+    assert all(p["zero3_partitions"] == ("ok" if stage == 3 else "not zero3") for p in prune.values())
 
 
-def test_zero2_resume_after_prune_and_fp32_export(tmp_path, extensions_dir):
+@pytest.mark.parametrize("saliency", ["functional", "taylor_loss", "wanda_sp"])
+def test_zero2_calibration_estimators_reduce_across_ranks(tmp_path, extensions_dir, saliency):
+    """Each rank scores its own training batches; the reduced scores give every rank rank 0's plan."""
+    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--saliency", saliency)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    prune = _check_prune(records)
+    assert all(p["own_plan_matched_rank0"] == [True] for p in prune.values())
+
+
+def test_zero3_refuses_estimators_that_run_the_partitioned_module(tmp_path, extensions_dir):
+    proc, _ = _run(extensions_dir, tmp_path, "--stage", "3", "--saliency", "functional", "--devices", "1")
+    assert proc.returncode != 0
+    assert "ZeRO-3 partitions them" in proc.stderr and "saliency='adam_fisher'" in proc.stderr
+
+
+@pytest.mark.parametrize("stage,precision", [(2, "32-true"), (3, "bf16-mixed")])
+def test_zero_resume_after_prune_and_fp32_export(tmp_path, extensions_dir, stage, precision):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     from lightning_helpers import CausalLM
 
@@ -121,14 +141,15 @@ def test_zero2_resume_after_prune_and_fp32_export(tmp_path, extensions_dir):
     from nirvana_pl.surgery import resize_to_widths
     from nirvana_pl.units import find_units
 
-    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--save")
+    args = ("--stage", str(stage), "--precision", precision)
+    proc, records = _run(extensions_dir, tmp_path, *args, "--save")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
     shapes = prune[0]["shapes"]
     recorded = checkpoint_shapes(tmp_path / "ckpt")
     assert recorded["net.model.layers.0.mlp.gate_proj.weight"][0] == shapes[0][1]
 
-    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--resume", str(tmp_path / "ckpt"))
+    proc, records = _run(extensions_dir, tmp_path, *args, "--resume", str(tmp_path / "ckpt"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     resumed, resumed_end = _by_rank(records, "resumed"), _by_rank(records, "resumed_end")
     assert set(resumed) == {0, 1} and set(resumed_end) == {0, 1}, records
@@ -136,6 +157,7 @@ def test_zero2_resume_after_prune_and_fp32_export(tmp_path, extensions_dir):
         # the engine was rebuilt with the pruned shapes; weights, moments and step are the saved ones
         assert r["shapes"] == shapes and r["records"] == 1 and r["step"] == 16
         assert r["state_equal_saved"] and r["adam_step"] == r["saved_adam_step"] == 16
+        assert r["module_is_cast_of_saved_fp32"]
     for r in resumed_end.values():
         assert r["step"] == 20 and r["losses_finite"] and len(r["losses"]) == 4
 
@@ -200,12 +222,22 @@ def test_two_node_ddp_run(tmp_path, extensions_dir):
 # ---------------------------------------------------------------------------------------
 # in-process pieces
 # ---------------------------------------------------------------------------------------
-def test_check_strategy_accepts_zero_1_2_and_refuses_others():
-    for stage in (1, 2):
-        distributed.check_strategy(DeepSpeedStrategy(stage=stage))
-        distributed.check_strategy(CPUDeepSpeedStrategy(stage=stage))
-    with pytest.raises(ValueError, match=r"zero_optimization.stage=3.*stage=2"):
-        distributed.check_strategy(DeepSpeedStrategy(stage=3))
+def test_check_strategy_accepts_zero_1_2_3_and_refuses_others():
+    for stage in (1, 2, 3):
+        for saliency in ("adam_fisher", "adam_taylor", "random"):
+            distributed.check_strategy(DeepSpeedStrategy(stage=stage), saliency)
+            distributed.check_strategy(CPUDeepSpeedStrategy(stage=stage), saliency)
+    for saliency in ("functional", "taylor_loss", "wanda_sp", "magnitude"):
+        distributed.check_strategy(DeepSpeedStrategy(stage=2), saliency, runs_model=True)
+        with pytest.raises(ValueError, match=rf"saliency='{saliency}'.*ZeRO-3.*adam_fisher.*stage=2"):
+            distributed.check_strategy(DeepSpeedStrategy(stage=3), saliency)
+    with pytest.raises(ValueError, match=r"KL calibration selection.*gamma=2.0.*stage=2"):
+        distributed.check_strategy(DeepSpeedStrategy(stage=3), "adam_fisher", runs_model=True)
+    hpz = {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}
+    with pytest.raises(ValueError, match="zero_hpz_partition_size"):
+        distributed.check_strategy(DeepSpeedStrategy(config=hpz), "adam_fisher")
+    with pytest.raises(ValueError, match=r"zero_optimization.stage=0.*stage=2"):
+        distributed.check_strategy(DeepSpeedStrategy(stage=0))
     with pytest.raises(ValueError, match="configure_optimizers"):
         distributed.check_strategy(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}))
     with pytest.raises(ValueError, match="FSDPStrategy yet.*FSDP"):
@@ -215,5 +247,5 @@ def test_check_strategy_accepts_zero_1_2_and_refuses_others():
 
 def test_cpu_strategy_is_a_deepspeed_strategy():
     assert issubclass(CPUDeepSpeedStrategy, DeepSpeedStrategy)
-    assert CPUDeepSpeedStrategy(stage=2).zero_stage_3 is False
+    assert CPUDeepSpeedStrategy(stage=2).zero_stage_3 is False and CPUDeepSpeedStrategy(stage=3).zero_stage_3
     assert checkpoint_shapes(Path("/nonexistent")) is None

@@ -141,7 +141,10 @@ def test_wanda_sp_matches_reference():
             model(input_ids=b, use_cache=False)
     for h in hooks:
         h.remove()
-    ref = _unit_sums(model, lambda _n, lin: lin.weight.detach().double().abs() * norms_sq[id(lin)].sqrt()[None, :])
+    n_samples = sum(b.shape[0] for b in batches)  # norms are per calibration sample (same ranking)
+    ref = _unit_sums(
+        model, lambda _n, lin: lin.weight.detach().double().abs() * (norms_sq[id(lin)] / n_samples).sqrt()[None, :]
+    )
     _close(compute_scores(model, "wanda_sp", calibration=batches), ref)
 
 

@@ -27,28 +27,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning_helpers import CausalLM, token_loader  # noqa: E402
+from plan_agreement import OWN_PLAN_MATCHED, record_plan_agreement  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from nirvana_pl import NirvanaPruningCallback  # noqa: E402
 from nirvana_pl.units import find_units  # noqa: E402
 
 PREFIX = "NIRVANA_DDP "
-
-
-OWN_PLAN_MATCHED: list[bool] = []  # per prune event: did this rank's own plan equal rank 0's?
-
-
-def _record_agreement() -> None:
-    import nirvana_pl.callback as callback_module
-
-    original = callback_module.agree_on_plan
-
-    def agree_on_plan(plan, src=0):
-        chosen, agreed = original(plan, src)
-        OWN_PLAN_MATCHED.append(agreed)
-        return chosen, agreed
-
-    callback_module.agree_on_plan = agree_on_plan  # the name the callback calls
 
 
 def _tamper_rank1() -> None:
@@ -172,7 +157,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=1, help="num_nodes (one process per node is started by the caller)")
     ap.add_argument("--mismatch", action="store_true", help="make rank 1's plan differ (must fail)")
     args = ap.parse_args()
-    _record_agreement()
+    record_plan_agreement()
     if args.mismatch:
         _tamper_rank1()
     if args.port is not None:

@@ -5,7 +5,7 @@ starts one process per "node" itself (NODE_RANK 0 and 1). Every rank prints JSON
 with ``NIRVANA_DS `` on stdout: ``prune`` (right after the prune), ``end`` (after the fit) and, with
 ``--resume``, ``resumed`` (after the checkpoint has loaded).
 
-Usage: python tests/scripts/deepspeed_prune.py --out DIR --stage 2 [--precision bf16-mixed]
+Usage: python tests/scripts/deepspeed_prune.py --out DIR --stage 2|1|3 [--precision bf16-mixed]
        [--devices 2 | --nodes 2] [--resume CKPT_DIR]
 """
 
@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for light
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning_helpers import CausalLM, token_loader  # noqa: E402
+from plan_agreement import OWN_PLAN_MATCHED, record_plan_agreement  # noqa: E402
 
 import nirvana_pl  # noqa: E402
 from nirvana_pl import NirvanaPruningCallback  # noqa: E402
@@ -55,6 +57,35 @@ def full_state(pl_module) -> dict[str, dict[str, torch.Tensor]]:
             entry[key] = safe_get_full_optimizer_state(p, key).detach().clone()
         out[name] = entry
     return out
+
+
+def module_weights(pl_module) -> dict[str, torch.Tensor]:
+    """name -> the module's whole weight (gathered one at a time under ZeRO-3; collective there)."""
+    out = {}
+    for name, p in pl_module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            out[name] = p.detach().clone()
+    return out
+
+
+def flat_module_weights(pl_module) -> torch.Tensor:
+    return torch.cat([w.float().reshape(-1) for w in module_weights(pl_module).values()])
+
+
+def zero3_partitions(pl_module, world_size: int) -> str:
+    """Under ZeRO-3: 'ok' when every weight is held as this rank's partition of its whole (new) size."""
+    params = list(pl_module.parameters())
+    if not hasattr(params[0], "ds_id"):
+        return "not zero3"
+    bad = [
+        tuple(p.ds_shape) for p in params
+        if p.ds_tensor.numel() != math.ceil(p.ds_numel / world_size) or p.ds_numel != math.prod(p.ds_shape)
+    ]
+    bad += [
+        name for name, m in pl_module.named_modules()
+        if isinstance(m, torch.nn.Linear) and tuple(m.weight.ds_shape) != (m.out_features, m.in_features)
+    ]
+    return "ok" if not bad else f"wrong partitions: {bad[:4]}"
 
 
 def adam_step(trainer) -> float:
@@ -122,10 +153,9 @@ class After(Callback):
             got = after[name]
             if not torch.equal(got["fp32"], p.data) or any(not torch.equal(got[k], opt.state[p][k]) for k in KEYS):
                 mismatched.append(name)
-        module_cast_ok = all(
-            torch.equal(p.detach(), after[names[id(p)]]["fp32"].to(p.dtype)) for p in pl_module.parameters()
-        )
-        flat = torch.cat([p.detach().float().reshape(-1) for p in pl_module.parameters()])
+        weights = module_weights(pl_module)
+        module_cast_ok = all(torch.equal(w, after[name]["fp32"].to(w.dtype)) for name, w in weights.items())
+        flat = torch.cat([w.float().reshape(-1) for w in weights.values()])
         flat_fp32 = torch.cat([after[n]["fp32"].reshape(-1) for n, _ in pl_module.named_parameters()])
         emit(
             {
@@ -143,6 +173,8 @@ class After(Callback):
                 "mismatched": mismatched[:5],
                 "compared": len(model_names),
                 "module_is_cast_of_fp32": module_cast_ok,
+                "zero3_partitions": zero3_partitions(pl_module, trainer.world_size),
+                "own_plan_matched_rank0": OWN_PLAN_MATCHED,
                 "step_before": self.before.step,
                 "step_after": adam_step(trainer),
                 "lr_before": self.before.lr,
@@ -157,7 +189,7 @@ class After(Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = full_state(pl_module)
-        flat = torch.cat([p.detach().float().reshape(-1) for p in pl_module.parameters()])
+        flat = flat_module_weights(pl_module)
         if self.save:
             path = self.out / "ckpt"
             trainer.save_checkpoint(path)
@@ -197,6 +229,10 @@ class Resumed(Callback):
                 "records": len(self.pruner.records),
                 "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
                 "state_equal_saved": same and set(state) == set(saved["state"]),
+                "module_is_cast_of_saved_fp32": all(
+                    torch.equal(w, saved["state"][name]["fp32"].to(w.dtype))
+                    for name, w in module_weights(pl_module).items()
+                ),
                 "adam_step": adam_step(trainer),
                 "saved_adam_step": saved["step"],
             }
@@ -224,6 +260,7 @@ def main() -> None:
     ap.add_argument("--resume", default=None, help="resume from this DeepSpeed checkpoint directory")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    record_plan_agreement()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prune_at = args.prune_at

@@ -1,16 +1,16 @@
-"""Step time before and after a prune under DeepSpeed ZeRO-2 (2 ranks), against the FLOP ratio.
+"""Step time before and after a prune under DeepSpeed ZeRO-2 or ZeRO-3 (2 ranks), against the FLOP ratio.
 
-A ~30M-parameter Llama (random weights, random tokens) trains under ZeRO-2 with two ranks; the
+A ~30M-parameter Llama (random weights, random tokens) trains under ZeRO (``--stage``, default 2) with two ranks; the
 callback prunes to s = 0.5 (adam_taylor, gamma 2) at step ``--prune-at``. Reported: the median
 step time before and after the prune, their ratio next to the ratio of training FLOPs the two
 models need per step (matmuls and attention scores, forward + backward = 3x forward), and the
 prune event's wall time (scoring, plan, surgery, engine rebuild, state carry-over) over one dense
-step. Writes benchmarks/results/zero2_bench.{json,md}.
+step. Writes benchmarks/results/zero{stage}_bench.{json,md}.
 
 On a machine without GPUs it runs on CPU processes (``CPUDeepSpeedStrategy``, gloo); with
 ``--gpu`` it uses the stock ``DeepSpeedStrategy`` on two GPUs.
 
-Usage: python benchmarks/zero2_bench.py [--prune-at 8] [--steps-after 8] [--seq 256] [--gpu]
+Usage: python benchmarks/zero_bench.py [--stage 2|3] [--prune-at 8] [--steps-after 8] [--seq 256] [--gpu]
 """
 
 from __future__ import annotations
@@ -95,22 +95,24 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--stage", type=int, choices=(1, 2, 3), default=2, help="DeepSpeed ZeRO stage")
     args = ap.parse_args()
+    name = f"zero{args.stage}_bench"
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     pruner = NirvanaPruningCallback(sparsity=0.5, prune_at=args.prune_at, warmup_steps=3, saliency="adam_taylor",
-                                    gamma=2.0, report_dir=RESULTS / "zero2_bench_report")
+                                    gamma=2.0, report_dir=RESULTS / f"{name}_report")
     timer = Timer(pruner, args.prune_at)
     if args.gpu:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        strategy, accelerator = DeepSpeedStrategy(stage=2), "gpu"
+        strategy, accelerator = DeepSpeedStrategy(stage=args.stage), "gpu"
     else:
-        strategy, accelerator = CPUDeepSpeedStrategy(stage=2), "cpu"
+        strategy, accelerator = CPUDeepSpeedStrategy(stage=args.stage), "cpu"
     trainer = pl.Trainer(
         max_steps=args.prune_at + args.steps_after, accelerator=accelerator, devices=2, strategy=strategy,
         precision="bf16-mixed" if args.gpu else "32-true", callbacks=[pruner, timer], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=RESULTS / "zero2_bench_run",
+        default_root_dir=RESULTS / f"{name}_run",
     )
     gen = torch.Generator().manual_seed(0)
     n = 2 * args.batch_size * (args.prune_at + args.steps_after + 2)
@@ -130,7 +132,7 @@ def main() -> None:
         "config": CONFIG,
         "seq_len": args.seq,
         "micro_batch_per_rank": args.batch_size,
-        "zero_stage": 2,
+        "zero_stage": args.stage,
         "sparsity": 0.5,
         "params_before": record.total_params_before,
         "params_after": record.total_params_after,
@@ -146,12 +148,12 @@ def main() -> None:
     }
     if trainer.is_global_zero:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "zero2_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         md = [
-            "# ZeRO-2 step time before/after pruning (s = 0.5)",
+            f"# ZeRO-{args.stage} step time before/after pruning (s = 0.5)",
             "",
             f"Device: {result['device']}; ~{record.total_params_before / 1e6:.1f}M-parameter Llama, seq {args.seq}, "
-            f"micro-batch {args.batch_size} per rank, 2 ranks, ZeRO stage 2.",
+            f"micro-batch {args.batch_size} per rank, 2 ranks, ZeRO stage {args.stage}.",
             "",
             "| measure | value |",
             "| --- | --- |",
@@ -166,7 +168,7 @@ def main() -> None:
             "",
             "Goal: step-time ratio within 10% of the FLOP ratio (ratio / FLOP ratio <= 1.10).",
         ]
-        (RESULTS / "zero2_bench.md").write_text("\n".join(md) + "\n")
+        (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=2))
     if dist.is_initialized():
         dist.barrier()
