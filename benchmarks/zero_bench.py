@@ -35,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from nirvana_pl import NirvanaPruningCallback  # noqa: E402
 from nirvana_pl.deepspeed import CPUDeepSpeedStrategy  # noqa: E402
-from nirvana_pl.units import find_units, head_dim_of  # noqa: E402
+from nirvana_pl.units import find_units, head_dim_of, parameter_numel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = dict(
@@ -64,7 +64,7 @@ class LM(pl.LightningModule):
 def train_flops_per_token(model: torch.nn.Module, seq: int) -> float:
     """Forward+backward FLOPs per token: 2 x matmul parameters + attention scores, times 3."""
     cfg = model.config
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear = sum(parameter_numel(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
     attn = sum(2 * 2 * u.num_kv_groups * u.group_size * head_dim_of(cfg) * seq / 2 for u in find_units(model))
     return 3.0 * (2.0 * linear + attn)
 

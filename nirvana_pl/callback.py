@@ -32,6 +32,7 @@ from .saliency import (
     ADAM_ESTIMATORS,
     CALIBRATION_ESTIMATORS,
     AdamStateSaliency,
+    accumulate_adam_saliency,
     check_adam_optimizers,
     check_calibration,
     check_estimator,
@@ -298,9 +299,9 @@ class NirvanaPruningCallback(Callback):
         window = self.schedule.window_containing(step)
         if window is not None and not self._done(window):
             if self._adam:
-                reader = reader_for(trainer.strategy, trainer.optimizers)  # one per step, shared by every kind
-                for accumulator in self._adam.values():
-                    accumulator.accumulate(self.model, trainer.optimizers, reader)
+                # every kind in one pass: each weight's state is read once (a set of collectives under ZeRO)
+                reader = reader_for(trainer.strategy, trainer.optimizers)
+                accumulate_adam_saliency(list(self._adam.values()), self.model, trainer.optimizers, reader)
             elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
                 self._collected.append(_input_ids_of(batch))
         event = self.schedule.event_at(step)

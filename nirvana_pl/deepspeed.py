@@ -156,25 +156,36 @@ def _group_index(ds_optimizer: Any) -> dict[int, int]:
     return {id(p): i for i, group in enumerate(_lp_groups(ds_optimizer)) for p in group}
 
 
-def adam_state_reader(ds_optimizer: Any) -> Callable[[nn.Parameter], tuple[torch.Tensor, dict, dict | None]]:
-    """A :data:`~nirvana_pl.saliency.AdamStateReader` over a ZeRO optimizer (collective per call)."""
+def _step_counts(ds_optimizer: Any) -> list[Any]:
+    """Adam's step count of each group of :func:`_lp_groups` (None where the optimizer has not stepped)."""
+    link_optimizer_state(ds_optimizer)
+    base = ds_optimizer.optimizer
+    return [base.state.get(flat, {}).get("step") for flat in _flat_partitions(ds_optimizer)]
+
+
+def _gather_full(p: nn.Parameter, with_moments: bool) -> dict[str, torch.Tensor]:
+    """The whole fp32 master (``"fp32"``) and, optionally, Adam moments of ``p`` (collectives)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    out = {"fp32": safe_get_full_fp32_param(p)}
+    if with_moments:
+        out.update({key: safe_get_full_optimizer_state(p, key) for key in ADAM_KEYS})
+    return out
+
+
+def adam_state_reader(ds_optimizer: Any) -> Callable[[nn.Parameter], tuple[torch.Tensor, dict, dict | None]]:
+    """A :data:`~nirvana_pl.saliency.AdamStateReader` over a ZeRO optimizer (collective per call)."""
     index = _group_index(ds_optimizer)
-    base = ds_optimizer.optimizer
-    flats = _flat_partitions(ds_optimizer)
-    link_optimizer_state(ds_optimizer)
+    steps = _step_counts(ds_optimizer)
 
     def read(p: nn.Parameter) -> tuple[torch.Tensor, dict, dict | None]:
         gi = index.get(id(p))
         if gi is None:
             return p.detach(), {}, None
-        st = base.state.get(flats[gi], {})
-        if "step" not in st:
+        if steps[gi] is None:
             return p.detach(), {}, _hyperparameters(ds_optimizer, gi)
-        state = {key: safe_get_full_optimizer_state(p, key) for key in ADAM_KEYS}
-        state["step"] = st["step"]
-        return safe_get_full_fp32_param(p), state, _hyperparameters(ds_optimizer, gi)
+        state = _gather_full(p, with_moments=True)
+        return state.pop("fp32"), {**state, "step": steps[gi]}, _hyperparameters(ds_optimizer, gi)
 
     return read
 
@@ -211,12 +222,7 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     Every rank must call this with the same plan (checked by the caller). Returns a summary
     (``step``: the carried Adam step counts per group, ``params``: parameters carried over).
     """
-    from deepspeed.utils import (
-        safe_get_full_fp32_param,
-        safe_get_full_optimizer_state,
-        safe_set_full_fp32_param,
-        safe_set_full_optimizer_state,
-    )
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     check_deepspeed_strategy(strategy)
     pl_module = strategy.lightning_module
@@ -225,11 +231,10 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     rank, world = _rank_world()
     slices = {id(p): (axis, idx) for p, axis, idx in planned_slices(model, plan)}  # validates the plan
     index = _group_index(ds_optimizer)
-    base = ds_optimizer.optimizer
-    flats = _flat_partitions(ds_optimizer)
-    link_optimizer_state(ds_optimizer)
-    steps = [base.state.get(f, {}).get("step") for f in flats]
+    steps = _step_counts(ds_optimizer)
     has_state = all(s is not None for s in steps)
+    if has_state and len({float(s) for s in steps}) != 1:  # DeepSpeed steps every group together
+        raise RuntimeError(f"the DeepSpeed optimizer's groups disagree on Adam's step count ({steps}).")
 
     # 1. the kept slices of every trainable parameter's fp32 master and moments (one parameter at a
     #    time; the owner rank keeps a CPU copy)
@@ -239,9 +244,7 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     for i, p in enumerate(params):
         if id(p) not in index:
             continue
-        values = {"fp32": safe_get_full_fp32_param(p)}
-        if has_state:
-            values.update({key: safe_get_full_optimizer_state(p, key) for key in ADAM_KEYS})
+        values = _gather_full(p, with_moments=has_state)
         if id(p) in slices:
             axis, idx = slices[id(p)]
             values = {k: v.index_select(axis, idx.to(v.device)) for k, v in values.items()}
@@ -252,7 +255,7 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     scheduler_states = [c.scheduler.state_dict() for c in lr_configs]
 
     # 2. tear the engine down and shrink the modules
-    del engine, ds_optimizer, base, flats
+    del engine, ds_optimizer
     _teardown_engine(strategy)
     apply_plan(model, plan, (), materialize=zero3_resized)
 
@@ -269,8 +272,9 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     # 4. install the carried state: create the Adam state a first step would create, then overwrite
     new_base = new_optimizer.optimizer
     new_flats = _flat_partitions(new_optimizer)
-    if has_state:
-        for flat, step in zip(new_flats, steps):
+    if has_state:  # (the number of groups may change: ZeRO-3 sub-groups are sized in elements)
+        step = steps[0]
+        for flat in new_flats:
             new_base.state[flat] = {
                 "step": step.clone() if isinstance(step, torch.Tensor) else step,
                 **{key: torch.zeros_like(flat) for key in ADAM_KEYS},

@@ -76,17 +76,27 @@ def _per_weight_scores(
     units: Sequence[LayerUnits], saliency_of: Callable[[WeightSlice], torch.Tensor]
 ) -> UnitScores:
     """Apply ``saliency_of(w)`` (returns per-row sums along w's unit axis) to every weight."""
-    attn, mlp = [], []
+    return _per_weight_scores_of_kinds(units, lambda w: [saliency_of(w)], 1)[0]
+
+
+def _per_weight_scores_of_kinds(
+    units: Sequence[LayerUnits], saliencies_of: Callable[[WeightSlice], Sequence[torch.Tensor]], n_kinds: int
+) -> list[UnitScores]:
+    """:func:`_per_weight_scores` for ``n_kinds`` saliencies computed together, visiting each weight once."""
+    attn: list[list[torch.Tensor]] = [[] for _ in range(n_kinds)]
+    mlp: list[list[torch.Tensor]] = [[] for _ in range(n_kinds)]
     for layer in units:
-        a = torch.zeros(layer.num_kv_groups)
-        for w in layer.attn_weights:
-            a += _reduce_to_units(w, saliency_of(w))
-        m = torch.zeros(layer.mlp_width)
-        for w in layer.mlp_weights:
-            m += _reduce_to_units(w, saliency_of(w))
-        attn.append(a)
-        mlp.append(m)
-    return UnitScores(attn, mlp)
+        for pools, weights, n_units in (
+            (attn, layer.attn_weights, layer.num_kv_groups),
+            (mlp, layer.mlp_weights, layer.mlp_width),
+        ):
+            sums = [torch.zeros(n_units) for _ in range(n_kinds)]
+            for w in weights:
+                for total, row in zip(sums, saliencies_of(w)):
+                    total += _reduce_to_units(w, row)
+            for pool, total in zip(pools, sums):
+                pool.append(total)
+    return [UnitScores(a, m) for a, m in zip(attn, mlp)]
 
 
 def _sum_other_axis(w: WeightSlice, per_weight: torch.Tensor) -> torch.Tensor:
@@ -138,7 +148,6 @@ class AdamStateSaliency:
     def reset(self) -> None:
         self.total, self.steps = None, 0
 
-    @torch.no_grad()
     def accumulate(
         self,
         model: nn.Module,
@@ -150,48 +159,10 @@ class AdamStateSaliency:
         ``reader`` replaces the lookup in ``optimizer.state`` where the state is partitioned
         (DeepSpeed ZeRO): it is called once per weight, in the same order on every rank.
         """
-        units = find_units(model)
-        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
-        param_group: dict[nn.Parameter, dict] = {}
-        state: dict = {}
-        if reader is None:
-            for opt in optimizers:
-                param_group.update(_param_groups_by_param(opt))
-                state.update(opt.state)
-        opt_names = ", ".join(type(o).__name__ for o in optimizers) or "none"
+        accumulate_adam_saliency([self], model, optimizer, reader)
 
-        def saliency_of(w: WeightSlice) -> torch.Tensor:
-            p = w.weight
-            if reader is not None:  # partitioned state (DeepSpeed ZeRO), read collectively
-                wt, st, group = reader(p)
-            else:
-                wt, st, group = w.effective_weight(), state.get(p, {}), param_group.get(p)
-            if group is None or not p.requires_grad:
-                raise SaliencyError(_not_trained_message(self.kind, f"{w.name} (shape {tuple(p.shape)})", w))
-            if "exp_avg_sq" not in st or "exp_avg" not in st:
-                raise SaliencyError(
-                    f"saliency={self.kind!r} found no Adam state for {w.name}: the optimizer "
-                    f"({opt_names}) has not stepped yet or is not Adam-like. Start "
-                    "the warm-up after the first optimizer step, use torch.optim.Adam/AdamW, or "
-                    "use saliency='functional'."
-                )
-            if "step" not in st:
-                raise SaliencyError(
-                    f"saliency={self.kind!r}: the state of {w.name} has no 'step' count ({opt_names}), so Adam's "
-                    "bias correction cannot be applied. Use torch.optim.Adam/AdamW or saliency='functional'."
-                )
-            step = float(st["step"])
-            b1, b2 = group["betas"]
-            if self.kind == "adam_taylor":
-                corr = (1.0 - b2**step) ** -0.5
-                return _rowdot(w, wt.abs(), st["exp_avg_sq"].sqrt()) * corr
-            if self.kind == "adam_fisher":
-                corr = 1.0 / (1.0 - b2**step)
-                return _rowdot(w, wt.float().square(), st["exp_avg_sq"]) * corr
-            corr = 1.0 / (1.0 - b1**step)
-            return _sum_other_axis(w, (wt.float() * st["exp_avg"].float()).abs()) * corr
-
-        scores = _per_weight_scores(units, saliency_of)
+    def add(self, scores: UnitScores) -> None:
+        """Add one optimizer step's per-unit scores."""
         if self.total is None:
             self.total = scores
         else:
@@ -221,6 +192,71 @@ class AdamStateSaliency:
         t = state["total"]
         # copies: accumulate() adds in place, which must not change the caller's tensors
         self.total = UnitScores([a.clone() for a in t["attn"]], [m.clone() for m in t["mlp"]]) if t is not None else None
+
+
+@torch.no_grad()
+def accumulate_adam_saliency(
+    accumulators: Sequence[AdamStateSaliency],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    reader: AdamStateReader | None = None,
+) -> None:
+    """One optimizer step for several Adam-state estimators, reading each weight's state once.
+
+    ``reader``: see :meth:`AdamStateSaliency.accumulate`; with several estimators it is still called
+    once per weight (under DeepSpeed ZeRO each call is a set of collectives).
+    """
+    if not accumulators:
+        return
+    units = find_units(model)
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    param_group: dict[nn.Parameter, dict] = {}
+    state: dict = {}
+    if reader is None:
+        for opt in optimizers:
+            param_group.update(_param_groups_by_param(opt))
+            state.update(opt.state)
+    opt_names = ", ".join(type(o).__name__ for o in optimizers) or "none"
+    names = ", ".join(repr(a.kind) for a in accumulators)
+
+    def saliencies_of(w: WeightSlice) -> list[torch.Tensor]:
+        p = w.weight
+        if reader is not None:  # partitioned state (DeepSpeed ZeRO), read collectively
+            wt, st, group = reader(p)
+        else:
+            wt, st, group = w.effective_weight(), state.get(p, {}), param_group.get(p)
+        if group is None or not p.requires_grad:
+            raise SaliencyError(_not_trained_message(accumulators[0].kind, f"{w.name} (shape {tuple(p.shape)})", w))
+        if "exp_avg_sq" not in st or "exp_avg" not in st:
+            raise SaliencyError(
+                f"saliency {names} found no Adam state for {w.name}: the optimizer "
+                f"({opt_names}) has not stepped yet or is not Adam-like. Start "
+                "the warm-up after the first optimizer step, use torch.optim.Adam/AdamW, or "
+                "use saliency='functional'."
+            )
+        if "step" not in st:
+            raise SaliencyError(
+                f"saliency {names}: the state of {w.name} has no 'step' count ({opt_names}), so Adam's "
+                "bias correction cannot be applied. Use torch.optim.Adam/AdamW or saliency='functional'."
+            )
+        return [_adam_saliency(a.kind, w, wt, st, group) for a in accumulators]
+
+    for accumulator, scores in zip(accumulators, _per_weight_scores_of_kinds(units, saliencies_of, len(accumulators))):
+        accumulator.add(scores)
+
+
+def _adam_saliency(kind: str, w: WeightSlice, wt: torch.Tensor, st: dict, group: dict) -> torch.Tensor:
+    """Per-row sums along ``w``'s unit axis of one Adam-state saliency, bias-corrected."""
+    step = float(st["step"])
+    b1, b2 = group["betas"]
+    if kind == "adam_taylor":
+        corr = (1.0 - b2**step) ** -0.5
+        return _rowdot(w, wt.abs(), st["exp_avg_sq"].sqrt()) * corr
+    if kind == "adam_fisher":
+        corr = 1.0 / (1.0 - b2**step)
+        return _rowdot(w, wt.float().square(), st["exp_avg_sq"]) * corr
+    corr = 1.0 / (1.0 - b1**step)
+    return _sum_other_axis(w, (wt.float() * st["exp_avg"].float()).abs()) * corr
 
 
 def check_adam_optimizers(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], saliency: str) -> None:

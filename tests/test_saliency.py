@@ -15,6 +15,7 @@ from nirvana_pl.saliency import (
     AdamStateSaliency,
     SaliencyError,
     UnitScores,
+    accumulate_adam_saliency,
     compute_scores,
     random_scores,
 )
@@ -285,6 +286,30 @@ def test_adam_state_saliency_matches_direct_computation(kind, factory):
     other.load_state_dict(acc.state_dict())
     _close(other.scores(), scores, rtol=0)
     assert other.steps == acc.steps
+
+
+def test_adam_estimators_in_one_pass_equal_separate_passes_and_read_each_weight_once():
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    together = [AdamStateSaliency(kind) for kind in ADAM_ESTIMATORS]
+    separate = [AdamStateSaliency(kind) for kind in ADAM_ESTIMATORS]
+    reads: list[int] = []
+
+    def reader(p):  # what a DeepSpeed reader returns, counting the (collective) calls
+        reads.append(id(p))
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        return p.detach(), opt.state[p], group
+
+    for step in range(2):
+        _step(model, opt, seed=step)
+        accumulate_adam_saliency(together, model, opt, reader)
+        for acc in separate:
+            acc.accumulate(model, opt)
+    n_weights = sum(len(u.attn_weights) + len(u.mlp_weights) for u in find_units(model))
+    assert len(reads) == 2 * n_weights and len(set(reads)) == n_weights
+    for a, b in zip(together, separate):
+        assert a.steps == b.steps == 2
+        _close(a.scores(), b.scores(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ADAM_ESTIMATORS)
