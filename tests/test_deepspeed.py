@@ -115,6 +115,12 @@ def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, exten
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
     assert all(p["zero3_partitions"] == ("ok" if stage == 3 else "not zero3") for p in prune.values())
+    if stage == 3:
+        for p in prune.values():
+            # the surgery held one weight whole at a time (the largest is 1/22 of this model), never the model
+            assert 0 < p["max_whole_elements"] <= p["largest_dense_weight_elements"] < p["model_elements"] / 8
+            # ZeRO-3 sub-groups are sized in elements: fewer after the prune, Adam's step carried into each
+            assert p["optimizer_groups"] < p["optimizer_groups_before"]
 
 
 @pytest.mark.parametrize("saliency", ["functional", "taylor_loss", "wanda_sp"])
@@ -132,7 +138,7 @@ def test_zero3_refuses_estimators_that_run_the_partitioned_module(tmp_path, exte
     assert "ZeRO-3 partitions them" in proc.stderr and "saliency='adam_fisher'" in proc.stderr
 
 
-@pytest.mark.parametrize("stage,precision", [(2, "32-true"), (3, "bf16-mixed")])
+@pytest.mark.parametrize("stage,precision", [(1, "bf16-mixed"), (2, "32-true"), (3, "bf16-mixed")])
 def test_zero_resume_after_prune_and_fp32_export(tmp_path, extensions_dir, stage, precision):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     from lightning_helpers import CausalLM

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 import math
 import os
 import sys
@@ -80,6 +81,7 @@ def zero3_partitions(pl_module, world_size: int) -> str:
     bad = [
         tuple(p.ds_shape) for p in params
         if p.ds_tensor.numel() != math.ceil(p.ds_numel / world_size) or p.ds_numel != math.prod(p.ds_shape)
+        or (p.numel() and not p.ds_persist)  # released (empty) between uses, unless persistent
     ]
     bad += [
         name for name, m in pl_module.named_modules()
@@ -118,6 +120,9 @@ class Before(Callback):
         self.lr = trainer.optimizers[0].param_groups[0]["lr"]
         self.sched_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
         self.engine_id = id(trainer.strategy.model)
+        self.stage3 = hasattr(next(pl_module.parameters()), "ds_id")
+        self.groups = len(trainer.optimizers[0].fp16_groups) if self.stage3 else 0
+        self.largest = max(v["fp32"].numel() for v in self.state.values())
 
 
 class After(Callback):
@@ -175,6 +180,11 @@ class After(Callback):
                 "module_is_cast_of_fp32": module_cast_ok,
                 "zero3_partitions": zero3_partitions(pl_module, trainer.world_size),
                 "own_plan_matched_rank0": OWN_PLAN_MATCHED,
+                "max_whole_elements": max(WHOLE_ELEMENTS, default=0),
+                "largest_dense_weight_elements": self.before.largest,
+                "model_elements": sum(v["fp32"].numel() for v in self.before.state.values()),
+                "optimizer_groups": len(trainer.optimizers[0].fp16_groups if self.before.stage3 else []),
+                "optimizer_groups_before": self.before.groups,
                 "step_before": self.before.step,
                 "step_after": adam_step(trainer),
                 "lr_before": self.before.lr,
@@ -246,6 +256,34 @@ class Resumed(Callback):
               "losses_finite": all(math.isfinite(x) for x in self.losses)})
 
 
+def strategy_for(stage: int) -> CPUDeepSpeedStrategy:
+    """ZeRO-3 as a large model sees it: weights partitioned between uses (only the norms, below
+    1000 elements, stay whole) and several optimizer sub-groups (whose number the prune changes)."""
+    if stage != 3:
+        return CPUDeepSpeedStrategy(stage=stage)
+    strategy = CPUDeepSpeedStrategy(stage=3, sub_group_size=20_000)
+    strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
+    return strategy
+
+
+WHOLE_ELEMENTS: list[int] = []  # per weight the ZeRO-3 surgery slices: elements held whole on this rank meanwhile
+
+
+def record_whole_elements(module) -> None:
+    """Wrap the surgery's ZeRO-3 gather so that each use records how much of the model is whole."""
+    import nirvana_pl.deepspeed as ds
+
+    original = ds.zero3_resized
+
+    @contextmanager
+    def zero3_resized(params):
+        with original(params):
+            WHOLE_ELEMENTS.append(sum(p.numel() for p in module.parameters() if not getattr(p, "ds_persist", False)))
+            yield
+
+    ds.zero3_resized = zero3_resized  # the name prune_engine looks up
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -276,11 +314,12 @@ def main() -> None:
         callbacks = [before, pruner, After(pruner, before, prune_at, out, args.save)]
     trainer = pl.Trainer(
         default_root_dir=out, max_steps=max_steps, accelerator="cpu", devices=args.devices, num_nodes=args.nodes,
-        strategy=CPUDeepSpeedStrategy(stage=args.stage), precision=args.precision, callbacks=callbacks,
+        strategy=strategy_for(args.stage), precision=args.precision, callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
         log_every_n_steps=1,
     )
     module = CausalLM(seed=0)
+    record_whole_elements(module)
     trainer.fit(module, token_loader(n=256, batch_size=4), ckpt_path=args.resume)
     if dist.is_initialized():
         dist.barrier()
