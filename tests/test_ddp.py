@@ -96,6 +96,23 @@ def test_ddp_fit_prunes_identically_and_keeps_syncing(tmp_path, saliency):
     assert sum(kv * 1000 + mlp for kv, mlp in shapes) < sum(kv * 1000 + mlp for kv, mlp in DENSE_SHAPES)
 
 
+def test_ddp_resume_after_prune(tmp_path):
+    """A checkpoint saved after the prune resumes on 2 ranks: pruned shapes, weights and Adam state as saved."""
+    proc, records = _run(tmp_path, "--save")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    shapes = _by_rank(records, "end")[0]["shapes"]
+    assert shapes != DENSE_SHAPES
+    proc, records = _run(tmp_path, "--resume", str(tmp_path / "resume.ckpt"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    resumed, end = _by_rank(records, "resumed"), _by_rank(records, "resumed_end")
+    assert set(resumed) == {0, 1} and set(end) == {0, 1}, records
+    for r in resumed.values():
+        assert r["shapes"] == shapes and r["records"] == 1 and r["step"] == 16
+        assert r["params_equal_saved"] and r["optimizer_equal_saved"] and r["wrapper_same_params"]
+    for e in end.values():  # the prune does not run again; training goes on in sync
+        assert e["step"] == 20 and len(e["losses"]) == 4 and e["losses_finite"] and e["params_equal_rank0"]
+
+
 def test_ddp_plan_mismatch_across_ranks_raises(tmp_path):
     proc, records = _run(tmp_path, "--mismatch")
     assert proc.returncode != 0

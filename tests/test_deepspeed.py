@@ -206,8 +206,9 @@ def _two_nodes(extensions_dir: str, out: Path, script: Path, *args: str) -> tupl
     return done, _records("\n".join(d.stdout + "\n" + d.stderr for d in done))
 
 
-def test_two_node_deepspeed_run(tmp_path, extensions_dir):
-    done, records = _two_nodes(extensions_dir, tmp_path, SCRIPT, "--stage", "2")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_node_deepspeed_run(tmp_path, extensions_dir, stage):
+    done, records = _two_nodes(extensions_dir, tmp_path, SCRIPT, "--stage", str(stage))
     for d in done:
         assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-6000:]
     prune = _check_prune(records)

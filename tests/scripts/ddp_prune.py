@@ -2,9 +2,10 @@
 
 Lightning's strategy="ddp" relaunches this very command for rank 1, so this must be a script,
 not pytest. Every rank prints JSON lines prefixed with ``NIRVANA_DDP `` on stdout:
-``{"event": "prune", ...}`` at the prune step and ``{"event": "end", ...}`` after the fit.
+``{"event": "prune", ...}`` at the prune step and ``{"event": "end", ...}`` after the fit; with
+``--resume``, ``resumed`` (after the checkpoint has loaded) and ``resumed_end``.
 
-Usage: python tests/scripts/ddp_prune.py --saliency adam_taylor --out DIR [--port N]
+Usage: python tests/scripts/ddp_prune.py --saliency adam_taylor --out DIR [--port N] [--save | --resume CKPT]
 """
 
 from __future__ import annotations
@@ -146,6 +147,72 @@ class Probe(Callback):
         )
 
 
+def optimizer_tensors(optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat "index/key" -> tensor."""
+    return {
+        f"{i}/{key}": value.detach().clone()
+        for i, state in optimizer.state_dict()["state"].items()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+class SaveAtEnd(Callback):
+    """--save: a Lightning checkpoint after the fit, and (rank 0) the weights and optimizer state to compare."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.out / "resume.ckpt")
+        if trainer.is_global_zero:
+            torch.save(
+                {"params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                 "optimizer": optimizer_tensors(trainer.optimizers[0])},
+                self.out / "saved_state.pt",
+            )
+
+
+class Resumed(Callback):
+    """--resume: the pruned shapes, weights and optimizer state are the saved ones; training goes on in sync."""
+
+    def __init__(self, pruner: NirvanaPruningCallback, saved: Path):
+        self.pruner, self.saved = pruner, saved
+        self.losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module):
+        saved = torch.load(self.saved, weights_only=False)
+        params = {n: p.detach() for n, p in pl_module.named_parameters()}
+        optimizer = optimizer_tensors(trainer.optimizers[0])
+        model = trainer.strategy.model
+        emit(
+            {
+                "event": "resumed",
+                "rank": trainer.global_rank,
+                "step": trainer.global_step,
+                "records": len(self.pruner.records),
+                "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+                "params_equal_saved": params.keys() == saved["params"].keys()
+                and all(torch.equal(params[n], saved["params"][n]) for n in params),
+                "optimizer_equal_saved": optimizer.keys() == saved["optimizer"].keys()
+                and all(torch.equal(optimizer[k], saved["optimizer"][k]) for k in optimizer),
+                "wrapper_same_params": isinstance(model, DistributedDataParallel)
+                and {id(p) for p in model.parameters()} == {id(p) for p in pl_module.parameters()},
+            }
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()])
+        rank0 = flat.clone()
+        dist.broadcast(rank0, src=0)
+        emit({"event": "resumed_end", "rank": trainer.global_rank, "step": trainer.global_step, "losses": self.losses,
+              "losses_finite": all(math.isfinite(x) for x in self.losses),
+              "params_equal_rank0": bool(torch.equal(flat, rank0))})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--saliency", default="adam_taylor")
@@ -156,6 +223,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=1, help="num_nodes (one process per node is started by the caller)")
     ap.add_argument("--mismatch", action="store_true", help="make rank 1's plan differ (must fail)")
+    ap.add_argument("--save", action="store_true", help="save a checkpoint after the fit")
+    ap.add_argument("--resume", default=None, help="resume from this checkpoint and train 4 more steps")
     args = ap.parse_args()
     record_plan_agreement()
     if args.mismatch:
@@ -169,16 +238,22 @@ def main() -> None:
         sparsity=0.5, prune_at=prune_at, warmup_steps=3, saliency=args.saliency, gamma=2.0,
         num_calibration_batches=4, report_dir=args.out,
     )
-    probe = Probe(pruner, prune_at)
+    out = Path(args.out)
+    max_steps = prune_at + args.steps_after
+    if args.resume:
+        callbacks = [pruner, Resumed(pruner, out / "saved_state.pt")]
+        max_steps += 4
+    else:
+        callbacks = [pruner, Probe(pruner, prune_at)] + ([SaveAtEnd(out)] if args.save else [])
     trainer = pl.Trainer(
-        default_root_dir=args.out, max_steps=prune_at + args.steps_after, accelerator="cpu", devices=args.devices, num_nodes=args.nodes,
-        strategy="ddp", callbacks=[pruner, probe], enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=out, max_steps=max_steps, accelerator="cpu", devices=args.devices, num_nodes=args.nodes,
+        strategy="ddp", callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
         logger=False, enable_checkpointing=False, log_every_n_steps=1,
     )
     # Same seed on every rank (DDP also broadcasts rank 0's weights); each rank gets its half
     # of the data through Lightning's DistributedSampler.
     module = CausalLM(seed=0)
-    trainer.fit(module, token_loader(n=128, batch_size=4))
+    trainer.fit(module, token_loader(n=128, batch_size=4), ckpt_path=args.resume)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
