@@ -491,6 +491,17 @@ class SavePrunedModel(Callback):
         self.saved_to: Path | None = None
         self.reload_max_abs_diff: float | None = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from .deepspeed import is_deepspeed, zero_stage
+
+        if is_deepspeed(trainer.strategy) and zero_stage(trainer.strategy) == 3:
+            raise ValueError(
+                "SavePrunedModel cannot save under DeepSpeed ZeRO-3: each rank holds only a partition of every "
+                "weight. Save a checkpoint (ModelCheckpoint), then run lightning.pytorch.utilities.deepspeed."
+                "convert_zero_checkpoint_to_fp32_state_dict, load the state dict into the pruned model and call "
+                "nirvana_pl.save_pruned (README, 'Multi-node and DeepSpeed'); or train with ZeRO-2."
+            )
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

@@ -256,3 +256,13 @@ def test_cpu_strategy_is_a_deepspeed_strategy():
     assert issubclass(CPUDeepSpeedStrategy, DeepSpeedStrategy)
     assert CPUDeepSpeedStrategy(stage=2).zero_stage_3 is False and CPUDeepSpeedStrategy(stage=3).zero_stage_3
     assert checkpoint_shapes(Path("/nonexistent")) is None
+
+
+def test_save_pruned_model_callback_refuses_zero3_with_the_convert_path():
+    from types import SimpleNamespace
+
+    from nirvana_pl.modules import SavePrunedModel
+
+    SavePrunedModel().setup(SimpleNamespace(strategy=DeepSpeedStrategy(stage=2)), None, "fit")
+    with pytest.raises(ValueError, match="ZeRO-3.*convert_zero_checkpoint_to_fp32_state_dict.*save_pruned"):
+        SavePrunedModel().setup(SimpleNamespace(strategy=DeepSpeedStrategy(stage=3)), None, "fit")
