@@ -230,7 +230,7 @@ def _save_t5(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
     (per-attention kept heads and per-FFN widths in ``nirvana_t5_layers``, remote code next to the weights)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from .t5 import is_dense_heads, t5_layers
+    from .t5 import stock_d_ff, t5_layers
 
     if not isinstance(model, T5ForConditionalGeneration):
         raise UnsupportedModelError(
@@ -239,10 +239,10 @@ def _save_t5(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
         )
     layers = t5_layers(model)  # measured on the modules, not read from the config
     d = {k: v for k, v in _config_dict(model.config).items() if k not in _T5_NIRVANA_KEYS}
-    widths = {e["d_ff"] for entries in layers.values() for e in entries}
+    d_ff = stock_d_ff(layers, model.config.num_heads)
     stock = None
-    if is_dense_heads(layers, model.config.num_heads) and len(widths) == 1:
-        stock, _ = try_stock_config(T5Config, {**d, "d_ff": widths.pop()})
+    if d_ff is not None:
+        stock, _ = try_stock_config(T5Config, {**d, "d_ff": d_ff})
     if stock is not None:
         # A stock T5Attention has no kept-heads buffer: write the weights without it.
         with _stock_t5_attention(model):

@@ -236,13 +236,20 @@ def update_t5_config(model: nn.Module) -> None:
     differ, else the stock ``d_ff``. ``num_heads`` stays the dense head count (the relative bias width)."""
     config = model.config
     layers = t5_layers(model)
-    widths = {e["d_ff"] for entries in layers.values() for e in entries}
-    if is_dense_heads(layers, config.num_heads) and len(widths) == 1:
-        config.d_ff = widths.pop()
+    d_ff = stock_d_ff(layers, config.num_heads)
+    if d_ff is not None:
+        config.d_ff = d_ff
         if hasattr(config, "nirvana_t5_layers"):
             del config.nirvana_t5_layers
     else:
         config.nirvana_t5_layers = layers
+
+
+def stock_d_ff(layers: dict[str, list[dict[str, Any]]], num_heads: int) -> int | None:
+    """The one FFN width when ``layers`` is what a stock T5 config describes (every attention keeps all its
+    heads, every FFN has the same width); None otherwise."""
+    widths = {e["d_ff"] for entries in layers.values() for e in entries}
+    return widths.pop() if is_dense_heads(layers, num_heads) and len(widths) == 1 else None
 
 
 def resize_to_t5_layers(model: nn.Module, layers: dict[str, list[dict[str, Any]]]) -> None:
