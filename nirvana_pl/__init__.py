@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedModelError",
     "kl_divergence",
     "load_pruned",
+    "load_pruned_state_dict",
     "masked",
     "prune",
     "save_pruned",
@@ -45,7 +46,7 @@ def __getattr__(name: str):
         from .callback import NirvanaPruningCallback
 
         return NirvanaPruningCallback
-    if name in ("save_pruned", "load_pruned"):
+    if name in ("save_pruned", "load_pruned", "load_pruned_state_dict"):
         from . import export
 
         return getattr(export, name)

@@ -99,6 +99,9 @@ class AllocationConfig:
     min_kv_groups: int = 1
     mlp_round_to: int = 8
     uniform: bool = False
+    #: MLP channels every layer keeps (0: a layer's whole MLP may go). DeepSpeed ZeRO-3 cannot hold a
+    #: weight with no elements, so under ZeRO-3 the callback raises it to ``mlp_round_to``.
+    min_mlp_channels: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
@@ -110,6 +113,8 @@ class AllocationConfig:
             )
         if not (isinstance(self.min_kv_groups, int) and self.min_kv_groups >= 1):
             raise ValueError(f"min_kv_groups={self.min_kv_groups!r} must be an integer >= 1.")
+        if not (isinstance(self.min_mlp_channels, int) and self.min_mlp_channels >= 0):
+            raise ValueError(f"min_mlp_channels={self.min_mlp_channels!r} must be an integer >= 0.")
         if not (isinstance(self.mlp_round_to, int) and self.mlp_round_to >= 1):
             raise ValueError(f"mlp_round_to={self.mlp_round_to!r} must be an integer >= 1 (1 = no rounding).")
 
@@ -206,7 +211,9 @@ def allocate(
         kept_kv = _global_kv(units, scores, round(p_a * n_a) - (n_a - sum(kv_now)), config.min_kv_groups)
         attn_removed_total = (n_a - sum(len(k) for k in kept_kv)) * ca
         mlp_target_total = min(n_m, max(0, round((budget - attn_removed_total) / cm)))
-        kept_mlp = _global_mlp(units, scores, mlp_target_total - (n_m - sum(mlp_now)), config.mlp_round_to)
+        kept_mlp = _global_mlp(
+            units, scores, mlp_target_total - (n_m - sum(mlp_now)), config.mlp_round_to, config.min_mlp_channels
+        )
 
     layers = [
         LayerPlan(kv_groups_before=kv_now[i], mlp_channels_before=mlp_now[i], kept_kv_groups=kept_kv[i],
@@ -251,12 +258,15 @@ def _split_kept(removed_flat: list[int], sizes: list[int]) -> list[list[int]]:
     return kept
 
 
-def _global_mlp(units: Sequence[LayerUnits], scores: UnitScores, k: int, round_to: int) -> list[list[int]]:
+def _global_mlp(
+    units: Sequence[LayerUnits], scores: UnitScores, k: int, round_to: int, min_keep: int = 0
+) -> list[list[int]]:
     """Remove ~k lowest MLP channels globally, then round kept widths to multiples of ``round_to``.
 
     Each pruned layer's width is floored to a multiple of ``round_to``; whole blocks are then
     given back to the layers whose best removed block scores highest until the global count is
-    within half a block of the target (so the realised sparsity is within one block).
+    within half a block of the target (so the realised sparsity is within one block). Every layer
+    then keeps at least ``min_keep`` channels (its best ones).
     """
     widths = [u.mlp_width for u in units]
     k = max(0, min(k, sum(widths)))
@@ -278,6 +288,7 @@ def _global_mlp(units: Sequence[LayerUnits], scores: UnitScores, k: int, round_t
             candidates.append((-float(scores.mlp[i][restored].sum()), i))
     for _, i in sorted(candidates)[: max(0, blocks)]:
         keep[i] += round_to
+    keep = [max(n, min(min_keep, w)) for n, w in zip(keep, widths)]
     return [_keep_top(v, n) for v, n in zip(scores.mlp, keep)]
 
 
@@ -294,7 +305,7 @@ def _uniform(
     mlp_keep = ref.mlp_width - per_layer_removed
     if per_layer_removed > 0:
         mlp_keep = round(mlp_keep / config.mlp_round_to) * config.mlp_round_to
-    mlp_keep = int(max(0, min(ref.mlp_width, mlp_keep)))
+    mlp_keep = int(max(min(config.min_mlp_channels, ref.mlp_width), min(ref.mlp_width, mlp_keep)))
     mlp_units = [u for u in units if u.mlp_weights]  # T5 cross-attention entries have no MLP
     if len({u.num_kv_groups for u in units}) > 1 or len({u.mlp_width for u in mlp_units}) > 1:
         raise ValueError(

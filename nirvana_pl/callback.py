@@ -21,7 +21,7 @@ from torch import nn
 
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
-from .deepspeed import install_resume_reshape, is_deepspeed, prune_engine, reader_for, zero_stage
+from .deepspeed import install_resume_reshape, is_deepspeed, prune_engine, reader_for, zero3_allocation, zero_stage
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import allocation_config, check_selection_args, make_plan
@@ -39,14 +39,13 @@ from .saliency import (
     gradient_reduce,
 )
 from .schedule import PruneEvent, PruningSchedule
-from .surgery import apply_plan, layer_widths, resize_to_widths
+from .surgery import apply_plan, layer_widths, resize_to_widths, widths_from_state_dict
 from .t5 import is_t5, resize_from_state_dict
 from .units import (
     UnsupportedModelError,
     base_parameter_count,
     check_supported,
     find_units,
-    head_dim_of,
     parameter_numel,
     prunable_parameter_count,
 )
@@ -74,7 +73,9 @@ class NirvanaPruningCallback(Callback):
         num_calibration_batches: how many training batches to collect when ``calibration`` is None.
         model_attr: dotted path of the transformers model inside the LightningModule; found
             automatically when None.
-        min_kv_groups, mlp_round_to, uniform: allocation constraints (see ``AllocationConfig``).
+        min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see
+            ``AllocationConfig``). Under DeepSpeed ZeRO-3 every layer keeps at least ``mlp_round_to``
+            MLP channels (ZeRO-3 cannot hold a weight with no elements).
         report_dir: where the JSON report goes (default: the trainer's log dir).
         recovery: recover with LoRA after the (first) prune: a ``peft.LoraConfig`` or a dict of its
             arguments (defaults r 8, alpha 16, all linear layers). At the prune event the adapters are
@@ -97,6 +98,7 @@ class NirvanaPruningCallback(Callback):
         num_calibration_batches: int = 8,
         model_attr: str | None = None,
         min_kv_groups: int = 1,
+        min_mlp_channels: int = 0,
         mlp_round_to: int = 8,
         uniform: bool = False,
         seed: int = 0,
@@ -110,7 +112,10 @@ class NirvanaPruningCallback(Callback):
         self.schedule = PruningSchedule.build(sparsity, prune_at, schedule, warmup_steps)
         # Validate every target with the allocation rules now, not at the prune step.
         self._alloc = [
-            allocation_config(e.sparsity, gamma, min_kv_groups=min_kv_groups, mlp_round_to=mlp_round_to, uniform=uniform)
+            allocation_config(
+                e.sparsity, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels,
+                mlp_round_to=mlp_round_to, uniform=uniform,
+            )
             for e in self.schedule.events
         ]
         if saliency in ADAM_ESTIMATORS and warmup_steps < 1:
@@ -192,24 +197,27 @@ class NirvanaPruningCallback(Callback):
         self._model = locate_model(pl_module, self.model_attr)
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
+        if is_deepspeed(trainer.strategy):  # a pruned DeepSpeed checkpoint needs an engine of its shapes
+            install_resume_reshape(trainer.strategy, self._reshape_before_load)
         if stage != "fit":
             return
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
             # DDP and DeepSpeed ZeRO are supported (ZeRO-3 with adam_* saliency); FSDP is refused
             check_strategy(trainer.strategy, self.saliency, runs_model=self.selector is not None or self.gamma_auto)
-        if is_deepspeed(trainer.strategy):  # a pruned DeepSpeed checkpoint needs an engine of its shapes
+        if is_deepspeed(trainer.strategy):
             if self.recovery is not None or has_lora(self._model):
                 raise ValueError(
                     "NirvanaPruningCallback: LoRA adapters (recovery= or a peft model) are not supported under "
                     "DeepSpeed yet (the engine would have to be rebuilt around the adapters). Use DDP or a single "
                     "device for LoRA, or recover with full fine-tuning under DeepSpeed."
                 )
-            if zero_stage(trainer.strategy) == 3 and is_t5(self._model):
-                raise ValueError(
-                    "NirvanaPruningCallback does not support T5 under DeepSpeed ZeRO-3 yet; use "
-                    "DeepSpeedStrategy(stage=2) (or 1) for T5."
-                )
-            install_resume_reshape(trainer.strategy, self._reshape_before_load)
+            if zero_stage(trainer.strategy) == 3:
+                if is_t5(self._model):
+                    raise ValueError(
+                        "NirvanaPruningCallback does not support T5 under DeepSpeed ZeRO-3 yet; use "
+                        "DeepSpeedStrategy(stage=2) (or 1) for T5."
+                    )
+                self._alloc = [zero3_allocation(a) for a in self._alloc]
         if self.recovery is not None:
             if has_lora(self._model):
                 raise ValueError(
@@ -254,24 +262,9 @@ class NirvanaPruningCallback(Callback):
         if is_t5(self.model):  # T5 also needs the kept original heads (buffers in the state dict)
             resize_from_state_dict(self.model, module, state_dict, prefix)
             return
-        names = {id(p): n for n, p in module.named_parameters()}
-
-        def saved(weight: nn.Parameter) -> torch.Tensor | None:
-            name = prefix + names[id(weight)]
-            base_name = name.replace(".base_layer.weight", ".weight").removesuffix(".weight") + ".base_layer.weight"
-            return state_dict.get(name, state_dict.get(base_name))  # plain, or saved from inside a LoRA layer
-
-        h = head_dim_of(self.model.config)
-        widths = []
-        for u in find_units(self.model):
-            k, gate = saved(u.attn_weights[1].weight), saved(u.mlp_weights[0].weight)
-            if k is None or gate is None or k.numel() == 0 or gate.numel() == 0:
-                return  # not a full model state dict (or ZeRO-3's empty placeholders); leave shapes alone
-            group = u.group_size
-            widths.append(
-                {"num_key_value_heads": k.shape[0] // h, "num_attention_heads": k.shape[0] // h * group,
-                 "intermediate_size": gate.shape[0]}
-            )
+        widths = widths_from_state_dict(self.model, module, state_dict, prefix)
+        if widths is None:  # not a full model state dict (or ZeRO-3's placeholders): leave shapes alone
+            return
         if widths != layer_widths(self.model):
             resize_to_widths(self.model, widths, materialize)
         saved_adapters = any(".lora_A." in key for key in state_dict if key.startswith(prefix))

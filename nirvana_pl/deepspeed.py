@@ -11,7 +11,7 @@ engine's flat buffers are sized for the dense model, so a prune event
 3. builds a new engine and optimizer through the strategy (``configure_optimizers`` again) and
    gives the LR scheduler its old state, so the schedule continues;
 4. installs the carried fp32 masters, ``exp_avg``, ``exp_avg_sq`` and the step count with the
-   ``safe_set_full_*`` collectives (each owner broadcasts its parameters).
+   ``safe_set_*`` functions (each owner broadcasts its parameters; every rank writes its partitions).
 
 ZeRO-3 partitions the module parameters themselves as well: there, step 2 gathers one weight at
 a time, slices it and partitions it again with its new shape (:func:`zero3_resized`), so no rank
@@ -25,6 +25,8 @@ GPUs use the stock ``DeepSpeedStrategy``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -34,8 +36,10 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
+from .allocate import AllocationConfig
 from .plan import PruningPlan
 from .surgery import apply_plan, planned_slices
+from .units import parameter_numel
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 SUPPORTED_STAGES = (1, 2, 3)
@@ -120,11 +124,29 @@ def check_deepspeed_strategy(strategy: Any, saliency: str | None = None, runs_mo
             "pruned candidates of the model outside the engine, which ZeRO-3's partitioned weights do not allow. "
             "Give a fixed gamma (e.g. gamma=2.0) and no selector under ZeRO-3, or use DeepSpeedStrategy(stage=2)."
         )
-    if int((config.get("zero_optimization") or {}).get("zero_hpz_partition_size", 1)) > 1:
+    zero = config.get("zero_optimization") or {}
+    if int(zero.get("zero_hpz_partition_size", 1)) > 1:
         raise ValueError(
             "NirvanaPruningCallback does not support ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1) "
             "yet: the secondary weight partitions would have to be rebuilt after a prune. Set it to 1."
         )
+    if int(zero.get("mics_shard_size", -1)) > 0:
+        raise ValueError(
+            "NirvanaPruningCallback does not support MiCS (zero_optimization.mics_shard_size > 0) yet: its "
+            "sharding groups would have to be rebuilt after a prune. Remove mics_shard_size."
+        )
+    for key in ("offload_param", "offload_optimizer"):
+        if (zero.get(key) or {}).get("device") == "nvme":
+            raise ValueError(
+                f"NirvanaPruningCallback does not support ZeRO-3 NVMe offload (zero_optimization.{key}.device="
+                "'nvme') yet: the swapped-out state is not rebuilt after a prune. Offload to 'cpu' or not at all."
+            )
+
+
+def zero3_allocation(config: AllocationConfig) -> AllocationConfig:
+    """``config`` with every layer keeping at least ``mlp_round_to`` MLP channels: ZeRO-3 cannot
+    hold a weight with no elements (it never gathers one for the forward or backward)."""
+    return dataclasses.replace(config, min_mlp_channels=max(config.min_mlp_channels, config.mlp_round_to))
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,8 +244,6 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     Every rank must call this with the same plan (checked by the caller). Returns a summary
     (``step``: the carried Adam step counts per group, ``params``: parameters carried over).
     """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     check_deepspeed_strategy(strategy)
     pl_module = strategy.lightning_module
     engine = strategy.model
@@ -242,7 +262,7 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     carried: dict[int, dict[str, torch.Tensor]] = {}
     shapes: dict[int, torch.Size] = {}
     for i, p in enumerate(params):
-        if id(p) not in index:
+        if id(p) not in index or parameter_numel(p) == 0:  # (an MLP pruned to width 0 earlier has no state)
             continue
         values = _gather_full(p, with_moments=has_state)
         if id(p) in slices:
@@ -251,10 +271,9 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
         shapes[i] = values["fp32"].shape
         if i % world == rank:
             carried[i] = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in values.items()}
-    lr_configs = list(strategy.lr_scheduler_configs)
-    scheduler_states = [c.scheduler.state_dict() for c in lr_configs]
+    scheduler_states = [c.scheduler.state_dict() for c in strategy.lr_scheduler_configs]
 
-    # 2. tear the engine down and shrink the modules
+    # 2. tear the engine down (freeing its flat buffers before the new ones exist) and shrink the modules
     del engine, ds_optimizer
     _teardown_engine(strategy)
     apply_plan(model, plan, (), materialize=zero3_resized)
@@ -281,28 +300,56 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
             }
         _relink_optimizer_state(new_optimizer)
     new_index = _group_index(new_optimizer)
-    device = new_flats[0].device
+    device = strategy.root_device  # the collectives' device (the flat buffers may be offloaded to the CPU)
     for i, p in enumerate(params):
-        if i not in shapes:
+        if i not in shapes or shapes[i].numel() == 0:  # (nothing to carry into an MLP pruned to width 0)
             continue
         if id(p) not in new_index:
             raise RuntimeError(f"parameter {i} ({tuple(p.shape)}) is missing from the rebuilt DeepSpeed optimizer.")
         owner = i % world
         mine = carried.pop(i, None)
         fp32 = _broadcast_from(mine["fp32"] if mine else None, shapes[i], owner, device)
-        safe_set_full_fp32_param(p, fp32)
+        _set_full(p, fp32)
         if not _is_zero3_parameter(p):  # (a ZeRO-3 weight was sliced, as the cast of its master, by zero3_resized)
             with torch.no_grad():
                 p.data.copy_(fp32.to(p.dtype))  # the module weight is the cast of the fp32 master
         if has_state:
             for key in ADAM_KEYS:
-                value = _broadcast_from(mine[key] if mine else None, shapes[i], owner, device)
-                safe_set_full_optimizer_state(p, value, key)
+                _set_full(p, _broadcast_from(mine[key] if mine else None, shapes[i], owner, device), key)
     return {"step": [float(s) if s is not None else 0.0 for s in steps], "params": len(shapes)}
 
 
 def _is_zero3_parameter(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
+
+
+def _set_full(p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Write the whole fp32 master (``key=None``) or Adam moment ``key`` of ``p`` into its partitions.
+
+    ``value`` is the same whole tensor on every rank. Under ZeRO-3 each rank writes its own
+    partition: DeepSpeed's ``safe_set_full_*`` cannot fill the last rank's partition when ZeRO-3
+    padded it (element count not divisible by the number of ranks).
+    """
+    from deepspeed import utils
+
+    if not _is_zero3_parameter(p):
+        if key is None:
+            utils.safe_set_full_fp32_param(p, value)
+        else:
+            utils.safe_set_full_optimizer_state(p, value, key)
+        return
+    local = local_partition(value, p.ds_tensor.numel(), dist.get_rank(group=getattr(p, "ds_process_group", None)))
+    if key is None:
+        utils.safe_set_local_fp32_param(p, local)
+    else:
+        utils.safe_set_local_optimizer_state(p, local, key)
+
+
+def local_partition(value: torch.Tensor, size: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s ZeRO-3 partition (``size`` elements) of ``value`` flattened; zeros past its end."""
+    flat = value.reshape(-1)
+    piece = flat[min(size * rank, flat.numel()) : size * (rank + 1)]
+    return torch.cat([piece, piece.new_zeros(size - piece.numel())]) if piece.numel() < size else piece
 
 
 @contextmanager
@@ -334,9 +381,10 @@ def _teardown_engine(strategy: Any) -> None:
     strategy.optimizers = []
     strategy.lr_scheduler_configs = []
     for p in pl_module.parameters():
-        for attr in ("_hp_mapping", "_dp_group"):
+        for attr in ("_hp_mapping", "_dp_group", "_z3_optimizer"):  # references that keep the old buffers alive
             if hasattr(p, attr):
                 delattr(p, attr)
+    gc.collect()
 
 
 def _relink_optimizer_state(ds_optimizer: Any) -> None:
@@ -367,8 +415,9 @@ def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, torch.Size] | Non
     """Parameter shapes (name -> shape) recorded in a DeepSpeed checkpoint directory, or None.
 
     Reads the model-states file of the tag in ``latest`` (else any tag): ``mp_rank_00_model_states.pt``
-    under ZeRO-1/2, rank 0's ``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ZeRO-3. The file is
-    memory-mapped; only the recorded shapes are read.
+    under ZeRO-1/2, one rank's ``zero_pp_rank_*_mp_rank_00_model_states.pt`` under ZeRO-3 (any rank's
+    records the same shapes; a node without a shared filesystem holds only its own ranks' files). The
+    file is memory-mapped; only the recorded shapes are read.
     """
     root = Path(checkpoint_dir)
     if not root.is_dir():
@@ -378,7 +427,7 @@ def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, torch.Size] | Non
     candidates = [
         path
         for tag in tags + [""]
-        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_*_mp_rank_00_model_states.pt")
         for path in sorted(root.glob(f"{tag}/{name}" if tag else name))
     ]
     if not candidates:

@@ -19,8 +19,9 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from .hub_code import modeling_nirvana
@@ -85,6 +86,13 @@ def save_pruned(
     if hasattr(model, "get_base_model"):  # a peft PeftModel: its base model carries the LoRA layers
         model = model.get_base_model()
     check_supported(model)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "save_pruned: the model's weights are DeepSpeed ZeRO-3 partitions (each rank holds a slice). Save a "
+            "checkpoint, convert it with convert_zero_checkpoint_to_fp32_state_dict and load it with "
+            "nirvana_pl.load_pruned_state_dict into a fresh model, then save_pruned that (README, "
+            "'Multi-node and DeepSpeed')."
+        )
     if has_lora(model):
         if "state_dict" in save_pretrained_kwargs:
             raise ValueError("save_pruned: a model with LoRA adapters builds its own state_dict; drop state_dict=.")
@@ -223,6 +231,44 @@ def load_pruned(directory: str | Path, **from_pretrained_kwargs: Any) -> nn.Modu
 
 # ---------------------------------------------------------------------------------------------- T5
 _T5_NIRVANA_KEYS = ("auto_map", "nirvana_t5_layers", "nirvana_base_model_type")
+
+
+def load_pruned_state_dict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None
+) -> None:
+    """Load a pruned model's state dict into ``module`` built from the dense config, resizing it first.
+
+    The DeepSpeed convert path: ``convert_zero_checkpoint_to_fp32_state_dict`` writes one fp32 state
+    dict (``torch.load(path)["state_dict"]``) keyed like the LightningModule; pass a fresh instance of
+    it (or the bare transformers model) as ``module``. ``model``: the transformers model inside
+    ``module`` (found when None). A weight with no elements (an MLP pruned away) loads whatever shape
+    the converter recorded for it. Then export with :func:`save_pruned`.
+    """
+    from .surgery import resize_to_widths, widths_from_state_dict
+    from .t5 import is_t5, resize_from_state_dict
+
+    if model is None:
+        from .callback import locate_model
+
+        model = module if hasattr(module, "config") else locate_model(module)
+    if is_t5(model):
+        resize_from_state_dict(model, module, state_dict, "")
+    else:
+        widths = widths_from_state_dict(model, module, state_dict)
+        if widths is None:
+            raise ValueError(
+                "load_pruned_state_dict: the state dict does not hold every layer's attention and MLP weights "
+                "(keys relative to module). Pass the module the state dict was saved from (e.g. the "
+                "LightningModule for a converted DeepSpeed checkpoint)."
+            )
+        resize_to_widths(model, widths)
+    own = module.state_dict()
+    module.load_state_dict(
+        {
+            key: own[key] if value.numel() == 0 and key in own and own[key].numel() == 0 else value
+            for key, value in state_dict.items()
+        }
+    )
 
 
 def _save_t5(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:

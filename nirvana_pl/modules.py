@@ -498,8 +498,8 @@ class SavePrunedModel(Callback):
             raise ValueError(
                 "SavePrunedModel cannot save under DeepSpeed ZeRO-3: each rank holds only a partition of every "
                 "weight. Save a checkpoint (ModelCheckpoint), then run lightning.pytorch.utilities.deepspeed."
-                "convert_zero_checkpoint_to_fp32_state_dict, load the state dict into the pruned model and call "
-                "nirvana_pl.save_pruned (README, 'Multi-node and DeepSpeed'); or train with ZeRO-2."
+                "convert_zero_checkpoint_to_fp32_state_dict, load the state dict with nirvana_pl.load_pruned_state_dict "
+                "and call nirvana_pl.save_pruned (README, 'Multi-node and DeepSpeed'); or train with ZeRO-2."
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

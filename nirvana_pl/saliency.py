@@ -91,7 +91,7 @@ def _per_weight_scores_of_kinds(
             (mlp, layer.mlp_weights, layer.mlp_width),
         ):
             sums = [torch.zeros(n_units) for _ in range(n_kinds)]
-            for w in weights:
+            for w in weights if n_units else ():  # (an MLP pruned to width 0 has nothing to score)
                 for total, row in zip(sums, saliencies_of(w)):
                     total += _reduce_to_units(w, row)
             for pool, total in zip(pools, sums):

@@ -12,7 +12,7 @@ never leaves a half-pruned model.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Iterable, Sequence
+from typing import Callable, ContextManager, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -220,6 +220,36 @@ def resize_to_widths(
             )
         layers.append(LayerPlan(u.num_kv_groups, u.mlp_width, list(range(kv)), list(range(mlp))))
     apply_plan(model, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="resize"), (), materialize)
+
+
+def widths_from_state_dict(
+    model: nn.Module, module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
+) -> list[dict[str, int]] | None:
+    """The per-layer widths (as :func:`layer_widths`) of the pruned ``model`` that ``state_dict`` was saved
+    from; None when it does not hold every layer's K and gate weights as 2-D tensors (a partial state
+    dict, or DeepSpeed ZeRO-3's 1-D placeholders).
+
+    ``module`` is what the state dict is keyed by (``model`` itself or the module holding it, e.g. a
+    LightningModule), ``prefix`` its keys' prefix. Weights saved from inside LoRA layers count too.
+    """
+    names = {id(p): n for n, p in module.named_parameters()}
+
+    def saved(weight: nn.Parameter) -> torch.Tensor | None:
+        name = prefix + names[id(weight)]
+        base_name = name.replace(".base_layer.weight", ".weight").removesuffix(".weight") + ".base_layer.weight"
+        return state_dict.get(name, state_dict.get(base_name))  # plain, or saved from inside a LoRA layer
+
+    h = head_dim_of(model.config)
+    widths = []
+    for u in find_units(model):
+        k, gate = saved(u.attn_weights[1].weight), saved(u.mlp_weights[0].weight)
+        if k is None or gate is None or k.dim() != 2 or gate.dim() != 2:  # (a 2-D gate with no rows: MLP pruned away)
+            return None
+        widths.append(
+            {"num_key_value_heads": k.shape[0] // h, "num_attention_heads": k.shape[0] // h * u.group_size,
+             "intermediate_size": gate.shape[0]}
+        )
+    return widths
 
 
 def planned_slices(model: nn.Module, plan: PruningPlan) -> list[tuple[nn.Parameter, int, torch.Tensor]]:

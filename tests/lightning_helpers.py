@@ -10,11 +10,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 VOCAB = 128
 
 
-def tiny_config(kind: str = "llama"):
+def tiny_config(kind: str = "llama", **overrides):
     common = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
     )
+    common.update(overrides)
     if kind == "qwen2":
         return Qwen2Config(**common)
     return LlamaConfig(**common)
@@ -23,10 +24,12 @@ def tiny_config(kind: str = "llama"):
 class CausalLM(pl.LightningModule):
     """What a user already has: a transformers model under some attribute, AdamW, a scheduler."""
 
-    def __init__(self, kind: str = "llama", lr: float = 3e-3, seed: int = 0, optimizer: str = "adamw"):
+    def __init__(
+        self, kind: str = "llama", lr: float = 3e-3, seed: int = 0, optimizer: str = "adamw", **config_overrides
+    ):
         super().__init__()
         torch.manual_seed(seed)
-        config = tiny_config(kind)
+        config = tiny_config(kind, **config_overrides)
         self.net = Qwen2ForCausalLM(config) if kind == "qwen2" else LlamaForCausalLM(config)
         self.lr = lr
         self.optimizer_name = optimizer

@@ -14,6 +14,7 @@ from nirvana_pl.allocate import (
     DenseReference,
     InfeasibleSparsityError,
     allocate,
+    max_feasible_sparsity,
 )
 from nirvana_pl.plan import PruningPlan
 from nirvana_pl.saliency import UnitScores, magnitude_scores, random_scores
@@ -196,6 +197,25 @@ def test_min_kv_groups_spares_best_group(min_kv):
     assert all(len(lp.kept_kv_groups) >= min_kv for lp in plan.layers)
 
 
+@pytest.mark.parametrize("min_mlp", [0, 8, 16])
+def test_min_mlp_channels_keeps_the_best_channels_of_a_layer_the_pool_would_empty(min_mlp):
+    model = tiny_llama()
+    units = find_units(model)
+    mlp = [torch.full((u.mlp_width,), 10.0) + torch.arange(u.mlp_width) * 1e-3 for u in units]
+    mlp[2] = torch.linspace(0.0, 1.0, units[2].mlp_width)  # layer 2: all channels lowest of the pool
+    attn = [torch.full((u.num_kv_groups,), 5.0) for u in units]
+    cfg = AllocationConfig(sparsity=0.5, gamma=3.0, min_mlp_channels=min_mlp)
+    plan = allocate(model, UnitScores(attn, mlp), cfg)
+    _check_plan_consistent(model, plan)
+    kept2 = plan.layers[2].kept_mlp_channels
+    assert len(kept2) == min_mlp  # without the floor the pool takes the whole MLP
+    assert kept2 == list(range(units[2].mlp_width - min_mlp, units[2].mlp_width))  # its best channels
+    if min_mlp:
+        s_max = max_feasible_sparsity(DenseReference.of(model), 3.0)  # removes every MLP channel
+        cfg = AllocationConfig(sparsity=s_max, gamma=3.0, uniform=True, min_mlp_channels=min_mlp)
+        assert allocate(model, UnitScores(attn, mlp), cfg).mlp_widths_kept() == [min_mlp] * len(units)
+
+
 # ---------------------------------------------------------------------------------------
 # rounding, identity, uniform
 # ---------------------------------------------------------------------------------------
@@ -278,7 +298,9 @@ def test_bad_gamma_raises(bad):
         AllocationConfig(sparsity=0.3, gamma=bad)
 
 
-@pytest.mark.parametrize("field,bad", [("min_kv_groups", 0), ("mlp_round_to", 0), ("mlp_round_to", 2.5)])
+@pytest.mark.parametrize(
+    "field,bad", [("min_kv_groups", 0), ("mlp_round_to", 0), ("mlp_round_to", 2.5), ("min_mlp_channels", -1)]
+)
 def test_bad_integers_raise(field, bad):
     with pytest.raises(ValueError, match=field):
         AllocationConfig(sparsity=0.3, **{field: bad})

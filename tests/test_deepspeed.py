@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "deepspeed_prune.py"
 DDP_SCRIPT = ROOT / "tests" / "scripts" / "ddp_prune.py"
 PREFIX = ("NIRVANA_DS ", "NIRVANA_DDP ")
-DENSE_SHAPES = [[4, 176]] * 4
 
 
 def _free_port() -> int:
@@ -98,8 +97,12 @@ def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
         assert p["engine_replaced"] and p["optimizer_is_engine_optimizer"]
         assert p["step_after"] == p["step_before"] == 6
         assert p["lr_after"] == p["lr_before"] and p["sched_epoch_after"] == p["sched_epoch_before"] == 6
-        assert abs(p["realised_sparsity"] - 0.5) < 0.05
-        assert p["shapes"] != DENSE_SHAPES
+        if p["removed_mlp_of_layer"]:  # the script's plan also removed that layer's whole MLP
+            assert p["realised_sparsity"] > 0.5 and p["shapes"][p["removed_mlp_of_layer"][0]][1] == 0
+        else:
+            assert abs(p["realised_sparsity"] - 0.5) < 0.05
+        assert p["shapes"] != p["dense_shapes"]
+        assert all(0 < kv <= kv0 and 0 <= mlp <= mlp0 for (kv, mlp), (kv0, mlp0) in zip(p["shapes"], p["dense_shapes"]))
     for e in end.values():
         losses = e["losses_after"]
         assert e["losses_finite"] and len(losses) == 10 and e["step"] == 16
@@ -111,12 +114,17 @@ def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, extensions_dir, stage, precision):
-    proc, records = _run(extensions_dir, tmp_path, "--stage", str(stage), "--precision", precision)
+    # ZeRO-1/2 in fp32 also take a layer whose whole MLP goes (ZeRO-3 keeps mlp_round_to channels instead)
+    whole_mlp = ("--remove-mlp-of-layer", "1") if stage < 3 and precision == "32-true" else ()
+    proc, records = _run(extensions_dir, tmp_path, "--stage", str(stage), "--precision", precision, *whole_mlp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
     assert all(p["zero3_partitions"] == ("ok" if stage == 3 else "not zero3") for p in prune.values())
+    assert all(p["min_mlp_channels"] == ([8] if stage == 3 else [0]) for p in prune.values())
     if stage == 3:
         for p in prune.values():
+            # odd sizes: ZeRO-3 padded the last rank's partition of some weights, which the carried state fills
+            assert p["padded_partitions"] > 0
             # the surgery held one weight whole at a time (the largest is 1/22 of this model), never the model
             assert 0 < p["max_whole_elements"] <= p["largest_dense_weight_elements"] < p["model_elements"] / 8
             # ZeRO-3 sub-groups are sized in elements: fewer after the prune, Adam's step carried into each
@@ -143,11 +151,12 @@ def test_zero_resume_after_prune_and_fp32_export(tmp_path, extensions_dir, stage
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     from lightning_helpers import CausalLM
 
-    from nirvana_pl import load_pruned, save_pruned
-    from nirvana_pl.surgery import resize_to_widths
+    from nirvana_pl import load_pruned, load_pruned_state_dict, save_pruned
     from nirvana_pl.units import find_units
 
     args = ("--stage", str(stage), "--precision", precision)
+    if stage == 2:  # a layer whose whole MLP was pruned away goes through the checkpoint, resume and export
+        args += ("--remove-mlp-of-layer", "1")
     proc, records = _run(extensions_dir, tmp_path, *args, "--save")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
@@ -171,12 +180,8 @@ def test_zero_resume_after_prune_and_fp32_export(tmp_path, extensions_dir, stage
     fp32 = tmp_path / "fp32.ckpt"
     convert_zero_checkpoint_to_fp32_state_dict(str(tmp_path / "ckpt"), str(fp32))
     state = torch.load(fp32, map_location="cpu", weights_only=False)["state_dict"]
-    module = CausalLM(seed=1)
-    widths = [
-        {"num_key_value_heads": kv, "num_attention_heads": kv * 2, "intermediate_size": mlp} for kv, mlp in shapes
-    ]
-    resize_to_widths(module.net, widths)
-    module.load_state_dict(state)
+    module = CausalLM(seed=1, **prune[0]["model_shape"])  # dense, other weights
+    load_pruned_state_dict(module, state)
     saved = torch.load(tmp_path / "saved_state.pt", weights_only=False)["state"]
     for name, p in module.named_parameters():
         assert torch.equal(p.detach(), saved[name]["fp32"]), name
@@ -243,6 +248,15 @@ def test_check_strategy_accepts_zero_1_2_3_and_refuses_others():
     hpz = {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}
     with pytest.raises(ValueError, match="zero_hpz_partition_size"):
         distributed.check_strategy(DeepSpeedStrategy(config=hpz), "adam_fisher")
+    mics = {"zero_optimization": {"stage": 3, "mics_shard_size": 2}}
+    with pytest.raises(ValueError, match="MiCS"):
+        distributed.check_strategy(DeepSpeedStrategy(config=mics), "adam_fisher")
+    for key in ("offload_param", "offload_optimizer"):
+        nvme = {"zero_optimization": {"stage": 3, key: {"device": "nvme"}}}
+        with pytest.raises(ValueError, match=rf"NVMe offload.*{key}"):
+            distributed.check_strategy(DeepSpeedStrategy(config=nvme), "adam_fisher")
+    cpu_offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    distributed.check_strategy(DeepSpeedStrategy(config=cpu_offload), "adam_fisher")
     with pytest.raises(ValueError, match=r"zero_optimization.stage=0.*stage=2"):
         distributed.check_strategy(DeepSpeedStrategy(stage=0))
     with pytest.raises(ValueError, match="configure_optimizers"):
@@ -252,10 +266,31 @@ def test_check_strategy_accepts_zero_1_2_3_and_refuses_others():
     distributed.check_strategy(object.__new__(DDPStrategy))
 
 
+def test_local_partition_pads_the_last_ranks_share_with_zeros():
+    from nirvana_pl.deepspeed import local_partition
+
+    value = torch.arange(7.0).reshape(7, 1)  # 7 elements over 2 ranks: partitions of 4, the last padded
+    assert local_partition(value, 4, 0).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert local_partition(value, 4, 1).tolist() == [4.0, 5.0, 6.0, 0.0]
+    assert local_partition(torch.arange(2.0), 1, 2).tolist() == [0.0]  # a rank past the end holds padding only
+
+
 def test_cpu_strategy_is_a_deepspeed_strategy():
     assert issubclass(CPUDeepSpeedStrategy, DeepSpeedStrategy)
     assert CPUDeepSpeedStrategy(stage=2).zero_stage_3 is False and CPUDeepSpeedStrategy(stage=3).zero_stage_3
     assert checkpoint_shapes(Path("/nonexistent")) is None
+
+
+def test_save_pruned_refuses_zero3_partitioned_weights_and_names_the_convert_path(tmp_path):
+    from conftest import tiny_llama
+
+    from nirvana_pl import save_pruned
+
+    model = tiny_llama()
+    next(model.parameters()).ds_id = 0  # what deepspeed.zero.Init marks a partitioned weight with
+    with pytest.raises(ValueError, match="ZeRO-3.*convert_zero_checkpoint_to_fp32_state_dict.*load_pruned_state_dict"):
+        save_pruned(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_save_pruned_model_callback_refuses_zero3_with_the_convert_path():

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import calib_batches, tiny_llama, tiny_mistral, tiny_qwen2  # noqa: E402
 from nirvana_pl.export import load_pruned, save_pruned  # noqa: E402
-from nirvana_pl.hub_code import modeling_nirvana  # noqa: E402
+from nirvana_pl.hub_code import modeling_nirvana, modeling_nirvana_t5  # noqa: E402
 from nirvana_pl.oneshot import prune  # noqa: E402
 from nirvana_pl.surgery import layer_widths  # noqa: E402
 from without_nirvana_pl import run_without_nirvana_pl  # noqa: E402
@@ -326,8 +326,9 @@ def test_direct_construction_initialises_resized_layers():
     assert _logits(model, ids, mask).shape == (2, 9, 128)
 
 
-def test_hub_code_imports_only_torch_and_transformers():
-    tree = ast.parse(Path(modeling_nirvana.__file__).read_text())
+@pytest.mark.parametrize("hub_module", [modeling_nirvana, modeling_nirvana_t5], ids=["decoder", "t5"])
+def test_hub_code_imports_only_torch_transformers_and_the_stdlib(hub_module):
+    tree = ast.parse(Path(hub_module.__file__).read_text())
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -335,4 +336,4 @@ def test_hub_code_imports_only_torch_and_transformers():
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative imports do not survive the copy into a checkpoint folder"
             roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "typing", "torch", "transformers"}, roots
+    assert roots <= {"__future__", "typing", "warnings", "torch", "transformers"}, roots

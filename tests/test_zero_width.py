@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -29,3 +30,49 @@ def test_zero_width_mlp_trains_and_reloads(tmp_path):
     reloaded = load_pruned(folder)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_resume_reshape_recreates_a_zero_width_mlp():
+    """A checkpoint of a model whose layer lost its whole MLP gives a fresh dense model those shapes."""
+    from nirvana_pl import NirvanaPruningCallback
+
+    pruned = tiny_llama()
+    layers = [LayerPlan(4, 176, [0, 1, 2, 3], list(range(176))) for _ in range(4)]
+    layers[1] = LayerPlan(4, 176, [0, 2], [])
+    apply_plan(pruned, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual"))
+    fresh = tiny_llama(seed=1)
+    callback = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2)
+    callback._model = fresh
+    handle = fresh.register_load_state_dict_pre_hook(callback._reshape_before_load)
+    fresh.load_state_dict(pruned.state_dict())
+    handle.remove()
+    assert fresh.model.layers[1].mlp.gate_proj.weight.shape == (0, 64)
+    assert fresh.model.layers[1].self_attn.k_proj.weight.shape == (32, 64)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, pruned(ids).logits)
+
+
+def test_load_pruned_state_dict_resizes_a_dense_module_and_takes_empty_weights_of_any_shape():
+    """The DeepSpeed convert path: a LightningModule's pruned state dict into a fresh dense instance
+    (DeepSpeed's converter records an empty down_proj as (0, hidden) instead of (hidden, 0))."""
+    from lightning_helpers import CausalLM
+
+    from nirvana_pl import load_pruned_state_dict
+
+    trained = CausalLM(seed=0)
+    layers = [LayerPlan(4, 176, [0, 1, 2, 3], list(range(176))) for _ in range(4)]
+    layers[1] = LayerPlan(4, 176, [0, 3], [])
+    layers[3] = LayerPlan(4, 176, [2], list(range(0, 176, 2)))
+    apply_plan(trained.net, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual"))
+    state = dict(trained.state_dict())
+    state["net.model.layers.1.mlp.down_proj.weight"] = torch.empty(0, 64)
+    fresh = CausalLM(seed=1)
+    load_pruned_state_dict(fresh, state)
+    assert fresh.net.model.layers[1].mlp.down_proj.weight.shape == (64, 0)
+    assert fresh.net.model.layers[3].self_attn.k_proj.weight.shape == (16, 64)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.net(ids).logits, trained.net(ids).logits)
+    with pytest.raises(ValueError, match="every layer"):
+        load_pruned_state_dict(CausalLM(seed=1), {"net.lm_head.weight": state["net.lm_head.weight"]})

@@ -14,6 +14,7 @@ the stock one. Self-contained on purpose: it imports only torch and transformers
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -106,7 +107,9 @@ def _reshaped(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     w = old.weight
     # Same device as the replaced weight: inside from_pretrained that is the meta device, and the
     # checkpoint's tensors are materialised into these parameters afterwards.
-    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    with warnings.catch_warnings():  # a pruned-away MLP has zero-width Linears: nothing to initialise
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device, dtype=w.dtype)
 
 
 def apply_layer_widths(model: nn.Module, widths: list[dict[str, Any]], head_dim: int) -> bool:

@@ -18,6 +18,7 @@ transformers, never nirvana_pl.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -140,7 +141,9 @@ def _reshaped(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     if old.in_features == in_features and old.out_features == out_features:
         return old
     w = old.weight
-    return nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    with warnings.catch_warnings():  # a pruned-away MLP has zero-width Linears: nothing to initialise
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device, dtype=w.dtype)
 
 
 def _ffn_weights(ffn: nn.Module) -> tuple[list[str], str]:

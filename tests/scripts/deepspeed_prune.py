@@ -6,7 +6,7 @@ with ``NIRVANA_DS `` on stdout: ``prune`` (right after the prune), ``end`` (afte
 ``--resume``, ``resumed`` (after the checkpoint has loaded).
 
 Usage: python tests/scripts/deepspeed_prune.py --out DIR --stage 2|1|3 [--precision bf16-mixed]
-       [--devices 2 | --nodes 2] [--resume CKPT_DIR]
+       [--devices 2 | --nodes 2] [--resume CKPT_DIR] [--remove-mlp-of-layer L]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from plan_agreement import OWN_PLAN_MATCHED, record_plan_agreement  # noqa: E402
 import nirvana_pl  # noqa: E402
 from nirvana_pl import NirvanaPruningCallback  # noqa: E402
 from nirvana_pl.deepspeed import CPUDeepSpeedStrategy, link_optimizer_state  # noqa: E402
-from nirvana_pl.surgery import apply_plan  # noqa: E402
+from nirvana_pl.surgery import apply_plan, predicted_params_after  # noqa: E402
 from nirvana_pl.units import find_units  # noqa: E402
 
 PREFIX = "NIRVANA_DS "
@@ -53,6 +53,10 @@ def full_state(pl_module) -> dict[str, dict[str, torch.Tensor]]:
     link_optimizer_state(pl_module.trainer.optimizers[0])
     out = {}
     for name, p in pl_module.named_parameters():
+        shape = getattr(p, "ds_shape", p.shape)
+        if shape.numel() == 0:  # an MLP pruned to width 0: ZeRO keeps no state for it
+            out[name] = {key: torch.zeros(shape) for key in ("fp32", *KEYS)}
+            continue
         entry = {"fp32": safe_get_full_fp32_param(p).detach().clone()}
         for key in KEYS:
             entry[key] = safe_get_full_optimizer_state(p, key).detach().clone()
@@ -64,7 +68,7 @@ def module_weights(pl_module) -> dict[str, torch.Tensor]:
     """name -> the module's whole weight (gathered one at a time under ZeRO-3; collective there)."""
     out = {}
     for name, p in pl_module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+        with deepspeed.zero.GatheredParameters([p], enabled=getattr(p, "ds_numel", 0) > 0):
             out[name] = p.detach().clone()
     return out
 
@@ -123,6 +127,7 @@ class Before(Callback):
         self.stage3 = hasattr(next(pl_module.parameters()), "ds_id")
         self.groups = len(trainer.optimizers[0].fp16_groups) if self.stage3 else 0
         self.largest = max(v["fp32"].numel() for v in self.state.values())
+        self.shapes = [[u.num_kv_groups, u.mlp_width] for u in find_units(pl_module.net)]
 
 
 class After(Callback):
@@ -144,7 +149,7 @@ class After(Callback):
         # The same plan applied in one process to a plain copy holding the dense fp32 masters, with
         # a torch AdamW holding the dense moments: the stock surgery path slices both.
         dense = self.before.state
-        ref = CausalLM(seed=0).net.float()  # dense, same architecture; values from the gathered state
+        ref = CausalLM(seed=0, **model_shape(self.before.stage3)).net.float()  # dense, same architecture; values from the gathered state
         names = {id(p): n for n, p in pl_module.named_parameters()}
         model_names = [names[id(p)] for p in self.pruner.model.parameters()]
         opt = torch.optim.AdamW(ref.parameters())
@@ -171,6 +176,13 @@ class After(Callback):
                 "num_nodes": trainer.num_nodes,
                 "fingerprint": plan.fingerprint(),
                 "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+                "dense_shapes": self.before.shapes,
+                "model_shape": model_shape(self.before.stage3),
+                "removed_mlp_of_layer": REMOVED_MLP_OF_LAYER,
+                "min_mlp_channels": [a.min_mlp_channels for a in self.pruner._alloc],
+                "padded_partitions": sum(
+                    p.ds_numel % trainer.world_size != 0 for p in pl_module.parameters() if hasattr(p, "ds_id")
+                ),
                 "realised_sparsity": plan.realised_sparsity,
                 "params_equal_across_ranks": all_equal_across_ranks(flat),
                 "fp32_equal_across_ranks": all_equal_across_ranks(flat_fp32),
@@ -266,6 +278,35 @@ def strategy_for(stage: int) -> CPUDeepSpeedStrategy:
     return strategy
 
 
+def model_shape(stage3: bool) -> dict:
+    """ZeRO-3 runs use an odd hidden size and MLP width (and SmolLM2's 9 query / 3 KV heads): MLP
+    weights then have odd element counts, so ZeRO-3 pads the last rank's partition of them, which
+    the state carried over a prune must fill exactly."""
+    if not stage3:
+        return {}
+    return dict(hidden_size=63, num_attention_heads=9, num_key_value_heads=3, head_dim=8, intermediate_size=175)
+
+
+REMOVED_MLP_OF_LAYER: list[int] = []
+
+
+def remove_whole_mlp(layer: int) -> None:
+    """Make the pruner's plans also remove layer ``layer``'s whole MLP: a width-0 MLP goes through
+    the engine rebuild and the training that follows."""
+    import nirvana_pl.callback as callback_module
+
+    original = callback_module.make_plan
+
+    def make_plan(model, *args, **kwargs):
+        plan, selection = original(model, *args, **kwargs)
+        plan.layers[layer].kept_mlp_channels = []
+        plan.params_after = predicted_params_after(find_units(model), plan)
+        return plan, selection
+
+    callback_module.make_plan = make_plan  # the name the callback looks up
+    REMOVED_MLP_OF_LAYER.append(layer)
+
+
 WHOLE_ELEMENTS: list[int] = []  # per weight the ZeRO-3 surgery slices: elements held whole on this rank meanwhile
 
 
@@ -296,6 +337,7 @@ def main() -> None:
     ap.add_argument("--steps-after", type=int, default=10)
     ap.add_argument("--save", action="store_true", help="save a DeepSpeed checkpoint at the end")
     ap.add_argument("--resume", default=None, help="resume from this DeepSpeed checkpoint directory")
+    ap.add_argument("--remove-mlp-of-layer", type=int, default=None, help="the plan also removes this layer's MLP")
     args = ap.parse_args()
     torch.set_num_threads(1)
     record_plan_agreement()
@@ -318,8 +360,10 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
         log_every_n_steps=1,
     )
-    module = CausalLM(seed=0)
+    module = CausalLM(seed=0, **model_shape(args.stage == 3))
     record_whole_elements(module)
+    if args.remove_mlp_of_layer is not None:
+        remove_whole_mlp(args.remove_mlp_of_layer)
     trainer.fit(module, token_loader(n=256, batch_size=4), ckpt_path=args.resume)
     if dist.is_initialized():
         dist.barrier()
