@@ -99,8 +99,9 @@ class AllocationConfig:
     min_kv_groups: int = 1
     mlp_round_to: int = 8
     uniform: bool = False
-    #: MLP channels every layer keeps (0: a layer's whole MLP may go). DeepSpeed ZeRO-3 cannot hold a
-    #: weight with no elements, so under ZeRO-3 the callback raises it to ``mlp_round_to``.
+    #: MLP channels every layer keeps, a multiple of ``mlp_round_to`` (0: a layer's whole MLP may go).
+    #: DeepSpeed ZeRO-3 cannot hold a weight with no elements, so under ZeRO-3 the callback raises
+    #: it to ``mlp_round_to``.
     min_mlp_channels: int = 0
 
     def __post_init__(self) -> None:
@@ -117,22 +118,30 @@ class AllocationConfig:
             raise ValueError(f"min_mlp_channels={self.min_mlp_channels!r} must be an integer >= 0.")
         if not (isinstance(self.mlp_round_to, int) and self.mlp_round_to >= 1):
             raise ValueError(f"mlp_round_to={self.mlp_round_to!r} must be an integer >= 1 (1 = no rounding).")
+        if self.min_mlp_channels % self.mlp_round_to:
+            floor = -(-self.min_mlp_channels // self.mlp_round_to) * self.mlp_round_to
+            raise ValueError(
+                f"min_mlp_channels={self.min_mlp_channels} must be a multiple of mlp_round_to={self.mlp_round_to} "
+                f"(kept MLP widths are), e.g. min_mlp_channels={floor}."
+            )
 
 
-def max_feasible_sparsity(ref: DenseReference, gamma: float, min_kv_groups: int = 1) -> float:
-    """Largest s for which p_m <= 1 and every layer keeps ``min_kv_groups`` groups."""
+def max_feasible_sparsity(ref: DenseReference, gamma: float, min_kv_groups: int = 1, min_mlp_channels: int = 0) -> float:
+    """Largest s for which every layer keeps ``min_kv_groups`` KV groups and ``min_mlp_channels`` MLP
+    channels (with none kept, p_m <= 1)."""
     n_a, n_m = ref.total_kv_groups, ref.total_mlp_channels
     ca, cm = ref.kv_group_cost, ref.mlp_channel_cost
-    p_a_max = min(1.0 / gamma, (ref.kv_groups_per_layer - min_kv_groups) / ref.kv_groups_per_layer)
+    p_m_max = max(0.0, 1.0 - min_mlp_channels / ref.mlp_width)
+    p_a_max = min(p_m_max / gamma, (ref.kv_groups_per_layer - min_kv_groups) / ref.kv_groups_per_layer)
     removable = p_a_max * (n_a * ca + gamma * n_m * cm)
     return max(0.0, removable / ref.prunable_params)
 
 
 def check_feasible(ref: DenseReference, sparsity: float, gammas: Sequence[float], min_kv_groups: int = 1,
-                   where: str = "") -> None:
-    """Raise :class:`InfeasibleSparsityError` naming the largest feasible sparsity, unless
-    ``sparsity`` is reachable with some gamma of ``gammas`` (p_m <= 1, ``min_kv_groups`` kept)."""
-    s_max = max(max_feasible_sparsity(ref, g, min_kv_groups) for g in gammas)
+                   where: str = "", min_mlp_channels: int = 0) -> None:
+    """Raise :class:`InfeasibleSparsityError` naming the largest feasible sparsity, unless ``sparsity``
+    is reachable with some gamma of ``gammas`` (``min_kv_groups`` and ``min_mlp_channels`` kept per layer)."""
+    s_max = max(max_feasible_sparsity(ref, g, min_kv_groups, min_mlp_channels) for g in gammas)
     if sparsity <= s_max + 1e-12:
         return
     if len(gammas) == 1:
@@ -143,8 +152,9 @@ def check_feasible(ref: DenseReference, sparsity: float, gammas: Sequence[float]
         which = f"gamma={gamma:g} (it needs {gamma * p_a:.1%} of MLP channels and {p_a:.1%} of KV groups)"
     else:
         which = f"any gamma of {tuple(gammas)}"
+    floors = f"min_kv_groups={min_kv_groups}" + (f", min_mlp_channels={min_mlp_channels}" if min_mlp_channels else "")
     raise InfeasibleSparsityError(
-        f"sparsity={sparsity}{where} is not reachable with {which} and min_kv_groups={min_kv_groups} per layer: "
+        f"sparsity={sparsity}{where} is not reachable with {which} and {floors} per layer: "
         f"the largest feasible sparsity is {math.floor(s_max * 1000) / 1000:.3f}. Lower sparsity or gamma."
     )
 
@@ -197,7 +207,7 @@ def allocate(
     ca, cm = ref.kv_group_cost, ref.mlp_channel_cost
     budget = s * ref.prunable_params  # parameters removed from the dense model in total
     p_a = budget / (n_a * ca + gamma * n_m * cm)
-    check_feasible(ref, s, [gamma], config.min_kv_groups)
+    check_feasible(ref, s, [gamma], config.min_kv_groups, min_mlp_channels=config.min_mlp_channels)
 
     kv_now = [u.num_kv_groups for u in units]
     mlp_now = [u.mlp_width for u in units]
@@ -236,17 +246,20 @@ def allocate(
 
 def _global_kv(units: Sequence[LayerUnits], scores: UnitScores, k: int, min_kv: int) -> list[list[int]]:
     """Remove the k lowest KV groups of the global pool, sparing each layer's best ``min_kv``."""
-    protected = []
-    for u, v in zip(units, scores.attn):
-        p = v.double().clone()
-        best = set(_keep_top(v, min(min_kv, u.num_kv_groups)))
-        mask = torch.tensor([i in best for i in range(v.numel())], dtype=torch.bool)
-        p[mask] = math.inf
-        protected.append(p)
-    flat = torch.cat(protected)
+    flat = _pool_sparing_each_layers_best(scores.attn, min_kv)
     k = max(0, min(k, int(torch.isfinite(flat).sum())))
     removed = _lowest_k(flat, k).tolist()
     return _split_kept(removed, [u.num_kv_groups for u in units])
+
+
+def _pool_sparing_each_layers_best(per_layer: Sequence[torch.Tensor], n_spared: int) -> torch.Tensor:
+    """The layers' scores as one pool, each layer's best ``n_spared`` (all, if fewer) set to +inf."""
+    pool = []
+    for v in per_layer:
+        p = v.double().clone()
+        p[_keep_top(v, min(n_spared, v.numel()))] = math.inf
+        pool.append(p)
+    return torch.cat(pool) if pool else torch.zeros(0, dtype=torch.float64)
 
 
 def _split_kept(removed_flat: list[int], sizes: list[int]) -> list[list[int]]:
@@ -263,14 +276,14 @@ def _global_mlp(
 ) -> list[list[int]]:
     """Remove ~k lowest MLP channels globally, then round kept widths to multiples of ``round_to``.
 
-    Each pruned layer's width is floored to a multiple of ``round_to``; whole blocks are then
-    given back to the layers whose best removed block scores highest until the global count is
-    within half a block of the target (so the realised sparsity is within one block). Every layer
-    then keeps at least ``min_keep`` channels (its best ones).
+    Each layer's best ``min_keep`` channels (a multiple of ``round_to``) are spared. Each pruned
+    layer's width is floored to a multiple of ``round_to``; whole blocks are then given back to the
+    layers whose best removed block scores highest until the global count is within half a block
+    of the target (so the realised sparsity is within one block).
     """
     widths = [u.mlp_width for u in units]
-    k = max(0, min(k, sum(widths)))
-    flat = torch.cat([v.double() for v in scores.mlp])
+    flat = _pool_sparing_each_layers_best(scores.mlp, min_keep)
+    k = max(0, min(k, int(torch.isfinite(flat).sum())))
     layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
     removed_per_layer = torch.bincount(layer_of[_lowest_k(flat, k)], minlength=len(widths)).tolist()
 
@@ -288,7 +301,6 @@ def _global_mlp(
             candidates.append((-float(scores.mlp[i][restored].sum()), i))
     for _, i in sorted(candidates)[: max(0, blocks)]:
         keep[i] += round_to
-    keep = [max(n, min(min_keep, w)) for n, w in zip(keep, widths)]
     return [_keep_top(v, n) for v, n in zip(scores.mlp, keep)]
 
 

@@ -271,7 +271,7 @@ def choose_gamma(
         if best is None or kl < best[1]:
             best = (gamma, kl, plan)
     if best is None:
-        s_max = max(max_feasible_sparsity(ref, g, alloc_config.min_kv_groups) for g in values)
+        s_max = max(_s_max(ref, alloc_config, g) for g in values)
         raise InfeasibleSparsityError(
             f"sparsity={alloc_config.sparsity} is infeasible at every gamma of grid={values} (the largest feasible "
             f"sparsity over the grid is {math.floor(s_max * 1000) / 1000:.3f}); lower the sparsity or change the grid."
@@ -620,15 +620,20 @@ class CalibrationSelector:
             )
 
 
+def _s_max(ref: DenseReference, alloc_config: AllocationConfig, gamma: float) -> float:
+    """The largest feasible sparsity at ``gamma`` under ``alloc_config``'s per-layer floors."""
+    return max_feasible_sparsity(ref, gamma, alloc_config.min_kv_groups, alloc_config.min_mlp_channels)
+
+
 def _feasible_start(
     alloc_config: AllocationConfig, ref: DenseReference, grid: list[float]
 ) -> tuple[AllocationConfig, str | None]:
     """The gamma used to choose the set under ``gamma="auto"``: the configured one when feasible,
     else the feasible grid gamma nearest to it on a log scale (ties: the smaller)."""
     s = alloc_config.sparsity
-    if s <= max_feasible_sparsity(ref, alloc_config.gamma, alloc_config.min_kv_groups) + 1e-12:
+    if s <= _s_max(ref, alloc_config, alloc_config.gamma) + 1e-12:
         return alloc_config, None
-    feasible = [g for g in grid if s <= max_feasible_sparsity(ref, g, alloc_config.min_kv_groups) + 1e-12]
+    feasible = [g for g in grid if s <= _s_max(ref, alloc_config, g) + 1e-12]
     if not feasible:
         return alloc_config, None  # choose_gamma / allocate raise the clear error
     gamma = min(feasible, key=lambda g: (abs(math.log(g / alloc_config.gamma)), g))

@@ -17,11 +17,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
-from .deepspeed import install_resume_reshape, is_deepspeed, prune_engine, reader_for, zero3_allocation, zero_stage
+from .deepspeed import deepspeed_allocations, install_resume_reshape, is_deepspeed, prune_engine, reader_for
 from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import allocation_config, check_selection_args, make_plan
@@ -44,8 +45,8 @@ from .t5 import is_t5, resize_from_state_dict
 from .units import (
     UnsupportedModelError,
     base_parameter_count,
-    check_supported,
     find_units,
+    locate_model,
     parameter_numel,
     prunable_parameter_count,
 )
@@ -194,30 +195,28 @@ class NirvanaPruningCallback(Callback):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._model = locate_model(pl_module, self.model_attr)
+        try:
+            self._model = locate_model(pl_module, self.model_attr)
+        except UnsupportedModelError as exc:
+            if is_overridden("configure_model", pl_module, pl.LightningModule):
+                raise UnsupportedModelError(
+                    f"{exc} {type(pl_module).__name__} builds its layers in configure_model(), which Lightning calls "
+                    "after callbacks are set up (e.g. for DeepSpeed ZeRO-3's zero.Init); NirvanaPruningCallback needs "
+                    "the model built in __init__."
+                ) from exc
+            raise
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
-        if is_deepspeed(trainer.strategy):  # a pruned DeepSpeed checkpoint needs an engine of its shapes
+        if is_deepspeed(trainer.strategy):
+            # what DeepSpeed cannot take is refused in every stage (a checkpoint load reshapes the model too)
+            self._alloc = deepspeed_allocations(trainer.strategy, self._model, self._alloc, self.recovery)
+            # a pruned DeepSpeed checkpoint needs an engine of its shapes
             install_resume_reshape(trainer.strategy, self._reshape_before_load)
         if stage != "fit":
             return
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
             # DDP and DeepSpeed ZeRO are supported (ZeRO-3 with adam_* saliency); FSDP is refused
             check_strategy(trainer.strategy, self.saliency, runs_model=self.selector is not None or self.gamma_auto)
-        if is_deepspeed(trainer.strategy):
-            if self.recovery is not None or has_lora(self._model):
-                raise ValueError(
-                    "NirvanaPruningCallback: LoRA adapters (recovery= or a peft model) are not supported under "
-                    "DeepSpeed yet (the engine would have to be rebuilt around the adapters). Use DDP or a single "
-                    "device for LoRA, or recover with full fine-tuning under DeepSpeed."
-                )
-            if zero_stage(trainer.strategy) == 3:
-                if is_t5(self._model):
-                    raise ValueError(
-                        "NirvanaPruningCallback does not support T5 under DeepSpeed ZeRO-3 yet; use "
-                        "DeepSpeedStrategy(stage=2) (or 1) for T5."
-                    )
-                self._alloc = [zero3_allocation(a) for a in self._alloc]
         if self.recovery is not None:
             if has_lora(self._model):
                 raise ValueError(
@@ -229,7 +228,10 @@ class NirvanaPruningCallback(Callback):
             self._reference = DenseReference.of(self._model)
         for event, alloc in zip(self.schedule.events, self._alloc):
             gammas = self.gamma_grid if self.gamma_auto else [alloc.gamma]
-            check_feasible(self._reference, event.sparsity, gammas, alloc.min_kv_groups, f" (prune at step {event.step})")
+            check_feasible(
+                self._reference, event.sparsity, gammas, alloc.min_kv_groups, f" (prune at step {event.step})",
+                min_mlp_channels=alloc.min_mlp_channels,
+            )
         max_steps = trainer.max_steps
         if max_steps is not None and max_steps > 0 and self.schedule.last_step > max_steps:
             rank_zero_warn(
@@ -407,32 +409,6 @@ class NirvanaPruningCallback(Callback):
                     "the checkpoint's pruning record does not match the model's shapes after loading "
                     f"(expected {expected}, found {actual}); was the checkpoint written by another run?"
                 )
-
-
-def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
-    """The transformers model inside a LightningModule (``model_attr`` dotted path, or searched)."""
-    if model_attr is not None:
-        obj: Any = pl_module
-        for part in model_attr.split("."):
-            if not hasattr(obj, part):
-                raise AttributeError(
-                    f"model_attr={model_attr!r}: {type(obj).__name__} has no attribute {part!r}."
-                )
-            obj = getattr(obj, part)
-        check_supported(obj)
-        return obj
-    candidates = [m for _, m in pl_module.named_modules() if hasattr(m, "config")]
-    for module in candidates:
-        try:
-            check_supported(module)
-            return module
-        except UnsupportedModelError:
-            continue
-    found = ", ".join(sorted({type(m).__name__ for m in candidates})) or "no transformers model"
-    raise UnsupportedModelError(
-        f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes "
-        "Llama, Mistral and Qwen2 causal LMs and T5ForConditionalGeneration; pass model_attr='path.to.model' if it is nested unusually."
-    )
 
 
 def _input_ids_of(batch: Any) -> dict[str, torch.Tensor]:

@@ -301,6 +301,7 @@ def prune_command(
     evaluate: bool = True,
     uniform: bool = False,
     min_kv_groups: int = 1,
+    min_mlp_channels: int = 0,
     mlp_round_to: int = 8,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     tokenizer: str | None = None,
@@ -320,6 +321,7 @@ def prune_command(
         evaluate: held-out perplexity (the data's validation windows) before and after pruning.
         uniform: keep every layer the same width (a stock config describes the result).
         min_kv_groups: KV groups kept in every layer at least.
+        min_mlp_channels: MLP channels kept in every layer at least (0: a layer's MLP may go entirely).
         mlp_round_to: MLP widths are multiples of this.
         dtype: parameter dtype while scoring and in the saved folder.
         tokenizer: tokenizer name or folder (default: the model's own); `bytes` for byte-level models.
@@ -352,8 +354,8 @@ def prune_command(
     before = sum(p.numel() for p in net.parameters())
     t0 = time.perf_counter()
     plan = nirvana_pl.prune(
-        net, sparsity, saliency, calibration, gamma, min_kv_groups=min_kv_groups, mlp_round_to=mlp_round_to,
-        uniform=uniform, reference=reference, seed=seed, progress=True,
+        net, sparsity, saliency, calibration, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels,
+        mlp_round_to=mlp_round_to, uniform=uniform, reference=reference, seed=seed, progress=True,
     )
     record = PruneRecord(0, plan, before, sum(p.numel() for p in net.parameters()), prunable_parameter_count(net),
                          time.perf_counter() - t0)

@@ -34,12 +34,15 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .allocate import AllocationConfig
+from .lora import has_lora
 from .plan import PruningPlan
 from .surgery import apply_plan, planned_slices
-from .units import parameter_numel
+from .t5 import is_t5
+from .units import find_units, parameter_numel
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 SUPPORTED_STAGES = (1, 2, 3)
@@ -143,10 +146,50 @@ def check_deepspeed_strategy(strategy: Any, saliency: str | None = None, runs_mo
             )
 
 
+def deepspeed_allocations(
+    strategy: Any, model: nn.Module, allocs: Sequence[AllocationConfig], recovery: Any = None
+) -> list[AllocationConfig]:
+    """Refuse what the callback cannot do under this DeepSpeed strategy (LoRA; under ZeRO-3 T5, or a
+    layer whose MLP was pruned away before) and return ``allocs`` with ZeRO-3's MLP floor."""
+    if recovery is not None or has_lora(model):
+        raise ValueError(
+            "NirvanaPruningCallback: LoRA adapters (recovery= or a peft model) are not supported under "
+            "DeepSpeed yet (the engine would have to be rebuilt around the adapters). Use DDP or a single "
+            "device for LoRA, or recover with full fine-tuning under DeepSpeed."
+        )
+    if zero_stage(strategy) != 3:
+        return list(allocs)
+    if is_t5(model):
+        raise ValueError(
+            "NirvanaPruningCallback does not support T5 under DeepSpeed ZeRO-3 yet; use "
+            "DeepSpeedStrategy(stage=2) (or 1) for T5."
+        )
+    check_no_empty_mlp({i: u.mlp_width for i, u in enumerate(find_units(model)) if u.mlp_weights}, "the model")
+    floored = [zero3_allocation(a) for a in allocs]
+    raised = sorted({a.min_mlp_channels for a, b in zip(allocs, floored) if a != b})
+    if raised:
+        rank_zero_info(
+            f"NirvanaPruningCallback: under DeepSpeed ZeRO-3 every layer keeps at least {floored[0].min_mlp_channels} "
+            f"MLP channels (min_mlp_channels raised from {raised[0]}): ZeRO-3 cannot hold a weight with no elements."
+        )
+    return floored
+
+
 def zero3_allocation(config: AllocationConfig) -> AllocationConfig:
     """``config`` with every layer keeping at least ``mlp_round_to`` MLP channels: ZeRO-3 cannot
     hold a weight with no elements (it never gathers one for the forward or backward)."""
     return dataclasses.replace(config, min_mlp_channels=max(config.min_mlp_channels, config.mlp_round_to))
+
+
+def check_no_empty_mlp(mlp_widths: Mapping[int, int], where: str) -> None:
+    """Refuse MLPs of width 0 under ZeRO-3 (``mlp_widths``: layer index -> MLP channels, for layers with an MLP)."""
+    empty = [i for i, width in mlp_widths.items() if width == 0]
+    if empty:
+        raise ValueError(
+            f"{where} has no MLP channels in layers {empty}, but DeepSpeed ZeRO-3 cannot hold a weight with "
+            "no elements. Keep some channels in every layer (min_mlp_channels=mlp_round_to, the callback's "
+            "default under ZeRO-3), or train this model under DeepSpeedStrategy(stage=2) (or 1), DDP or one device."
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,6 +288,9 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
     (``step``: the carried Adam step counts per group, ``params``: parameters carried over).
     """
     check_deepspeed_strategy(strategy)
+    if zero_stage(strategy) == 3:
+        kept = {i: len(layer.kept_mlp_channels) for i, layer in enumerate(plan.layers) if layer.mlp_channels_before}
+        check_no_empty_mlp(kept, "the pruning plan")
     pl_module = strategy.lightning_module
     engine = strategy.model
     ds_optimizer = strategy.optimizers[0]
@@ -316,7 +362,8 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
         if has_state:
             for key in ADAM_KEYS:
                 _set_full(p, _broadcast_from(mine[key] if mine else None, shapes[i], owner, device), key)
-    return {"step": [float(s) if s is not None else 0.0 for s in steps], "params": len(shapes)}
+    carried_count = sum(1 for shape in shapes.values() if shape.numel())
+    return {"step": [float(s) if s is not None else 0.0 for s in steps], "params": carried_count}
 
 
 def _is_zero3_parameter(p: nn.Parameter) -> bool:
@@ -338,7 +385,7 @@ def _set_full(p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> N
         else:
             utils.safe_set_full_optimizer_state(p, value, key)
         return
-    local = local_partition(value, p.ds_tensor.numel(), dist.get_rank(group=getattr(p, "ds_process_group", None)))
+    local = local_partition(value, p.ds_tensor.numel(), dist.get_rank(group=p.ds_process_group))  # as DeepSpeed partitions
     if key is None:
         utils.safe_set_local_fp32_param(p, local)
     else:
@@ -464,7 +511,7 @@ def install_resume_reshape(strategy: Any, reshape: Callable[..., None]) -> None:
     def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         shapes = checkpoint_shapes(checkpoint_path)
         pl_module = strategy.lightning_module
-        if shapes is not None and _shapes_differ(pl_module, shapes):
+        if _same_on_every_rank(shapes is not None and _shapes_differ(pl_module, shapes), strategy.root_device):
             training = pl_module.trainer is not None and pl_module.trainer.training
             _teardown_engine(strategy)
             reshape(pl_module, shape_placeholders(shapes), "", materialize=zero3_resized)
@@ -476,6 +523,20 @@ def install_resume_reshape(strategy: Any, reshape: Callable[..., None]) -> None:
 
     strategy.load_checkpoint = load_checkpoint
     strategy._nirvana_resume_reshape = True
+
+
+def _same_on_every_rank(reshape: bool, device: torch.device) -> bool:
+    """``reshape`` when every rank decided the same (the engine rebuild is a collective); else an error."""
+    if _rank_world()[1] == 1:
+        return reshape
+    votes = torch.tensor([int(reshape), -int(reshape)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)  # [any rank reshapes, -(every rank reshapes)]
+    if int(votes[0]) != -int(votes[1]):
+        raise RuntimeError(
+            "the ranks disagree on whether the DeepSpeed checkpoint holds a pruned model: some ranks cannot read its "
+            "model-states file. Put the checkpoint on a filesystem every node sees (or copy it to each node)."
+        )
+    return reshape
 
 
 def _shapes_differ(pl_module: nn.Module, shapes: Mapping[str, torch.Size]) -> bool:

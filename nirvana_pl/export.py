@@ -241,34 +241,53 @@ def load_pruned_state_dict(
     The DeepSpeed convert path: ``convert_zero_checkpoint_to_fp32_state_dict`` writes one fp32 state
     dict (``torch.load(path)["state_dict"]``) keyed like the LightningModule; pass a fresh instance of
     it (or the bare transformers model) as ``module``. ``model``: the transformers model inside
-    ``module`` (found when None). A weight with no elements (an MLP pruned away) loads whatever shape
-    the converter recorded for it. Then export with :func:`save_pruned`.
+    ``module`` (found when None). The dense sizes are recorded in the config first, as a prune does,
+    so that later prune targets stay relative to the dense model. DeepSpeed's converter records any
+    weight with no elements (an MLP pruned away) in one shape; such a weight loads as the module's own
+    empty tensor. Then export with :func:`save_pruned`.
     """
+    from .allocate import DenseReference
     from .surgery import resize_to_widths, widths_from_state_dict
-    from .t5 import is_t5, resize_from_state_dict
+    from .t5 import is_t5, layers_from_state_dict, resize_to_t5_layers, t5_layers
+    from .units import locate_model
 
-    if model is None:
-        from .callback import locate_model
-
-        model = module if hasattr(module, "config") else locate_model(module)
+    if any(".lora_A." in key for key in state_dict):
+        raise ValueError(
+            "load_pruned_state_dict: the state dict holds LoRA adapter weights (lora_A/lora_B); build the module "
+            "with the same adapters, or merge them (peft's merge_and_unload) before saving the state dict."
+        )
+    model = model if model is not None else locate_model(module)
+    reference = DenseReference.of(model)  # (the dense sizes, or those a pruned model's config records)
     if is_t5(model):
-        resize_from_state_dict(model, module, state_dict, "")
+        names = {id(p): n for n, p in module.named_parameters()}
+        layers = layers_from_state_dict(model, state_dict, names, "")
+        if layers is not None and layers != t5_layers(model):
+            resize_to_t5_layers(model, layers)
     else:
-        widths = widths_from_state_dict(model, module, state_dict)
-        if widths is None:
-            raise ValueError(
-                "load_pruned_state_dict: the state dict does not hold every layer's attention and MLP weights "
-                "(keys relative to module). Pass the module the state dict was saved from (e.g. the "
-                "LightningModule for a converted DeepSpeed checkpoint)."
-            )
-        resize_to_widths(model, widths)
+        layers = widths_from_state_dict(model, module, state_dict)
+        if layers is not None:
+            resize_to_widths(model, layers)
     own = module.state_dict()
+    if layers is None:
+        placeholders = [k for k, v in state_dict.items() if v.dim() == 1 and k in own and own[k].dim() == 2]
+        if placeholders:
+            raise ValueError(
+                f"load_pruned_state_dict: {placeholders[0]} is a 1-D placeholder, as in a DeepSpeed ZeRO-3 "
+                "checkpoint's model states; convert the checkpoint first with lightning.pytorch.utilities."
+                "deepspeed.convert_zero_checkpoint_to_fp32_state_dict and load its 'state_dict'."
+            )
+        raise ValueError(
+            "load_pruned_state_dict: the state dict does not hold every layer's attention and MLP weights "
+            "(keys relative to module). Pass the module the state dict was saved from (e.g. the "
+            "LightningModule for a converted DeepSpeed checkpoint)."
+        )
     module.load_state_dict(
         {
             key: own[key] if value.numel() == 0 and key in own and own[key].numel() == 0 else value
             for key, value in state_dict.items()
         }
     )
+    reference.attach(model)
 
 
 def _save_t5(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:

@@ -505,9 +505,9 @@ class SavePrunedModel(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from .callback import locate_model
         from .export import ADAPTER_SUBFOLDER, load_pruned, save_pruned
         from .lora import has_lora
+        from .units import locate_model
 
         model = locate_model(pl_module, self.model_attr)  # LoRA layers, if any, sit inside it
         directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "pruned_model"

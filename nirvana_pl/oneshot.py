@@ -99,6 +99,7 @@ def prune(
     *,
     gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
     min_kv_groups: int = 1,
+    min_mlp_channels: int = 0,
     mlp_round_to: int = 8,
     uniform: bool = False,
     reference: DenseReference | None = None,
@@ -115,7 +116,10 @@ def prune(
     """
     check_estimator(saliency)
     check_selection_args(saliency, calibration, gamma)
-    config = allocation_config(sparsity, gamma, min_kv_groups=min_kv_groups, mlp_round_to=mlp_round_to, uniform=uniform)
+    config = allocation_config(
+        sparsity, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels, mlp_round_to=mlp_round_to,
+        uniform=uniform,
+    )
     reference = reference or DenseReference.of(model)
     plan, _ = make_plan(
         model, saliency, config, reference, calibration=calibration, gamma_auto=gamma == "auto",

@@ -267,14 +267,18 @@ def layers_from_state_dict(
     model: nn.Module, state_dict: Any, names: dict[int, str], prefix: str
 ) -> dict[str, list[dict[str, Any]]] | None:
     """The widths a state dict of ``model`` holds (kept-heads buffers and FFN shapes), or None when it is not
-    a full state dict of this model."""
+    a full state dict of this model (or holds DeepSpeed ZeRO-3's 1-D placeholders).
+
+    An FFN's width is the row count of its input projection (``wi`` / ``wi_0``): DeepSpeed's fp32
+    converter records any weight with no elements in one shape, so ``wo`` of an FFN pruned away
+    does not tell its width."""
     layers: dict[str, list[dict[str, Any]]] = {"encoder": [], "decoder": []}
     for u in find_t5_units(model):
         q_name = names.get(id(u.attn.q.weight))
         if q_name is None:
             return None
         q = state_dict.get(prefix + q_name)
-        if q is None:
+        if q is None or q.dim() != 2:
             return None
         n_heads = q.shape[0] // u.head_dim
         buf = state_dict.get(prefix + q_name[: -len("q.weight")] + KEPT_HEADS)
@@ -285,10 +289,11 @@ def layers_from_state_dict(
                 "checkpoint is inconsistent."
             )
         if u.mlp is not None:
-            wo = state_dict.get(prefix + names[id(u.mlp.wo.weight)])
-            if wo is None:
+            wi = u.mlp.wi_0 if hasattr(u.mlp, "wi_0") else u.mlp.wi
+            wi_saved = state_dict.get(prefix + names[id(wi.weight)])
+            if wi_saved is None or wi_saved.dim() != 2:
                 return None
-            entry = {"self_heads": heads, "d_ff": int(wo.shape[1])}
+            entry = {"self_heads": heads, "d_ff": int(wi_saved.shape[0])}
             layers["encoder" if u.kind == "encoder" else "decoder"].append(entry)
         else:
             layers["decoder"][-1]["cross_heads"] = heads

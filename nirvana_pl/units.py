@@ -205,6 +205,33 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
+def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
+    """The transformers model inside a LightningModule (``model_attr`` dotted path, or searched)."""
+    if model_attr is not None:
+        obj: Any = pl_module
+        for part in model_attr.split("."):
+            if not hasattr(obj, part):
+                raise AttributeError(
+                    f"model_attr={model_attr!r}: {type(obj).__name__} has no attribute {part!r}."
+                )
+            obj = getattr(obj, part)
+        check_supported(obj)
+        return obj
+    # (a transformers config has a model_type; a LightningModule may keep a config of its own)
+    candidates = [m for _, m in pl_module.named_modules() if hasattr(getattr(m, "config", None), "model_type")]
+    for module in candidates:
+        try:
+            check_supported(module)
+            return module
+        except UnsupportedModelError:
+            continue
+    found = ", ".join(sorted({type(m).__name__ for m in candidates})) or "no transformers model"
+    raise UnsupportedModelError(
+        f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes "
+        "Llama, Mistral and Qwen2 causal LMs and T5ForConditionalGeneration; pass model_attr='path.to.model' if it is nested unusually."
+    )
+
+
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     inner = getattr(model, "model", model)  # *ForCausalLM -> *Model
     layers = getattr(inner, "layers", None)

@@ -201,6 +201,7 @@ def test_min_kv_groups_spares_best_group(min_kv):
 def test_min_mlp_channels_keeps_the_best_channels_of_a_layer_the_pool_would_empty(min_mlp):
     model = tiny_llama()
     units = find_units(model)
+    ref = DenseReference.of(model)
     mlp = [torch.full((u.mlp_width,), 10.0) + torch.arange(u.mlp_width) * 1e-3 for u in units]
     mlp[2] = torch.linspace(0.0, 1.0, units[2].mlp_width)  # layer 2: all channels lowest of the pool
     attn = [torch.full((u.num_kv_groups,), 5.0) for u in units]
@@ -210,10 +211,33 @@ def test_min_mlp_channels_keeps_the_best_channels_of_a_layer_the_pool_would_empt
     kept2 = plan.layers[2].kept_mlp_channels
     assert len(kept2) == min_mlp  # without the floor the pool takes the whole MLP
     assert kept2 == list(range(units[2].mlp_width - min_mlp, units[2].mlp_width))  # its best channels
-    if min_mlp:
-        s_max = max_feasible_sparsity(DenseReference.of(model), 3.0)  # removes every MLP channel
-        cfg = AllocationConfig(sparsity=s_max, gamma=3.0, uniform=True, min_mlp_channels=min_mlp)
-        assert allocate(model, UnitScores(attn, mlp), cfg).mlp_widths_kept() == [min_mlp] * len(units)
+    # the channels the floor spares are taken from the other layers: the budget still holds to one block
+    block = cfg.mlp_round_to * ref.mlp_channel_cost / ref.prunable_params
+    assert abs(plan.realised_sparsity - 0.5) <= block
+    assert all(w >= min_mlp and w % cfg.mlp_round_to == 0 for w in plan.mlp_widths_kept())
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_min_mlp_channels_lowers_the_largest_feasible_sparsity(uniform):
+    model = tiny_llama()
+    ref = DenseReference.of(model)
+    scores = random_scores(model, seed=4)
+    s_free = max_feasible_sparsity(ref, 3.0)  # every MLP channel removed
+    s_floor = max_feasible_sparsity(ref, 3.0, min_mlp_channels=16)
+    assert s_floor < s_free
+    plan = allocate(model, scores, AllocationConfig(sparsity=s_floor, gamma=3.0, uniform=uniform, min_mlp_channels=16))
+    _check_plan_consistent(model, plan)
+    assert min(plan.mlp_widths_kept()) == 16 and (not uniform or set(plan.mlp_widths_kept()) == {16})
+    between = AllocationConfig(sparsity=(s_floor + s_free) / 2, gamma=3.0, uniform=uniform, min_mlp_channels=16)
+    largest = f"{math.floor(s_floor * 1000) / 1000:.3f}"
+    with pytest.raises(InfeasibleSparsityError, match=f"min_mlp_channels=16 per layer: the largest feasible sparsity is {largest}"):
+        allocate(model, scores, between)
+
+
+def test_min_mlp_channels_must_be_a_multiple_of_mlp_round_to():
+    with pytest.raises(ValueError, match="min_mlp_channels=12 must be a multiple of mlp_round_to=8.*min_mlp_channels=16"):
+        AllocationConfig(sparsity=0.3, min_mlp_channels=12)
+    assert AllocationConfig(sparsity=0.3, min_mlp_channels=12, mlp_round_to=4).min_mlp_channels == 12
 
 
 # ---------------------------------------------------------------------------------------

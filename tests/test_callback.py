@@ -224,6 +224,31 @@ def test_model_without_prunable_layers_fails_at_setup(tmp_path):
         trainer(tmp_path, 3, [cb]).fit(NotAnLLM(), token_loader())
 
 
+def test_model_built_in_configure_model_is_named_at_setup(tmp_path):
+    class BuiltLate(CausalLM):
+        """Builds the transformers model in configure_model, as under DeepSpeed ZeRO-3's zero.Init."""
+
+        def __init__(self):
+            super().__init__()
+            del self.net
+
+        def configure_model(self):
+            if not hasattr(self, "net"):
+                self.net = CausalLM().net
+
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=2, warmup_steps=1)
+    with pytest.raises(UnsupportedModelError, match=r"BuiltLate builds its layers in configure_model\(\).*in __init__"):
+        trainer(tmp_path, 3, [cb]).fit(BuiltLate(), token_loader())
+
+
+def test_a_lightning_modules_own_config_attribute_is_not_taken_for_the_model(tmp_path):
+    module = CausalLM()
+    module.config = {"lr": 3e-3}
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=2, warmup_steps=1)
+    trainer(tmp_path, 3, [cb]).fit(module, token_loader())
+    assert cb.model is module.net and len(cb.plans) == 1
+
+
 def test_model_attr_wrong_path_is_named(tmp_path):
     cb = NirvanaPruningCallback(sparsity=0.5, prune_at=2, warmup_steps=1, model_attr="backbone")
     with pytest.raises(AttributeError, match="model_attr='backbone'"):

@@ -114,17 +114,19 @@ def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, extensions_dir, stage, precision):
-    # ZeRO-1/2 in fp32 also take a layer whose whole MLP goes (ZeRO-3 keeps mlp_round_to channels instead)
-    whole_mlp = ("--remove-mlp-of-layer", "1") if stage < 3 and precision == "32-true" else ()
+    # ZeRO-1/2 also take a layer whose whole MLP goes (ZeRO-3 keeps mlp_round_to channels instead)
+    whole_mlp = ("--remove-mlp-of-layer", "1") if stage < 3 else ()
     proc, records = _run(extensions_dir, tmp_path, "--stage", str(stage), "--precision", precision, *whole_mlp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
     assert all(p["zero3_partitions"] == ("ok" if stage == 3 else "not zero3") for p in prune.values())
-    assert all(p["min_mlp_channels"] == ([8] if stage == 3 else [0]) for p in prune.values())
+    # under ZeRO-3 the callback raises the MLP floor to mlp_round_to (7 in that run)
+    assert all(p["min_mlp_channels"] == ([7] if stage == 3 else [0]) for p in prune.values())
     if stage == 3:
         for p in prune.values():
-            # odd sizes: ZeRO-3 padded the last rank's partition of some weights, which the carried state fills
-            assert p["padded_partitions"] > 0
+            # odd sizes: ZeRO-3 padded the last rank's partition of some weights, among them weights the prune
+            # sliced, which the carried state fills
+            assert p["padded_sliced_partitions"] > 0
             # the surgery held one weight whole at a time (the largest is 1/22 of this model), never the model
             assert 0 < p["max_whole_elements"] <= p["largest_dense_weight_elements"] < p["model_elements"] / 8
             # ZeRO-3 sub-groups are sized in elements: fewer after the prune, Adam's step carried into each
@@ -264,6 +266,70 @@ def test_check_strategy_accepts_zero_1_2_3_and_refuses_others():
     with pytest.raises(ValueError, match="FSDPStrategy yet.*FSDP"):
         distributed.check_strategy(object.__new__(FSDPStrategy))
     distributed.check_strategy(object.__new__(DDPStrategy))
+
+
+def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama, tiny_t5
+
+    from nirvana_pl import NirvanaPruningCallback
+    from nirvana_pl.allocate import AllocationConfig
+    from nirvana_pl.deepspeed import deepspeed_allocations, prune_engine
+    from nirvana_pl.plan import LayerPlan, PruningPlan
+    from nirvana_pl.surgery import apply_plan
+
+    allocs = [AllocationConfig(sparsity=0.3), AllocationConfig(sparsity=0.5, min_mlp_channels=16)]
+    assert deepspeed_allocations(DeepSpeedStrategy(stage=2), tiny_llama(), allocs) == allocs
+    assert [a.min_mlp_channels for a in deepspeed_allocations(DeepSpeedStrategy(stage=3), tiny_llama(), allocs)] == [8, 16]
+    with pytest.raises(ValueError, match="LoRA.*not supported under DeepSpeed"):
+        deepspeed_allocations(DeepSpeedStrategy(stage=2), tiny_llama(), allocs, recovery={"r": 4})
+    with pytest.raises(ValueError, match=r"T5 under DeepSpeed ZeRO-3.*stage=2"):
+        deepspeed_allocations(DeepSpeedStrategy(stage=3), tiny_t5(), allocs)
+    # also when only loading a checkpoint (validate/test/predict): the load would reshape the model
+    with pytest.raises(ValueError, match=r"T5 under DeepSpeed ZeRO-3"):
+        NirvanaPruningCallback(sparsity=0.3, prune_at=5, warmup_steps=2).setup(
+            SimpleNamespace(strategy=DeepSpeedStrategy(stage=3)), tiny_t5(), "validate"
+        )
+
+    def plan_emptying(layer: int) -> PruningPlan:
+        layers = [LayerPlan(4, 176, [0, 1, 2, 3], list(range(176))) for _ in range(4)]
+        layers[layer] = LayerPlan(4, 176, [0, 1, 2, 3], [])
+        return PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual")
+
+    emptied = tiny_llama()  # its layer 2 MLP was pruned away before (say under ZeRO-2)
+    apply_plan(emptied, plan_emptying(2))
+    deepspeed_allocations(DeepSpeedStrategy(stage=2), emptied, allocs)
+    with pytest.raises(ValueError, match=r"the model has no MLP channels in layers \[2\].*stage=2"):
+        deepspeed_allocations(DeepSpeedStrategy(stage=3), emptied, allocs)
+    with pytest.raises(ValueError, match=r"the pruning plan has no MLP channels in layers \[1\].*min_mlp_channels"):
+        prune_engine(DeepSpeedStrategy(stage=3), tiny_llama(), plan_emptying(1))
+
+
+def _resume_votes(rank: int, port: int, cases: list[list[bool]], out: str) -> None:
+    import torch.distributed as dist
+
+    from nirvana_pl.deepspeed import _same_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results = []
+    for votes in cases:
+        try:
+            results.append(str(_same_on_every_rank(votes[rank], torch.device("cpu"))))
+        except RuntimeError as exc:
+            results.append(str(exc))
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_ranks_that_disagree_about_a_checkpoints_shapes_stop_with_an_error(tmp_path):
+    """A node that cannot read the checkpoint would skip the engine rebuild (a collective) and hang the job."""
+    cases = [[True, True], [False, False], [True, False], [False, True]]
+    torch.multiprocessing.spawn(_resume_votes, args=(_free_port(), cases, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert results[:2] == ["True", "False"]
+        assert all("ranks disagree" in r and "filesystem every node sees" in r for r in results[2:])
 
 
 def test_local_partition_pads_the_last_ranks_share_with_zeros():

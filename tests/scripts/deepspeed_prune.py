@@ -180,8 +180,9 @@ class After(Callback):
                 "model_shape": model_shape(self.before.stage3),
                 "removed_mlp_of_layer": REMOVED_MLP_OF_LAYER,
                 "min_mlp_channels": [a.min_mlp_channels for a in self.pruner._alloc],
-                "padded_partitions": sum(
-                    p.ds_numel % trainer.world_size != 0 for p in pl_module.parameters() if hasattr(p, "ds_id")
+                "padded_sliced_partitions": sum(  # weights the prune sliced whose new partitions are padded
+                    p.ds_numel % trainer.world_size != 0 and tuple(p.ds_shape) != tuple(dense[n]["fp32"].shape)
+                    for n, p in pl_module.named_parameters() if hasattr(p, "ds_id")
                 ),
                 "realised_sparsity": plan.realised_sparsity,
                 "params_equal_across_ranks": all_equal_across_ranks(flat),
@@ -279,12 +280,17 @@ def strategy_for(stage: int) -> CPUDeepSpeedStrategy:
 
 
 def model_shape(stage3: bool) -> dict:
-    """ZeRO-3 runs use an odd hidden size and MLP width (and SmolLM2's 9 query / 3 KV heads): MLP
-    weights then have odd element counts, so ZeRO-3 pads the last rank's partition of them, which
-    the state carried over a prune must fill exactly."""
+    """ZeRO-3 runs use an odd hidden size and MLP width (and SmolLM2's 9 query / 3 KV heads), and
+    MLP widths rounded to multiples of 7 (``mlp_round_to_for``): norm and MLP weights then have odd
+    element counts before and after the prune, so ZeRO-3 pads the last rank's partition of them,
+    which the state carried over a prune must fill exactly."""
     if not stage3:
         return {}
     return dict(hidden_size=63, num_attention_heads=9, num_key_value_heads=3, head_dim=8, intermediate_size=175)
+
+
+def mlp_round_to_for(stage3: bool) -> int:
+    return 7 if stage3 else 8
 
 
 REMOVED_MLP_OF_LAYER: list[int] = []
@@ -346,6 +352,7 @@ def main() -> None:
     prune_at = args.prune_at
     pruner = NirvanaPruningCallback(
         sparsity=0.5, prune_at=prune_at, warmup_steps=3, saliency=args.saliency, gamma=2.0, report_dir=out,
+        mlp_round_to=mlp_round_to_for(args.stage == 3),
     )
     max_steps = prune_at + args.steps_after
     if args.resume:
