@@ -40,8 +40,8 @@ from .saliency import (
     gradient_reduce,
 )
 from .schedule import PruneEvent, PruningSchedule
-from .surgery import apply_plan, layer_widths, resize_to_widths, widths_from_state_dict
-from .t5 import is_t5, resize_from_state_dict
+from .surgery import apply_plan, resize_from_state_dict
+from .t5 import is_t5
 from .units import (
     UnsupportedModelError,
     base_parameter_count,
@@ -261,14 +261,9 @@ class NirvanaPruningCallback(Callback):
 
         ``materialize``: see :func:`nirvana_pl.surgery.apply_plan` (DeepSpeed ZeRO-3 passes one).
         """
-        if is_t5(self.model):  # T5 also needs the kept original heads (buffers in the state dict)
-            resize_from_state_dict(self.model, module, state_dict, prefix)
+        held = resize_from_state_dict(self.model, module, state_dict, prefix, materialize)
+        if not held or is_t5(self.model):  # (not a full model state dict: shapes left alone)
             return
-        widths = widths_from_state_dict(self.model, module, state_dict, prefix)
-        if widths is None:  # not a full model state dict (or ZeRO-3's placeholders): leave shapes alone
-            return
-        if widths != layer_widths(self.model):
-            resize_to_widths(self.model, widths, materialize)
         saved_adapters = any(".lora_A." in key for key in state_dict if key.startswith(prefix))
         if saved_adapters and self.recovery is not None and not has_lora(self.model):
             attach_recovery_adapters(self.model, self.recovery, self.recovery_train_norms)

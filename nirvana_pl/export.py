@@ -247,8 +247,7 @@ def load_pruned_state_dict(
     empty tensor. Then export with :func:`save_pruned`.
     """
     from .allocate import DenseReference
-    from .surgery import resize_to_widths, widths_from_state_dict
-    from .t5 import is_t5, layers_from_state_dict, resize_to_t5_layers, t5_layers
+    from .surgery import resize_from_state_dict
     from .units import locate_model
 
     if any(".lora_A." in key for key in state_dict):
@@ -258,17 +257,9 @@ def load_pruned_state_dict(
         )
     model = model if model is not None else locate_model(module)
     reference = DenseReference.of(model)  # (the dense sizes, or those a pruned model's config records)
-    if is_t5(model):
-        names = {id(p): n for n, p in module.named_parameters()}
-        layers = layers_from_state_dict(model, state_dict, names, "")
-        if layers is not None and layers != t5_layers(model):
-            resize_to_t5_layers(model, layers)
-    else:
-        layers = widths_from_state_dict(model, module, state_dict)
-        if layers is not None:
-            resize_to_widths(model, layers)
+    held = resize_from_state_dict(model, module, state_dict)
     own = module.state_dict()
-    if layers is None:
+    if not held:
         placeholders = [k for k, v in state_dict.items() if v.dim() == 1 and k in own and own[k].dim() == 2]
         if placeholders:
             raise ValueError(

@@ -252,6 +252,26 @@ def widths_from_state_dict(
     return widths
 
 
+def resize_from_state_dict(
+    model: nn.Module, module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
+    materialize: Callable[[Sequence[nn.Parameter]], ContextManager[None]] | None = None,
+) -> bool:
+    """Before ``module.load_state_dict(state_dict)``: give ``model`` (inside ``module``) the pruned shapes
+    the state dict holds. False, changing nothing, when it does not hold them (a partial state dict, or
+    DeepSpeed ZeRO-3's placeholders). ``materialize``: see :func:`apply_plan` (decoder models).
+    """
+    from .t5 import is_t5, resize_t5_from_state_dict
+
+    if is_t5(model):  # T5 also needs the kept original heads (buffers in the state dict)
+        return resize_t5_from_state_dict(model, module, state_dict, prefix)
+    widths = widths_from_state_dict(model, module, state_dict, prefix)
+    if widths is None:
+        return False
+    if widths != layer_widths(model):
+        resize_to_widths(model, widths, materialize)
+    return True
+
+
 def planned_slices(model: nn.Module, plan: PruningPlan) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
     """(parameter, axis, kept indices) for every parameter ``plan`` shrinks (the plan is validated).
 

@@ -302,14 +302,16 @@ def layers_from_state_dict(
     return layers
 
 
-def resize_from_state_dict(model: nn.Module, module: nn.Module, state_dict: Any, prefix: str) -> None:
+def resize_t5_from_state_dict(model: nn.Module, module: nn.Module, state_dict: Any, prefix: str) -> bool:
     """Before ``module.load_state_dict(state_dict)``: give the T5 ``model`` inside ``module`` the checkpoint's
-    pruned shapes (used to resume a fit from a checkpoint written after a prune)."""
+    pruned shapes; False when ``state_dict`` does not hold them (see :func:`layers_from_state_dict`)."""
     names = {id(p): n for n, p in module.named_parameters()}
     layers = layers_from_state_dict(model, state_dict, names, prefix)
-    if layers is None or layers == t5_layers(model):
-        return
-    resize_to_t5_layers(model, layers)
+    if layers is None:
+        return False
+    if layers != t5_layers(model):
+        resize_to_t5_layers(model, layers)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- data
