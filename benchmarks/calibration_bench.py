@@ -146,10 +146,11 @@ def main() -> None:
     lines = [
         f"# Calibration selection on SmolLM2-135M (s = {args.sparsity}, functional saliency)",
         "",
-        f"Command: `{out['command']}` ({out['date']}, {out['machine']['cpus']} CPU threads, torch {torch.__version__}).",
+        f"Command: `{out['command']}` ({out['date']}, {out['machine']['cpus']} CPU threads, "
+        f"torch {torch.__version__}).",
         f"Calibration sets: {args.candidates} random draws of {args.samples} windows x {args.seq_len} tokens from the "
-        f"first 85% of Python's documentation text; KL probe {args.probe_windows} x {args.probe_seq_len} tokens, disjoint; "
-        f"held-out perplexity on {args.heldout_windows} x {args.seq_len} tokens of the last 15%.",
+        f"first 85% of Python's documentation text; KL probe {args.probe_windows} x {args.probe_seq_len} tokens, "
+        f"disjoint; held-out perplexity on {args.heldout_windows} x {args.seq_len} tokens of the last 15%.",
         "",
         f"Dense held-out perplexity: {dense_ppl:.3f}",
         "",

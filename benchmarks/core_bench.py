@@ -535,7 +535,8 @@ def main() -> int:
     rows = [
         ("1", "step time with / without adam_taylor accumulate", f"{ratio1:.4f}",
          f"<= {GOALS['accumulate_overhead']}", status(ratio1 <= GOALS["accumulate_overhead"]),
-         f"median {b_med * 1e3:.1f} / {a_med * 1e3:.1f} ms ({used(ab)}); 90% bootstrap CI [{ci1[0]:.3f}, {ci1[1]:.3f}]; "
+         f"median {b_med * 1e3:.1f} / {a_med * 1e3:.1f} ms ({used(ab)}); "
+         f"90% bootstrap CI [{ci1[0]:.3f}, {ci1[1]:.3f}]; "
          f"paired-block median {paired1:.4f}; accumulate {acc_med * 1e3:.2f} ms/step -> direct estimate "
          f"{direct1:.4f}"),
         ("2", "prune event / dense training step", f"{ratio2:.3f}", f"<= {GOALS['prune_over_step']}",
@@ -609,14 +610,16 @@ def main() -> int:
                 "ratio": ratio1, "goal": GOALS["accumulate_overhead"], "met": ratio1 <= GOALS["accumulate_overhead"],
                 "bootstrap90": list(ci1), "direct_estimate": direct1, "paired_block_median": paired1,
                 "medians": {k: v for k, v in ab.items() if k not in ("xa", "xb")},
-                "block_ratios": tr["block_ratios"], "foreign_cores": tr["foreign_cores"], "step_median_s": {"A": a_med, "B": b_med},
+                "block_ratios": tr["block_ratios"], "foreign_cores": tr["foreign_cores"],
+                "step_median_s": {"A": a_med, "B": b_med},
                 "accumulate_median_s": acc_med,
                 "step_rel_iqr": {k: rel_iqr(v.t) for k, v in tr["arms"].items()},
                 "step_s": {k: v.to_dict() for k, v in tr["arms"].items()}, "accumulate_s": tr["accumulate"].to_dict(),
             },
             "prune_over_step": {
                 "ratio": ratio2, "goal": GOALS["prune_over_step"], "met": ratio2 <= GOALS["prune_over_step"],
-                "prune_median_s": prune_med, "foreign_cores": pr["foreign_cores"], "timings": pr["timings"], "step_median_s": a_med,
+                "prune_median_s": prune_med, "foreign_cores": pr["foreign_cores"], "timings": pr["timings"],
+                "step_median_s": a_med,
                 "plan": {"realised_sparsity": plan1.realised_sparsity, "kv_groups_kept": plan1.kv_groups_kept(),
                          "mlp_widths_kept": plan1.mlp_widths_kept()},
             },
@@ -656,9 +659,9 @@ def main() -> int:
 
 Command (from the repository root): `{command}`
 
-Date (UTC): {info['date']}. Machine: {info['cpu_count']} CPU cores ({info['cpu_model']}), {info['memory_total_gib']} GiB RAM,
-torch {info['torch']} (CPU, `torch.set_num_threads(2)`), transformers {info['transformers']},
-lightning {info['lightning']}, Python {info['python']}, {info['platform']}.
+Date (UTC): {info['date']}. Machine: {info['cpu_count']} CPU cores ({info['cpu_model']}),
+{info['memory_total_gib']} GiB RAM, torch {info['torch']} (CPU, `torch.set_num_threads(2)`),
+transformers {info['transformers']}, lightning {info['lightning']}, Python {info['python']}, {info['platform']}.
 Load average at start / end: {info['loadavg_start'][0]:.2f} / {info['loadavg_end'][0]:.2f}; the machine is shared:
 {noise} (CPU time of all processes minus this one's, per second). Wall time of the run: {wall:.0f} s.
 
@@ -677,8 +680,9 @@ at least 3) quiet samples; otherwise over all samples, and the table says "machi
 rule was used and how many samples went in. All samples are in the JSON.
 
 1. **Accumulate overhead.** Plain PyTorch loop (no Lightning, for timing precision): `zero_grad`, forward with
-   labels, backward, `AdamW.step()` (Lightning's order). Arm B adds `AdamStateSaliency("adam_taylor").accumulate(model, [opt])`
-   after the step, which is what `NirvanaPruningCallback.on_train_batch_end` does in its warm-up window (the rest of the
+   labels, backward, `AdamW.step()` (Lightning's order). Arm B adds
+   `AdamStateSaliency("adam_taylor").accumulate(model, [opt])` after the step, which is what
+   `NirvanaPruningCallback.on_train_batch_end` does in its warm-up window (the rest of the
    hook is a few comparisons). {reps['train_warmup']} warm-up steps, then {reps['ab_blocks']} blocks of
    {reps['ab_steps_per_block']} step(s) per arm in alternating order (AB, BA, ...); value = median(B) / median(A)
    (noise rule above); "paired-block median" = median over blocks of the within-block ratio (all samples).

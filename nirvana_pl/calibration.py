@@ -351,6 +351,13 @@ class CalibrationSelector:
     chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
+        self._check_pool()
+        self._check_mode_and_counts()
+        self._check_probe_seq_len()
+        self._check_room_for_candidates()
+
+    def _check_pool(self) -> None:
+        """The pool must be a non-empty integer [N, T] tensor; it is stored as long."""
         pool = self.pool
         integer = isinstance(pool, torch.Tensor) and not (pool.is_floating_point() or pool.dtype == torch.bool)
         if not integer or pool.dim() != 2:
@@ -364,13 +371,18 @@ class CalibrationSelector:
                 "from enough text."
             )
         self.pool = pool.to(torch.long)
+
+    def _check_mode_and_counts(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not known; choose 'sets' or 'samples'.")
         for name in ("num_candidates", "samples_per_candidate", "probe_windows", "batch_size", "chunk_tokens"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-        n_pool, T = pool.shape
+
+    def _check_probe_seq_len(self) -> None:
+        """Defaults probe_seq_len to the pool's window length, and refuses one longer than it."""
+        T = self.pool.shape[1]
         if self.probe_seq_len is None:
             self.probe_seq_len = T
         if not (isinstance(self.probe_seq_len, int) and 1 <= self.probe_seq_len <= T):
@@ -378,6 +390,10 @@ class CalibrationSelector:
                 f"probe_seq_len={self.probe_seq_len!r} must be an integer in [1, {T}] (the pool's window length); "
                 f"lower it or build the pool with seq_len >= {self.probe_seq_len}."
             )
+
+    def _check_room_for_candidates(self) -> None:
+        """After the probe takes its pool windows, enough must be left for the candidates."""
+        n_pool = self.pool.shape[0]
         m = self.probe_pool_windows
         if m >= n_pool:
             raise ValueError(
@@ -393,17 +409,22 @@ class CalibrationSelector:
                 "give a larger pool."
             )
         if self.mode == "samples":
-            if self.num_candidates < self.samples_per_candidate:
-                raise ValueError(
-                    f"num_candidates={self.num_candidates} < samples_per_candidate={self.samples_per_candidate}: mode="
-                    "'samples' keeps the n best of K single windows; raise num_candidates to >= "
-                    f"{self.samples_per_candidate}."
-                )
-            if self.num_candidates > free:
-                raise ValueError(
-                    f"num_candidates={self.num_candidates} single windows, but only {free} pool windows are left for "
-                    f"candidates (pool {n_pool} minus {m} for the probe); lower num_candidates or give a larger pool."
-                )
+            self._check_samples_mode(n_pool, free)
+
+    def _check_samples_mode(self, n_pool: int, free: int) -> None:
+        """mode='samples' keeps the n best of K single windows, so K must be >= n and fit in the free pool."""
+        m = n_pool - free
+        if self.num_candidates < self.samples_per_candidate:
+            raise ValueError(
+                f"num_candidates={self.num_candidates} < samples_per_candidate={self.samples_per_candidate}: mode="
+                "'samples' keeps the n best of K single windows; raise num_candidates to >= "
+                f"{self.samples_per_candidate}."
+            )
+        if self.num_candidates > free:
+            raise ValueError(
+                f"num_candidates={self.num_candidates} single windows, but only {free} pool windows are left for "
+                f"candidates (pool {n_pool} minus {m} for the probe); lower num_candidates or give a larger pool."
+            )
 
     # ------------------------------------------------------------------ split
     @property

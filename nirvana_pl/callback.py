@@ -23,7 +23,14 @@ from torch import nn
 from .allocate import DenseReference, check_feasible
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .deepspeed import deepspeed_allocations, install_resume_reshape, is_deepspeed, prune_engine, reader_for
-from .distributed import agree_on_plan, check_same_plan, check_strategy, gradient_reduce_hook, rewrap_ddp
+from .distributed import (
+    agree_on_plan,
+    check_same_plan,
+    check_strategy,
+    gradient_reduce_hook,
+    rewrap_ddp,
+    run_directory,
+)
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import allocation_config, check_selection_args, make_plan
 from .optim import retarget_optimizers
@@ -77,7 +84,8 @@ class NirvanaPruningCallback(Callback):
         min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see
             ``AllocationConfig``). Under DeepSpeed ZeRO-3 every layer keeps at least ``mlp_round_to``
             MLP channels (ZeRO-3 cannot hold a weight with no elements).
-        report_dir: where the JSON report goes (default: the trainer's log dir).
+        report_dir: where the JSON report goes (default: the trainer's log dir; without a logger, a fresh
+            ``<default_root_dir>/nirvana_logs/version_N`` per run).
         recovery: recover with LoRA after the (first) prune: a ``peft.LoraConfig`` or a dict of its
             arguments (defaults r 8, alpha 16, all linear layers). At the prune event the adapters are
             attached to the pruned model, every other weight is frozen, and the optimizers step only
@@ -159,13 +167,17 @@ class NirvanaPruningCallback(Callback):
         self._collected: deque[dict[str, torch.Tensor]] = deque(maxlen=num_calibration_batches)
         self._records: list[PruneRecord] = []
         self._last_step = -1
+        self._report_dir: Path | None = None
         self._report_path: Path | None = None
         self._load_hook: Any = None
+        self._warned_stride = False
 
     @property
     def state_key(self) -> str:
-        # Two pruning callbacks in one Trainer keep separate checkpoint entries.
-        return self._generate_state_key(saliency=self.saliency, schedule=[(e.step, e.sparsity) for e in self.schedule.events])
+        # (the saliency and the schedule in the key: a checkpoint of another configuration is not loaded silently)
+        return self._generate_state_key(
+            saliency=self.saliency, schedule=[(e.step, e.sparsity) for e in self.schedule.events]
+        )
 
     # ------------------------------------------------------------------ public
     @property
@@ -187,24 +199,42 @@ class NirvanaPruningCallback(Callback):
     def report_path(self) -> Path | None:
         return self._report_path
 
-    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
-        """Write the (pruned) model so that transformers can load it; see :func:`nirvana_pl.save_pruned`."""
+    @property
+    def pending_events(self) -> list[PruneEvent]:
+        """The events of the schedule that have not happened (yet, or at all when the fit has ended)."""
+        return [e for e in self.schedule.events if not self._done(e)]
+
+    def event_due(self, step: int) -> PruneEvent | None:
+        """The event that prunes at the optimizer-step boundary ``step`` (the first pending one at or before it).
+
+        A boundary may step past ``prune_at`` (manual optimization with several optimizers advances
+        ``global_step`` by one per optimizer): the event then happens at the first boundary after it.
+        """
+        return next((e for e in self.pending_events if e.step <= step), None)
+
+    def save_pretrained(self, directory: str | Path, allow_unpruned: bool = False, **kwargs: Any) -> Path:
+        """Write the (pruned) model so that transformers can load it; see :func:`nirvana_pl.save_pruned`.
+
+        Refuses a model that no prune event has touched (the fit ended before ``prune_at``), unless
+        ``allow_unpruned=True``; warns when some events of a schedule did not happen.
+        """
         from .export import save_pruned
 
+        pending = self.pending_events
+        if pending and not self._records and not allow_unpruned:
+            raise RuntimeError(
+                f"NirvanaPruningCallback.save_pretrained({str(directory)!r}): nothing was pruned, the model is dense "
+                f"({_describe_pending(pending, self._last_step)}). Prune earlier (prune_at=) or train longer, or pass "
+                "allow_unpruned=True to save the dense model anyway."
+            )
+        if pending and self._records:
+            rank_zero_warn(f"NirvanaPruningCallback.save_pretrained: {_describe_pending(pending, self._last_step)}.")
         return save_pruned(self.model, directory, **kwargs)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            self._model = locate_model(pl_module, self.model_attr)
-        except UnsupportedModelError as exc:
-            if is_overridden("configure_model", pl_module, pl.LightningModule):
-                raise UnsupportedModelError(
-                    f"{exc} {type(pl_module).__name__} builds its layers in configure_model(), which Lightning calls "
-                    "after callbacks are set up (e.g. for DeepSpeed ZeRO-3's zero.Init); NirvanaPruningCallback needs "
-                    "the model built in __init__."
-                ) from exc
-            raise
+        self._refuse_other_instances(trainer)
+        self._model = self._locate_model(pl_module)
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
         if is_deepspeed(trainer.strategy):
@@ -217,27 +247,59 @@ class NirvanaPruningCallback(Callback):
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
             # DDP and DeepSpeed ZeRO are supported (ZeRO-3 with adam_* saliency); FSDP is refused
             check_strategy(trainer.strategy, self.saliency, runs_model=self.selector is not None or self.gamma_auto)
-        if self.recovery is not None:
-            if has_lora(self._model):
-                raise ValueError(
-                    "NirvanaPruningCallback(recovery=...) attaches LoRA adapters after the prune, but the model "
-                    "already carries LoRA adapters; drop recovery= or start from the plain model."
-                )
-            check_recovery_targets(self._model, self.recovery)
+        self._check_recovery()
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
+        self._check_schedule_feasible()
+        self._check_calibration()
+
+    def _refuse_other_instances(self, trainer: pl.Trainer) -> None:
+        """Two callbacks would each plan against shapes the other has already cut."""
+        others = [cb for cb in trainer.callbacks if isinstance(cb, NirvanaPruningCallback) and cb is not self]
+        if others:
+            steps = sorted(e.step for cb in [self, *others] for e in cb.schedule.events)
+            raise ValueError(
+                f"the Trainer has {len(others) + 1} NirvanaPruningCallback instances (prune steps {steps}); each would "
+                "plan against shapes another has already cut, and a checkpoint could not be resumed. Use one callback "
+                "with a schedule: NirvanaPruningCallback(schedule={4: 0.3, 8: 0.5}) prunes to 30 % at step 4 and to "
+                "50 % at step 8 (targets are fractions of the dense model)."
+            )
+
+    def _locate_model(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The transformers model inside ``pl_module``; says why when it is built too late to be found."""
+        try:
+            return locate_model(pl_module, self.model_attr)
+        except UnsupportedModelError as exc:
+            if is_overridden("configure_model", pl_module, pl.LightningModule):
+                raise UnsupportedModelError(
+                    f"{exc} {type(pl_module).__name__} builds its layers in configure_model(), which Lightning calls "
+                    "after callbacks are set up (e.g. for DeepSpeed ZeRO-3's zero.Init); NirvanaPruningCallback needs "
+                    "the model built in __init__."
+                ) from exc
+            raise
+
+    def _check_recovery(self) -> None:
+        """recovery= attaches LoRA adapters at the prune: the model must have none yet, and the targets it names."""
+        if self.recovery is None:
+            return
+        if has_lora(self._model):
+            raise ValueError(
+                "NirvanaPruningCallback(recovery=...) attaches LoRA adapters after the prune, but the model "
+                "already carries LoRA adapters; drop recovery= or start from the plain model."
+            )
+        check_recovery_targets(self._model, self.recovery)
+
+    def _check_schedule_feasible(self) -> None:
+        """Every event's target must be reachable on this model's shapes (with every gamma that may be chosen)."""
         for event, alloc in zip(self.schedule.events, self._alloc):
             gammas = self.gamma_grid if self.gamma_auto else [alloc.gamma]
             check_feasible(
                 self._reference, event.sparsity, gammas, alloc.min_kv_groups, f" (prune at step {event.step})",
-                min_mlp_channels=alloc.min_mlp_channels,
+                min_mlp_channels=alloc.min_mlp_channels, mlp_round_to=alloc.mlp_round_to,
             )
-        max_steps = trainer.max_steps
-        if max_steps is not None and max_steps > 0 and self.schedule.last_step > max_steps:
-            rank_zero_warn(
-                f"NirvanaPruningCallback: prune step {self.schedule.last_step} is beyond Trainer(max_steps="
-                f"{max_steps}); that prune will never happen. Lower prune_at or raise max_steps."
-            )
+
+    def _check_calibration(self) -> None:
+        """Validate given calibration batches; warn when fewer training batches can be collected than asked."""
         if self.calibration is not None:
             self.calibration = check_calibration(self._model, self.calibration)
         collects = self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None
@@ -275,8 +337,22 @@ class NirvanaPruningCallback(Callback):
             self._retarget_optimizers(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._adam and not is_deepspeed(trainer.strategy) and not all(self._done(e) for e in self.schedule.events):
+        # every rank agrees on the folder now, so that the prune event writes on rank 0 with no collective
+        self._report_dir = self.report_dir or run_directory(trainer)
+        pending = self.pending_events
+        if self._adam and not is_deepspeed(trainer.strategy) and pending:
             check_adam_optimizers(self.model, trainer.optimizers, self.saliency)
+        total = trainer.estimated_stepping_batches
+        late = [e.step for e in pending if e.step > total]
+        if late:
+            rank_zero_warn(
+                f"NirvanaPruningCallback: this fit makes about {int(total)} optimizer steps "
+                f"(max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs}), so the prune at "
+                f"step{'s' if len(late) > 1 else ''} "
+                f"{', '.join(map(str, late))} will not happen and the model would stay "
+                f"{'dense' if len(late) == len(self.schedule.events) else 'less pruned than scheduled'}. "
+                "Lower prune_at (or the schedule's steps), or raise max_steps / max_epochs."
+            )
 
     # ------------------------------------------------------------------ training
     def on_train_batch_end(
@@ -285,18 +361,38 @@ class NirvanaPruningCallback(Callback):
         step = trainer.global_step
         if step == self._last_step:  # still accumulating gradients: not an optimizer-step boundary
             return
+        if self._last_step >= 0 and step - self._last_step > 1 and not self._warned_stride:
+            self._warned_stride = True
+            rank_zero_warn(
+                f"NirvanaPruningCallback: trainer.global_step went from {self._last_step} to {step} in one batch "
+                "(manual optimization with several optimizers counts each optimizer's step, as max_steps does). "
+                "prune_at and warmup_steps count these steps too: each event prunes at the first batch that reaches "
+                "its step, with saliency from the batches whose steps fall in its warm-up window."
+            )
         self._last_step = step
-        window = self.schedule.window_containing(step)
-        if window is not None and not self._done(window):
+        upcoming = next(iter(self.pending_events), None)
+        if upcoming is not None and step >= upcoming.warmup_start:
             if self._adam:
                 # every kind in one pass: each weight's state is read once (a set of collectives under ZeRO)
                 reader = reader_for(trainer.strategy, trainer.optimizers)
                 accumulate_adam_saliency(list(self._adam.values()), self.model, trainer.optimizers, reader)
             elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
                 self._collected.append(_input_ids_of(batch))
-        event = self.schedule.event_at(step)
-        if event is not None and not self._done(event):
+        event = self.event_due(step)
+        if event is not None:
             self._prune(trainer, pl_module, event)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pending = self.pending_events
+        if not pending:
+            return
+        # loud, in the report, and in save_pretrained: a fit that ends unpruned must not pass for a pruned one
+        message = f"NirvanaPruningCallback: {_describe_pending(pending, trainer.global_step)}."
+        if not self._records:
+            message += " The model is DENSE: nothing was pruned."
+        rank_zero_warn(message + " Lower prune_at (or the schedule's steps), or raise max_steps / max_epochs.")
+        if trainer.is_global_zero and self._report_dir is not None:
+            self._report_path = write_report(self._report_dir, self._records, self._reference, pending=pending)
 
     def _done(self, event: PruneEvent) -> bool:
         return any(r.event_step == event.step for r in self._records)
@@ -305,41 +401,12 @@ class NirvanaPruningCallback(Callback):
         start = time.perf_counter()
         model = self.model
         total_before = base_parameter_count(model)
-        index = self.schedule.events.index(event)
-        calibration: Any = self.selector or self.calibration
-        if calibration is None and not self._adam:
-            calibration = list(self._collected)
-        # Every rank computes (gradient saliency all-reduces the signed gradients across ranks,
-        # so all ranks must take part); rank 0's plan is then the one every rank applies.
-        with trainer.precision_plugin.forward_context(), gradient_reduce(gradient_reduce_hook()):
-            plan, selection = make_plan(
-                model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
-                gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid,
-                optimizer_scores={kind: acc.scores() for kind, acc in self._adam.items()} or None,
-                seed=self.seed + index, progress=trainer.is_global_zero,
-            )
-        plan, agreed = agree_on_plan(plan)
-        if selection is not None:  # rank 0's summary travels inside its plan
-            selection = plan.score_summary.get("selection", selection)
-        if not agreed:
-            warnings.warn(
-                f"NirvanaPruningCallback: rank {trainer.global_rank}'s own plan differed from rank 0's "
-                "(numerical noise in the scores); every rank applies rank 0's plan.",
-                stacklevel=2,
-            )
-        check_same_plan(plan)
-        if is_deepspeed(trainer.strategy):
-            prune_engine(trainer.strategy, model, plan)  # shrinks the modules and rebuilds the engine
-        else:
-            apply_plan(model, plan, trainer.optimizers)
-        self._reference.attach(model)
-        if self.recovery is not None and not has_lora(model):
-            attach_recovery_adapters(model, self.recovery, self.recovery_train_norms)
-            self._retarget_optimizers(trainer, pl_module)
-        rewrap_ddp(trainer.strategy)
+        plan, selection = self._agreed_plan(trainer, event)
+        self._cut(trainer, pl_module, plan)
         seconds = time.perf_counter() - start
         record = PruneRecord(
             event_step=event.step,
+            at_step=trainer.global_step,
             plan=plan,
             total_params_before=total_before,
             total_params_after=base_parameter_count(model),  # recovery adapters are not the model's size
@@ -351,8 +418,57 @@ class NirvanaPruningCallback(Callback):
             accumulator.reset()
         self._collected.clear()
 
+        for name, value in self._event_metrics(pl_module, record, selection).items():
+            pl_module.log(f"nirvana/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
+        if trainer.is_global_zero:  # (no collective in here: the folder was agreed in on_train_start)
+            self._write_event_report(trainer, record, selection)
+
+    def _agreed_plan(self, trainer: pl.Trainer, event: PruneEvent) -> tuple[PruningPlan, dict[str, Any] | None]:
+        """The plan of ``event`` that every rank applies (rank 0's), and its KL selection summary if any."""
+        index = self.schedule.events.index(event)
+        calibration: Any = self.selector or self.calibration
+        if calibration is None and not self._adam:
+            calibration = list(self._collected)
+        # Every rank computes (gradient saliency all-reduces the signed gradients across ranks,
+        # so all ranks must take part); rank 0's plan is then the one every rank applies.
+        with trainer.precision_plugin.forward_context(), gradient_reduce(gradient_reduce_hook()):
+            plan, selection = make_plan(
+                self.model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
+                gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid,
+                optimizer_scores={kind: acc.scores() for kind, acc in self._adam.items()} or None,
+                seed=self.seed + index, progress=trainer.is_global_zero,
+            )
+        plan, agreed = agree_on_plan(plan)
+        if selection is not None:  # rank 0's summary travels inside its plan
+            selection = plan.score_summary.get("selection", selection)
+        if not agreed:
+            warnings.warn(
+                f"NirvanaPruningCallback: rank {trainer.global_rank}'s own plan differed from rank 0's "
+                "(numerical noise in the scores); every rank applies rank 0's plan.",
+                stacklevel=3,
+            )
+        check_same_plan(plan)
+        return plan, selection
+
+    def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: PruningPlan) -> None:
+        """Apply ``plan`` through the strategy, then attach recovery adapters and rewrap DDP."""
+        model = self.model
+        if is_deepspeed(trainer.strategy):
+            prune_engine(trainer.strategy, model, plan)  # shrinks the modules and rebuilds the engine
+        else:
+            apply_plan(model, plan, trainer.optimizers)
+        self._reference.attach(model)
+        if self.recovery is not None and not has_lora(model):
+            attach_recovery_adapters(model, self.recovery, self.recovery_train_norms)
+            self._retarget_optimizers(trainer, pl_module)
+        rewrap_ddp(trainer.strategy)
+
+    def _event_metrics(
+        self, pl_module: pl.LightningModule, record: PruneRecord, selection: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """What a prune event logs under ``nirvana/``: the record's counts, gamma, and the KL selection's numbers."""
         metrics = record.metrics(self._reference)
-        metrics["gamma"] = plan.gamma
+        metrics["gamma"] = record.plan.gamma
         metrics["trainable_params"] = sum(parameter_numel(p) for p in pl_module.parameters() if p.requires_grad)
         if selection is not None:
             metrics["calibration_kl"] = selection["kl"]
@@ -360,15 +476,17 @@ class NirvanaPruningCallback(Callback):
                 metrics[f"candidate_kl_{i}"] = kl
             for g, kl in (selection.get("gamma_search") or {}).get("curve", {}).items():
                 metrics[f"gamma_kl_{g}"] = kl
-        for name, value in metrics.items():
-            pl_module.log(f"nirvana/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
-        if trainer.is_global_zero:
-            directory = self.report_dir or Path(trainer.log_dir or trainer.default_root_dir)
-            self._report_path = write_report(directory, self._records, self._reference)
-            message = format_summary(record, self._reference)
-            if selection is not None:
-                message += f"\n  KL selection: {_describe_selection(selection)}"
-            rank_zero_info(message + f"\n  report: {self._report_path}")
+        return metrics
+
+    def _write_event_report(
+        self, trainer: pl.Trainer, record: PruneRecord, selection: Mapping[str, Any] | None
+    ) -> None:
+        directory = self._report_dir or self.report_dir or Path(trainer.default_root_dir)
+        self._report_path = write_report(directory, self._records, self._reference)
+        message = format_summary(record, self._reference)
+        if selection is not None:
+            message += f"\n  KL selection: {_describe_selection(selection)}"
+        rank_zero_info(message + f"\n  report: {self._report_path}")
 
     def _retarget_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainable = [p for p in pl_module.parameters() if p.requires_grad]
@@ -430,6 +548,14 @@ def _input_ids_of(batch: Any) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == ids.shape[0]:
                 out[key] = value.detach().to("cpu", copy=True)
     return out
+
+
+def _describe_pending(pending: Sequence[PruneEvent], step: int) -> str:
+    events = ", ".join(f"step {e.step} (sparsity {e.sparsity:g})" for e in pending)
+    return (
+        f"the fit stopped at optimizer step {max(step, 0)} before the prune "
+        f"event{'s' if len(pending) > 1 else ''} at {events}"
+    )
 
 
 def _describe_selection(selection: Mapping[str, Any]) -> str:

@@ -71,8 +71,11 @@ def _lightning_cli_class() -> type:
             self._started = time.perf_counter()
 
         def after_fit(self) -> None:
+            from .distributed import run_directory
+
+            log_dir = run_directory(self.trainer)  # a collective: every rank, before the rank-0 summary
             if self.trainer.is_global_zero:
-                print(fit_summary(self.trainer, time.perf_counter() - self._started), flush=True)
+                print(fit_summary(self.trainer, time.perf_counter() - self._started, log_dir), flush=True)
 
     return NirvanaCLI
 
@@ -111,7 +114,10 @@ def _instantiation_message(cli: Any, err: Exception) -> str:
                 key = f"trainer.callbacks[{i}]"
         if key is None and owner.endswith(".Trainer"):
             key = "trainer"
-    where = f"{key} ({owner.rsplit('.', 1)[-1]})" if key else (owner.rsplit(".", 1)[-1] if owner else "the configuration")
+    if key:
+        where = f"{key} ({owner.rsplit('.', 1)[-1]})"
+    else:
+        where = owner.rsplit(".", 1)[-1] if owner else "the configuration"
     return f"{where}: {root}"
 
 
@@ -192,27 +198,57 @@ def parse_recipe(path: str | Path, subcommand: str = "fit", overrides: Sequence[
     return cli.config
 
 
-def fit_summary(trainer: Any, seconds: float) -> str:
-    """The closing block of ``nirvana-pl fit``: numbers and where every output went; also writes run_summary.json."""
+def fit_summary(trainer: Any, seconds: float, log_dir: str | Path) -> str:
+    """The closing block of ``nirvana-pl fit``: numbers and where every output went; also writes run_summary.json.
+
+    ``log_dir``: the run's folder (:func:`nirvana_pl.distributed.run_directory`, agreed by every rank).
+    """
     from .callback import NirvanaPruningCallback
     from .modules import HeldOutPerplexity, SavePrunedModel
-    from .plots import PLOT_NAME
-    from .report import MARKDOWN_NAME, write_markdown
+    from .report import write_markdown
 
     nirvana = [cb for cb in trainer.callbacks if isinstance(cb, NirvanaPruningCallback)]
     ppl_cb = next((cb for cb in trainer.callbacks if isinstance(cb, HeldOutPerplexity)), None)
     saver = next((cb for cb in trainer.callbacks if isinstance(cb, SavePrunedModel)), None)
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    log_dir = Path(log_dir)
     report_path = next((cb.report_path for cb in nirvana if cb.report_path is not None), None)
     out_dir = report_path.parent if report_path is not None else log_dir
 
+    # each _summarize_* appends its lines to `lines` and its numbers/paths to `summary`
     lines = [f"\n=== nirvana-pl fit: done in {_duration(seconds)} (step {trainer.global_step}) ==="]
     summary: dict[str, Any] = {"seconds": round(seconds, 1), "global_step": trainer.global_step}
-    module = trainer.lightning_module
+    _summarize_model(trainer.lightning_module, lines)
+    _summarize_pruning(trainer, nirvana, lines, summary)
+    if ppl_cb is not None and ppl_cb.results.get("final") is not None:
+        _summarize_perplexity(trainer, ppl_cb, lines, summary)
+    if saver is not None and saver.saved_to is not None:
+        _summarize_saved_model(saver, lines, summary)
+    if report_path is not None:
+        _summarize_report(report_path, out_dir, lines, summary)
+    _summarize_logs(trainer, log_dir, lines, summary)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out_dir / "run_summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    lines.append(f"run summary       {summary_path}")
+    if report_path is not None:
+        results = {"perplexity": summary.get("perplexity"),
+                   "perplexity_after_each_prune": summary.get("perplexity_after_each_prune"),
+                   "pruned_model": summary.get("pruned_model"),
+                   "metrics": summary.get("metrics"), "run_summary": str(summary_path)}
+        write_markdown(out_dir, results=results)
+    return "\n".join(lines)
+
+
+def _summarize_model(module: Any, lines: list[str]) -> None:
     hparams = getattr(module, "hparams", {})
     name = hparams.get("name_or_path") if hasattr(hparams, "get") else None
     model_name = type(getattr(module, "model", module)).__name__
     lines.append(f"model             {name} ({model_name})" if name else f"model             {model_name}")
+
+
+def _summarize_pruning(trainer: Any, nirvana: list[Any], lines: list[str], summary: dict[str, Any]) -> None:
+    """Parameter counts after the prune events, and the events the fit did not reach."""
+    module = trainer.lightning_module
     events = [(cb.schedule.events[i].step, plan) for cb in nirvana for i, plan in enumerate(cb.plans)]
     if events:
         last = events[-1][1]
@@ -231,57 +267,70 @@ def fit_summary(trainer: Any, seconds: float) -> str:
             f"(attention+MLP sparsity {last.realised_sparsity:.1%}, target {last.target_sparsity:.0%}; "
             f"pruned at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))})"
         )
-    elif nirvana:
-        lines.append("params            not pruned: no prune event was reached (check prune_at / max_steps)")
-    if ppl_cb is not None and ppl_cb.results.get("final") is not None:
-        res = ppl_cb.results
-        pruned = res["after_prune"][-1]["ppl"] if res["after_prune"] else None
-        ppl = {"dense": res["dense"], "just_pruned": pruned, "recovered": res["final"]}
-        summary["perplexity"] = ppl
-        summary["perplexity_after_each_prune"] = res["after_prune"]
-        if len(res["after_prune"]) > 1:  # iterative: one number after each event
-            after = ", ".join(f"{e['step']}: {e['ppl']:.3f}" for e in res["after_prune"])
-            parts = [f"dense {res['dense']:.3f}"] if res["dense"] is not None else []
-            parts += [f"after the prunes at steps {after}", f"recovered {res['final']:.3f}"]
-        else:
-            parts = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in ppl.items() if v is not None]
-        batches = ppl_cb._held_out(trainer)
-        n = sum(int(b["input_ids"].shape[0]) for b in batches)
-        t = int(batches[0]["input_ids"].shape[1]) if batches else 0
-        lines.append(f"held-out ppl      {' | '.join(parts)}   ({n} windows of {t} tokens)")
-    if saver is not None and saver.saved_to is not None:
-        summary["pruned_model"] = str(saver.saved_to)
-        check = (f"; reload check max |logit diff| {saver.reload_max_abs_diff:.1e}"
-                 if saver.reload_max_abs_diff is not None else "")
-        lines.append(f"pruned model      {saver.saved_to}  (load: nirvana_pl.load_pruned(path){check})")
-    if report_path is not None:
-        summary["report_json"] = str(report_path)
-        summary["report_markdown"] = str(out_dir / MARKDOWN_NAME)
-        lines.append(f"prune report      {report_path}")
-        lines.append(f"                  {out_dir / MARKDOWN_NAME}")
-        if (out_dir / PLOT_NAME).is_file():
-            summary["allocation_plot"] = str(out_dir / PLOT_NAME)
-            lines.append(f"allocation plot   {out_dir / PLOT_NAME}")
+    pending = [e for cb in nirvana for e in cb.pending_events]
+    if pending:
+        summary["events_not_reached"] = [{"step": e.step, "target_sparsity": e.sparsity} for e in pending]
+        what = "NOT PRUNED, the model is dense" if not events else "pruned less than scheduled"
+        lines.append(f"params            {what}: the fit ended at step {trainer.global_step}, before the prune at "
+                     f"step{'s' if len(pending) > 1 else ''} {', '.join(str(e.step) for e in pending)} "
+                     "(lower prune_at or raise max_steps / max_epochs)")
+
+
+def _summarize_perplexity(trainer: Any, ppl_cb: Any, lines: list[str], summary: dict[str, Any]) -> None:
+    """Held-out perplexity of HeldOutPerplexity: dense, after each prune, recovered."""
+    res = ppl_cb.results
+    pruned = res["after_prune"][-1]["ppl"] if res["after_prune"] else None
+    ppl = {"dense": res["dense"], "just_pruned": pruned, "recovered": res["final"]}
+    summary["perplexity"] = ppl
+    summary["perplexity_after_each_prune"] = res["after_prune"]
+    if len(res["after_prune"]) > 1:  # iterative: one number after each event
+        after = ", ".join(f"{e['step']}: {e['ppl']:.3f}" for e in res["after_prune"])
+        parts = [f"dense {res['dense']:.3f}"] if res["dense"] is not None else []
+        parts += [f"after the prunes at steps {after}", f"recovered {res['final']:.3f}"]
+    else:
+        parts = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in ppl.items() if v is not None]
+    batches = ppl_cb._held_out(trainer)
+    n = sum(int(b["input_ids"].shape[0]) for b in batches)
+    t = int(batches[0]["input_ids"].shape[1]) if batches else 0
+    lines.append(f"held-out ppl      {' | '.join(parts)}   ({n} windows of {t} tokens)")
+
+
+def _summarize_saved_model(saver: Any, lines: list[str], summary: dict[str, Any]) -> None:
+    summary["pruned_model"] = str(saver.saved_to)
+    check = (f"; reload check max |logit diff| {saver.reload_max_abs_diff:.1e}"
+             if saver.reload_max_abs_diff is not None else "")
+    lines.append(f"pruned model      {saver.saved_to}  (load: nirvana_pl.load_pruned(path){check})")
+
+
+def _summarize_report(report_path: Path, out_dir: Path, lines: list[str], summary: dict[str, Any]) -> None:
+    from .plots import PLOT_NAME
+    from .report import MARKDOWN_NAME
+
+    summary["report_json"] = str(report_path)
+    summary["report_markdown"] = str(out_dir / MARKDOWN_NAME)
+    lines.append(f"prune report      {report_path}")
+    lines.append(f"                  {out_dir / MARKDOWN_NAME}")
+    if (out_dir / PLOT_NAME).is_file():
+        summary["allocation_plot"] = str(out_dir / PLOT_NAME)
+        lines.append(f"allocation plot   {out_dir / PLOT_NAME}")
+
+
+def _summarize_logs(trainer: Any, log_dir: Path, lines: list[str], summary: dict[str, Any]) -> None:
+    """Where the logger's metrics, the checkpoints and the saved config are."""
     logger = trainer.logger
     if logger is not None:
         metrics_dir = Path(getattr(logger, "log_dir", None) or log_dir)
         metrics = metrics_dir / "metrics.csv" if (metrics_dir / "metrics.csv").is_file() else metrics_dir
         summary["metrics"] = str(metrics)
         lines.append(f"metrics           {metrics}  ({type(logger).__name__})")
+    checkpoint = getattr(trainer, "checkpoint_callback", None)
+    if checkpoint is not None and checkpoint.dirpath and Path(checkpoint.dirpath).is_dir():
+        summary["checkpoints"] = str(checkpoint.dirpath)
+        last = f"  (resume: --ckpt_path {checkpoint.last_model_path})" if checkpoint.last_model_path else ""
+        lines.append(f"checkpoints       {checkpoint.dirpath}{last}")
     if (log_dir / "config.yaml").is_file():
         summary["config"] = str(log_dir / "config.yaml")
         lines.append(f"config            {log_dir / 'config.yaml'}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = out_dir / "run_summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
-    lines.append(f"run summary       {summary_path}")
-    if report_path is not None:
-        results = {"perplexity": summary.get("perplexity"),
-                   "perplexity_after_each_prune": summary.get("perplexity_after_each_prune"),
-                   "pruned_model": summary.get("pruned_model"),
-                   "metrics": summary.get("metrics"), "run_summary": str(summary_path)}
-        write_markdown(out_dir, results=results)
-    return "\n".join(lines)
 
 
 def _duration(seconds: float) -> str:
@@ -290,9 +339,56 @@ def _duration(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------- prune / eval
+PRUNED_MODEL_FOLDER = "pruned_model"
+
+
+def _prune_report_files() -> tuple[str, ...]:
+    """The files `prune` writes into OUT next to the pruned model folder."""
+    from .plots import PLOT_NAME
+    from .report import MARKDOWN_NAME, REPORT_NAME
+
+    return ("plan.json", REPORT_NAME, MARKDOWN_NAME, PLOT_NAME, "run_summary.json")
+
+
+def _check_prune_out(out: str, model: str, tokenizer: str | None, overwrite: bool) -> None:
+    """Before any work: OUT is never an input's folder, inside one or around one; a non-empty OUT needs overwrite."""
+    import os
+
+    from .export import check_save_target
+
+    out_dir, target = Path(out), Path(os.path.realpath(out))
+    for option, value in (("model", model), ("tokenizer", tokenizer)):
+        if value is None or not Path(value).exists():
+            continue  # a hub id, embedded:..., bytes
+        source = Path(os.path.realpath(value))
+        if target == source or target in source.parents or source in target.parents:
+            raise ConfigError(
+                f"out={out!r} overlaps the input {option}={value!r}: the run would write over what it reads, so this "
+                "is refused even with --overwrite. Pass an --out folder that neither is, holds nor lies inside "
+                f"{value!r}."
+            )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out={out!r} is a file; pass a folder path for --out.")
+    names = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if names and not overwrite:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(
+            f"out={out!r} is not empty ({shown}); pass --overwrite true to replace an earlier result there, or choose "
+            "another --out folder."
+        )
+    try:
+        check_save_target(out_dir / PRUNED_MODEL_FOLDER)
+    except OSError as err:
+        raise ConfigError(
+            f"out={out!r}: {err} (--overwrite replaces an earlier prune result only: move that folder away or choose "
+            "another --out folder.)"
+        ) from err
+
+
 def prune_command(
     model: str,
     out: str = "runs/prune",
+    overwrite: bool = False,
     sparsity: float = 0.3,
     saliency: Literal["functional", "taylor_loss", "wanda_sp", "magnitude", "random"] = "functional",
     gamma: float = 2.0,
@@ -312,7 +408,10 @@ def prune_command(
 
     Args:
         model: a model folder, a hub id, or embedded:smollm2.
-        out: output folder: the pruned model goes to OUT/pruned_model, the reports next to it.
+        out: output folder: the pruned model goes to OUT/pruned_model, the reports next to it. It must be new or
+            empty (see overwrite) and may not be, hold or lie inside the input model's (or tokenizer's) folder.
+        overwrite: replace an earlier result in a non-empty OUT: its pruned_model folder is replaced whole and
+            the report files are rewritten; other files in OUT are left alone.
         sparsity: fraction of the attention+MLP parameters to remove.
         saliency: how units are scored (the Adam-state estimators need a training run: use `fit`).
         gamma: MLP fraction removed over KV-group fraction removed.
@@ -337,6 +436,7 @@ def prune_command(
     from .units import prunable_parameter_count
 
     start = time.perf_counter()
+    _check_prune_out(out, model, tokenizer, overwrite)  # fail fast, before loading anything
     tok = load_tokenizer(tokenizer or model)
     net = load_model(model, dtype=dtype).eval()
     data.tokenizer = tok
@@ -344,9 +444,13 @@ def prune_command(
     data.setup("fit")
     train = data.splits["train"]
     if calibration_windows > train.shape[0]:
-        raise ConfigError(f"calibration_windows={calibration_windows} but the data has {train.shape[0]} training windows.")
+        raise ConfigError(
+            f"calibration_windows={calibration_windows} but the data has {train.shape[0]} training windows."
+        )
     windows = train[:calibration_windows]
-    calibration = [windows[i : i + calibration_batch_size] for i in range(0, calibration_windows, calibration_batch_size)]
+    calibration = [
+        windows[i : i + calibration_batch_size] for i in range(0, calibration_windows, calibration_batch_size)
+    ]
     held_out = data.held_out_batches("val") if evaluate and data.val_windows else []
     ppl_dense = perplexity(net, held_out, progress=True, desc="perplexity (dense)") if held_out else None
 
@@ -363,7 +467,11 @@ def prune_command(
     ppl_pruned = perplexity(net, held_out, progress=True, desc="perplexity (pruned)") if held_out else None
 
     out_dir = Path(out)
-    model_dir = save_pruned(net, out_dir / "pruned_model", tokenizer=tok if hasattr(tok, "save_pretrained") else None)
+    model_dir = save_pruned(
+        net, out_dir / PRUNED_MODEL_FOLDER, tokenizer=tok if hasattr(tok, "save_pretrained") else None
+    )
+    for name in _prune_report_files():  # an earlier run's: this run may not write each one (the plot)
+        (out_dir / name).unlink(missing_ok=True)
     plan.save(out_dir / "plan.json")
     report = write_report(out_dir, [record], reference)
     result = {
@@ -381,7 +489,10 @@ def prune_command(
                  f"{record.realised_sparsity:.1%}, target {sparsity:.0%}, {saliency}, gamma {gamma:g})")
     if held_out:
         n = sum(int(b["input_ids"].shape[0]) for b in held_out)
-        lines.append(f"held-out ppl      dense {ppl_dense:.3f} | pruned {ppl_pruned:.3f}   ({n} windows of {data.seq_len} tokens)")
+        lines.append(
+            f"held-out ppl      dense {ppl_dense:.3f} | pruned {ppl_pruned:.3f}   "
+            f"({n} windows of {data.seq_len} tokens)"
+        )
     lines.append(f"pruned model      {model_dir}")
     lines.append(f"prune report      {report}")
     from .plots import PLOT_NAME
@@ -414,11 +525,17 @@ def eval_command(
         json_out: also write the result to this JSON file.
         data: the text (see TextDataModule).
     """
-    from .modules import load_model, load_tokenizer, perplexity
+    from .modules import EMBEDDED_MODELS, check_model_folder, load_model, load_tokenizer, local_model_path, perplexity
 
     start = time.perf_counter()
+    # A wrong path or a folder without its weights is the model's fault: say so before the tokenizer (loaded
+    # first, it would be blamed) and before a long model load.
+    local = local_model_path(model, "model") if model not in EMBEDDED_MODELS else None
+    if local is not None and (Path(local) / "config.json").is_file():
+        check_model_folder(Path(local), "model")
     tok = load_tokenizer(tokenizer or model)
-    net = load_model(model, dtype=dtype, seq2seq=_is_seq2seq(model)).eval()
+    net = load_model(model, dtype=dtype, seq2seq=_is_seq2seq(model), what="model").eval()
+    data.purpose = "evaluation"  # (TextDataModule's error messages name what the text is for)
     seq2seq = bool(getattr(net.config, "is_encoder_decoder", False))
     if seq2seq:
         data.format = "seq2seq"
@@ -434,7 +551,9 @@ def eval_command(
     if max_windows is not None:
         windows = windows[:max_windows]
     if windows.shape[0] == 0:
-        raise ConfigError(f"split={split!r} has no windows with these data options (val_windows / test_windows are 0?).")
+        raise ConfigError(
+            f"split={split!r} has no windows with these data options (val_windows / test_windows are 0?)."
+        )
     from .datamodule import WindowDataset
     from torch.utils.data import DataLoader
 

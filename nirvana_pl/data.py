@@ -46,6 +46,7 @@ def token_windows(
     seed: int = 0,
     text_column: str = "text",
     max_positions: int | None = None,
+    purpose: str = "calibration",
 ) -> torch.Tensor:
     """Non-overlapping windows of ``seq_len`` tokens from ``source``, as ``LongTensor[N, seq_len]``.
 
@@ -56,7 +57,8 @@ def token_windows(
     order); without it, all windows. The same source, tokenizer and seed give the same tensor.
 
     ``max_positions`` (the model's ``config.max_position_embeddings``) makes a too-long
-    ``seq_len`` fail here rather than inside the model.
+    ``seq_len`` fail here rather than inside the model. ``purpose`` names what the data is for in
+    error messages (``"calibration"``, ``"training"``, ...).
     """
     if not (isinstance(seq_len, int) and seq_len >= 1):
         raise ValueError(f"seq_len={seq_len!r} must be a positive integer (tokens per window, e.g. 128).")
@@ -68,24 +70,29 @@ def token_windows(
     if num_windows is not None and not (isinstance(num_windows, int) and num_windows >= 1):
         raise ValueError(f"num_windows={num_windows!r} must be a positive integer or None (all windows).")
 
-    docs = _documents(source, text_column)
-    token_docs = _tokenize(docs, tokenizer)
+    docs = _documents(source, text_column, purpose)
+    token_docs = _tokenize(docs, tokenizer, purpose)
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     stream = _concatenate(token_docs, eos)
     if stream.numel() == 0:
+        files = _source_files(source)
+        if files and all(f.is_file() and f.stat().st_size == 0 for f in files):
+            raise ValueError(
+                f"the {purpose} data ({_describe(source)}) is empty (0 bytes); give a file with text in it."
+            )
         raise ValueError(
-            f"the calibration source ({_describe(source)}) yielded no tokens; give it non-empty text or token ids."
+            f"the {purpose} data ({_describe(source)}) yielded no tokens; give it non-empty text or token ids."
         )
 
     available = stream.numel() // seq_len
     if available == 0:
         raise ValueError(
-            f"the calibration source ({_describe(source)}) has {stream.numel()} tokens, fewer than one window of "
+            f"the {purpose} data ({_describe(source)}) has {stream.numel()} tokens, fewer than one window of "
             f"seq_len={seq_len}; give more text or lower seq_len to <= {stream.numel()}."
         )
     if num_windows is not None and num_windows > available:
         raise ValueError(
-            f"num_windows={num_windows} but the calibration source ({_describe(source)}) has {stream.numel()} "
+            f"num_windows={num_windows} but the {purpose} data ({_describe(source)}) has {stream.numel()} "
             f"tokens = {available} windows of seq_len={seq_len}; give more text, lower num_windows to "
             f"<= {available} or lower seq_len."
         )
@@ -111,58 +118,60 @@ def as_batches(windows: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]
 # ---------------------------------------------------------------------------------------
 # sources -> documents
 # ---------------------------------------------------------------------------------------
-def _documents(source: Source, text_column: str) -> list[Document]:
+def _documents(source: Source, text_column: str, purpose: str = "calibration") -> list[Document]:
     """Every document of ``source`` in order: raw strings or 1-D token tensors."""
     if source is None:
-        raise ValueError("the calibration source is None; pass a dataset, file path(s), DataLoader, tensors or text.")
+        raise ValueError(f"the {purpose} source is None; pass a dataset, file path(s), DataLoader, tensors or text.")
     kind = type(source).__module__.split(".")[0] + "." + type(source).__name__
     if kind == "datasets.DatasetDict" or kind == "datasets.IterableDatasetDict":
         raise ValueError(
-            f"the calibration source is a {type(source).__name__} with splits {sorted(source.keys())}; pick one, "
+            f"the {purpose} source is a {type(source).__name__} with splits {sorted(source.keys())}; pick one, "
             f"e.g. source[{sorted(source.keys())[0]!r}]."
         )
     if kind == "datasets.Dataset":
-        return _dataset_documents(source, text_column)
+        return _dataset_documents(source, text_column, purpose)
     if isinstance(source, Path):
-        return _file_documents(source, text_column)
+        return _file_documents(source, text_column, purpose)
     if isinstance(source, str):
-        return _file_documents(Path(source), text_column) if _is_path_like(source) else [source]
+        return _file_documents(Path(source), text_column, purpose) if _is_path_like(source, purpose) else [source]
     if isinstance(source, torch.Tensor):
-        return _tensor_documents(source, None, "source")
+        return _tensor_documents(source, None, "source", purpose)
     if isinstance(source, Mapping):
-        return _row_documents(source, text_column, "source")
+        return _row_documents(source, text_column, "source", purpose)
     if isinstance(source, Iterable):
         docs: list[Document] = []
         for i, item in enumerate(source):
-            docs.extend(_item_documents(item, text_column, f"item {i}"))
+            docs.extend(_item_documents(item, text_column, f"item {i}", purpose))
         return docs
     raise ValueError(
-        f"cannot read calibration data from a {type(source).__name__}; pass a datasets.Dataset, file path(s), "
+        f"cannot read {purpose} data from a {type(source).__name__}; pass a datasets.Dataset, file path(s), "
         "a DataLoader of token ids, a list of LongTensors, or text."
     )
 
 
-def _item_documents(item: Any, text_column: str, where: str) -> list[Document]:
+def _item_documents(item: Any, text_column: str, where: str, purpose: str = "calibration") -> list[Document]:
     """One element of a list / DataLoader / iterable dataset."""
     if isinstance(item, Path):
-        return _file_documents(item, text_column)
+        return _file_documents(item, text_column, purpose)
     if isinstance(item, str):
-        return _file_documents(Path(item), text_column) if _is_path_like(item) else [item]
+        return _file_documents(Path(item), text_column, purpose) if _is_path_like(item, purpose) else [item]
     if isinstance(item, torch.Tensor):
-        return _tensor_documents(item, None, where)
+        return _tensor_documents(item, None, where, purpose)
     if isinstance(item, Mapping):
-        return _row_documents(item, text_column, where)
+        return _row_documents(item, text_column, where, purpose)
     if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor):
-        return _tensor_documents(item[0], None, where)  # (input_ids, labels, ...) batches
+        return _tensor_documents(item[0], None, where, purpose)  # (input_ids, labels, ...) batches
     if isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
         return [torch.tensor(item, dtype=torch.long)] if item else []
     raise ValueError(
-        f"calibration {where} is a {type(item).__name__}; expected token ids (a tensor, a dict with 'input_ids', "
+        f"{purpose} {where} is a {type(item).__name__}; expected token ids (a tensor, a dict with 'input_ids', "
         f"a list of ints), text (a str or a dict with {text_column!r}) or a file path."
     )
 
 
-def _row_documents(row: Mapping[str, Any], text_column: str, where: str) -> list[Document]:
+def _row_documents(
+    row: Mapping[str, Any], text_column: str, where: str, purpose: str = "calibration"
+) -> list[Document]:
     """A dataset row or a DataLoader dict batch: text in ``text_column`` or token ids in ``input_ids``."""
     if text_column in row and row[text_column] is not None:
         value = row[text_column]
@@ -172,7 +181,7 @@ def _row_documents(row: Mapping[str, Any], text_column: str, where: str) -> list
             return list(value)  # a collated batch of texts
         if text_column != "input_ids":
             raise ValueError(
-                f"calibration {where}: column {text_column!r} holds {type(value).__name__}, not text; name the text "
+                f"{purpose} {where}: column {text_column!r} holds {type(value).__name__}, not text; name the text "
                 "column with text_column=... or give token ids in 'input_ids'."
             )
     if "input_ids" in row:
@@ -180,71 +189,56 @@ def _row_documents(row: Mapping[str, Any], text_column: str, where: str) -> list
         if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], int):
             # A batch of rows of possibly different lengths (no padding collator): row by row.
             masks = mask if mask is not None else [None] * len(ids)
-            return [d for r, m in zip(ids, masks) for d in _tensor_documents(_as_long(r, where), m, where)]
-        return _tensor_documents(_as_long(ids, where), mask, where)
+            return [
+                d for r, m in zip(ids, masks) for d in _tensor_documents(_as_long(r, where, purpose), m, where, purpose)
+            ]
+        return _tensor_documents(_as_long(ids, where, purpose), mask, where, purpose)
     raise ValueError(
-        f"calibration {where} has no column {text_column!r} and no 'input_ids'; available columns: "
+        f"{purpose} {where} has no column {text_column!r} and no 'input_ids'; available columns: "
         f"{sorted(row.keys())}. Pass text_column=<one of them>."
     )
 
 
-def _tensor_documents(ids: torch.Tensor, mask: Any, where: str) -> list[Document]:
+def _tensor_documents(ids: torch.Tensor, mask: Any, where: str, purpose: str = "calibration") -> list[Document]:
     """Rows of a 1-D/2-D token tensor as documents, padding (``mask == 0``) dropped."""
     if ids.dim() not in (1, 2) or (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
         raise ValueError(
-            f"calibration {where}: token ids must be an integer tensor of shape [T] or [B, T]; got shape "
+            f"{purpose} {where}: token ids must be an integer tensor of shape [T] or [B, T]; got shape "
             f"{tuple(ids.shape)} and dtype {ids.dtype}."
         )
     if ids.numel() == 0:
         return []
     rows = ids.reshape(-1, ids.shape[-1]).to("cpu", torch.long)
     if mask is not None:
-        mask = _as_long(mask, where).reshape(rows.shape).to("cpu").bool()
+        mask = _as_long(mask, where, purpose).reshape(rows.shape).to("cpu").bool()
         return [r[m] for r, m in zip(rows, mask)]
     return list(rows)
 
 
-def _as_long(value: Any, where: str) -> torch.Tensor:
+def _as_long(value: Any, where: str, purpose: str = "calibration") -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     try:
         return torch.as_tensor(value, dtype=torch.long)
     except (TypeError, ValueError) as exc:
         raise ValueError(
-            f"calibration {where}: input_ids of ragged lengths or non-integers cannot be read in one piece "
+            f"{purpose} {where}: input_ids of ragged lengths or non-integers cannot be read in one piece "
             f"({exc}); give one document per row or a list of 1-D tensors."
         ) from exc
 
 
-def _dataset_documents(ds: Any, text_column: str) -> list[Document]:
+def _dataset_documents(ds: Any, text_column: str, purpose: str = "calibration") -> list[Document]:
     columns = list(ds.column_names)
-    if text_column in columns:
-        column = text_column
-    elif "input_ids" in columns:
-        column = "input_ids"
-    else:
-        raise ValueError(
-            f"the dataset has no column {text_column!r} (and no 'input_ids'); available columns: {columns}. "
-            "Pass text_column=<one of them>."
-        )
+    column = _dataset_column(columns, text_column)
     if len(ds) == 0:
-        raise ValueError(f"the dataset is empty (0 rows); column {column!r} holds no calibration data.")
+        raise ValueError(f"the dataset is empty (0 rows); column {column!r} holds no {purpose} data.")
     docs: list[Document] = []
     for start in range(0, len(ds), _TOKENIZE_BATCH):
         # Column access of a slice stays in Arrow until here: cheap on large datasets.
         for value in ds[start : start + _TOKENIZE_BATCH][column]:
-            if isinstance(value, str):
-                docs.append(value)
-            elif value is None:
-                continue
-            elif isinstance(value, (list, tuple)) and all(isinstance(t, int) for t in value):
-                if value:
-                    docs.append(torch.tensor(value, dtype=torch.long))
-            else:
-                raise ValueError(
-                    f"dataset column {column!r} holds {type(value).__name__} values, neither text nor lists of "
-                    "token ids; pass text_column=<the text column>."
-                )
+            doc = _cell_document(value, column)
+            if doc is not None:
+                docs.append(doc)
     if not any(len(d) for d in docs):
         raise ValueError(
             f"dataset column {column!r} is empty (all {len(ds)} rows are empty); choose another column with "
@@ -253,7 +247,33 @@ def _dataset_documents(ds: Any, text_column: str) -> list[Document]:
     return docs
 
 
-def _is_path_like(text: str) -> bool:
+def _dataset_column(columns: list[str], text_column: str) -> str:
+    """The column to read: ``text_column``, else token ids in ``input_ids``."""
+    if text_column in columns:
+        return text_column
+    if "input_ids" in columns:
+        return "input_ids"
+    raise ValueError(
+        f"the dataset has no column {text_column!r} (and no 'input_ids'); available columns: {columns}. "
+        "Pass text_column=<one of them>."
+    )
+
+
+def _cell_document(value: Any, column: str) -> Document | None:
+    """One dataset cell as a document (text as is, token ids as a tensor); None for a missing or empty cell."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and all(isinstance(t, int) for t in value):
+        return torch.tensor(value, dtype=torch.long) if value else None
+    raise ValueError(
+        f"dataset column {column!r} holds {type(value).__name__} values, neither text nor lists of "
+        "token ids; pass text_column=<the text column>."
+    )
+
+
+def _is_path_like(text: str, purpose: str = "calibration") -> bool:
     """Whether a ``str`` names a file rather than being text itself."""
     if "\n" in text or len(text) > 4096:
         return False
@@ -262,33 +282,58 @@ def _is_path_like(text: str) -> bool:
     if text.strip() == text and " " not in text and text.lower().endswith(_PATH_SUFFIXES):
         # Looks like a file name but is not there: better an error than calibrating on the name.
         raise FileNotFoundError(
-            f"calibration file {text!r} does not exist; check the path (or pass the text itself inside a list)."
+            f"{purpose} file {text!r} does not exist; check the path (or pass the text itself inside a list)."
         )
     return False
 
 
-def _file_documents(path: Path, text_column: str) -> list[Document]:
+def _file_documents(path: Path, text_column: str, purpose: str = "calibration") -> list[Document]:
     if not path.is_file():
-        raise FileNotFoundError(f"calibration file {str(path)!r} does not exist; check the path.")
-    if path.suffix.lower() == ".jsonl":
-        docs: list[Document] = []
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    docs.extend(_row_documents(json.loads(line), text_column, f"{path.name} line {n}"))
-        return docs
-    return [path.read_text(encoding="utf-8")]
+        raise FileNotFoundError(f"{purpose} file {str(path)!r} does not exist; check the path.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{purpose} file {str(path)!r} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+            f"{err.start} cannot be decoded); give a text file (.txt, .md, .jsonl) saved as UTF-8, e.g. convert it "
+            "with `iconv -t UTF-8`, or leave binary files out of the source."
+        ) from None
+    if "\x00" in text:
+        raise ValueError(
+            f"{purpose} file {str(path)!r} holds NUL bytes: it is a binary file, not text; give a text file "
+            "(.txt, .md, .jsonl) or leave it out of the source."
+        )
+    if path.suffix.lower() != ".jsonl":
+        return [text]
+    docs: list[Document] = []
+    for n, line in enumerate(text.split("\n"), 1):  # (not splitlines: JSON strings may hold U+2028)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{purpose} file {str(path)!r} line {n} is not JSON ({err.msg}); a .jsonl file holds one JSON object "
+                f"per line, e.g. {{\"{text_column}\": \"...\"}} (or rename a plain text file to .txt)."
+            ) from None
+        if not isinstance(row, Mapping):
+            raise ValueError(
+                f"{purpose} file {str(path)!r} line {n} is a JSON {type(row).__name__}, not an object; each line of a "
+                f".jsonl file is one object such as {{\"{text_column}\": \"...\"}}."
+            )
+        docs.extend(_row_documents(row, text_column, f"{path.name} line {n}", purpose))
+    return docs
 
 
 # ---------------------------------------------------------------------------------------
 # documents -> one token stream
 # ---------------------------------------------------------------------------------------
-def _tokenize(docs: list[Document], tokenizer: Any | None) -> list[torch.Tensor]:
+def _tokenize(docs: list[Document], tokenizer: Any | None, purpose: str = "calibration") -> list[torch.Tensor]:
     """Token ids of every document, in order; texts are tokenised in batches."""
     texts = [i for i, d in enumerate(docs) if isinstance(d, str)]
     if texts and tokenizer is None:
         raise ValueError(
-            "the calibration source holds text but tokenizer=None; pass the model's tokenizer, e.g. "
+            f"the {purpose} source holds text but tokenizer=None; pass the model's tokenizer, e.g. "
             "tokenizer=AutoTokenizer.from_pretrained(<model>), or give token ids instead."
         )
     out: list[torch.Tensor | None] = [d if isinstance(d, torch.Tensor) else None for d in docs]
@@ -322,9 +367,26 @@ def _concatenate(docs: list[torch.Tensor], eos: int | None) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
+def _source_files(source: Any) -> list[Path]:
+    """The files ``source`` names, when it is a path or a list of paths only (else [])."""
+    items = source if isinstance(source, (list, tuple)) else [source]
+    files = []
+    for item in items:
+        names_a_file = isinstance(item, str) and "\n" not in item and len(item) <= 4096 and os.path.isfile(item)
+        if isinstance(item, Path) or names_a_file:
+            files.append(Path(item))
+        else:
+            return []
+    return files
+
+
 def _describe(source: Any) -> str:
     if isinstance(source, torch.Tensor):
         return f"tensor of shape {tuple(source.shape)}"
+    files = _source_files(source)
+    if files:  # the whole path: a truncated one may hide the file's name
+        names = ", ".join(repr(str(f)) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        return f"file{'s' if len(files) > 1 else ''} {names}"
     if isinstance(source, (str, Path)):
         text = str(source)
         return repr(text[:40] + "..." if len(text) > 40 else text)

@@ -20,11 +20,11 @@ The tokenizer is ``tokenizer`` when given, else the LightningModule's ``tokenize
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 #: Embedded corpora: name -> description. All ship with an installed package, nothing is downloaded.
 EMBEDDED_CORPORA = {"embedded:pydoc": "Python's documentation topics (pydoc_data, ~460 kB of English)"}
@@ -80,7 +80,8 @@ def load_source(source: str | Sequence[str], text_column: str = "text", dataset_
     check_source(source)
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES + tuple(_DATASETS_BUILDERS))
+        suffixes = _TEXT_SUFFIXES + tuple(_DATASETS_BUILDERS)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
         if not files:
             raise ValueError(f"source={source!r} is a folder without .txt/.md/.jsonl/.json/.csv/.parquet files.")
         return _load_files(files, text_column)
@@ -123,7 +124,9 @@ def _load_files(paths: list[Path], text_column: str) -> Any:
     if not builders:
         return list(paths)  # .txt whole files and .jsonl rows: read directly by token_windows
     if len(builders) > 1 or by_suffix - set(_DATASETS_BUILDERS):
-        raise ValueError(f"source: cannot mix file types {sorted(by_suffix)} in one source; convert them to one format.")
+        raise ValueError(
+            f"source: cannot mix file types {sorted(by_suffix)} in one source; convert them to one format."
+        )
     import datasets
 
     return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in paths], split="train")
@@ -161,6 +164,80 @@ class WindowDataset(Dataset):
         return {"input_ids": row}
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A seeded permutation of ``range(num_samples)`` per epoch: epoch ``e`` is ``randperm`` seeded with ``seed + e``.
+
+    Each epoch's order follows from ``(seed, epoch)`` alone, not from a generator carried from epoch to
+    epoch, so a fit resumed in a fresh process draws the same order as the uninterrupted one (Lightning
+    calls :meth:`set_epoch` at the start of every epoch, as for ``DistributedSampler``).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        if not (isinstance(num_samples, int) and num_samples >= 0):
+            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 0.")
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the epoch is saved in Lightning checkpoints.
+
+    Lightning stores the train loader's :meth:`state_dict` in every checkpoint and, when a fit restarts
+    mid-epoch, calls :meth:`load_state_dict` before iterating. The state is the sampler's epoch and the
+    number of batches this loader has handed out in it; the first iteration after loading drops that many
+    batches when it iterates the same epoch (a state saved in an earlier epoch, e.g. at its end, is
+    ignored). The order of an epoch must be reproducible from the epoch number (:class:`EpochShuffleSampler`,
+    or the ``DistributedSampler`` Lightning puts around it under DDP). The dropped batches are loaded and
+    discarded, which works for any sampler and any ``num_workers`` and costs little for in-memory windows.
+
+    The count is of batches handed to the training loop, which trains each batch before asking for the
+    next one: Lightning does not prefetch from a loader with a length, and worker read-ahead happens below
+    this count.
+    """
+
+    _resume: dict[str, Any] | None = None  # a loaded state, applied by the next iteration
+    _epoch: int | None = None  # the epoch of the iteration in progress
+    _served: int = 0  # batches handed out by the iteration in progress
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: nothing runs (no permutation drawn, no worker started) until the first batch is asked
+        # for, which Lightning does after `set_epoch`, so a resumed fit iterates the resumed epoch's order
+        # even with worker processes, whose read-ahead starts as soon as the inner iterator exists.
+        epoch = getattr(self.sampler, "epoch", None)
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self._epoch, self._served = epoch, 0
+        for batch in super().__iter__():
+            self._served += 1
+            if self._served > skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._resume is not None:  # loaded but not iterated yet: still the position to resume from
+            return dict(self._resume)
+        epoch = self._epoch if self._epoch is not None else getattr(self.sampler, "epoch", None)
+        return {"epoch": epoch, "batches": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        batches = state_dict.get("batches") if isinstance(state_dict, dict) else None
+        if not (isinstance(batches, int) and batches >= 0) or "epoch" not in state_dict:
+            raise ValueError(
+                f"ResumableDataLoader.load_state_dict: state_dict={state_dict!r} is not a state of this loader "
+                "(expected {'epoch': int | None, 'batches': int >= 0}); was the checkpoint written with another "
+                "train dataloader?"
+            )
+        self._resume = {"epoch": state_dict["epoch"], "batches": batches}
+
+
 class TextDataModule(pl.LightningDataModule):
     """Token windows of text for training and held-out evaluation of a language model.
 
@@ -177,7 +254,8 @@ class TextDataModule(pl.LightningDataModule):
         dataset_name: the configuration name of a hub dataset (e.g. ``wikitext-2-raw-v1``).
         split: the split of a hub dataset to read.
         format: ``causal`` (``input_ids``) or ``seq2seq`` (first half of each window -> second half).
-        seed: seed of the train/held-out split and of the training order.
+        seed: seed of the train/held-out split and of the training order (epoch ``e`` is shuffled with
+            ``seed + e``; the position in the epoch is saved in checkpoints, so a resumed fit is exact).
         num_workers: DataLoader workers.
     """
 
@@ -199,8 +277,9 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("val_windows", val_windows, 0),
-                                 ("test_windows", test_windows, 0), ("num_workers", num_workers, 0)):
+        for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
+                                 ("val_windows", val_windows, 0), ("test_windows", test_windows, 0),
+                                 ("num_workers", num_workers, 0)):
             if not (isinstance(value, int) and value >= low):
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
         if eval_batch_size is not None and not (isinstance(eval_batch_size, int) and eval_batch_size >= 1):
@@ -219,6 +298,8 @@ class TextDataModule(pl.LightningDataModule):
         self.text_column, self.dataset_name, self.split = text_column, dataset_name, split
         self.format, self.seed, self.num_workers = format, seed, num_workers
         self.splits: dict[str, torch.Tensor] | None = None
+        #: what the text is for, in error messages (``nirvana-pl eval`` sets "evaluation")
+        self.purpose = "training"
 
     # ---------------------------------------------------------------- set-up
     def _resolve_tokenizer(self) -> Any:
@@ -250,7 +331,8 @@ class TextDataModule(pl.LightningDataModule):
         if config is not None and not getattr(config, "is_encoder_decoder", False):
             max_positions = getattr(config, "max_position_embeddings", None)
         data = load_source(self.source, self.text_column, self.dataset_name, self.split)
-        windows = token_windows(data, tokenizer, self.seq_len, text_column=self.text_column, max_positions=max_positions)
+        windows = token_windows(data, tokenizer, self.seq_len, text_column=self.text_column,
+                                max_positions=max_positions, purpose=self.purpose)
         vocab = getattr(config, "vocab_size", None)
         if vocab is not None and int(windows.max()) >= vocab:
             raise ValueError(
@@ -279,11 +361,14 @@ class TextDataModule(pl.LightningDataModule):
         if self.splits is None:
             self.setup()
         assert self.splits is not None
-        windows = self.splits[name]
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            WindowDataset(windows, self.format), batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-            generator=gen, num_workers=self.num_workers,
+        dataset = WindowDataset(self.splits[name], self.format)
+        if not shuffle:  # held-out splits: a fixed order, nothing to resume
+            return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers)
+        # Training: a permutation per epoch from (seed, epoch) and the position in the epoch in the checkpoint,
+        # so that a fit resumed from any checkpoint, mid-epoch included, trains on the same batches.
+        return ResumableDataLoader(
+            dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), self.seed), drop_last=True,
+            num_workers=self.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -369,6 +454,8 @@ class TextCalibrationSelector(_selector_base()):  # type: ignore[misc]
 __all__ = [
     "ByteTokenizer",
     "EMBEDDED_CORPORA",
+    "EpochShuffleSampler",
+    "ResumableDataLoader",
     "TextCalibrationSelector",
     "TextDataModule",
     "WindowDataset",

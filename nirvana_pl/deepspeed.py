@@ -292,19 +292,57 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
         kept = {i: len(layer.kept_mlp_channels) for i, layer in enumerate(plan.layers) if layer.mlp_channels_before}
         check_no_empty_mlp(kept, "the pruning plan")
     pl_module = strategy.lightning_module
-    engine = strategy.model
     ds_optimizer = strategy.optimizers[0]
-    rank, world = _rank_world()
     slices = {id(p): (axis, idx) for p, axis, idx in planned_slices(model, plan)}  # validates the plan
     index = _group_index(ds_optimizer)
+    steps = _common_step_counts(ds_optimizer)
+    has_state = all(s is not None for s in steps)
+
+    # 1. the kept slices of every trainable parameter's fp32 master and moments
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+    carried, shapes = _gather_kept_state(params, index, slices, has_state)
+    scheduler_states = [c.scheduler.state_dict() for c in strategy.lr_scheduler_configs]
+
+    # 2. tear the engine down (freeing its flat buffers before the new ones exist) and shrink the modules
+    del ds_optimizer
+    _teardown_engine(strategy)
+    apply_plan(model, plan, (), materialize=zero3_resized)
+
+    # 3. a new engine and optimizer from configure_optimizers(); the scheduler continues
+    strategy._initialize_deepspeed_train(pl_module)
+    new_optimizer = strategy.optimizers[0]
+    _restore_schedulers(strategy, scheduler_states)
+
+    # 4. install the carried state: create the Adam state a first step would create, then overwrite
+    if has_state:  # (the number of groups may change: ZeRO-3 sub-groups are sized in elements)
+        _create_adam_state(new_optimizer, steps[0])
+    _install_carried_state(strategy, new_optimizer, params, carried, shapes, has_state)
+    carried_count = sum(1 for shape in shapes.values() if shape.numel())
+    return {"step": [float(s) if s is not None else 0.0 for s in steps], "params": carried_count}
+
+
+def _common_step_counts(ds_optimizer: Any) -> list[Any]:
+    """Adam's step count of each group (see :func:`_step_counts`), refused when the groups disagree."""
     steps = _step_counts(ds_optimizer)
     has_state = all(s is not None for s in steps)
     if has_state and len({float(s) for s in steps}) != 1:  # DeepSpeed steps every group together
         raise RuntimeError(f"the DeepSpeed optimizer's groups disagree on Adam's step count ({steps}).")
+    return steps
 
-    # 1. the kept slices of every trainable parameter's fp32 master and moments (one parameter at a
-    #    time; the owner rank keeps a CPU copy)
-    params = [p for p in pl_module.parameters() if p.requires_grad]
+
+def _gather_kept_state(
+    params: Sequence[nn.Parameter],
+    index: Mapping[int, int],
+    slices: Mapping[int, tuple[int, torch.Tensor]],
+    has_state: bool,
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, torch.Size]]:
+    """The kept slices of each parameter's fp32 master (and Adam moments when ``has_state``).
+
+    One parameter at a time, on every rank in the same order (the gathers are collectives); the owner
+    rank (round robin over ``params``) keeps a CPU copy. Returns (owned copies by parameter position,
+    kept shape of every carried parameter).
+    """
+    rank, world = _rank_world()
     carried: dict[int, dict[str, torch.Tensor]] = {}
     shapes: dict[int, torch.Size] = {}
     for i, p in enumerate(params):
@@ -317,16 +355,11 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
         shapes[i] = values["fp32"].shape
         if i % world == rank:
             carried[i] = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in values.items()}
-    scheduler_states = [c.scheduler.state_dict() for c in strategy.lr_scheduler_configs]
+    return carried, shapes
 
-    # 2. tear the engine down (freeing its flat buffers before the new ones exist) and shrink the modules
-    del engine, ds_optimizer
-    _teardown_engine(strategy)
-    apply_plan(model, plan, (), materialize=zero3_resized)
 
-    # 3. a new engine and optimizer from configure_optimizers(); the scheduler continues
-    strategy._initialize_deepspeed_train(pl_module)
-    new_optimizer = strategy.optimizers[0]
+def _restore_schedulers(strategy: Any, scheduler_states: Sequence[dict]) -> None:
+    """Give the rebuilt LR schedulers their old state and their optimizers the current learning rates."""
     for config, state in zip(strategy.lr_scheduler_configs, scheduler_states):
         config.scheduler.load_state_dict(state)
         last = getattr(config.scheduler, "_last_lr", None)
@@ -334,18 +367,33 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
             for group, lr in zip(config.scheduler.optimizer.param_groups, last):
                 group["lr"] = lr
 
-    # 4. install the carried state: create the Adam state a first step would create, then overwrite
-    new_base = new_optimizer.optimizer
-    new_flats = _flat_partitions(new_optimizer)
-    if has_state:  # (the number of groups may change: ZeRO-3 sub-groups are sized in elements)
-        step = steps[0]
-        for flat in new_flats:
-            new_base.state[flat] = {
-                "step": step.clone() if isinstance(step, torch.Tensor) else step,
-                **{key: torch.zeros_like(flat) for key in ADAM_KEYS},
-            }
-        _relink_optimizer_state(new_optimizer)
-    new_index = _group_index(new_optimizer)
+
+def _create_adam_state(ds_optimizer: Any, step: Any) -> None:
+    """The Adam state a first step would create (zero moments at ``step``), to be overwritten by the carried one."""
+    base = ds_optimizer.optimizer
+    for flat in _flat_partitions(ds_optimizer):
+        base.state[flat] = {
+            "step": step.clone() if isinstance(step, torch.Tensor) else step,
+            **{key: torch.zeros_like(flat) for key in ADAM_KEYS},
+        }
+    _relink_optimizer_state(ds_optimizer)
+
+
+def _install_carried_state(
+    strategy: Any,
+    ds_optimizer: Any,
+    params: Sequence[nn.Parameter],
+    carried: dict[int, dict[str, torch.Tensor]],
+    shapes: Mapping[int, torch.Size],
+    has_state: bool,
+) -> None:
+    """Write the carried masters (and moments) into the rebuilt optimizer's partitions.
+
+    Each owner broadcasts its parameters, one at a time, in the order of ``params``; every rank writes
+    its own partitions. ``carried`` is emptied as it goes.
+    """
+    _, world = _rank_world()
+    new_index = _group_index(ds_optimizer)
     device = strategy.root_device  # the collectives' device (the flat buffers may be offloaded to the CPU)
     for i, p in enumerate(params):
         if i not in shapes or shapes[i].numel() == 0:  # (nothing to carry into an MLP pruned to width 0)
@@ -362,8 +410,6 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
         if has_state:
             for key in ADAM_KEYS:
                 _set_full(p, _broadcast_from(mine[key] if mine else None, shapes[i], owner, device), key)
-    carried_count = sum(1 for shape in shapes.values() if shape.numel())
-    return {"step": [float(s) if s is not None else 0.0 for s in steps], "params": carried_count}
 
 
 def _is_zero3_parameter(p: nn.Parameter) -> bool:
@@ -385,7 +431,8 @@ def _set_full(p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> N
         else:
             utils.safe_set_full_optimizer_state(p, value, key)
         return
-    local = local_partition(value, p.ds_tensor.numel(), dist.get_rank(group=p.ds_process_group))  # as DeepSpeed partitions
+    # as DeepSpeed partitions
+    local = local_partition(value, p.ds_tensor.numel(), dist.get_rank(group=p.ds_process_group))
     if key is None:
         utils.safe_set_local_fp32_param(p, local)
     else:
@@ -442,13 +489,15 @@ def _relink_optimizer_state(ds_optimizer: Any) -> None:
 
 
 def link_optimizer_state(ds_optimizer: Any) -> None:
-    """Make ``safe_get_full_optimizer_state`` work before the first step after a checkpoint load.
+    """Make ``safe_get_full_optimizer_state`` see the Adam state of every parameter group (ZeRO-1/2).
 
-    ZeRO-1/2 link the per-parameter views of the Adam state lazily, at the next step; a state
-    loaded from a checkpoint exists before that. A no-op when already linked or without state.
+    ZeRO-1/2 link the per-parameter views of the Adam state lazily, once, right after the *first*
+    group's first step: the groups after it (e.g. a no-weight-decay group of norms) have no state yet
+    then and stay unlinked, and a state loaded from a checkpoint exists before any step. So the views
+    are linked again whenever every group has state (they are views: cheap). A no-op without state.
     """
     base = ds_optimizer.optimizer
-    if getattr(ds_optimizer, "_hp_optimizer_states_linked", True) or not all(
+    if not hasattr(ds_optimizer, "_hp_optimizer_states_linked") or not all(
         f in base.state for f in _flat_partitions(ds_optimizer)
     ):
         return

@@ -8,13 +8,17 @@ Under DDP each rank holds a full replica, so each rank must cut exactly the same
   plan's fingerprint against all others before surgery (:func:`check_same_plan`);
 * after surgery the DDP wrapper's reducer still has buckets of the old sizes (and holds the
   parameters' old gradient accumulators), so the LightningModule is wrapped again
-  (:func:`rewrap_ddp`). Surgery keeps the Parameter objects, so the optimizers need no rebuild.
+  (:func:`rewrap_ddp`). Surgery keeps the Parameter objects, so the optimizers need no rebuild;
+* the folder a run writes its report and pruned model into is agreed once, by every rank, before
+  training (:func:`run_directory`): ``trainer.log_dir`` is a collective, and reading it on rank 0
+  alone (to write a file there) leaves rank 0 waiting for ranks that never join.
 """
 
 from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -67,6 +71,49 @@ def check_strategy(strategy: Any, saliency: str | None = None, runs_model: bool 
             f"NirvanaPruningCallback supports single-device and DDP training; strategy "
             f"{type(strategy).__name__} is not supported yet. Use Trainer(devices=1) or Trainer(strategy='ddp')."
         )
+
+
+# ---------------------------------------------------------------------------------------
+# where a run writes: one folder, agreed by every rank
+# ---------------------------------------------------------------------------------------
+_RUN_DIRECTORIES: "weakref.WeakKeyDictionary[Any, Path]" = weakref.WeakKeyDictionary()
+RUNS_WITHOUT_LOGGER = "nirvana_logs"
+
+
+def run_directory(trainer: Any) -> Path:
+    """The folder where this fit's reports and pruned model go, the same on every rank.
+
+    A collective the first time it is called for a trainer (``trainer.log_dir`` is one, and so is
+    the broadcast of a fresh folder): call it on every rank, never inside ``if is_global_zero``.
+    Later calls return the cached folder without communication, so hooks that run on one rank
+    only (``on_exception``) can use it. With a logger it is the logger's folder; without one, each
+    run gets its own ``<default_root_dir>/nirvana_logs/version_N`` instead of the working directory.
+    """
+    cached = _RUN_DIRECTORIES.get(trainer)
+    if cached is not None:
+        return cached
+    if trainer.loggers:
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+    else:
+        chosen = None
+        if trainer.is_global_zero:
+            chosen = str(_next_version(Path(trainer.default_root_dir) / RUNS_WITHOUT_LOGGER))
+        directory = Path(trainer.strategy.broadcast(chosen, src=0))  # every rank: a collective
+    _RUN_DIRECTORIES[trainer] = directory
+    return directory
+
+
+def _next_version(root: Path) -> Path:
+    """``root/version_N`` for the first N not taken, created at once so that it stays this run's."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        candidate = root / f"version_{n}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
+import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -80,6 +83,13 @@ def save_pruned(
     pruned base in ``directory`` plus the adapters in ``directory/adapter``, which
     ``peft.PeftModel.from_pretrained(base, directory / "adapter")`` loads onto that base.
     The model itself is not changed.
+
+    The folder is written whole into a new hidden sibling and then swapped in, so that nothing of an
+    earlier save (shards of a larger model, its index, ``modeling_nirvana.py``, ``adapter/``) is left
+    to change what loads, and a save that fails leaves the earlier folder as it was. ``directory``
+    may be new, an empty folder, or a saved model folder (one with ``config.json``), which is then
+    replaced with everything in it; any other folder (user files and no ``config.json``, or a git
+    clone) and an existing file are refused.
     """
     if adapters not in ("merge", "separate"):
         raise ValueError(f"save_pruned(adapters={adapters!r}): choose 'merge' or 'separate'.")
@@ -98,14 +108,78 @@ def save_pruned(
             raise ValueError("save_pruned: a model with LoRA adapters builds its own state_dict; drop state_dict=.")
         save_pretrained_kwargs["state_dict"] = base_state_dict(model, merge=adapters == "merge")
     path = Path(directory)
+    check_save_target(path)
+    _check_serialization(model, safe_serialization, save_pretrained_kwargs)
+    if save_pretrained_kwargs.get("push_to_hub"):  # (the hub repo is named after the folder, not the temporary one)
+        save_pretrained_kwargs.setdefault("repo_id", Path(os.path.abspath(path)).name)
+    with _swapped_in(path) as fresh:
+        _write_folder(model, fresh, str(path), tokenizer, adapters, save_pretrained_kwargs)
+    return path
+
+
+def check_save_target(path: str | Path) -> None:
+    """Refuse a ``save_pruned`` target that is a file or a folder that is not a saved model (see there)."""
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_pruned(directory={str(path)!r}): that path is a file; pass a folder path.")
-    _check_serialization(model, safe_serialization, save_pretrained_kwargs)
+    if not path.is_dir():
+        return
+    names = sorted(p.name for p in path.iterdir())
+    if ".git" in names:
+        raise FileExistsError(
+            f"save_pruned(directory={str(path)!r}): that folder is a git repository, and saving replaces the whole "
+            "folder. Save to a new folder and copy the files into the repository."
+        )
+    if names and CONFIG_FILE not in names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FileExistsError(
+            f"save_pruned(directory={str(path)!r}): that folder holds files ({shown}) but no {CONFIG_FILE}, so it "
+            "is not a saved model folder, and saving replaces the whole folder. Pass a new or empty folder, or one "
+            "written by save_pruned / save_pretrained."
+        )
+
+
+@contextmanager
+def _swapped_in(target: Path) -> Iterator[Path]:
+    """A new empty sibling folder of ``target`` to write into; on success it replaces ``target`` (the old folder,
+    if any, is renamed aside and then removed), on failure it is removed and ``target`` is left as it was."""
+    target = Path(os.path.realpath(target))  # through a symlink: replace the folder it points to, keep the link
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    fresh = target.parent / f".{target.name}.{tag}.saving"  # same parent: the renames stay on one filesystem
+    fresh.mkdir()
+    try:
+        yield fresh
+        if not target.exists():
+            os.rename(fresh, target)
+            return
+        old = target.parent / f".{target.name}.{tag}.old"
+        os.rename(target, old)
+        try:
+            os.rename(fresh, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_folder(
+    model: nn.Module,
+    path: Path,
+    name: str,
+    tokenizer: Any | None,
+    adapters: str,
+    save_pretrained_kwargs: dict[str, Any],
+) -> None:
+    """The body of :func:`save_pruned`: write the folder into ``path`` (``name``: the folder it will become)."""
     if base_model_type(model.config) == "t5":
         _save_t5(model, path, save_pretrained_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        return path
+        return
 
     config = model.config
     base = base_model_type(config)
@@ -122,7 +196,7 @@ def save_pruned(
                 f"save_pruned: the uniform widths {widths[0]} are not a valid stock {stock_config_cls.__name__} "
                 f"({why}); writing the nirvana format instead. Load it with nirvana_pl.load_pruned(folder) or "
                 "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).",
-                stacklevel=2,
+                stacklevel=3,  # the caller of save_pruned
             )
 
     if save_config is not None:
@@ -146,10 +220,9 @@ def save_pruned(
         )
 
     if adapters == "separate" and has_lora(model):
-        save_adapter(model, path / ADAPTER_SUBFOLDER, base_model_name_or_path=str(path))
+        save_adapter(model, path / ADAPTER_SUBFOLDER, base_model_name_or_path=name)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    return path
 
 
 def _check_serialization(model: nn.Module, safe_serialization: bool, kwargs: dict[str, Any]) -> None:

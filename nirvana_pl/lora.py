@@ -69,7 +69,9 @@ def check_recovery_targets(model: nn.Module, config: Any) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    matched = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and check_target_module_exists(config, n)]
+    matched = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and check_target_module_exists(config, n)
+    ]
     if not matched:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(
@@ -154,7 +156,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=name)
-    save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}, str(path / ADAPTER_WEIGHTS_FILE))
+    save_file(
+        {f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()}, str(path / ADAPTER_WEIGHTS_FILE)
+    )
     config = copy.deepcopy(config)
     config.base_model_name_or_path = base_model_name_or_path
     config.save_pretrained(str(path))

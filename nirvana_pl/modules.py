@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -62,14 +65,94 @@ def load_tokenizer(name_or_path: str | None, trust_remote_code: bool = False) ->
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     from transformers import AutoTokenizer
 
+    local = local_model_path(
+        name_or_path, "tokenizer", "give a folder with tokenizer files, a hub id, 'embedded:smollm2' or 'bytes'"
+    )
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(local or name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"tokenizer={name_or_path!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}). "
             "Give a folder or hub id with tokenizer files, 'embedded:smollm2', or 'bytes' for a byte-level "
             "vocabulary of 256 (random models with vocab_size >= 256)."
         ) from err
+
+
+#: what a hub id looks like ('name' or 'namespace/name'); anything else that is not on disk is a wrong path
+_HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
+
+
+def local_model_path(name_or_path: str, what: str = "name_or_path", fix: str = "") -> str | None:
+    """The local folder or file ``name_or_path`` names (``~`` expanded), or None for a hub id.
+
+    Raises ``FileNotFoundError`` naming ``what`` when it can only be a local path (starts with ``.``,
+    ``/`` or ``~``, ends with a separator, or is not of the form of a hub id) and nothing is there,
+    instead of transformers' "Repo id must be in the form ..." about a name that was never meant as one.
+    """
+    import os
+    import re
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    seps = tuple({"/", os.sep})
+    looks_local = (
+        name_or_path.startswith((".", "~") + seps) or name_or_path.endswith(seps) or "\\" in name_or_path
+        or not re.fullmatch(_HUB_ID, name_or_path)
+    )
+    if looks_local:
+        raise FileNotFoundError(
+            f"{what}={name_or_path!r}: no such folder; "
+            f"{fix or 'give a model folder, a hub id (e.g. HuggingFaceTB/SmolLM2-135M) or embedded:smollm2'}."
+        )
+    return None
+
+
+#: weights files transformers loads from a model folder
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_model_folder(folder: Path, what: str = "name_or_path") -> None:
+    """A clear error for a model folder whose weights are missing or unreadable (before transformers' traceback)."""
+    import json
+
+    name = f"{what}={str(folder)!r}"
+    found = sorted({p for pattern in _WEIGHT_PATTERNS for p in folder.glob(pattern)})
+    if not found:
+        raise FileNotFoundError(
+            f"{name}: the folder has config.json but no weights file (model.safetensors, sharded "
+            "model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin); the save did not finish "
+            "or the weights were not copied. Copy the weights in, or save the model again (nirvana_pl.save_pruned)."
+        )
+    for index in (p for p in found if p.name.endswith(".index.json")):
+        try:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{name}: {index} is not a valid weights index ({err}); save the model again.") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{name}: {index.name} lists weights files that are not in the folder: {missing}; copy them in "
+                "or save the model again."
+            )
+    for file in (p for p in found if p.suffix == ".safetensors"):
+        _check_safetensors(file, name)
+
+
+def _check_safetensors(file: Path, name: str) -> None:
+    """Open the file's header (cheap: no tensor is read); a truncated or damaged file fails here."""
+    try:
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover - transformers depends on safetensors
+        return
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            fh.keys()
+    except Exception as err:  # noqa: BLE001 - SafetensorError is not importable by name in every version
+        raise ValueError(
+            f"{name}: weights file {str(file)!r} cannot be read ({type(err).__name__}: {err}); it is truncated or "
+            "damaged (an interrupted save or copy?). Copy or save the model again."
+        ) from None
 
 
 def _optional_tokenizer(name_or_path: str | None, trust_remote_code: bool) -> Any:
@@ -88,14 +171,17 @@ def load_model(
     seq2seq: bool = False,
     trust_remote_code: bool = False,
     seed: int = 0,
+    what: str = "name_or_path",
 ) -> nn.Module:
     """A transformers model from a hub id / folder / ``embedded:smollm2``, or a random one from ``config``.
 
     Folders written by :func:`nirvana_pl.save_pruned` (layers of different widths) load without
     remote code. ``config`` is a dict with ``model_type`` (e.g. ``{"model_type": "llama",
-    "hidden_size": 64, ...}``); its model is initialised with ``seed``.
+    "hidden_size": 64, ...}``); its model is initialised with ``seed``. ``what`` is the name of the
+    argument in error messages (``model`` for ``nirvana-pl eval``). A path that is not there, or a
+    model folder with missing or damaged weights, is refused with a message naming the file.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch_dtype = resolve_dtype(dtype)
     if (name_or_path is None) == (config is None):
@@ -106,21 +192,37 @@ def load_model(
         )
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     if config is not None:
-        config = dict(config)
-        model_type = config.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("config= needs a 'model_type' key (e.g. 'llama', 'qwen2', 't5').")
-        try:
-            cfg = AutoConfig.for_model(model_type, **config)
-        except ValueError as err:
-            raise ValueError(f"config: model_type={model_type!r} is not known to transformers ({err}).") from err
-        torch.manual_seed(seed)
-        try:
-            return auto.from_config(cfg).to(torch_dtype)
-        except ValueError as err:
-            kind = "sequence-to-sequence" if seq2seq else "causal"
-            raise ValueError(f"config: model_type={model_type!r} has no {kind} LM class ({err}).") from err
+        return _random_model(auto, config, torch_dtype, seq2seq, seed)
     assert name_or_path is not None
+    return _pretrained_model(auto, name_or_path, torch_dtype, seq2seq, trust_remote_code, what)
+
+
+def _random_model(
+    auto: Any, config: Mapping[str, Any], torch_dtype: torch.dtype, seq2seq: bool, seed: int
+) -> nn.Module:
+    """A randomly initialised (with ``seed``) model of ``config`` (a dict with ``model_type``)."""
+    from transformers import AutoConfig
+
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("config= needs a 'model_type' key (e.g. 'llama', 'qwen2', 't5').")
+    try:
+        cfg = AutoConfig.for_model(model_type, **config)
+    except ValueError as err:
+        raise ValueError(f"config: model_type={model_type!r} is not known to transformers ({err}).") from err
+    torch.manual_seed(seed)
+    try:
+        return auto.from_config(cfg).to(torch_dtype)
+    except ValueError as err:
+        kind = "sequence-to-sequence" if seq2seq else "causal"
+        raise ValueError(f"config: model_type={model_type!r} has no {kind} LM class ({err}).") from err
+
+
+def _pretrained_model(
+    auto: Any, name_or_path: str, torch_dtype: torch.dtype, seq2seq: bool, trust_remote_code: bool, what: str
+) -> nn.Module:
+    """A saved model: embedded, a folder written by save_pruned, or anything ``auto.from_pretrained`` loads."""
     if name_or_path in EMBEDDED_MODELS:
         if seq2seq:
             raise ValueError(f"name_or_path={name_or_path!r} is a causal LM; use CausalLMModule.")
@@ -128,16 +230,20 @@ def load_model(
 
         model, _ = load_smollm2(torch_dtype)
         return model.train()
-    path = Path(name_or_path)
-    if path.is_dir() and (path / "config.json").is_file() and not seq2seq:
-        from .export import load_pruned
+    local = local_model_path(name_or_path, what)
+    path = Path(local or name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        check_model_folder(path, what)
+        if not seq2seq:
+            from .export import load_pruned
 
-        return load_pruned(path, dtype=torch_dtype)
+            return load_pruned(path, dtype=torch_dtype)
     try:
-        return auto.from_pretrained(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        return auto.from_pretrained(local or name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as err:
+        how = "could not be loaded" if local else "is no local folder, and as a hub id it could not be loaded"
         raise ValueError(
-            f"name_or_path={name_or_path!r} could not be loaded ({str(err).splitlines()[0]}). Give an existing "
+            f"{what}={name_or_path!r} {how} ({str(err).splitlines()[0]}). Give an existing "
             "model folder, a hub id (needs network access or a filled cache), or 'embedded:smollm2'."
         ) from err
 
@@ -416,17 +522,14 @@ class HeldOutPerplexity(Callback):
             # Lightning logs the metrics of the batch that made optimizer step N at step N - 1.
             logger.log_metrics({f"heldout/ppl_{what}": ppl}, step=max(trainer.global_step - 1, 0))
         rank_zero_info(
-            f"held-out perplexity ({what}, step {trainer.global_step}): {ppl:.3f}  [{time.perf_counter() - start:.1f} s]"
+            f"held-out perplexity ({what}, step {trainer.global_step}): {ppl:.3f}  "
+            f"[{time.perf_counter() - start:.1f} s]"
         )
         return ppl
 
     def _pending_event(self, trainer: pl.Trainer) -> Any | None:
         """The prune event of this optimizer step that has not happened yet, if any."""
-        for cb in _nirvana_callbacks(trainer):
-            done = len(cb.plans)  # events happen in schedule order
-            if done < len(cb.schedule.events) and cb.schedule.events[done].step == trainer.global_step:
-                return cb.schedule.events[done]
-        return None
+        return next((e for cb in _nirvana_callbacks(trainer) if (e := cb.event_due(trainer.global_step))), None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # This callback sits before the pruning callback: at a prune step the model is still dense here.
@@ -437,16 +540,16 @@ class HeldOutPerplexity(Callback):
         self._after_prunes(trainer, pl_module)
 
     def _after_prunes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        events = [(cb.schedule.events[i], plan) for cb in _nirvana_callbacks(trainer) for i, plan in enumerate(cb.plans)]
-        while self._seen_events < len(events):
-            event, plan = events[self._seen_events]
+        records = [r for cb in _nirvana_callbacks(trainer) for r in cb.records]
+        while self._seen_events < len(records):
+            record = records[self._seen_events]
             self._seen_events += 1
-            if event.step != trainer.global_step:
+            if record.at_step != trainer.global_step:
                 continue  # restored from a checkpoint: not measured in this run
             ppl = self._measure(trainer, pl_module, "pruned")
             self.results["after_prune"].append(
-                {"step": event.step, "target_sparsity": plan.target_sparsity,
-                 "realised_sparsity": plan.realised_sparsity, "ppl": ppl}
+                {"step": record.event_step, "target_sparsity": record.plan.target_sparsity,
+                 "realised_sparsity": record.plan.realised_sparsity, "ppl": ppl}
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -461,8 +564,97 @@ class HeldOutPerplexity(Callback):
         self._seen_events = state_dict["seen_events"]
 
 
+class PruneCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that also saves right after every prune event.
+
+    Each prune event writes ``prune-step=N.ckpt`` (kept: resume from the just-pruned model, or try
+    another recovery from it) and, with ``save_last``, refreshes ``last.ckpt``, so a run killed after the
+    prune never has to redo it. Every other argument is ``ModelCheckpoint``'s; the recipes use
+    ``save_last: true`` and ``save_on_exception: true`` (Ctrl-C or an error also leaves a checkpoint; in a
+    single process only, since an exception may stop one rank while the others wait in a collective).
+    Under DeepSpeed, whose checkpoints are folders written file by file on every rank, each checkpoint
+    is written to a fresh folder and swapped in whole (``last.ckpt`` is then a symlink to the latest
+    complete folder), so a kill during a save leaves the previous checkpoint intact.
+    """
+
+    PRUNE_NAME = "prune-step={step}"
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Saving is a collective (every rank writes its part, then a barrier); an exception raised on one
+        # rank only would leave the others waiting forever, so with several processes the checkpoints of
+        # the prune events and of every_n_train_steps / last are what a resume starts from.
+        if trainer.world_size > 1:
+            if self.save_on_exception:
+                rank_zero_warn(
+                    f"PruneCheckpoint: no checkpoint on {type(exception).__name__} with {trainer.world_size} processes "
+                    "(the other ranks may not be able to take part); resume from "
+                    f"{self.last_model_path or self.dirpath}."
+                )
+            return
+        super().on_exception(trainer, pl_module, exception)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._prunes_seen = _prune_count(trainer)  # events restored from a checkpoint are not saved again
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        count = _prune_count(trainer)  # (checkpoint callbacks run after the others: the prune is done here)
+        if count == getattr(self, "_prunes_seen", 0) or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        self._prunes_seen = count
+        name = self.PRUNE_NAME.format(step=trainer.global_step) + self.FILE_EXTENSION
+        self._save_checkpoint(trainer, str(Path(self.dirpath or ".") / name))
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        from .deepspeed import is_deepspeed
+
+        if not is_deepspeed(trainer.strategy):  # one file, which Lightning writes to a temporary name and renames
+            super()._save_checkpoint(trainer, filepath)
+            return
+        # A DeepSpeed checkpoint is a folder every rank writes file by file: written over an older one
+        # (last.ckpt), a kill in between would leave a mix of two steps that loads without complaint.
+        # Every rank writes a fresh folder, then rank 0 swaps it in whole.
+        staging = f"{filepath}.{uuid.uuid4().hex[:8]}.partial"
+        super()._save_checkpoint(trainer, staging)  # (a collective; Trainer.save_checkpoint ends with a barrier)
+        if trainer.is_global_zero:
+            swap_in_folder(Path(staging), Path(filepath))
+        trainer.strategy.barrier("PruneCheckpoint._save_checkpoint")
+        self._last_checkpoint_saved = filepath
+
+
+def swap_in_folder(complete: Path, target: Path) -> None:
+    """Put the finished folder ``complete`` at ``target`` so that ``target`` is never a half-written folder.
+
+    ``target`` becomes a symlink to the finished folder (renamed ``<target>.<id>``), created or replaced
+    atomically (a name such as ``last.ckpt`` is saved again and again), and the folder it pointed to
+    before is removed.
+    """
+    final = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}")
+    os.rename(complete, final)
+    previous = Path(os.path.realpath(target)) if target.is_symlink() else None
+    if target.is_dir() and not target.is_symlink():  # a plain folder written otherwise: no atomic way to replace it
+        shutil.rmtree(target)
+    link = target.with_name(f".{target.name}.link")
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(final.name, link)
+    os.replace(link, target)  # atomic: readers see the old folder or the new one
+    if previous is not None and previous != final.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _prune_count(trainer: pl.Trainer) -> int:
+    return sum(len(cb.records) for cb in _nirvana_callbacks(trainer))
+
+
 class SavePrunedModel(Callback):
     """At the end of the fit, save the (pruned) model so that transformers loads it, and check the reload.
+
+    When the fit stops with an exception or Ctrl-C after a prune event, the pruned model as it was then
+    is saved too (and a warning says where), so a long recovery that is cut short loses nothing.
 
     Args:
         dirpath: output folder (default: ``<trainer.log_dir>/pruned_model``).
@@ -490,6 +682,7 @@ class SavePrunedModel(Callback):
         self.model_attr = model_attr
         self.saved_to: Path | None = None
         self.reload_max_abs_diff: float | None = None
+        self._directory: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from .deepspeed import is_deepspeed, zero_stage
@@ -498,57 +691,100 @@ class SavePrunedModel(Callback):
             raise ValueError(
                 "SavePrunedModel cannot save under DeepSpeed ZeRO-3: each rank holds only a partition of every "
                 "weight. Save a checkpoint (ModelCheckpoint), then run lightning.pytorch.utilities.deepspeed."
-                "convert_zero_checkpoint_to_fp32_state_dict, load the state dict with nirvana_pl.load_pruned_state_dict "
-                "and call nirvana_pl.save_pruned (README, 'Multi-node and DeepSpeed'); or train with ZeRO-2."
+                "convert_zero_checkpoint_to_fp32_state_dict, load the state dict with "
+                "nirvana_pl.load_pruned_state_dict and call nirvana_pl.save_pruned (README, 'Multi-node and "
+                "DeepSpeed'); or train with ZeRO-2."
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every rank agrees on the folder now (a collective), so that saving later needs no communication
+        self._directory = self._resolve_directory(trainer)
+
+    def _resolve_directory(self, trainer: pl.Trainer) -> Path:
+        from .distributed import run_directory
+
+        return Path(self.dirpath) if self.dirpath else run_directory(trainer) / "pruned_model"
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = self._directory or self._resolve_directory(trainer)  # (every rank calls this hook)
         if not trainer.is_global_zero:
             return
-        from .export import ADAPTER_SUBFOLDER, load_pruned, save_pruned
-        from .lora import has_lora
+        pending = [e for cb in _nirvana_callbacks(trainer) for e in cb.pending_events]
+        if pending and not any(cb.records for cb in _nirvana_callbacks(trainer)):
+            rank_zero_warn(
+                f"SavePrunedModel: no prune event happened in this fit (pending at steps {[e.step for e in pending]}); "
+                f"the model saved to {directory} is DENSE."
+            )
+        self._save(pl_module, directory)
+        reload_note = ""
+        if self.check_reload:
+            reload_note = f" (reloaded with load_pruned: max |logit diff| {self.reload_max_abs_diff:.2e})"
+        rank_zero_info(f"pruned model saved to {directory}" + reload_note)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """An interrupted or failed fit after a prune still leaves the pruned model (no collectives here)."""
+        pruned = any(cb.records for cb in _nirvana_callbacks(trainer))
+        if not trainer.is_global_zero or not pruned or self._directory is None:
+            return
+        try:
+            self._save(pl_module, self._directory)
+        except Exception as err:  # noqa: BLE001 - never hide the exception that stopped the fit
+            rank_zero_warn(f"SavePrunedModel: the fit stopped ({type(exception).__name__}) and saving the pruned model "
+                           f"to {self._directory} failed too: {type(err).__name__}: {err}")
+            return
+        rank_zero_warn(
+            f"SavePrunedModel: the fit stopped at step {trainer.global_step} ({type(exception).__name__}); the pruned "
+            f"model as it was then is saved to {self._directory}. Resume training from the last checkpoint."
+        )
+
+    def _save(self, pl_module: pl.LightningModule, directory: Path) -> None:
+        from .export import save_pruned
         from .units import locate_model
 
         model = locate_model(pl_module, self.model_attr)  # LoRA layers, if any, sit inside it
-        directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "pruned_model"
         tokenizer = getattr(pl_module, "tokenizer", None) if self.save_tokenizer else None
         if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
             tokenizer = None
         was_training = model.training
         model.eval()
-        save_pruned(model, directory, tokenizer=tokenizer, adapters=self.adapters)
-        self.saved_to = directory
-        if self.check_reload:
-            reloaded = load_pruned(directory, dtype=next(model.parameters()).dtype).eval()
-            if self.adapters == "separate" and has_lora(model):
-                from peft import PeftModel
+        try:
+            save_pruned(model, directory, tokenizer=tokenizer, adapters=self.adapters)
+            self.saved_to = directory
+            if self.check_reload:
+                self._check_reload(model, directory)
+        finally:
+            model.train(was_training)
 
-                reloaded = PeftModel.from_pretrained(reloaded, directory / ADAPTER_SUBFOLDER).eval()
-            probe = torch.arange(16, device=next(model.parameters()).device).remainder(
-                model.config.vocab_size
-            ).unsqueeze(0)
-            inputs = {"input_ids": probe}
-            if getattr(model.config, "is_encoder_decoder", False):  # T5: teacher-forced decoder on the probe
-                inputs["decoder_input_ids"] = model._shift_right(probe)
-            with torch.no_grad():
-                a = model(**inputs, use_cache=False).logits.float()
-                b = reloaded.to(probe.device)(**inputs, use_cache=False).logits.float()
-            self.reload_max_abs_diff = float((a - b).abs().max())
-            del reloaded
-            if not math.isfinite(self.reload_max_abs_diff) or self.reload_max_abs_diff > 1e-3 * max(1.0, float(a.abs().max())):
-                raise RuntimeError(
-                    f"the model saved to {directory} reloads with different outputs (max |diff| "
-                    f"{self.reload_max_abs_diff:.3g}); please report this."
-                )
-        model.train(was_training)
-        rank_zero_info(f"pruned model saved to {directory}" + (
-            f" (reloaded with load_pruned: max |logit diff| {self.reload_max_abs_diff:.2e})" if self.check_reload else ""
-        ))
+    def _check_reload(self, model: nn.Module, directory: Path) -> None:
+        from .export import ADAPTER_SUBFOLDER, load_pruned
+        from .lora import has_lora
+
+        reloaded = load_pruned(directory, dtype=next(model.parameters()).dtype).eval()
+        if self.adapters == "separate" and has_lora(model):
+            from peft import PeftModel
+
+            reloaded = PeftModel.from_pretrained(reloaded, directory / ADAPTER_SUBFOLDER).eval()
+        probe = torch.arange(16, device=next(model.parameters()).device).remainder(model.config.vocab_size).unsqueeze(0)
+        inputs = {"input_ids": probe}
+        if getattr(model.config, "is_encoder_decoder", False):  # T5: teacher-forced decoder on the probe
+            inputs["decoder_input_ids"] = model._shift_right(probe)
+        with torch.no_grad():
+            a = model(**inputs, use_cache=False).logits.float()
+            b = reloaded.to(probe.device)(**inputs, use_cache=False).logits.float()
+        self.reload_max_abs_diff = float((a - b).abs().max())
+        del reloaded
+        tolerance = 1e-3 * max(1.0, float(a.abs().max()))
+        if not math.isfinite(self.reload_max_abs_diff) or self.reload_max_abs_diff > tolerance:
+            raise RuntimeError(
+                f"the model saved to {directory} reloads with different outputs (max |diff| "
+                f"{self.reload_max_abs_diff:.3g}); please report this."
+            )
 
 
 __all__ = [
     "CausalLMModule",
     "HeldOutPerplexity",
+    "PruneCheckpoint",
     "SavePrunedModel",
     "Seq2SeqLMModule",
     "load_model",

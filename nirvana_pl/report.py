@@ -15,7 +15,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .allocate import DenseReference
 from .plan import PruningPlan
@@ -34,6 +34,12 @@ class PruneRecord:
     total_params_after: int
     prunable_params_after: int
     seconds: float
+    #: ``trainer.global_step`` when the surgery ran (``event_step`` unless a batch stepped past it)
+    at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.at_step is None:
+            self.at_step = self.event_step
 
     @property
     def realised_sparsity(self) -> float:
@@ -72,6 +78,7 @@ class PruneRecord:
             "total_params_after": self.total_params_after,
             "prunable_params_after": self.prunable_params_after,
             "seconds": self.seconds,
+            "at_step": self.at_step,
         }
 
     @classmethod
@@ -184,7 +191,10 @@ def format_table(rows: list[list[str]]) -> list[str]:
     return [line(rows[0]), rule] + [line(r) for r in rows[1:-1]] + [rule, line(rows[-1])]
 
 
-def report_dict(records: list[PruneRecord], reference: DenseReference | None) -> dict[str, Any]:
+def report_dict(
+    records: list[PruneRecord], reference: DenseReference | None, pending: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """The JSON report; ``pending``: schedule events (``PruneEvent``) that did not happen in the fit."""
     events = []
     for r in records:
         events.append(
@@ -198,21 +208,29 @@ def report_dict(records: list[PruneRecord], reference: DenseReference | None) ->
                 "kept_kv_groups_per_layer": r.plan.kv_groups_kept(),
                 "kept_mlp_width_per_layer": r.plan.mlp_widths_kept(),
                 "kept_kv_group_indices": [layer.kept_kv_groups for layer in r.plan.layers],
-                **({"layer_labels": [layer.label for layer in r.plan.layers]} if r.plan.layers and r.plan.layers[0].label
-                   else {}),  # fmt: skip
+                **({"layer_labels": [layer.label for layer in r.plan.layers]}
+                   if r.plan.layers and r.plan.layers[0].label else {}),  # fmt: skip
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
             }
         )
-    return {"dense": reference.to_dict() if reference else None, "events": events}
+    report = {"dense": reference.to_dict() if reference else None, "events": events}
+    if pending:
+        report["events_not_reached"] = [{"step": e.step, "target_sparsity": e.sparsity} for e in pending]
+    return report
 
 
-def write_report(directory: str | Path, records: list[PruneRecord], reference: DenseReference | None) -> Path:
-    """Write the JSON report, its markdown summary and the allocation plot into ``directory``; return the JSON path."""
+def write_report(
+    directory: str | Path, records: list[PruneRecord], reference: DenseReference | None, pending: Sequence[Any] = ()
+) -> Path:
+    """Write the JSON report, its markdown summary and the allocation plot into ``directory``; return the JSON path.
+
+    ``pending``: events of the schedule the fit ended before (recorded as ``events_not_reached``).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / REPORT_NAME
-    report = report_dict(records, reference)
+    report = report_dict(records, reference, pending)
     _atomic_write(path, json.dumps(report, indent=2))  # never leave a half-written report behind
     plot = _write_plot(directory, report)
     write_markdown(directory, report, plot=plot)
@@ -233,7 +251,9 @@ def _write_plot(directory: Path, report: dict[str, Any]) -> Path | None:
     try:
         return plot_allocation(report, directory / PLOT_NAME)
     except Exception as err:  # noqa: BLE001 - a plot must never stop a training run
-        warnings.warn(f"nirvana-pl: the allocation plot could not be drawn ({type(err).__name__}: {err}).", stacklevel=2)
+        warnings.warn(
+            f"nirvana-pl: the allocation plot could not be drawn ({type(err).__name__}: {err}).", stacklevel=2
+        )
         return None
 
 
@@ -242,64 +262,92 @@ def render_markdown(report: dict[str, Any], results: dict[str, Any] | None = Non
     lines = ["# NIRVANA pruning report", ""]
     dense = report.get("dense")
     events = report.get("events", [])
-    if dense and dense.get("num_mlp_layers") is not None:  # T5: attentions and FFNs are separate entries
-        lines += [
+    if dense:
+        lines += _dense_markdown(dense)
+    missed = report.get("events_not_reached") or []
+    if missed:
+        steps = ", ".join(f"step {e['step']} (target {e['target_sparsity']:.0%})" for e in missed)
+        lines += [f"**Not pruned as scheduled:** the fit ended before the prune events at {steps}"
+                  + ("; the model is dense." if not events else "."), ""]
+    if results:
+        lines += _results_markdown(results)
+    if events:
+        lines += _events_markdown(events)
+        lines += _heads_by_kind_markdown(events)
+        if plot:
+            lines += [f"![kept fraction per layer]({plot})", ""]
+        lines += _last_layers_markdown(events[-1], dense)
+    else:
+        lines += ["No prune event has happened yet.", ""]
+    return "\n".join(lines)
+
+
+def _dense_markdown(dense: dict[str, Any]) -> list[str]:
+    if dense.get("num_mlp_layers") is not None:  # T5: attentions and FFNs are separate entries
+        return [
             f"Dense model: {dense['num_layers']} attentions of {dense['kv_groups_per_layer']} heads and "
             f"{dense['num_mlp_layers']} FFNs of {dense['mlp_width']} channels, {dense['prunable_params']:,} "
             "attention+FFN parameters.",
             "",
         ]
-    elif dense:
-        lines += [
-            f"Dense model: {dense['num_layers']} layers, {dense['kv_groups_per_layer']} KV groups and "
-            f"{dense['mlp_width']} MLP channels per layer, {dense['prunable_params']:,} attention+MLP parameters.",
-            "",
-        ]
-    if results:
-        lines += _results_markdown(results)
-    if events:
-        lines += [
-            "## Prune events",
-            "",
-            "| step | saliency | gamma | target | realised sparsity | params before | params after | KV groups removed | MLP channels removed | seconds |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for e in events:
-            lines.append(
-                f"| {e['step']} | {e['saliency']} | {e['gamma']:g} | {e['target_sparsity']:.1%} | "
-                f"{e['realised_sparsity']:.1%} | {int(e['params_before']):,} | {int(e['params_after']):,} | "
-                f"{e['kv_groups_removed']:.1%} | {e['mlp_channels_removed']:.1%} | {e['prune_seconds']:.2f} |"
-            )
-        lines.append("")
-        kinds = [(e["step"], {k[len("heads_removed_"):]: v for k, v in e.items() if k.startswith("heads_removed_")})
-                 for e in events]  # fmt: skip
-        if any(k for _, k in kinds):
-            names = list(kinds[-1][1])
-            lines += ["Share of the dense attention heads removed, by kind (FFN channels form one pool):", "",
-                      "| step | " + " | ".join(n.replace("_", ".") for n in names) + " |",
-                      "|---:|" + "---:|" * len(names)]  # fmt: skip
-            for step, k in kinds:
-                lines.append(f"| {step} | " + " | ".join(f"{k.get(n, 0.0):.1%}" for n in names) + " |")
-            lines.append("")
-        if plot:
-            lines += [f"![kept fraction per layer]({plot})", ""]
-        last = events[-1]
-        sizes = dict(dense) if dense else {
-            "kv_groups_per_layer": max(last["kept_kv_groups_per_layer"]),
-            "mlp_width": max(last["kept_mlp_width_per_layer"]),
-        }
-        rows = layer_rows(last["kept_kv_groups_per_layer"], last["kept_mlp_width_per_layer"], sizes,
-                          last.get("layer_labels"))  # fmt: skip
-        lines += [f"## Per layer after the last event (step {last['step']})", ""]
-        lines.append("| " + " | ".join(rows[0]) + " |")
-        lines.append("|" + "---:|" * len(rows[0]))
-        for r in rows[1:-1]:
-            lines.append("| " + " | ".join(r) + " |")
-        lines.append("| **" + "** | **".join(rows[-1]) + "** |")
-        lines.append("")
-    else:
-        lines += ["No prune event has happened yet.", ""]
-    return "\n".join(lines)
+    return [
+        f"Dense model: {dense['num_layers']} layers, {dense['kv_groups_per_layer']} KV groups and "
+        f"{dense['mlp_width']} MLP channels per layer, {dense['prunable_params']:,} attention+MLP parameters.",
+        "",
+    ]
+
+
+def _events_markdown(events: list[dict[str, Any]]) -> list[str]:
+    """One table row per prune event."""
+    lines = [
+        "## Prune events",
+        "",
+        "| step | saliency | gamma | target | realised sparsity | params before | params after | "
+        "KV groups removed | MLP channels removed | seconds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in events:
+        lines.append(
+            f"| {e['step']} | {e['saliency']} | {e['gamma']:g} | {e['target_sparsity']:.1%} | "
+            f"{e['realised_sparsity']:.1%} | {int(e['params_before']):,} | {int(e['params_after']):,} | "
+            f"{e['kv_groups_removed']:.1%} | {e['mlp_channels_removed']:.1%} | {e['prune_seconds']:.2f} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _heads_by_kind_markdown(events: list[dict[str, Any]]) -> list[str]:
+    """Heads removed per attention kind (T5: encoder, decoder.self, decoder.cross); empty for decoder LLMs."""
+    kinds = [(e["step"], {k[len("heads_removed_"):]: v for k, v in e.items() if k.startswith("heads_removed_")})
+             for e in events]  # fmt: skip
+    if not any(k for _, k in kinds):
+        return []
+    names = list(kinds[-1][1])
+    lines = ["Share of the dense attention heads removed, by kind (FFN channels form one pool):", "",
+             "| step | " + " | ".join(n.replace("_", ".") for n in names) + " |",
+             "|---:|" + "---:|" * len(names)]  # fmt: skip
+    for step, k in kinds:
+        lines.append(f"| {step} | " + " | ".join(f"{k.get(n, 0.0):.1%}" for n in names) + " |")
+    lines.append("")
+    return lines
+
+
+def _last_layers_markdown(last: dict[str, Any], dense: dict[str, Any] | None) -> list[str]:
+    """The per-layer table of what the last event kept (out of the dense sizes, when known)."""
+    sizes = dict(dense) if dense else {
+        "kv_groups_per_layer": max(last["kept_kv_groups_per_layer"]),
+        "mlp_width": max(last["kept_mlp_width_per_layer"]),
+    }
+    rows = layer_rows(last["kept_kv_groups_per_layer"], last["kept_mlp_width_per_layer"], sizes,
+                      last.get("layer_labels"))  # fmt: skip
+    lines = [f"## Per layer after the last event (step {last['step']})", ""]
+    lines.append("| " + " | ".join(rows[0]) + " |")
+    lines.append("|" + "---:|" * len(rows[0]))
+    for r in rows[1:-1]:
+        lines.append("| " + " | ".join(r) + " |")
+    lines.append("| **" + "** | **".join(rows[-1]) + "** |")
+    lines.append("")
+    return lines
 
 
 def _results_markdown(results: dict[str, Any]) -> list[str]:

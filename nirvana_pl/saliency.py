@@ -191,7 +191,9 @@ class AdamStateSaliency:
         self.kind, self.steps = state["kind"], state["steps"]
         t = state["total"]
         # copies: accumulate() adds in place, which must not change the caller's tensors
-        self.total = UnitScores([a.clone() for a in t["attn"]], [m.clone() for m in t["mlp"]]) if t is not None else None
+        self.total = None
+        if t is not None:
+            self.total = UnitScores([a.clone() for a in t["attn"]], [m.clone() for m in t["mlp"]])
 
 
 @torch.no_grad()
@@ -486,6 +488,31 @@ def wanda_sp_scores(
     squared norms over every process's samples, so all data-parallel ranks score the same data.
     """
     units = find_units(model)
+    sq = _input_square_sums(model, units, batches)
+    n_samples = sum(b["input_ids"].shape[0] for b in batches)
+    linears = list(sq)
+    mean_sq = [sq[k] / n_samples for k in linears]
+    reduce = reduce if reduce is not None else _GRADIENT_REDUCE.get()
+    if reduce is not None:
+        reduce(mean_sq, n_samples)
+    sq = dict(zip(linears, mean_sq))
+
+    def saliency_of(w: WeightSlice) -> torch.Tensor:
+        norm = sq[id(w.linear)].sqrt()
+        W = w.effective_weight().float().abs()
+        if w.axis == 0:
+            return W @ norm
+        return W.sum(0) * norm
+
+    with torch.no_grad():
+        return _per_weight_scores(units, saliency_of)
+
+
+def _input_square_sums(
+    model: nn.Module, units: Sequence[LayerUnits], batches: Sequence[dict[str, torch.Tensor]]
+) -> dict[int, torch.Tensor]:
+    """For each linear of ``units`` (keyed by ``id``): the per-input-feature sum of squared activations
+    over the calibration tokens of ``batches``, padded positions excluded."""
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     sq: dict[int, torch.Tensor] = {}
     hooks = []
@@ -512,36 +539,26 @@ def wanda_sp_scores(
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
-                batch = _to_device(batch, device)
-                current["mask"] = batch.get("attention_mask")
-                if seq2seq:
-                    from .t5 import seq2seq_inputs
-
-                    inputs, current["decoder"], _ = seq2seq_inputs(model, batch)
-                    current["encoder"] = batch.get("attention_mask")
-                    model(**inputs, use_cache=False)
-                else:
-                    model(**batch, use_cache=False)
+                _forward_with_masks(model, _to_device(batch, device), current, seq2seq)
     finally:
         for h in hooks:
             h.remove()
-    n_samples = sum(b["input_ids"].shape[0] for b in batches)
-    linears = list(sq)
-    mean_sq = [sq[k] / n_samples for k in linears]
-    reduce = reduce if reduce is not None else _GRADIENT_REDUCE.get()
-    if reduce is not None:
-        reduce(mean_sq, n_samples)
-    sq = dict(zip(linears, mean_sq))
+    return sq
 
-    def saliency_of(w: WeightSlice) -> torch.Tensor:
-        norm = sq[id(w.linear)].sqrt()
-        W = w.effective_weight().float().abs()
-        if w.axis == 0:
-            return W @ norm
-        return W.sum(0) * norm
 
-    with torch.no_grad():
-        return _per_weight_scores(units, saliency_of)
+def _forward_with_masks(
+    model: nn.Module, batch: dict[str, torch.Tensor], current: dict[str, torch.Tensor | None], seq2seq: bool
+) -> None:
+    """Run ``batch`` through ``model`` with its padding masks published in ``current`` for the hooks."""
+    current["mask"] = batch.get("attention_mask")
+    if seq2seq:
+        from .t5 import seq2seq_inputs
+
+        inputs, current["decoder"], _ = seq2seq_inputs(model, batch)
+        current["encoder"] = batch.get("attention_mask")
+        model(**inputs, use_cache=False)
+    else:
+        model(**batch, use_cache=False)
 
 
 def compute_scores(

@@ -59,7 +59,8 @@ def validate_plan(model: nn.Module, plan: PruningPlan, min_kv_groups: int = 1) -
                 )
             if list(kept) != sorted(set(kept)) or (kept and (kept[0] < 0 or kept[-1] >= now)):
                 raise PlanMismatchError(
-                    f"layer {u.index}: kept {what} must be sorted unique indices in [0, {now}); got {list(kept)[:16]}..."
+                    f"layer {u.index}: kept {what} must be sorted unique indices in [0, {now}); "
+                    f"got {list(kept)[:16]}..."
                 )
         if len(lp.kept_kv_groups) < min(min_kv_groups, u.num_kv_groups):
             raise PlanMismatchError(f"layer {u.index}: a plan must keep at least {min_kv_groups} KV group(s).")
@@ -124,7 +125,20 @@ def apply_plan(
         return
     expected = predicted_params_after(units, plan)
     jobs = _slice_jobs(units, plan)
-    for w, _, _ in jobs:  # every optimizer state must be able to follow its slice before anything changes
+    _check_states_follow(jobs, optimizers)  # before anything changes
+    for w, kept, n in jobs:
+        _slice_weight(w, kept, n, optimizers, materialize or _as_is)
+    _record_new_widths(model, units, plan)
+    actual = prunable_parameter_count(model)
+    if actual != expected:  # internal consistency check: unit costs must match the real slices
+        raise RuntimeError(f"surgery left {actual} attention+MLP parameters, the plan predicted {expected}.")
+
+
+def _check_states_follow(
+    jobs: Sequence[tuple[WeightSlice, Sequence[int], int]], optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
+    """Every optimizer state of a weight to be sliced must be able to follow its slice."""
+    for w, _, _ in jobs:
         for p, axis in w.unit_parameters():
             opt = owner_of(optimizers, p)
             if opt is not None:
@@ -132,8 +146,10 @@ def apply_plan(
                     check_state_follows(opt, p, axis, w.name)
                 except ValueError as err:
                     raise PlanMismatchError(str(err)) from None
-    for w, kept, n in jobs:
-        _slice_weight(w, kept, n, optimizers, materialize or _as_is)
+
+
+def _record_new_widths(model: nn.Module, units: Sequence[LayerUnits], plan: PruningPlan) -> None:
+    """After slicing: the modules' width attributes and the model config describe the new shapes."""
     for u in units:
         if hasattr(u.mlp, "intermediate_size"):  # informational attribute of stock MLP modules
             u.mlp.intermediate_size = u.mlp_width
@@ -143,9 +159,6 @@ def apply_plan(
         after_slicing(model, units, [lp.kept_kv_groups for lp in plan.layers])
     else:
         update_config(model)
-    actual = prunable_parameter_count(model)
-    if actual != expected:  # internal consistency check: unit costs must match the real slices
-        raise RuntimeError(f"surgery left {actual} attention+MLP parameters, the plan predicted {expected}.")
 
 
 def layer_widths(model: nn.Module) -> list[dict[str, int]]:
@@ -164,7 +177,8 @@ def update_config(model: nn.Module) -> None:
     """Write the real per-layer widths into ``model.config``.
 
     When every layer has the same width (and the stock config class accepts it) the stock fields
-    describe the model and the per-layer list is dropped; otherwise ``config.nirvana_layer_widths`` holds one entry per layer.
+    describe the model and the per-layer list is dropped; otherwise ``config.nirvana_layer_widths`` holds one
+    entry per layer.
     ``head_dim`` is always written explicitly, because stock configs derive it from
     ``hidden_size / num_attention_heads``, which pruning changes.
     """

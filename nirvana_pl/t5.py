@@ -80,7 +80,10 @@ class T5Units(LayerUnits):
     _gated: bool = False
 
     def input_stream(self, w: WeightSlice) -> str:
-        """Which sequence feeds ``w`` (``encoder`` or ``decoder``): the key/value of cross-attention read the encoder."""
+        """Which sequence feeds ``w`` (``encoder`` or ``decoder``).
+
+        The key/value of cross-attention read the encoder.
+        """
         if self.kind == "decoder.cross" and w.name in ("k", "v"):
             return "encoder"
         return self.stream
@@ -117,34 +120,47 @@ def check_t5(model: nn.Module) -> None:
         if stack is None:
             continue
         for i, block in enumerate(stack.block):
-            where = f"{stack_name}.block[{i}]"
-            attns = [("SelfAttention", block.layer[0].SelfAttention)]
-            if stack_name == "decoder":
-                attns.append(("EncDecAttention", block.layer[1].EncDecAttention))
-            for attr, attn in attns:
-                has_bias = getattr(attn, "relative_attention_bias", None) is not None
-                if has_bias and (i != 0 or attr != "SelfAttention"):
-                    raise UnsupportedModelError(
-                        f"{where}.{attr} owns a relative_attention_bias, but in T5 only the self-attention of the "
-                        "first block of each stack does (the later blocks reuse its bias). Pruning heads needs that "
-                        "layout; this model's position bias is wired differently, so it cannot be pruned."
-                    )
-                if attr == "SelfAttention" and i == 0 and not has_bias:
-                    raise UnsupportedModelError(
-                        f"{where}.SelfAttention has no relative_attention_bias; T5 computes the position bias there. "
-                        "This model is not laid out like T5ForConditionalGeneration and cannot be pruned."
-                    )
-                if has_bias and attn.relative_attention_bias.embedding_dim != model.config.num_heads:
-                    raise UnsupportedModelError(
-                        f"{where}.{attr}.relative_attention_bias has {attn.relative_attention_bias.embedding_dim} "
-                        f"head columns, config.num_heads={model.config.num_heads}; they must match (it is the dense "
-                        "head count, never pruned)."
-                    )
-                for pname in ("q", "k", "v", "o"):
-                    _check_untied_linear(getattr(attn, pname, None), f"{where}.{attr}.{pname}", "heads", seen)
-            ffn = block.layer[-1].DenseReluDense
-            for pname in ("wi_0", "wi_1", "wo") if hasattr(ffn, "wi_0") else ("wi", "wo"):
-                _check_untied_linear(getattr(ffn, pname, None), f"{where}.DenseReluDense.{pname}", "FFN weights", seen)
+            _check_t5_block(model, block, i, stack_name, seen)
+
+
+def _check_t5_block(model: nn.Module, block: nn.Module, i: int, stack_name: str, seen: dict[int, str]) -> None:
+    """Block ``i`` of a stack: its attentions' position bias where T5 has it, and untied q/k/v/o and FFN weights."""
+    where = f"{stack_name}.block[{i}]"
+    attns = [("SelfAttention", block.layer[0].SelfAttention)]
+    if stack_name == "decoder":
+        attns.append(("EncDecAttention", block.layer[1].EncDecAttention))
+    for attr, attn in attns:
+        _check_position_bias(model, attn, f"{where}.{attr}", owns_bias=(i == 0 and attr == "SelfAttention"))
+        for pname in ("q", "k", "v", "o"):
+            _check_untied_linear(getattr(attn, pname, None), f"{where}.{attr}.{pname}", "heads", seen)
+    ffn = block.layer[-1].DenseReluDense
+    for pname in ("wi_0", "wi_1", "wo") if hasattr(ffn, "wi_0") else ("wi", "wo"):
+        _check_untied_linear(getattr(ffn, pname, None), f"{where}.DenseReluDense.{pname}", "FFN weights", seen)
+
+
+def _check_position_bias(model: nn.Module, attn: nn.Module, name: str, owns_bias: bool) -> None:
+    """Only the first block's self-attention of a stack owns the relative position bias, of the dense head count.
+
+    ``owns_bias``: whether ``attn`` (called ``name`` in messages) is that self-attention.
+    """
+    has_bias = getattr(attn, "relative_attention_bias", None) is not None
+    if has_bias and not owns_bias:
+        raise UnsupportedModelError(
+            f"{name} owns a relative_attention_bias, but in T5 only the self-attention of the "
+            "first block of each stack does (the later blocks reuse its bias). Pruning heads needs that "
+            "layout; this model's position bias is wired differently, so it cannot be pruned."
+        )
+    if owns_bias and not has_bias:
+        raise UnsupportedModelError(
+            f"{name} has no relative_attention_bias; T5 computes the position bias there. "
+            "This model is not laid out like T5ForConditionalGeneration and cannot be pruned."
+        )
+    if has_bias and attn.relative_attention_bias.embedding_dim != model.config.num_heads:
+        raise UnsupportedModelError(
+            f"{name}.relative_attention_bias has {attn.relative_attention_bias.embedding_dim} "
+            f"head columns, config.num_heads={model.config.num_heads}; they must match (it is the dense "
+            "head count, never pruned)."
+        )
 
 
 def _check_untied_linear(lin: Any, name: str, what: str, seen: dict[int, str]) -> None:
@@ -209,7 +225,8 @@ def after_slicing(model: nn.Module, units: Sequence[T5Units], kept_heads: Sequen
 
 
 def t5_layers(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
-    """Per block: the original indices of the kept heads of each attention and the FFN width, measured on the modules."""
+    """Per block: the original indices of the kept heads of each attention and the FFN width, measured on the
+    modules."""
     out: dict[str, list[dict[str, Any]]] = {"encoder": [], "decoder": []}
     for u in find_t5_units(model):
         heads = kept_original_heads(u.attn).tolist()
@@ -227,7 +244,10 @@ def t5_layers(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
 def is_dense_heads(layers: dict[str, list[dict[str, Any]]], num_heads: int) -> bool:
     full = list(range(num_heads))
     return all(
-        entry.get(key, full) == full for entries in layers.values() for entry in entries for key in ("self_heads", "cross_heads")
+        entry.get(key, full) == full
+        for entries in layers.values()
+        for entry in entries
+        for key in ("self_heads", "cross_heads")
     )
 
 
@@ -365,7 +385,8 @@ def check_seq2seq_batch(batch: dict[str, Any], index: int) -> None:
         t = batch.get(key)
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != n or t.dtype not in (torch.long, torch.int32):
+        integer_ids = isinstance(t, torch.Tensor) and t.dtype in (torch.long, torch.int32)
+        if not integer_ids or t.dim() != 2 or t.shape[0] != n:
             raise ValueError(
                 f"calibration batch {index}: {key} must be an integer tensor [batch={n}, target_len]; got "
                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}."

@@ -215,6 +215,7 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
                     f"model_attr={model_attr!r}: {type(obj).__name__} has no attribute {part!r}."
                 )
             obj = getattr(obj, part)
+        obj = _unwrap_peft(obj)  # a PeftModel / LoraModel: the transformers model it wraps (as the search finds)
         check_supported(obj)
         return obj
     # (a transformers config has a model_type; a LightningModule may keep a config of its own)
@@ -228,8 +229,21 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
     found = ", ".join(sorted({type(m).__name__ for m in candidates})) or "no transformers model"
     raise UnsupportedModelError(
         f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes "
-        "Llama, Mistral and Qwen2 causal LMs and T5ForConditionalGeneration; pass model_attr='path.to.model' if it is nested unusually."
+        "Llama, Mistral and Qwen2 causal LMs and T5ForConditionalGeneration; pass model_attr='path.to.model' if it "
+        "is nested unusually."
     )
+
+
+def _unwrap_peft(obj: Any) -> Any:
+    """The transformers model inside peft wrappers (``PeftModel`` -> ``LoraModel`` -> model); others as they are."""
+    for _ in range(4):  # PeftModel.get_base_model() already skips the tuner layer; bounded, never a loop
+        if not type(obj).__module__.startswith("peft."):
+            return obj
+        inner = obj.get_base_model() if hasattr(obj, "get_base_model") else getattr(obj, "model", None)
+        if inner is None or inner is obj:
+            return obj
+        obj = inner
+    return obj
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -120,10 +120,10 @@ def main() -> None:
     calibration = [train[i : i + 8] for i in range(0, 32, 8)]  # used only by calibration estimators
 
     module = ByteLM(args.lr)
+    uses_calibration = args.saliency in ("functional", "taylor_loss", "wanda_sp")
     cb = NirvanaPruningCallback(
         sparsity=args.sparsity, prune_at=args.prune_at, warmup_steps=args.warmup_steps, saliency=args.saliency,
-        gamma=args.gamma, calibration=calibration if args.saliency in ("functional", "taylor_loss", "wanda_sp") else None,
-        report_dir=args.out,
+        gamma=args.gamma, calibration=calibration if uses_calibration else None, report_dir=args.out,
     )
     ppl = PerplexityAtPrune(held_out, args.prune_at)
     trainer = pl.Trainer(

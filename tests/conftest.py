@@ -178,3 +178,24 @@ def qwen2():
 @pytest.fixture
 def calibration():
     return calib_batches()
+
+
+@pytest.fixture(scope="session")
+def extensions_dir(tmp_path_factory) -> str:
+    """One torch-extensions cache for the whole session (DeepSpeed's CPU op compiles once per suite)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
+
+
+@pytest.fixture
+def byte_model_dir(tmp_path):
+    """A saved random byte-level (vocabulary 256) Llama folder, as the one-shot commands load one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    )
+    path = tmp_path / "dense"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

@@ -124,14 +124,14 @@ def test_ties_remove_exactly_k_lowest_positions(sparsity, gamma):
     # KV: each layer's protected group is its best; with all ties the highest index survives
     # (lower index removed first), the others go in (layer, index) order.
     G = ref.kv_groups_per_layer
-    candidates = [(l, i) for l in range(ref.num_layers) for i in range(G) if i != G - 1]
+    candidates = [(layer, i) for layer in range(ref.num_layers) for i in range(G) if i != G - 1]
     removed_kv = set(candidates[:k_a])
-    for l, lp in enumerate(plan.layers):
-        assert lp.kept_kv_groups == [i for i in range(G) if (l, i) not in removed_kv]
+    for layer, lp in enumerate(plan.layers):
+        assert lp.kept_kv_groups == [i for i in range(G) if (layer, i) not in removed_kv]
     # MLP: the first k_m positions in (layer, index) order
-    I = ref.mlp_width
-    flat_kept = [l * I + c for l, lp in enumerate(plan.layers) for c in lp.kept_mlp_channels]
-    assert flat_kept == list(range(k_m, ref.num_layers * I))
+    width = ref.mlp_width
+    flat_kept = [layer * width + c for layer, lp in enumerate(plan.layers) for c in lp.kept_mlp_channels]
+    assert flat_kept == list(range(k_m, ref.num_layers * width))
 
     again = allocate(model, _const_scores(model), cfg)
     assert again.fingerprint() == plan.fingerprint()
@@ -154,10 +154,10 @@ def test_partial_ties_at_threshold_remove_exactly_k():
     k_m = round((budget - kv_removed * ref.kv_group_cost) / ref.mlp_channel_cost)
     assert mlp_removed == k_m
     # nothing kept scores lower than anything removed (global pool)
-    kept = torch.cat([scores.mlp[l][lp.kept_mlp_channels] for l, lp in enumerate(plan.layers)])
+    kept = torch.cat([scores.mlp[layer][lp.kept_mlp_channels] for layer, lp in enumerate(plan.layers)])
     gone = torch.cat(
-        [scores.mlp[l][[c for c in range(u.mlp_width) if c not in lp.kept_mlp_channels]]
-         for l, (u, lp) in enumerate(zip(units, plan.layers))]
+        [scores.mlp[layer][[c for c in range(u.mlp_width) if c not in lp.kept_mlp_channels]]
+         for layer, (u, lp) in enumerate(zip(units, plan.layers))]
     )
     assert gone.max() <= kept.min()
 
@@ -230,12 +230,15 @@ def test_min_mlp_channels_lowers_the_largest_feasible_sparsity(uniform):
     assert min(plan.mlp_widths_kept()) == 16 and (not uniform or set(plan.mlp_widths_kept()) == {16})
     between = AllocationConfig(sparsity=(s_floor + s_free) / 2, gamma=3.0, uniform=uniform, min_mlp_channels=16)
     largest = f"{math.floor(s_floor * 1000) / 1000:.3f}"
-    with pytest.raises(InfeasibleSparsityError, match=f"min_mlp_channels=16 per layer: the largest feasible sparsity is {largest}"):
+    expected = f"min_mlp_channels=16 per layer: the largest feasible sparsity is {largest}"
+    with pytest.raises(InfeasibleSparsityError, match=expected):
         allocate(model, scores, between)
 
 
 def test_min_mlp_channels_must_be_a_multiple_of_mlp_round_to():
-    with pytest.raises(ValueError, match="min_mlp_channels=12 must be a multiple of mlp_round_to=8.*min_mlp_channels=16"):
+    with pytest.raises(
+        ValueError, match="min_mlp_channels=12 must be a multiple of mlp_round_to=8.*min_mlp_channels=16"
+    ):
         AllocationConfig(sparsity=0.3, min_mlp_channels=12)
     assert AllocationConfig(sparsity=0.3, min_mlp_channels=12, mlp_round_to=4).min_mlp_channels == 12
 

@@ -7,15 +7,14 @@ import csv
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning_helpers import CausalLM, token_loader
+from processes import run_killable
 
 import nirvana_pl
 from nirvana_pl import cli
@@ -44,9 +43,8 @@ def _small_tiny_args(tmp_path: Path) -> list[str]:
 
 def test_fit_tiny_recipe_end_to_end_in_a_subprocess(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "nirvana_pl.cli", "fit", *_small_tiny_args(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    proc = run_killable(
+        [sys.executable, "-m", "nirvana_pl.cli", "fit", *_small_tiny_args(tmp_path)], 300, cwd=ROOT, env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -125,8 +123,11 @@ def test_wrong_type_names_the_key(capsys):
 
 
 def test_rejected_value_names_the_config_key_and_the_choices(capsys, tmp_path):
-    err = _error_of(["fit", *_small_tiny_args(tmp_path), "--trainer.callbacks.init_args.saliency", "adam_taylr"], capsys)
-    assert "trainer.callbacks[2] (NirvanaPruningCallback)" in err
+    err = _error_of(
+        ["fit", *_small_tiny_args(tmp_path), "--trainer.callbacks.init_args.saliency", "adam_taylr"], capsys
+    )
+    # index 3: after PruneCheckpoint, HeldOutPerplexity, SavePrunedModel
+    assert "trainer.callbacks[3] (NirvanaPruningCallback)" in err
     assert "saliency='adam_taylr'" in err and "adam_taylor" in err and "functional" in err
 
     err = _error_of(["fit", *_small_tiny_args(tmp_path), "--model.init_args.dtype", "fp64"], capsys)
@@ -137,20 +138,6 @@ def test_rejected_value_names_the_config_key_and_the_choices(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ prune / eval
-@pytest.fixture
-def byte_model_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-    )
-    path = tmp_path / "dense"
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 def test_prune_then_eval_commands(byte_model_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     data = ["--data.seq_len", "32", "--data.val_windows", "4", "--data.eval_batch_size", "4"]
@@ -251,10 +238,9 @@ def test_users_lightning_cli_reads_the_kl_callback_config_as_it_is(tmp_path):
         "print('SELECTOR', type(cb).__name__, type(cb.selector).__name__, cb.gamma)\n"
     )
     config = ROOT / "callbacks" / "nirvana_functional_kl.yaml"
-    out = subprocess.run(
+    out = run_killable(
         [sys.executable, str(script), "--config", str(config), "--trainer.accelerator", "cpu",
-         "--trainer.default_root_dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
+         "--trainer.default_root_dir", str(tmp_path)], 600, cwd=tmp_path,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SELECTOR NirvanaPruningCallback TextCalibrationSelector auto" in out.stdout

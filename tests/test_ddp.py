@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+from processes import run_killable
 
 from nirvana_pl import distributed
 from nirvana_pl.saliency import compute_scores, gradient_reduce
@@ -39,13 +40,11 @@ def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[
     for key in ("MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     env.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
     )
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-    )
+    proc = run_killable([sys.executable, str(SCRIPT), "--out", str(tmp_path), *args], timeout=180, cwd=ROOT, env=env)
     records = []
     for line in (proc.stdout + "\n" + proc.stderr).splitlines():
         # Two ranks share the pipe; a line may carry more than one record.

@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("deepspeed", reason="DeepSpeed tests need `pip install nirvana-pl[deepspeed]`")
 
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy  # noqa: E402
+from processes import run_all_killable, run_killable, spawn_killable  # noqa: E402
 
 from nirvana_pl import distributed  # noqa: E402
 from nirvana_pl.deepspeed import CPUDeepSpeedStrategy, checkpoint_shapes  # noqa: E402
@@ -34,12 +35,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def extensions_dir(tmp_path_factory) -> str:
-    """One torch-extensions cache for the whole session (DeepSpeed's op compile happens once)."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
 
 
 def _env(extensions_dir: str, port: int, **extra: str) -> dict:
@@ -66,10 +61,12 @@ def _records(text: str) -> list[dict]:
     return out
 
 
-def _run(extensions_dir: str, out: Path, *args: str, script: Path = SCRIPT) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    proc = subprocess.run(
-        [sys.executable, str(script), "--out", str(out), *args], cwd=ROOT, env=_env(extensions_dir, _free_port()),
-        capture_output=True, text=True, timeout=600,
+def _run(
+    extensions_dir: str, out: Path, *args: str, script: Path = SCRIPT
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    proc = run_killable(
+        [sys.executable, str(script), "--out", str(out), *args],
+        timeout=600, cwd=ROOT, env=_env(extensions_dir, _free_port()),
     )
     return proc, _records(proc.stdout + "\n" + proc.stderr)
 
@@ -195,21 +192,16 @@ def test_zero_resume_after_prune_and_fp32_export(tmp_path, extensions_dir, stage
         torch.testing.assert_close(loaded(ids).logits, module.net.eval()(ids).logits)
 
 
-def _two_nodes(extensions_dir: str, out: Path, script: Path, *args: str) -> tuple[list[subprocess.CompletedProcess], list[dict]]:
+def _two_nodes(
+    extensions_dir: str, out: Path, script: Path, *args: str
+) -> tuple[list[subprocess.CompletedProcess], list[dict]]:
     """Two processes standing for two nodes: num_nodes=2, devices=1, NODE_RANK 0 and 1 on loopback."""
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), "--out", str(out / f"node{rank}"), "--devices", "1", "--nodes", "2", *args],
-            cwd=ROOT, env=_env(extensions_dir, port, NODE_RANK=str(rank)), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )
-        for rank in (0, 1)
-    ]
-    done = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    done = run_all_killable(
+        [[sys.executable, str(script), "--out", str(out / f"node{rank}"), "--devices", "1", "--nodes", "2", *args]
+         for rank in (0, 1)],
+        600, [dict(cwd=ROOT, env=_env(extensions_dir, port, NODE_RANK=str(rank))) for rank in (0, 1)],
+    )  # fmt: skip
     return done, _records("\n".join(d.stdout + "\n" + d.stderr for d in done))
 
 
@@ -262,7 +254,9 @@ def test_check_strategy_accepts_zero_1_2_3_and_refuses_others():
     with pytest.raises(ValueError, match=r"zero_optimization.stage=0.*stage=2"):
         distributed.check_strategy(DeepSpeedStrategy(stage=0))
     with pytest.raises(ValueError, match="configure_optimizers"):
-        distributed.check_strategy(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}))
+        distributed.check_strategy(
+            DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}})
+        )
     with pytest.raises(ValueError, match="FSDPStrategy yet.*FSDP"):
         distributed.check_strategy(object.__new__(FSDPStrategy))
     distributed.check_strategy(object.__new__(DDPStrategy))
@@ -281,7 +275,8 @@ def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
 
     allocs = [AllocationConfig(sparsity=0.3), AllocationConfig(sparsity=0.5, min_mlp_channels=16)]
     assert deepspeed_allocations(DeepSpeedStrategy(stage=2), tiny_llama(), allocs) == allocs
-    assert [a.min_mlp_channels for a in deepspeed_allocations(DeepSpeedStrategy(stage=3), tiny_llama(), allocs)] == [8, 16]
+    floored = deepspeed_allocations(DeepSpeedStrategy(stage=3), tiny_llama(), allocs)
+    assert [a.min_mlp_channels for a in floored] == [8, 16]
     with pytest.raises(ValueError, match="LoRA.*not supported under DeepSpeed"):
         deepspeed_allocations(DeepSpeedStrategy(stage=2), tiny_llama(), allocs, recovery={"r": 4})
     with pytest.raises(ValueError, match=r"T5 under DeepSpeed ZeRO-3.*stage=2"):
@@ -289,7 +284,7 @@ def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
     # also when only loading a checkpoint (validate/test/predict): the load would reshape the model
     with pytest.raises(ValueError, match=r"T5 under DeepSpeed ZeRO-3"):
         NirvanaPruningCallback(sparsity=0.3, prune_at=5, warmup_steps=2).setup(
-            SimpleNamespace(strategy=DeepSpeedStrategy(stage=3)), tiny_t5(), "validate"
+            SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), callbacks=[]), tiny_t5(), "validate"
         )
 
     def plan_emptying(layer: int) -> PruningPlan:
@@ -325,7 +320,7 @@ def _resume_votes(rank: int, port: int, cases: list[list[bool]], out: str) -> No
 def test_ranks_that_disagree_about_a_checkpoints_shapes_stop_with_an_error(tmp_path):
     """A node that cannot read the checkpoint would skip the engine rebuild (a collective) and hang the job."""
     cases = [[True, True], [False, False], [True, False], [False, True]]
-    torch.multiprocessing.spawn(_resume_votes, args=(_free_port(), cases, str(tmp_path)), nprocs=2)
+    spawn_killable(_resume_votes, (_free_port(), cases, str(tmp_path)), nprocs=2, timeout=120)
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert results[:2] == ["True", "False"]

@@ -8,7 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from nirvana_pl import prune
 
-_SPEC = importlib.util.spec_from_file_location("quality_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "quality_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+)
 quality = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(quality)
 

@@ -81,11 +81,12 @@ def test_recipe_parses(path, tmp_path):
 def test_callback_config_appends_to_a_recipe(path):
     config = cli.parse_recipe(ROOT / "recipes" / "tiny_llama_pydoc.yaml", overrides=["--config", str(path)])
     callbacks = [c.class_path for c in config.fit.trainer.callbacks]
-    assert callbacks[:3] == [
-        "nirvana_pl.modules.HeldOutPerplexity", "nirvana_pl.modules.SavePrunedModel",
-        "nirvana_pl.callback.NirvanaPruningCallback",
+    assert callbacks[:4] == [
+        "nirvana_pl.modules.PruneCheckpoint", "nirvana_pl.modules.HeldOutPerplexity",
+        "nirvana_pl.modules.SavePrunedModel", "nirvana_pl.callback.NirvanaPruningCallback",
     ]
-    assert callbacks[-1] == "nirvana_pl.callback.NirvanaPruningCallback" and len(callbacks) == 5
+    # (appended, not merged: the Trainer then refuses the second NirvanaPruningCallback with the schedule= fix)
+    assert callbacks[-1] == "nirvana_pl.callback.NirvanaPruningCallback" and len(callbacks) == 6
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -296,7 +297,8 @@ def test_held_out_perplexity_measures_the_dense_model_whatever_the_callback_orde
     nirvana = NirvanaPruningCallback(sparsity=0.5, prune_at=3, warmup_steps=2)
     held = HeldOutPerplexity(progress=False)
     trainer = pl.Trainer(
-        max_steps=5, accelerator="cpu", devices=1, callbacks=[snapshot, nirvana, held], logger=pl.loggers.CSVLogger(tmp_path),
+        max_steps=5, accelerator="cpu", devices=1, callbacks=[snapshot, nirvana, held],
+        logger=pl.loggers.CSVLogger(tmp_path),
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
         default_root_dir=tmp_path, num_sanity_val_steps=0,
     )

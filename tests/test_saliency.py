@@ -53,9 +53,9 @@ def _unit_sums(model, per_weight) -> UnitScores:
             (rows("q_proj", a.q_proj, G) + rows("k_proj", a.k_proj, G) + rows("v_proj", a.v_proj, G)
              + cols("o_proj", a.o_proj, G)).float()
         )
-        I = u.mlp_width
-        mlp.append((rows("gate_proj", m.gate_proj, I) + rows("up_proj", m.up_proj, I)
-                    + cols("down_proj", m.down_proj, I)).float())
+        width = u.mlp_width
+        mlp.append((rows("gate_proj", m.gate_proj, width) + rows("up_proj", m.up_proj, width)
+                    + cols("down_proj", m.down_proj, width)).float())
     return UnitScores(attn, mlp)
 
 

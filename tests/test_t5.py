@@ -135,7 +135,8 @@ def test_second_prune_composes_kept_original_heads(gated):
     # The same removal in one plan on the dense model.
     composed = []
     for a, b in zip(first.layers, second.layers):
-        composed.append(LayerPlan(a.kv_groups_before, a.mlp_channels_before, [a.kept_kv_groups[i] for i in b.kept_kv_groups],
+        composed.append(LayerPlan(a.kv_groups_before, a.mlp_channels_before,
+                                  [a.kept_kv_groups[i] for i in b.kept_kv_groups],
                                   [a.kept_mlp_channels[i] for i in b.kept_mlp_channels]))  # fmt: skip
     composed_plan = PruningPlan(layers=composed, target_sparsity=0.0, gamma=1.0, saliency="hand")
     assert [getattr(u.attn, KEPT_HEADS).tolist() for u in find_units(model)] == [c.kept_kv_groups for c in composed]
@@ -314,7 +315,9 @@ def test_report_shows_the_share_each_kind_lost(tmp_path):
 def test_heads_tied_across_layers_are_refused():
     model = tiny_t5()
     model.decoder.block[1].layer[1].EncDecAttention.k = model.decoder.block[0].layer[1].EncDecAttention.k
-    with pytest.raises(UnsupportedModelError, match=r"decoder.block\[1\].EncDecAttention.k.weight is the same Parameter"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"decoder.block\[1\].EncDecAttention.k.weight is the same Parameter"
+    ):
         find_units(model)
 
 
@@ -344,6 +347,8 @@ def test_kl_selection_refuses_t5_clearly():
     from nirvana_pl import CalibrationSelector
 
     pool = torch.randint(3, VOCAB, (40, 8))
-    selector = CalibrationSelector(pool=pool, num_candidates=2, samples_per_candidate=4, probe_windows=8, probe_seq_len=None)
+    selector = CalibrationSelector(
+        pool=pool, num_candidates=2, samples_per_candidate=4, probe_windows=8, probe_seq_len=None
+    )
     with pytest.raises(ValueError, match="causal LM"):
         selector.select(tiny_t5(), "functional", AllocationConfig(sparsity=0.3))

@@ -85,7 +85,9 @@ def test_load_pruned_state_dict_resizes_a_dense_module_and_takes_empty_weights_o
     with pytest.raises(ValueError, match="k_proj.weight is a 1-D placeholder.*convert_zero_checkpoint_to_fp32"):
         load_pruned_state_dict(CausalLM(seed=1), zero3_model_states)
     with pytest.raises(ValueError, match="LoRA adapter weights.*merge_and_unload"):
-        load_pruned_state_dict(CausalLM(seed=1), {**state, "net.model.layers.0.mlp.up_proj.lora_A.default.weight": torch.zeros(8, 64)})
+        load_pruned_state_dict(
+            CausalLM(seed=1), {**state, "net.model.layers.0.mlp.up_proj.lora_A.default.weight": torch.zeros(8, 64)}
+        )
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -97,7 +99,9 @@ def test_load_pruned_state_dict_reads_a_t5_ffn_width_from_its_input_projection(g
 
     trained = tiny_t5(gated=gated)
     units = find_units(trained)
-    layers = [LayerPlan(u.num_kv_groups, u.mlp_width, list(range(u.num_kv_groups)), list(range(u.mlp_width))) for u in units]
+    layers = [
+        LayerPlan(u.num_kv_groups, u.mlp_width, list(range(u.num_kv_groups)), list(range(u.mlp_width))) for u in units
+    ]
     emptied = next(i for i, u in enumerate(units) if u.mlp_width)
     layers[emptied] = LayerPlan(units[emptied].num_kv_groups, units[emptied].mlp_width, [0], [])
     apply_plan(trained, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual"))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from processes import run_killable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,8 @@ def run_without_nirvana_pl(body: str, folder: Path, expected_file: Path, tmp_pat
     """Run ``body`` (Python source) in a child process without nirvana_pl; it must print CHILD_OK."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    proc = subprocess.run(
+    proc = run_killable(
         [sys.executable, "-c", _HIDE_NIRVANA_PL + textwrap.dedent(body), str(folder), str(expected_file), str(REPO)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        300, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.returncode == 0 and "CHILD_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -123,7 +123,9 @@ def check_t5_layers(config) -> dict[str, list[dict[str, Any]]] | None:
                     )
             d_ff = entry.get("d_ff")
             if not isinstance(d_ff, int) or d_ff < 0:
-                raise ValueError(f"config.nirvana_t5_layers[{stack!r}][{i}]['d_ff'] = {d_ff!r} must be an integer >= 0.")
+                raise ValueError(
+                    f"config.nirvana_t5_layers[{stack!r}][{i}]['d_ff'] = {d_ff!r} must be an integer >= 0."
+                )
     return layers
 
 

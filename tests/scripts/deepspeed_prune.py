@@ -149,7 +149,8 @@ class After(Callback):
         # The same plan applied in one process to a plain copy holding the dense fp32 masters, with
         # a torch AdamW holding the dense moments: the stock surgery path slices both.
         dense = self.before.state
-        ref = CausalLM(seed=0, **model_shape(self.before.stage3)).net.float()  # dense, same architecture; values from the gathered state
+        # dense, same architecture; values from the gathered state
+        ref = CausalLM(seed=0, **model_shape(self.before.stage3)).net.float()
         names = {id(p): n for n, p in pl_module.named_parameters()}
         model_names = [names[id(p)] for p in self.pruner.model.parameters()]
         opt = torch.optim.AdamW(ref.parameters())
