@@ -171,6 +171,7 @@ class NirvanaPruningCallback(Callback):
         self._report_path: Path | None = None
         self._load_hook: Any = None
         self._warned_stride = False
+        self._is_global_zero = True
 
     @property
     def state_key(self) -> str:
@@ -216,11 +217,15 @@ class NirvanaPruningCallback(Callback):
         """Write the (pruned) model so that transformers can load it; see :func:`nirvana_pl.save_pruned`.
 
         Refuses a model that no prune event has touched (the fit ended before ``prune_at``), unless
-        ``allow_unpruned=True``; warns when some events of a schedule did not happen.
+        ``allow_unpruned=True``; warns when some events of a schedule did not happen. In a multi-process
+        fit only global rank 0 writes (the others return the path at once), so it may be called on every
+        rank or on rank 0 alone.
         """
         from .export import save_pruned
 
         pending = self.pending_events
+        if not self._is_global_zero:  # every rank of a DDP run may call this: rank 0 writes, the others do not
+            return Path(directory)
         if pending and not self._records and not allow_unpruned:
             raise RuntimeError(
                 f"NirvanaPruningCallback.save_pretrained({str(directory)!r}): nothing was pruned, the model is dense "
@@ -234,6 +239,7 @@ class NirvanaPruningCallback(Callback):
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._refuse_other_instances(trainer)
+        self._is_global_zero = trainer.is_global_zero
         self._model = self._locate_model(pl_module)
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
@@ -342,8 +348,10 @@ class NirvanaPruningCallback(Callback):
         pending = self.pending_events
         if self._adam and not is_deepspeed(trainer.strategy) and pending:
             check_adam_optimizers(self.model, trainer.optimizers, self.saliency)
+        # (batches, not global steps, under manual optimization; -1 or inf when Lightning cannot know)
         total = trainer.estimated_stepping_batches
-        late = [e.step for e in pending if e.step > total]
+        known = pl_module.automatic_optimization and 0 < total < float("inf")
+        late = [e.step for e in pending if known and e.step > total]
         if late:
             rank_zero_warn(
                 f"NirvanaPruningCallback: this fit makes about {int(total)} optimizer steps "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -624,6 +625,13 @@ class PruneCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("PruneCheckpoint._save_checkpoint")
         self._last_checkpoint_saved = filepath
 
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # a swapped-in DeepSpeed checkpoint is a link to its folder: removing the link alone would keep the folder
+        folder = swapped_folder(Path(filepath))
+        super()._remove_checkpoint(trainer, filepath)
+        if folder is not None and trainer.is_global_zero:
+            shutil.rmtree(folder, ignore_errors=True)
+
 
 def swap_in_folder(complete: Path, target: Path) -> None:
     """Put the finished folder ``complete`` at ``target`` so that ``target`` is never a half-written folder.
@@ -634,7 +642,7 @@ def swap_in_folder(complete: Path, target: Path) -> None:
     """
     final = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}")
     os.rename(complete, final)
-    previous = Path(os.path.realpath(target)) if target.is_symlink() else None
+    previous = swapped_folder(target)  # (only a folder this function made for this name is removed below)
     if target.is_dir() and not target.is_symlink():  # a plain folder written otherwise: no atomic way to replace it
         shutil.rmtree(target)
     link = target.with_name(f".{target.name}.link")
@@ -644,6 +652,17 @@ def swap_in_folder(complete: Path, target: Path) -> None:
     os.replace(link, target)  # atomic: readers see the old folder or the new one
     if previous is not None and previous != final.resolve():
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def swapped_folder(link: Path) -> Path | None:
+    """The folder ``<link>.<id>`` beside ``link`` that :func:`swap_in_folder` made ``link`` point to, else None."""
+    if not link.is_symlink():
+        return None
+    folder = Path(os.path.realpath(link))
+    made_here = folder.parent == Path(os.path.realpath(link.parent)) and re.fullmatch(
+        re.escape(link.name) + r"\.[0-9a-f]{8}", folder.name
+    )
+    return folder if made_here else None
 
 
 def _prune_count(trainer: pl.Trainer) -> int:

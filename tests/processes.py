@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from typing import Sequence
 
@@ -28,31 +29,47 @@ def run_killable(cmd: Sequence[str], timeout: float, **popen_kwargs) -> subproce
 def run_all_killable(
     cmds: Sequence[Sequence[str]], timeout: float, popen_kwargs: Sequence[dict]
 ) -> list[subprocess.CompletedProcess]:
-    """Start every command at once (e.g. one per "node"), wait for all within ``timeout`` seconds in total."""
+    """Start every command at once (e.g. one per "node"), wait for all within ``timeout`` seconds in total.
+
+    Output goes to temporary files, not pipes: a pipe read after another process's would fill up and
+    block a chatty process (and with it the collective the others wait in).
+    """
+    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
     procs = [
-        subprocess.Popen(
-            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
-        )
-        for cmd, kw in zip(cmds, popen_kwargs)
+        subprocess.Popen(list(cmd), stdout=out, stderr=err, text=True, start_new_session=True, **kw)
+        for cmd, kw, (out, err) in zip(cmds, popen_kwargs, outputs)
     ]
     deadline = time.monotonic() + timeout
-    done = []
     try:
+        timed_out = None
         for proc in procs:
             try:
-                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                for p in procs:
-                    _kill_group(p)
-                out, err = proc.communicate()
-                pytest.fail(
-                    f"{' '.join(map(str, proc.args))} did not finish within {timeout:.0f} s and was killed (SIGKILL): "
-                    f"a hang?\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-6000:]}"
-                )
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+                timed_out = proc
+                break
+        if timed_out is not None:
+            for p in procs:
+                _kill_group(p)
+            for p in procs:
+                p.wait()
+        done = []
+        for proc, (out, err) in zip(procs, outputs):
+            out.seek(0)
+            err.seek(0)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+        if timed_out is not None:
+            late = done[procs.index(timed_out)]
+            pytest.fail(
+                f"{' '.join(map(str, timed_out.args))} did not finish within {timeout:.0f} s and was killed (SIGKILL): "
+                f"a hang?\n--- stdout\n{late.stdout[-3000:]}\n--- stderr\n{late.stderr[-6000:]}"
+            )
     finally:
         for p in procs:  # ranks left behind by a failed parent
             _kill_group(p)
+        for out, err in outputs:
+            out.close()
+            err.close()
     return done
 
 

@@ -183,3 +183,45 @@ def test_a_folder_checkpoint_is_swapped_in_whole(tmp_path):
     folder("old.ckpt", 3)
     swap_in_folder(folder("c.partial", 12), plain)
     assert plain.is_symlink() and (plain / "latest").read_text() == "step 12"
+
+
+def test_removing_a_swapped_in_checkpoint_removes_its_folder_and_nothing_else(tmp_path):
+    from nirvana_pl.modules import swapped_folder
+
+    def folder(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "latest").write_text(name)
+        return path
+
+    from nirvana_pl.modules import swap_in_folder
+
+    top = tmp_path / "epoch=0-step=250.ckpt"
+    swap_in_folder(folder("a.partial"), top)
+    assert swapped_folder(top) is not None and swapped_folder(top).name.startswith("epoch=0-step=250.ckpt.")
+    # a link that points elsewhere (e.g. last.ckpt -> a top-k checkpoint, save_last="link") is not "its" folder
+    last = tmp_path / "last.ckpt"
+    last.symlink_to(top.name)
+    assert swapped_folder(last) is None
+    swap_in_folder(folder("b.partial"), last)  # replacing that link must not delete the top-k folder
+    assert (top / "latest").read_text() == "a.partial"
+    assert swapped_folder(tmp_path / "missing.ckpt") is None
+
+
+def test_save_pretrained_writes_on_global_rank_zero_only(tmp_path):
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=3, warmup_steps=2)
+    trainer(tmp_path, 4, [cb]).fit(CausalLM(), token_loader())
+    cb._is_global_zero = False  # as on rank 1 of a DDP run
+    assert cb.save_pretrained(tmp_path / "rank1") == tmp_path / "rank1" and not (tmp_path / "rank1").exists()
+    cb._is_global_zero = True
+    cb.save_pretrained(tmp_path / "rank0")
+    assert (tmp_path / "rank0" / "config.json").is_file()
+
+
+def test_manual_optimization_is_not_warned_about_by_batch_count(tmp_path, recwarn):
+    """estimated_stepping_batches counts batches; with two optimizers global_step runs twice as fast."""
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=20, warmup_steps=3)
+    module = TwoOptimizers()
+    trainer(tmp_path, -1, [cb], max_epochs=1).fit(module, token_loader())  # 16 batches = 32 global steps
+    assert len(cb.records) == 1
+    assert not [w for w in recwarn if "will not happen" in str(w.message)]
