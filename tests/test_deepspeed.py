@@ -284,7 +284,9 @@ def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
     # also when only loading a checkpoint (validate/test/predict): the load would reshape the model
     with pytest.raises(ValueError, match=r"T5 under DeepSpeed ZeRO-3"):
         NirvanaPruningCallback(sparsity=0.3, prune_at=5, warmup_steps=2).setup(
-            SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), callbacks=[]), tiny_t5(), "validate"
+            SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), callbacks=[], is_global_zero=True),
+            tiny_t5(),
+            "validate",
         )
 
     def plan_emptying(layer: int) -> PruningPlan:
