@@ -429,7 +429,7 @@ class NirvanaPruningCallback(Callback):
         for name, value in self._event_metrics(pl_module, record, selection).items():
             pl_module.log(f"nirvana/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
         if trainer.is_global_zero:  # (no collective in here: the folder was agreed in on_train_start)
-            self._write_event_report(trainer, record, selection)
+            self._write_event_report(record, selection)
 
     def _agreed_plan(self, trainer: pl.Trainer, event: PruneEvent) -> tuple[PruningPlan, dict[str, Any] | None]:
         """The plan of ``event`` that every rank applies (rank 0's), and its KL selection summary if any."""
@@ -486,11 +486,8 @@ class NirvanaPruningCallback(Callback):
                 metrics[f"gamma_kl_{g}"] = kl
         return metrics
 
-    def _write_event_report(
-        self, trainer: pl.Trainer, record: PruneRecord, selection: Mapping[str, Any] | None
-    ) -> None:
-        directory = self._report_dir or self.report_dir or Path(trainer.default_root_dir)
-        self._report_path = write_report(directory, self._records, self._reference)
+    def _write_event_report(self, record: PruneRecord, selection: Mapping[str, Any] | None) -> None:
+        self._report_path = write_report(self._report_dir, self._records, self._reference)
         message = format_summary(record, self._reference)
         if selection is not None:
             message += f"\n  KL selection: {_describe_selection(selection)}"

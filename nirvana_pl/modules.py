@@ -90,9 +90,6 @@ def local_model_path(name_or_path: str, what: str = "name_or_path", fix: str = "
     ``/`` or ``~``, ends with a separator, or is not of the form of a hub id) and nothing is there,
     instead of transformers' "Repo id must be in the form ..." about a name that was never meant as one.
     """
-    import os
-    import re
-
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path)
@@ -579,6 +576,7 @@ class PruneCheckpoint(ModelCheckpoint):
     """
 
     PRUNE_NAME = "prune-step={step}"
+    _prunes_seen = 0  # prune events this callback has seen (saved or restored from a checkpoint)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Saving is a collective (every rank writes its part, then a barrier); an exception raised on one
@@ -601,7 +599,7 @@ class PruneCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         count = _prune_count(trainer)  # (checkpoint callbacks run after the others: the prune is done here)
-        if count == getattr(self, "_prunes_seen", 0) or trainer.fast_dev_run or trainer.sanity_checking:
+        if count == self._prunes_seen or trainer.fast_dev_run or trainer.sanity_checking:
             return
         self._prunes_seen = count
         name = self.PRUNE_NAME.format(step=trainer.global_step) + self.FILE_EXTENSION

@@ -63,6 +63,8 @@ def test_ddp_fit_with_the_defaults_goes_on_after_the_prune(tmp_path, logger):
     assert Path(ends[0]["report"]) == expected_dir / "nirvana_prune_report.json" and Path(ends[0]["report"]).is_file()
     assert Path(ends[0]["saved_to"]) == expected_dir / "pruned_model"
     _check_saved(expected_dir / "pruned_model", ends[0]["shapes"])
+    assert ends[0]["exported"] == ends[1]["exported"] == str(tmp_path / "exported")
+    _check_saved(tmp_path / "exported", ends[0]["shapes"])
 
 
 def _recipe_args(tmp_path: Path) -> list[str]:

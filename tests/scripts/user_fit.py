@@ -44,11 +44,14 @@ def main() -> None:
     )
     module = CausalLM()
     trainer.fit(module, token_loader())
+    # as a user would, on every rank: global rank 0 writes, the others return at once
+    exported = pruner.save_pretrained(Path(args.out) / "exported")
     print("USER_FIT " + json.dumps({
         "rank": trainer.global_rank, "step": trainer.global_step, "records": len(pruner.records),
         "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(module.net)],
         "report": str(pruner.report_path) if pruner.report_path else None,
         "saved_to": str(saver.saved_to) if saver.saved_to else None,
+        "exported": str(exported),
     }), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
