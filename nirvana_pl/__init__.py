@@ -13,7 +13,8 @@ from .oneshot import prune
 from .plan import LayerPlan, PruningPlan
 from .saliency import ESTIMATORS, SaliencyError
 from .surgery import PlanMismatchError
-from .units import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .arch import register_architecture, supported_model_types
+from .units import UnsupportedModelError
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,9 @@ __all__ = [
     "load_pruned_state_dict",
     "masked",
     "prune",
+    "register_architecture",
     "save_pruned",
+    "supported_model_types",
     "token_windows",
 ]
 
@@ -46,6 +49,8 @@ def __getattr__(name: str):
         from .callback import NirvanaPruningCallback
 
         return NirvanaPruningCallback
+    if name == "SUPPORTED_MODEL_TYPES":  # (earlier releases' constant; the registry is extensible now)
+        return tuple(supported_model_types())
     if name in ("save_pruned", "load_pruned", "load_pruned_state_dict"):
         from . import export
 

@@ -32,7 +32,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,8 @@ from .data import as_batches
 from .plan import PruningPlan
 from .saliency import CALIBRATION_ESTIMATORS, UnitScores, check_calibration, compute_scores, eval_mode
 from .surgery import validate_plan
-from .units import check_supported, unit_index
+from .arch import architecture_of
+from .units import check_supported
 
 #: gamma values tried by :func:`choose_gamma` (the paper hand-tunes 3.0 - 3.36).
 DEFAULT_GAMMA_GRID: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -79,7 +80,7 @@ def masked(model: nn.Module, plan: PruningPlan) -> Iterator[nn.Module]:
                     continue
                 for w in weights:
                     if w.axis == 1:
-                        idx = unit_index(n, w.rows_per_unit, removed)
+                        idx = w.index_map.indices(removed)
                         # on the module the model calls (a LoRA layer too), so adapters see the zeros as well
                         handles.append(w.module.register_forward_pre_hook(_zero_input_columns(idx)))
         _MASKED[model] = _MASKED.get(model, 0) + 1
@@ -109,15 +110,9 @@ def _zero_input_columns(idx: torch.Tensor):
 # ---------------------------------------------------------------------------------------
 # chunked KL against a cached dense probe
 # ---------------------------------------------------------------------------------------
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if body is None or head is None:
-        raise ValueError(
-            f"KL calibration needs a causal LM with a decoder body `.model` and an `.lm_head`; "
-            f"{type(model).__name__} has {'no lm_head' if head is None else 'no .model'}. Pass the "
-            "*ForCausalLM model (e.g. LlamaForCausalLM), not the base model."
-        )
-    return body, head
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """(decoder body, hidden states -> logits as the model returns them), from the model's architecture."""
+    return architecture_of(model).body_and_head(model)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from .allocate import DenseReference, check_feasible
+from .arch import architecture_of
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .deepspeed import deepspeed_allocations, install_resume_reshape, is_deepspeed, prune_engine, reader_for
 from .distributed import (
@@ -48,7 +49,6 @@ from .saliency import (
 )
 from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, resize_from_state_dict
-from .t5 import is_t5
 from .units import (
     UnsupportedModelError,
     base_parameter_count,
@@ -330,7 +330,7 @@ class NirvanaPruningCallback(Callback):
         ``materialize``: see :func:`nirvana_pl.surgery.apply_plan` (DeepSpeed ZeRO-3 passes one).
         """
         held = resize_from_state_dict(self.model, module, state_dict, prefix, materialize)
-        if not held or is_t5(self.model):  # (not a full model state dict: shapes left alone)
+        if not held or not architecture_of(self.model).lora:  # (not a full model state dict: shapes left alone)
             return
         saved_adapters = any(".lora_A." in key for key in state_dict if key.startswith(prefix))
         if saved_adapters and self.recovery is not None and not has_lora(self.model):
@@ -420,6 +420,7 @@ class NirvanaPruningCallback(Callback):
             total_params_after=base_parameter_count(model),  # recovery adapters are not the model's size
             prunable_params_after=prunable_parameter_count(model),
             seconds=seconds,
+            caveat=architecture_of(model).caveat,
         )
         self._records.append(record)
         for accumulator in self._adam.values():

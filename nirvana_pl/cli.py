@@ -430,6 +430,7 @@ def prune_command(
     import nirvana_pl
 
     from .allocate import DenseReference
+    from .arch import architecture_of
     from .export import save_pruned
     from .modules import load_model, load_tokenizer, perplexity
     from .report import PruneRecord, format_summary, write_markdown, write_report
@@ -462,7 +463,7 @@ def prune_command(
         mlp_round_to=mlp_round_to, uniform=uniform, reference=reference, seed=seed, progress=True,
     )
     record = PruneRecord(0, plan, before, sum(p.numel() for p in net.parameters()), prunable_parameter_count(net),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, caveat=architecture_of(net).caveat)
     print(format_summary(record, reference), flush=True)
     ppl_pruned = perplexity(net, held_out, progress=True, desc="perplexity (pruned)") if held_out else None
 

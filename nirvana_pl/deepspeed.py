@@ -41,8 +41,8 @@ from .allocate import AllocationConfig
 from .lora import has_lora
 from .plan import PruningPlan
 from .surgery import apply_plan, planned_slices
-from .t5 import is_t5
-from .units import find_units, parameter_numel
+from .arch import architecture_of
+from .units import base_model_type, find_units, parameter_numel
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 SUPPORTED_STAGES = (1, 2, 3)
@@ -149,8 +149,9 @@ def check_deepspeed_strategy(strategy: Any, saliency: str | None = None, runs_mo
 def deepspeed_allocations(
     strategy: Any, model: nn.Module, allocs: Sequence[AllocationConfig], recovery: Any = None
 ) -> list[AllocationConfig]:
-    """Refuse what the callback cannot do under this DeepSpeed strategy (LoRA; under ZeRO-3 T5, or a
-    layer whose MLP was pruned away before) and return ``allocs`` with ZeRO-3's MLP floor."""
+    """Refuse what the callback cannot do under this DeepSpeed strategy (LoRA; under ZeRO-3 a family whose adapter
+    says ``zero3=False``, or a layer whose MLP was pruned away before) and return ``allocs`` with ZeRO-3's MLP
+    floor."""
     if recovery is not None or has_lora(model):
         raise ValueError(
             "NirvanaPruningCallback: LoRA adapters (recovery= or a peft model) are not supported under "
@@ -159,10 +160,11 @@ def deepspeed_allocations(
         )
     if zero_stage(strategy) != 3:
         return list(allocs)
-    if is_t5(model):
+    if not architecture_of(model).zero3:
+        mtype = base_model_type(model.config)
         raise ValueError(
-            "NirvanaPruningCallback does not support T5 under DeepSpeed ZeRO-3 yet; use "
-            "DeepSpeedStrategy(stage=2) (or 1) for T5."
+            f"NirvanaPruningCallback does not support {mtype!r} models under DeepSpeed ZeRO-3 yet; use "
+            f"DeepSpeedStrategy(stage=2) (or 1) for {mtype!r}."
         )
     check_no_empty_mlp({i: u.mlp_width for i, u in enumerate(find_units(model)) if u.mlp_weights}, "the model")
     floored = [zero3_allocation(a) for a in allocs]

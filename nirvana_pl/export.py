@@ -1,15 +1,18 @@
 """Save pruned models so that plain transformers can load them, and load them back.
 
-Two folder formats, chosen by the model's real (per-module) widths:
+Two folder formats, chosen by the model's architecture adapter from its real (per-module) widths:
 
 * **stock** - every layer has the same width and the stock config can describe it: a normal
   ``save_pretrained`` folder; ``AutoModelForCausalLM.from_pretrained(folder)`` loads it anywhere.
 * **nirvana** - layers differ in width (or the stock config rejects the uniform widths, e.g.
   ``LlamaConfig`` wants ``hidden_size % num_attention_heads == 0``): the weights as usual, a config
-  with ``model_type="nirvana_<base>"``, ``nirvana_layer_widths`` and an ``auto_map`` into the
-  ``modeling_nirvana.py`` copied next to it. Any machine with transformers (no nirvana_pl) loads it
-  with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``;
-  :func:`load_pruned` loads it without remote code.
+  with ``model_type="nirvana_<base>"``, the per-layer widths and an ``auto_map`` into the modeling
+  code written next to it (``modeling_nirvana.py``, importing only that family's stock classes). Any
+  machine with transformers (no nirvana_pl) loads it with
+  ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``; :func:`load_pruned` loads
+  it without remote code.
+
+This module does what is common to every family: input checks, LoRA adapters, the atomic folder swap.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -27,40 +29,12 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from .hub_code import modeling_nirvana
-from .hub_code import modeling_nirvana_t5
-from .hub_code.modeling_nirvana import NIRVANA_CLASSES
-from .hub_code.modeling_nirvana_t5 import NIRVANA_T5_CLASSES
+from .arch import architecture_for_type, architecture_of, supported_model_types
+from .hf_folder import CONFIG_FILE
 from .lora import base_state_dict, has_lora, save_adapter
-from .surgery import layer_widths
-from .units import UnsupportedModelError, base_model_type, check_supported, head_dim_of, try_stock_config
+from .units import check_supported
 
 ADAPTER_SUBFOLDER = "adapter"
-CONFIG_FILE = "config.json"
-
-#: stock model_type -> nirvana model_type
-NIRVANA_TYPE_OF = {base: ntype for ntype, (_, _, base) in NIRVANA_CLASSES.items()}
-
-# Keys that describe the saved format, not the model; rebuilt on every save.
-_NIRVANA_KEYS = ("auto_map", "nirvana_layer_widths", "nirvana_base_model_type")
-_FORMAT_KEYS = ("model_type", "architectures") + _NIRVANA_KEYS
-
-
-def _stock_classes(base: str) -> tuple[type, type]:
-    """The stock config class and causal-LM class of a stock model_type."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return CONFIG_MAPPING[base], getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base])
-
-
-def _config_dict(config) -> dict[str, Any]:
-    d = config.to_dict()
-    for key in _FORMAT_KEYS + ("transformers_version",):
-        d.pop(key, None)
-    return d
-
 
 
 def save_pruned(
@@ -72,7 +46,7 @@ def save_pruned(
     adapters: str = "merge",
     **save_pretrained_kwargs: Any,
 ) -> Path:
-    """Write ``model`` (a pruned or dense Llama/Mistral/Qwen2 causal LM) to ``directory``.
+    """Write ``model`` (a pruned or dense model of a supported architecture) to ``directory``.
 
     Uniform widths that the stock config accepts give a stock folder; anything else gives a
     nirvana folder (see the module docstring). ``tokenizer`` is saved alongside when given. Extra
@@ -175,50 +149,7 @@ def _write_folder(
     save_pretrained_kwargs: dict[str, Any],
 ) -> None:
     """The body of :func:`save_pruned`: write the folder into ``path`` (``name``: the folder it will become)."""
-    if base_model_type(model.config) == "t5":
-        _save_t5(model, path, save_pretrained_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        return
-
-    config = model.config
-    base = base_model_type(config)
-    stock_config_cls, stock_model_cls = _stock_classes(base)
-    widths = layer_widths(model)  # measured on the modules, not read from the config
-    d = _config_dict(config)
-    d["head_dim"] = head_dim_of(config)
-
-    save_config = None
-    if all(w == widths[0] for w in widths):
-        save_config, why = try_stock_config(stock_config_cls, {**d, **widths[0]})
-        if save_config is None:
-            warnings.warn(
-                f"save_pruned: the uniform widths {widths[0]} are not a valid stock {stock_config_cls.__name__} "
-                f"({why}); writing the nirvana format instead. Load it with nirvana_pl.load_pruned(folder) or "
-                "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).",
-                stacklevel=3,  # the caller of save_pruned
-            )
-
-    if save_config is not None:
-        arch = type(model).__name__
-        if arch.startswith("Nirvana") or isinstance(model, stock_model_cls):
-            arch = stock_model_cls.__name__
-        _save_with_config(model, save_config, path, save_pretrained_kwargs)
-        _patch_config_json(path, {"architectures": [arch]}, drop=_NIRVANA_KEYS)
-    else:
-        if not isinstance(model, stock_model_cls):
-            raise UnsupportedModelError(
-                f"save_pruned: a model whose layers differ in width can only be exported as a causal LM "
-                f"({stock_model_cls.__name__}); got {type(model).__name__}. Save the *ForCausalLM that wraps it."
-            )
-        ntype = NIRVANA_TYPE_OF[base]
-        nconfig_cls, nmodel_cls, _ = NIRVANA_CLASSES[ntype]
-        nconfig = nconfig_cls.from_dict({**d, "nirvana_layer_widths": widths, "nirvana_base_model_type": base})
-        _write_remote_code_folder(
-            model, path, save_pretrained_kwargs, nconfig, nmodel_cls, ntype, modeling_nirvana,
-            "AutoModelForCausalLM", {"nirvana_base_model_type": base, "nirvana_layer_widths": widths},
-        )
-
+    architecture_of(model).save(model, path, save_pretrained_kwargs)
     if adapters == "separate" and has_lora(model):
         save_adapter(model, path / ADAPTER_SUBFOLDER, base_model_name_or_path=name)
     if tokenizer is not None:
@@ -234,25 +165,6 @@ def _check_serialization(model: nn.Module, safe_serialization: bool, kwargs: dic
             "save_pruned(safe_serialization=False): this transformers version only writes safetensors; "
             "drop the argument (or pass True)."
         )
-
-
-def _save_with_config(model: nn.Module, config, path: Path, kwargs: dict[str, Any]) -> None:
-    """``model.save_pretrained`` with ``config`` written in place of ``model.config`` (restored after)."""
-    original = model.config
-    model.config = config
-    try:
-        model.save_pretrained(path, **kwargs)
-    finally:
-        model.config = original
-
-
-def _patch_config_json(path: Path, updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
-    cfg_file = path / CONFIG_FILE
-    data = json.loads(cfg_file.read_text())
-    for key in drop:
-        data.pop(key, None)
-    data.update(updates)
-    cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_pruned(directory: str | Path, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -273,37 +185,17 @@ def load_pruned(directory: str | Path, **from_pretrained_kwargs: Any) -> nn.Modu
         )
     data = json.loads(cfg_file.read_text())
     mtype = data.get("model_type")
-    if mtype in NIRVANA_T5_CLASSES or (mtype == "t5" and data.get("nirvana_t5_layers") is not None):
-        return _load_t5(path, data, from_pretrained_kwargs)
-    if mtype == "t5":
-        from transformers import AutoModelForSeq2SeqLM
-
-        return AutoModelForSeq2SeqLM.from_pretrained(path, **from_pretrained_kwargs)
-    if isinstance(mtype, str) and mtype.startswith("nirvana_"):
-        if mtype not in NIRVANA_CLASSES:
-            raise ValueError(
-                f"load_pruned({str(path)!r}): unknown model_type {mtype!r}; this nirvana_pl knows "
-                f"{sorted(NIRVANA_CLASSES)}. Upgrade nirvana_pl, or load the folder with "
-                "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)."
-            )
-        _, model_cls, _ = NIRVANA_CLASSES[mtype]
-        return model_cls.from_pretrained(path, **from_pretrained_kwargs)
-    if data.get("nirvana_layer_widths") is not None:
-        if mtype not in NIRVANA_TYPE_OF:
-            raise ValueError(
-                f"load_pruned({str(path)!r}): config has nirvana_layer_widths but model_type {mtype!r} is not one "
-                f"of {sorted(NIRVANA_TYPE_OF)}."
-            )
-        config_cls, model_cls, _ = NIRVANA_CLASSES[NIRVANA_TYPE_OF[mtype]]
-        if "config" not in from_pretrained_kwargs:
-            d = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "auto_map")}
-            from_pretrained_kwargs["config"] = config_cls.from_dict({**d, "nirvana_base_model_type": mtype})
-        return model_cls.from_pretrained(path, **from_pretrained_kwargs)
+    arch = architecture_for_type(mtype)  # a stock type, or the nirvana_<type> of a folder written by save_pruned
+    if arch is not None:
+        return arch.load(path, data, from_pretrained_kwargs)
+    if (isinstance(mtype, str) and mtype.startswith("nirvana_")) or data.get("nirvana_layer_widths") is not None:
+        raise ValueError(
+            f"load_pruned({str(path)!r}): unknown model_type {mtype!r} of a pruned model (no registered "
+            f"architecture); this nirvana_pl knows {sorted(supported_model_types())}. Upgrade nirvana_pl (or "
+            "register the architecture), or load it with "
+            "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)."
+        )
     return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- T5
-_T5_NIRVANA_KEYS = ("auto_map", "nirvana_t5_layers", "nirvana_base_model_type")
 
 
 def load_pruned_state_dict(
@@ -352,97 +244,6 @@ def load_pruned_state_dict(
         }
     )
     reference.attach(model)
-
-
-def _save_t5(model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
-    """A dense-headed T5 whose FFNs share one width: a stock folder; anything else: the ``nirvana_t5`` format
-    (per-attention kept heads and per-FFN widths in ``nirvana_t5_layers``, remote code next to the weights)."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    from .t5 import stock_d_ff, t5_layers
-
-    if not isinstance(model, T5ForConditionalGeneration):
-        raise UnsupportedModelError(
-            f"save_pruned: T5 models are exported as T5ForConditionalGeneration; got {type(model).__name__}. For a "
-            "T5EncoderModel use model.save_pretrained(folder) and rebuild with nirvana_pl.t5.resize_to_t5_layers."
-        )
-    layers = t5_layers(model)  # measured on the modules, not read from the config
-    d = {k: v for k, v in _config_dict(model.config).items() if k not in _T5_NIRVANA_KEYS}
-    d_ff = stock_d_ff(layers, model.config.num_heads)
-    stock = None
-    if d_ff is not None:
-        stock, _ = try_stock_config(T5Config, {**d, "d_ff": d_ff})
-    if stock is not None:
-        # A stock T5Attention has no kept-heads buffer: write the weights without it.
-        with _stock_t5_attention(model):
-            _save_with_config(model, stock, path, kwargs)
-        _patch_config_json(path, {"architectures": ["T5ForConditionalGeneration"]}, drop=_T5_NIRVANA_KEYS)
-        return
-    ntype = "nirvana_t5"
-    nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES[ntype]
-    nconfig = nconfig_cls.from_dict({**d, "nirvana_t5_layers": layers})
-    _write_remote_code_folder(
-        model, path, kwargs, nconfig, nmodel_cls, ntype, modeling_nirvana_t5,
-        "AutoModelForSeq2SeqLM", {"nirvana_base_model_type": "t5", "nirvana_t5_layers": layers},
-    )
-
-
-def _write_remote_code_folder(
-    model: nn.Module, path: Path, kwargs: dict[str, Any], nconfig: Any, nmodel_cls: type, ntype: str,
-    hub_module: Any, auto_class: str, fields: dict[str, Any],
-) -> None:
-    """Weights with ``nconfig``, a config.json whose ``auto_map`` points into a copy of ``hub_module``'s file."""
-    _save_with_config(model, nconfig, path, kwargs)
-    hub_file = Path(hub_module.__file__)
-    module = hub_file.stem
-    _patch_config_json(
-        path,
-        {
-            "model_type": ntype,
-            **fields,
-            "architectures": [nmodel_cls.__name__],
-            "auto_map": {
-                "AutoConfig": f"{module}.{type(nconfig).__name__}",
-                auto_class: f"{module}.{nmodel_cls.__name__}",
-            },
-        },
-    )
-    shutil.copyfile(hub_file, path / hub_file.name)
-
-
-class _stock_t5_attention:
-    """Within the block, every NirvanaT5Attention that keeps all heads in order looks stock (no buffer)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from .hub_code.modeling_nirvana_t5 import KEPT_HEADS, NirvanaT5Attention
-
-        self.saved = []
-        for m in model.modules():
-            if isinstance(m, NirvanaT5Attention):
-                self.saved.append((m, m._buffers[KEPT_HEADS]))
-        self.key = KEPT_HEADS
-
-    def __enter__(self) -> None:
-        from transformers.models.t5.modeling_t5 import T5Attention
-
-        for m, _ in self.saved:
-            del m._buffers[self.key]
-            m.__class__ = T5Attention
-
-    def __exit__(self, *exc: Any) -> None:
-        from .hub_code.modeling_nirvana_t5 import NirvanaT5Attention
-
-        for m, buf in self.saved:
-            m.__class__ = NirvanaT5Attention
-            m._buffers[self.key] = buf
-
-
-def _load_t5(path: Path, data: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
-    nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES["nirvana_t5"]
-    if "config" not in kwargs:
-        d = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "auto_map")}
-        kwargs["config"] = nconfig_cls.from_dict(d)
-    return nmodel_cls.from_pretrained(path, **kwargs)
 
 
 __all__ = ["load_pruned", "save_pruned"]

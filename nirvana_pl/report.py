@@ -36,6 +36,8 @@ class PruneRecord:
     seconds: float
     #: ``trainer.global_step`` when the surgery ran (``event_step`` unless a batch stepped past it)
     at_step: int | None = None
+    #: what the architecture's adapter says the user should know about this cut (``Architecture.caveat``)
+    caveat: str = ""
 
     def __post_init__(self) -> None:
         if self.at_step is None:
@@ -127,6 +129,8 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
     kinds = kind_fractions(plan, reference)
     if kinds:
         head += "\n  heads removed by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in kinds.items())
+    if record.caveat:
+        head += f"\n  note: {record.caveat}"
     labels = [layer.label for layer in plan.layers]
     rows = layer_rows(plan.kv_groups_kept(), plan.mlp_widths_kept(), _dense_sizes(record, reference),
                       labels if any(labels) else None)  # fmt: skip
@@ -212,6 +216,7 @@ def report_dict(
                    if r.plan.layers and r.plan.layers[0].label else {}),  # fmt: skip
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
+                **({"caveat": r.caveat} if r.caveat else {}),
             }
         )
     report = {"dense": reference.to_dict() if reference else None, "events": events}
@@ -313,6 +318,7 @@ def _events_markdown(events: list[dict[str, Any]]) -> list[str]:
             f"{e['kv_groups_removed']:.1%} | {e['mlp_channels_removed']:.1%} | {e['prune_seconds']:.2f} |"
         )
     lines.append("")
+    lines += [f"Note: {caveat}", ""] if (caveat := next((e["caveat"] for e in events if e.get("caveat")), "")) else []
     return lines
 
 

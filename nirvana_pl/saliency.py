@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .arch import Architecture, architecture_of
 from .units import LayerUnits, WeightSlice, find_units
 
 ADAM_ESTIMATORS = ("adam_taylor", "adam_fisher", "adam_momentum")
@@ -69,7 +70,7 @@ def check_estimator(name: str) -> None:
 # ---------------------------------------------------------------------------------------
 def _reduce_to_units(w: WeightSlice, per_row: torch.Tensor) -> torch.Tensor:
     """``per_row``: saliency summed over the non-unit axis, one entry per unit row/column."""
-    return per_row.float().view(-1, w.rows_per_unit).sum(1).cpu()
+    return w.index_map.per_unit(per_row)
 
 
 def _per_weight_scores(
@@ -303,16 +304,14 @@ def _param_groups_by_param(optimizer: torch.optim.Optimizer) -> dict[nn.Paramete
 # calibration-based estimators
 # ---------------------------------------------------------------------------------------
 def normalize_batch(
-    batch: Any, index: int, max_positions: int | None = None, seq2seq: bool = False
+    batch: Any, index: int, max_positions: int | None = None, architecture: Architecture | None = None
 ) -> dict[str, torch.Tensor]:
     """A calibration batch as ``{"input_ids": LongTensor[B, T], "attention_mask"?: ...}``.
 
-    ``seq2seq``: also keep ``labels`` / ``decoder_input_ids`` / ``decoder_attention_mask`` (encoder-decoder
-    models; see :func:`nirvana_pl.t5.seq2seq_inputs` for what the decoder reads).
+    ``architecture``: the model's adapter; the batch also keeps its ``batch_keys`` (an encoder-decoder
+    model's ``labels`` / ``decoder_input_ids`` / ``decoder_attention_mask``), checked by it.
     """
-    from .t5 import SEQ2SEQ_KEYS  # what an encoder-decoder batch may carry besides the encoder inputs
-
-    keys = ("input_ids", "attention_mask") + (SEQ2SEQ_KEYS if seq2seq else ())
+    keys = ("input_ids", "attention_mask") + (architecture.batch_keys if architecture is not None else ())
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
     elif isinstance(batch, dict) and "input_ids" in batch:
@@ -343,18 +342,16 @@ def normalize_batch(
             f"calibration batch {index}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
             f"shape {tuple(ids.shape)}."
         )
-    if seq2seq:
-        from .t5 import check_seq2seq_batch
-
-        check_seq2seq_batch(batch, index)
+    if architecture is not None:
+        architecture.check_batch(batch, index)
     return batch
 
 
 def check_calibration(model: nn.Module, batches: Iterable[Any]) -> list[dict[str, torch.Tensor]]:
     """Validate and normalise calibration batches (raises with the fix on bad input)."""
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    seq2seq = _is_seq2seq(model)
-    out = [normalize_batch(b, i, max_pos, seq2seq) for i, b in enumerate(batches)]
+    arch = architecture_of(model)
+    out = [normalize_batch(b, i, max_pos, arch) for i, b in enumerate(batches)]
     if not out:
         raise ValueError("calibration is empty; pass at least one batch of token ids.")
     return out
@@ -379,11 +376,6 @@ def eval_mode(model: nn.Module, trainable: Sequence[nn.Parameter] = ()) -> Itera
             p.requires_grad_(f)
         for m, training in modes:
             m.training = training
-
-
-def _is_seq2seq(model: nn.Module) -> bool:
-    """Encoder-decoder models get teacher-forced decoder inputs (see :func:`nirvana_pl.t5.seq2seq_inputs`)."""
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -437,9 +429,7 @@ def _gradient_saliency(
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     params = [w.weight for w in weights]
     device = params[0].device
-    seq2seq = _is_seq2seq(model)
-    if seq2seq:
-        from .t5 import seq2seq_inputs
+    arch = architecture_of(model)
     n_total = sum(b["input_ids"].shape[0] for b in batches)
     grads = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
     it = batches
@@ -449,20 +439,12 @@ def _gradient_saliency(
         it = tqdm(batches, desc=f"nirvana-pl {objective} saliency", leave=False)
     with eval_mode(model, params):
         for batch in it:
-            batch = _to_device(batch, device)
-            mask = batch.get("attention_mask")
-            if seq2seq:  # teacher-forced decoder logits / the seq2seq loss
-                inputs, dec_mask, labels = seq2seq_inputs(model, batch, with_labels=objective != "functional")
-                if objective == "functional":
-                    value = output_functional(model(**inputs, use_cache=False).logits, dec_mask)
-                else:
-                    value = model(**inputs, labels=labels, use_cache=False).loss
-            elif objective == "functional":
-                logits = model(**batch, use_cache=False).logits
-                value = output_functional(logits, mask)
+            # (an encoder-decoder model: teacher-forced decoder logits / the seq2seq loss)
+            inputs = arch.model_inputs(model, _to_device(batch, device), with_labels=objective != "functional")
+            if objective == "functional":
+                value = output_functional(model(**inputs.kwargs, use_cache=False).logits, inputs.output_mask)
             else:
-                labels = batch["input_ids"].masked_fill(mask == 0, -100) if mask is not None else batch["input_ids"]
-                value = model(**batch, labels=labels, use_cache=False).loss
+                value = model(**inputs.kwargs, labels=inputs.labels, use_cache=False).loss
             weight = batch["input_ids"].shape[0] / n_total
             for acc, g in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
                 if g is not None:
@@ -517,13 +499,13 @@ def _input_square_sums(
     sq: dict[int, torch.Tensor] = {}
     hooks = []
     # padding masks of the batch in flight, per input sequence (encoder-decoder models have two)
-    current: dict[str, torch.Tensor | None] = {"mask": None, "encoder": None, "decoder": None}
-    seq2seq = _is_seq2seq(model)
+    current: dict[str, torch.Tensor | None] = {}
+    arch = architecture_of(model)
 
-    def make_hook(lin: nn.Linear, stream: str = "mask"):
+    def make_hook(lin: nn.Linear, stream: str):
         def hook(_mod, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            if current[stream] is not None:  # padded positions carry no signal
+            if current.get(stream) is not None:  # padded positions carry no signal
                 x = x * current[stream].reshape(-1, 1).to(x)
             acc = sq.get(id(lin))
             s = x.square().sum(0)
@@ -533,32 +515,19 @@ def _input_square_sums(
 
     for layer in units:
         for w in layer.attn_weights + layer.mlp_weights:
-            stream = layer.input_stream(w) if seq2seq else "mask"
-            hooks.append(w.linear.register_forward_pre_hook(make_hook(w.linear, stream)))
+            hooks.append(w.linear.register_forward_pre_hook(make_hook(w.linear, layer.input_stream(w))))
     device = weights[0].weight.device
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
-                _forward_with_masks(model, _to_device(batch, device), current, seq2seq)
+                inputs = arch.model_inputs(model, _to_device(batch, device))
+                current.clear()
+                current.update(inputs.stream_masks)  # published for the hooks
+                model(**inputs.kwargs, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
     return sq
-
-
-def _forward_with_masks(
-    model: nn.Module, batch: dict[str, torch.Tensor], current: dict[str, torch.Tensor | None], seq2seq: bool
-) -> None:
-    """Run ``batch`` through ``model`` with its padding masks published in ``current`` for the hooks."""
-    current["mask"] = batch.get("attention_mask")
-    if seq2seq:
-        from .t5 import seq2seq_inputs
-
-        inputs, current["decoder"], _ = seq2seq_inputs(model, batch)
-        current["encoder"] = batch.get("attention_mask")
-        model(**inputs, use_cache=False)
-    else:
-        model(**batch, use_cache=False)
 
 
 def compute_scores(

@@ -7,22 +7,18 @@ A decoder layer has two kinds of units (METHOD.md section 1):
 * one **MLP channel** = a row of ``gate_proj`` and ``up_proj`` and a column of ``down_proj``.
 
 This module only *describes* units (which rows/columns of which weights belong to which
-unit); scoring, allocation and surgery live elsewhere.
+unit, as an :class:`IndexMap`); where they sit in a given architecture is that architecture's
+adapter (:mod:`nirvana_pl.arch`), and scoring, allocation and surgery live elsewhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
-
-#: Architectures whose decoder layers this library knows how to prune, keyed by
-#: ``config.model_type`` (exported non-uniform models carry the base type in
-#: ``config.nirvana_base_model_type``).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "t5")
-
 
 class UnsupportedModelError(ValueError):
     """The model is not an architecture nirvana_pl can prune."""
@@ -45,20 +41,86 @@ class LoraAdapter:
 
 
 @dataclass(frozen=True)
+class IndexMap:
+    """Which rows (or columns) of one weight each unit owns.
+
+    ``blocks`` are ``(offset, size)`` pairs: unit ``u`` owns ``offset + u*size + [0, size)`` in every
+    block. A plain projection has one block (``q_proj``: one ``g*h`` block per KV group); a fused one
+    has several (Phi-3's ``qkv_proj``: a group's q rows, then its k rows, then its v rows).
+    """
+
+    blocks: tuple[tuple[int, int], ...]
+    num_units: int
+
+    @classmethod
+    def consecutive(cls, length: int, *sizes: int) -> "IndexMap":
+        """Blocks one after another along an axis of ``length``: block b holds ``num_units * sizes[b]`` rows."""
+        per_unit = sum(sizes)
+        if per_unit <= 0 or length % per_unit:
+            raise UnsupportedModelError(f"a weight axis of {length} does not split into units of {list(sizes)} rows.")
+        n, offset, blocks = length // per_unit, 0, []
+        for size in sizes:
+            blocks.append((offset, size))
+            offset += n * size
+        return cls(tuple(blocks), n)
+
+    @property
+    def rows_per_unit(self) -> int:
+        return sum(size for _, size in self.blocks)
+
+    def indices(self, units: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Rows owned by ``units`` (in the order: block by block, unit by unit; sorted when ``units`` is)."""
+        units = torch.as_tensor(units, dtype=torch.long)
+        if units.numel() and (int(units.min()) < 0 or int(units.max()) >= self.num_units):
+            raise IndexError(f"unit index out of range [0, {self.num_units}): {units.tolist()}")
+        return torch.cat(
+            [(offset + units[:, None] * size + torch.arange(size)[None, :]).reshape(-1) for offset, size in self.blocks]
+        )
+
+    def per_unit(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Sum of ``per_row`` (one value per row along the unit axis) over each unit's rows: ``[num_units]``."""
+        n = self.num_units
+        return sum(per_row[o: o + n * size].float().view(n, size).sum(1) for o, size in self.blocks).cpu()
+
+
+@dataclass(frozen=True)
 class WeightSlice:
-    """One weight of a unit kind and the axis along which units index it.
+    """One weight of a unit kind, the axis along which units index it, and which rows each unit owns.
 
     ``module`` is what the model holds: an ``nn.Linear``, or a peft LoRA layer around one
     (``linear`` is then its base layer and ``adapters`` its LoRA pairs).
     ``axis=0`` means units own output rows (q, k, v, gate, up; their bias follows);
     ``axis=1`` means units own input columns (o, down; their bias is never pruned).
-    ``rows_per_unit`` is how many rows/columns one unit owns in this weight.
+    ``index_map``: the rows (or columns) of each unit; see :meth:`of` for the common cases.
     """
 
     name: str
     module: nn.Module
     axis: int
-    rows_per_unit: int
+    index_map: IndexMap
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module, axis: int, *rows_per_unit: int) -> "WeightSlice":
+        """A weight whose units own ``rows_per_unit`` consecutive rows (several numbers: a fused weight, one
+        block per number, e.g. ``(g*h, h, h)`` for a fused qkv projection)."""
+        linear = getattr(module, "base_layer", module)
+        if not isinstance(linear, nn.Linear):  # (refused with a clear message by check_wrapper)
+            return cls(name, module, axis, IndexMap(((0, sum(rows_per_unit)),), 0))
+        return cls(name, module, axis, IndexMap.consecutive(full_shape(linear.weight)[axis], *rows_per_unit))
+
+    @classmethod
+    def follower(cls, name: str, module: nn.Module, axis: int, *rows_per_unit: int) -> "WeightSlice":
+        """The ``weight`` of a module that is not a projection but follows the units (a per-head norm, a
+        per-head position bias): sliced and counted with them, never scored."""
+        return cls(name, module, axis, IndexMap.consecutive(full_shape(module.weight)[axis], *rows_per_unit))
+
+    @property
+    def rows_per_unit(self) -> int:
+        return self.index_map.rows_per_unit
+
+    @property
+    def num_units(self) -> int:
+        return self.index_map.num_units
 
     @property
     def linear(self) -> nn.Linear:
@@ -71,7 +133,7 @@ class WeightSlice:
     @property
     def bias(self) -> nn.Parameter | None:
         # Only the bias of a row-sliced weight belongs to units.
-        return self.linear.bias if self.axis == 0 else None
+        return getattr(self.linear, "bias", None) if self.axis == 0 else None
 
     @property
     def adapters(self) -> list[LoraAdapter]:
@@ -120,54 +182,57 @@ class WeightSlice:
 
 @dataclass
 class LayerUnits:
-    """Prunable units of one decoder layer, as the model stands now."""
+    """Prunable units of one decoder layer (or other unit entry), as the model stands now.
+
+    Built by the model's architecture adapter: ``attn_weights`` are the weights one KV group owns rows or
+    columns of, ``mlp_weights`` those of one MLP channel (empty for an entry with no MLP). ``attn`` and
+    ``mlp`` are the modules whose parameters count as the prunable ones.
+    """
 
     index: int
     attn: nn.Module
-    mlp: nn.Module
+    mlp: nn.Module | None
     head_dim: int
     group_size: int  # g = query heads per KV head; constant under pruning
-
-    @property
-    def attn_weights(self) -> list[WeightSlice]:
-        h, g = self.head_dim, self.group_size
-        a = self.attn
-        return [
-            WeightSlice("q_proj", a.q_proj, 0, g * h),
-            WeightSlice("k_proj", a.k_proj, 0, h),
-            WeightSlice("v_proj", a.v_proj, 0, h),
-            WeightSlice("o_proj", a.o_proj, 1, g * h),
-        ]
-
-    @property
-    def mlp_weights(self) -> list[WeightSlice]:
-        m = self.mlp
-        return [
-            WeightSlice("gate_proj", m.gate_proj, 0, 1),
-            WeightSlice("up_proj", m.up_proj, 0, 1),
-            WeightSlice("down_proj", m.down_proj, 1, 1),
-        ]
+    attn_weights: list[WeightSlice]
+    mlp_weights: list[WeightSlice]
+    label: str = ""  # e.g. T5's "encoder.0"; '' for the layers of a decoder LLM
+    #: parameters that are not scored but lose the rows of removed KV groups (per-head norm weights ...)
+    attn_followers: list[WeightSlice] = field(default_factory=list)
 
     @property
     def num_kv_groups(self) -> int:
-        return self.attn.k_proj.out_features // self.head_dim
+        return self.attn_weights[0].num_units
 
     @property
     def mlp_width(self) -> int:
-        return self.mlp.gate_proj.out_features
+        return self.mlp_weights[0].num_units if self.mlp_weights else 0
 
     @property
     def kv_group_cost(self) -> int:
-        """Parameters removed with one KV group (weights plus the biases that go with it)."""
-        return sum(_unit_cost(w) for w in self.attn_weights)
+        """Parameters removed with one KV group (weights plus the biases and followers that go with it)."""
+        return sum(_unit_cost(w) for w in self.attn_weights + self.attn_followers)
 
     @property
     def mlp_channel_cost(self) -> int:
         return sum(_unit_cost(w) for w in self.mlp_weights)
 
+    def input_stream(self, w: WeightSlice) -> str:
+        """Which input sequence feeds ``w`` (a key of :attr:`ModelInputs.stream_masks`)."""
+        return "input"
+
+    def modules(self) -> list[nn.Module]:
+        return [self.attn] + ([self.mlp] if self.mlp is not None else [])
+
+
+def full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """The shape of the whole parameter, also while DeepSpeed ZeRO-3 holds only a partition (``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
 
 def _unit_cost(w: WeightSlice) -> int:
-    other = w.linear.in_features if w.axis == 0 else w.linear.out_features
+    shape = full_shape(w.weight)
+    other = math.prod(shape[: w.axis] + shape[w.axis + 1 :])
     cost = w.rows_per_unit * other
     if w.bias is not None:
         cost += w.rows_per_unit
@@ -179,30 +244,10 @@ def base_model_type(config) -> str:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``model`` is a supported decoder LLM."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no `.config`; nirvana_pl prunes transformers models "
-            f"of type {', '.join(SUPPORTED_MODEL_TYPES)} (e.g. LlamaForCausalLM)."
-        )
-    mtype = base_model_type(config)
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type {mtype!r} ({type(model).__name__}) is not supported; nirvana_pl prunes "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} models (LlamaForCausalLM, MistralForCausalLM, "
-            f"Qwen2ForCausalLM and their base models, T5ForConditionalGeneration)."
-        )
-    if mtype == "t5":
-        from .t5 import check_t5
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a model some registered architecture can prune."""
+    from .arch import architecture_of  # (the adapters build on this module's types)
 
-        check_t5(model)
-        return
-    if not _decoder_layers(model):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no decoder layers to prune (found no `.layers` holding "
-            f"modules with `self_attn` and `mlp`)."
-        )
+    architecture_of(model).check(model)
 
 
 def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
@@ -227,10 +272,11 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
         except UnsupportedModelError:
             continue
     found = ", ".join(sorted({type(m).__name__ for m in candidates})) or "no transformers model"
+    from .arch import supported_model_types
+
     raise UnsupportedModelError(
-        f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes "
-        "Llama, Mistral and Qwen2 causal LMs and T5ForConditionalGeneration; pass model_attr='path.to.model' if it "
-        "is nested unusually."
+        f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes models of "
+        f"type {', '.join(supported_model_types())}; pass model_attr='path.to.model' if it is nested unusually."
     )
 
 
@@ -246,36 +292,15 @@ def _unwrap_peft(obj: Any) -> Any:
     return obj
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    inner = getattr(model, "model", model)  # *ForCausalLM -> *Model
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        return []
-    return [layer for layer in layers if hasattr(layer, "self_attn") and hasattr(layer, "mlp")]
-
-
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def find_units(model: nn.Module) -> list[LayerUnits]:
-    """The prunable units of every decoder layer of ``model``, in layer order."""
-    check_supported(model)
-    config = model.config
-    if base_model_type(config) == "t5":
-        from .t5 import find_t5_units
+    """The prunable units of every decoder layer (unit entry) of ``model``, in layer order."""
+    from .arch import architecture_of  # (the adapters build on this module's types)
 
-        return find_t5_units(model)
-    h = head_dim_of(config)
-    out = []
-    for i, layer in enumerate(_decoder_layers(model)):
-        attn = layer.self_attn
-        g = attn.num_key_value_groups
-        unit = LayerUnits(index=i, attn=attn, mlp=layer.mlp, head_dim=h, group_size=g)
-        for w in unit.attn_weights + unit.mlp_weights:
-            check_wrapper(w, f"layer {i}")
-        out.append(unit)
-    return out
+    return architecture_of(model).find_units(model)
 
 
 def check_wrapper(w: WeightSlice, where: str) -> None:
@@ -315,11 +340,7 @@ def unit_index(num_units: int, rows_per_unit: int, kept: torch.Tensor | list[int
 
     For GQA group k with ``rows_per_unit = g*h`` this is ``[k*g*h, (k+1)*g*h)``.
     """
-    kept = torch.as_tensor(kept, dtype=torch.long)
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= num_units):
-        raise IndexError(f"unit index out of range [0, {num_units}): {kept.tolist()}")
-    offsets = torch.arange(rows_per_unit, dtype=torch.long)
-    return (kept[:, None] * rows_per_unit + offsets[None, :]).reshape(-1)
+    return IndexMap(((0, rows_per_unit),), num_units).indices(kept)
 
 
 def prunable_parameter_count(model: nn.Module) -> int:
@@ -346,8 +367,7 @@ def units_parameter_count(units: Sequence[LayerUnits]) -> int:
     return sum(
         parameter_numel(p)
         for layer in units
-        for mod in (layer.attn, layer.mlp)
-        if mod is not None  # a T5 cross-attention entry has no FFN
+        for mod in layer.modules()
         for n, p in mod.named_parameters()
         if not is_adapter_parameter(n)
     )
@@ -359,17 +379,3 @@ def removed_parameters(units: Sequence[LayerUnits], kept_kv: Sequence[int], kept
         (u.num_kv_groups - kv) * u.kv_group_cost + (u.mlp_width - mlp) * u.mlp_channel_cost
         for u, kv, mlp in zip(units, kept_kv, kept_mlp)
     )
-
-
-def try_stock_config(config_cls: type, values: dict[str, Any]) -> tuple[Any, str | None]:
-    """(config, None) if the stock ``config_cls`` validates ``values``, else (None, why).
-
-    Stock configs may reject pruned widths (Llama checks ``hidden_size % num_attention_heads``).
-    """
-    try:
-        config = config_cls.from_dict(values)
-        if hasattr(config, "validate"):  # transformers>=5 @strict configs; also run at save time
-            config.validate()
-    except Exception as err:  # noqa: BLE001 - any rejection means "not describable by the stock config"
-        return None, f"{type(err).__name__}: {err}"
-    return config, None

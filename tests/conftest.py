@@ -70,6 +70,18 @@ def tiny_llama(
     return _finish(LlamaForCausalLM(config), seed)
 
 
+def tiny_qwen3(
+    num_kv: int = 4, heads: int = 8, num_layers: int = LAYERS, intermediate: int = INTERMEDIATE, seed: int = 0
+):
+    """Qwen3ForCausalLM: per-head q_norm / k_norm (one head's width, shared by every head), head_dim 16."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(num_attention_heads=heads, num_key_value_heads=num_kv, head_dim=16,
+                         **_common(num_layers, intermediate))  # fmt: skip
+    torch.manual_seed(seed)
+    return _finish(Qwen3ForCausalLM(config), seed)
+
+
 def tiny_llama_mha(seed: int = 0, **kw):
     """Llama with as many KV heads as query heads (g = 1)."""
     return tiny_llama(num_kv=4, heads=4, head_dim=16, seed=seed, **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 VOCAB = 128
 
@@ -16,9 +16,7 @@ def tiny_config(kind: str = "llama", **overrides):
         num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
     )
     common.update(overrides)
-    if kind == "qwen2":
-        return Qwen2Config(**common)
-    return LlamaConfig(**common)
+    return AutoConfig.for_model(kind, **common)  # llama, qwen2 (q/k/v biases), qwen3 (q_norm/k_norm) ...
 
 
 class CausalLM(pl.LightningModule):
@@ -30,7 +28,7 @@ class CausalLM(pl.LightningModule):
         super().__init__()
         torch.manual_seed(seed)
         config = tiny_config(kind, **config_overrides)
-        self.net = Qwen2ForCausalLM(config) if kind == "qwen2" else LlamaForCausalLM(config)
+        self.net = AutoModelForCausalLM.from_config(config)
         self.lr = lr
         self.optimizer_name = optimizer
 

@@ -59,9 +59,10 @@ def _by_rank(records: list[dict], event: str) -> dict[int, dict]:
     return {r["rank"]: r for r in records if r["event"] == event}
 
 
-@pytest.mark.parametrize("saliency", ["adam_taylor", "functional"])
-def test_ddp_fit_prunes_identically_and_keeps_syncing(tmp_path, saliency):
-    proc, records = _run(tmp_path, "--saliency", saliency)
+@pytest.mark.parametrize(("saliency", "kind"), [("adam_taylor", "llama"), ("functional", "llama"),
+                                               ("adam_taylor", "qwen3")])  # fmt: skip
+def test_ddp_fit_prunes_identically_and_keeps_syncing(tmp_path, saliency, kind):
+    proc, records = _run(tmp_path, "--saliency", saliency, "--kind", kind)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune, end = _by_rank(records, "prune"), _by_rank(records, "end")
     assert set(prune) == {0, 1} and set(end) == {0, 1}, records

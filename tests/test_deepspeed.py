@@ -130,6 +130,13 @@ def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, exten
             assert p["optimizer_groups"] < p["optimizer_groups_before"]
 
 
+def test_zero2_prunes_a_qwen3_and_carries_adam_state(tmp_path, extensions_dir):
+    """A family beyond Llama through the same DeepSpeed path (Qwen3: q_norm/k_norm stay whole)."""
+    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--kind", "qwen3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _check_prune(records)
+
+
 @pytest.mark.parametrize("saliency", ["functional", "taylor_loss", "wanda_sp"])
 def test_zero2_calibration_estimators_reduce_across_ranks(tmp_path, extensions_dir, saliency):
     """Each rank scores its own training batches; the reduced scores give every rank rank 0's plan."""
@@ -279,10 +286,10 @@ def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
     assert [a.min_mlp_channels for a in floored] == [8, 16]
     with pytest.raises(ValueError, match="LoRA.*not supported under DeepSpeed"):
         deepspeed_allocations(DeepSpeedStrategy(stage=2), tiny_llama(), allocs, recovery={"r": 4})
-    with pytest.raises(ValueError, match=r"T5 under DeepSpeed ZeRO-3.*stage=2"):
+    with pytest.raises(ValueError, match=r"'t5' models under DeepSpeed ZeRO-3.*stage=2"):
         deepspeed_allocations(DeepSpeedStrategy(stage=3), tiny_t5(), allocs)
     # also when only loading a checkpoint (validate/test/predict): the load would reshape the model
-    with pytest.raises(ValueError, match=r"T5 under DeepSpeed ZeRO-3"):
+    with pytest.raises(ValueError, match=r"'t5' models under DeepSpeed ZeRO-3"):
         NirvanaPruningCallback(sparsity=0.3, prune_at=5, warmup_steps=2).setup(
             SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), callbacks=[], is_global_zero=True),
             tiny_t5(),

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import calib_batches, tiny_llama, tiny_mistral, tiny_qwen2  # noqa: E402
 from nirvana_pl.export import load_pruned, save_pruned  # noqa: E402
+from nirvana_pl.arch import architecture_for_type  # noqa: E402
 from nirvana_pl.hub_code import modeling_nirvana, modeling_nirvana_t5  # noqa: E402
 from nirvana_pl.oneshot import prune  # noqa: E402
 from nirvana_pl.surgery import layer_widths  # noqa: E402
@@ -119,7 +120,9 @@ def test_non_uniform_loads_with_stock_transformers_without_nirvana_pl(arch, tmp_
     assert cfg["architectures"] == [f"Nirvana{type(model).__name__}"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == f"modeling_nirvana.Nirvana{type(model).__name__}"
     assert cfg["auto_map"]["AutoConfig"].startswith("modeling_nirvana.Nirvana")
-    assert (folder / "modeling_nirvana.py").read_text() == Path(modeling_nirvana.__file__).read_text()
+    shipped = (folder / "modeling_nirvana.py").read_text()
+    assert shipped.startswith(Path(modeling_nirvana.__file__).read_text().rstrip())
+    assert shipped == architecture_for_type(base).hub_code()
 
     ids, mask = _inputs()
     expected = tmp_path / "expected.pt"
@@ -138,7 +141,7 @@ def test_load_pruned_non_uniform_equal_logits_and_generation(arch, tmp_path):
     folder = save_pruned(model, tmp_path / "pruned")
     loaded = load_pruned(folder).eval()
 
-    assert isinstance(loaded, modeling_nirvana.NIRVANA_CLASSES[f"nirvana_{BASE_TYPE[arch]}"][1])
+    assert isinstance(loaded, architecture_for_type(BASE_TYPE[arch]).nirvana_classes()[1])
     assert layer_widths(loaded) == layer_widths(model)
     for (name, p), (name2, q) in zip(model.named_parameters(), loaded.named_parameters()):
         assert name == name2 and p.shape == q.shape and torch.equal(p, q), name
@@ -311,11 +314,12 @@ def test_direct_construction_initialises_resized_layers():
         {"num_key_value_heads": 1, "num_attention_heads": 2, "intermediate_size": 24},
         {"num_key_value_heads": 3, "num_attention_heads": 6, "intermediate_size": 40},
     ]
-    config = modeling_nirvana.NirvanaLlamaConfig(
+    config_cls, model_cls = architecture_for_type("llama").nirvana_classes()
+    config = config_cls(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=16,
         intermediate_size=176, vocab_size=128, nirvana_layer_widths=widths,
     )  # fmt: skip
-    model = modeling_nirvana.NirvanaLlamaForCausalLM(config).eval()
+    model = model_cls(config).eval()
     assert layer_widths(model) == widths
     layer = model.model.layers[0]
     assert layer.self_attn.q_proj.weight.shape == (32, 64) and layer.self_attn.o_proj.weight.shape == (64, 32)

@@ -9,7 +9,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from conftest import tiny_llama, tiny_qwen2  # noqa: E402
+from conftest import tiny_llama, tiny_qwen2, tiny_qwen3  # noqa: E402
 from lightning_helpers import CausalLM, token_loader, trainer  # noqa: E402
 
 from nirvana_pl import NirvanaPruningCallback, load_pruned, masked, save_pruned  # noqa: E402
@@ -47,7 +47,7 @@ def _plan(model, sparsity=0.4, saliency="functional"):
     return plan
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_qwen3])
 @pytest.mark.parametrize("targets", [ALL, ["q_proj", "o_proj", "lm_head"], ["down_proj", "up_proj"]])
 def test_pruned_lora_model_equals_its_masked_twin_and_keeps_training(factory, targets):
     model = _lora_model(factory, targets)

@@ -20,7 +20,7 @@ from nirvana_pl.export import load_pruned, save_pruned
 from nirvana_pl.hub_code import modeling_nirvana_t5
 from nirvana_pl.hub_code.modeling_nirvana_t5 import KEPT_HEADS
 from nirvana_pl.oneshot import prune
-from nirvana_pl.t5 import t5_layers
+from nirvana_pl.arch.t5 import t5_layers
 from nirvana_pl.units import find_units
 from nirvana_pl.surgery import apply_plan
 from test_t5 import _greedy, _inputs, _plan

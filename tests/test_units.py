@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_gpt2, tiny_llama, tiny_llama_mha, tiny_mistral, tiny_qwen2
+from nirvana_pl.arch import supported_model_types
 from nirvana_pl.units import (
-    SUPPORTED_MODEL_TYPES,
     UnsupportedModelError,
     find_units,
     head_dim_of,
@@ -119,6 +119,6 @@ def test_unsupported_model_raises(make):
     with pytest.raises(UnsupportedModelError) as info:
         find_units(make())
     msg = str(info.value)
-    for t in SUPPORTED_MODEL_TYPES:
+    for t in supported_model_types():
         assert t in msg
     assert issubclass(UnsupportedModelError, ValueError)

@@ -95,7 +95,7 @@ def test_load_pruned_state_dict_reads_a_t5_ffn_width_from_its_input_projection(g
     """DeepSpeed's converter gives every empty weight one recorded shape: an FFN pruned away can arrive
     with wo of shape (0, d_model); its width (0) comes from wi / wi_0."""
     from nirvana_pl import load_pruned_state_dict
-    from nirvana_pl.t5 import t5_layers
+    from nirvana_pl.arch.t5 import t5_layers
 
     trained = tiny_t5(gated=gated)
     units = find_units(trained)

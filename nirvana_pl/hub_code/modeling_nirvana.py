@@ -1,4 +1,4 @@
-"""Modeling code for NIRVANA-pruned Llama / Mistral / Qwen2 checkpoints whose layers differ in width.
+"""Modeling code for NIRVANA-pruned decoder LLMs (Llama, Qwen3, Gemma ...) whose layers differ in width.
 
 Structured pruning removes whole KV groups and MLP channels, a different number in every layer, so
 the stock configs (one ``num_key_value_heads`` / ``intermediate_size`` for all layers) cannot
@@ -10,6 +10,10 @@ describe the model. This file ships inside such a checkpoint folder and is loade
 ``num_attention_heads``, ``intermediate_size``). Each model class builds the stock model and then
 gives every layer's q/k/v/o and gate/up/down projections those per-layer shapes; the forward pass is
 the stock one. Self-contained on purpose: it imports only torch and transformers, never nirvana_pl.
+
+The classes of a folder are made at the end of the file by :func:`nirvana_classes` from the stock classes
+of that folder's family only (``save_pruned`` appends those lines), so that a Llama folder loads with a
+transformers that lacks, say, Gemma 3.
 """
 
 from __future__ import annotations
@@ -18,14 +22,6 @@ import warnings
 from typing import Any
 
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 WIDTH_KEYS = ("num_key_value_heads", "num_attention_heads", "intermediate_size")
 
@@ -85,21 +81,6 @@ class _NirvanaConfigMixin:
             getattr(self, fn.__name__)()
 
 
-class NirvanaLlamaConfig(_NirvanaConfigMixin, LlamaConfig):
-    model_type = "nirvana_llama"
-    nirvana_base_model_type = "llama"
-
-
-class NirvanaMistralConfig(_NirvanaConfigMixin, MistralConfig):
-    model_type = "nirvana_mistral"
-    nirvana_base_model_type = "mistral"
-
-
-class NirvanaQwen2Config(_NirvanaConfigMixin, Qwen2Config):
-    model_type = "nirvana_qwen2"
-    nirvana_base_model_type = "qwen2"
-
-
 def _reshaped(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     """``old`` if it already has this shape, else a fresh Linear like it (bias, dtype, device)."""
     if old.in_features == in_features and old.out_features == out_features:
@@ -112,48 +93,112 @@ def _reshaped(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
         return nn.Linear(in_features, out_features, bias=old.bias is not None, device=w.device, dtype=w.dtype)
 
 
-def apply_layer_widths(model: nn.Module, widths: list[dict[str, Any]], head_dim: int) -> bool:
-    """Give each decoder layer of ``model`` (a *ForCausalLM) its pruned shapes; True if anything changed."""
-    layers = model.model.layers
+#: Where a Llama-like layer keeps its projections (a family's own layout is passed to nirvana_classes).
+#: ``qkv`` / ``gate_up``: the fused projection that replaces q, k, v (q rows, then k, then v) or gate and up
+#: (gate rows, then up), as in Phi-3. ``qk_norm``: "shared" (none, or one head's width shared by every head),
+#: "per_head" (a [heads, head_dim] weight, as Cohere's) or "flat" (a [heads * head_dim] weight, as OLMo 2's).
+#: ``per_layer_config``: the attention reads its head counts from ``self.config`` (Phi-3), so each layer gets a
+#: view of the config with its own counts.
+LLAMA_LAYOUT = {
+    "layers": "model.layers", "attention": "self_attn", "mlp": "mlp",
+    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+    "qkv": None, "gate_up": None, "qk_norm": "shared", "per_layer_config": False,
+}
+
+
+def _attribute(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class LayerConfig:
+    """The model config as one pruned layer sees it: the shared config with this layer's head counts."""
+
+    def __init__(self, config: Any, **own: Any) -> None:
+        self.__dict__["_shared"], self.__dict__["_own"] = config, dict(own)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # (copy / pickle probe these before __dict__ is filled)
+            raise AttributeError(name)
+        own = self.__dict__.get("_own", {})
+        return own[name] if name in own else getattr(self.__dict__["_shared"], name)
+
+
+def _projection_shapes(names: dict[str, Any], n_q: int, n_kv: int, inter: int, h: int) -> dict[str, tuple[str, int]]:
+    """Projection name -> (which dimension is pruned, its new size) for one layer."""
+    attn = ({names["qkv"]: ("out", (n_q + 2 * n_kv) * h)} if names["qkv"] else
+            {names["q"]: ("out", n_q * h), names["k"]: ("out", n_kv * h), names["v"]: ("out", n_kv * h)})
+    mlp = ({names["gate_up"]: ("out", 2 * inter)} if names["gate_up"] else
+           {names["gate"]: ("out", inter), names["up"]: ("out", inter)})
+    return {**attn, names["o"]: ("in", n_q * h), **mlp, names["down"]: ("in", inter)}
+
+
+def _resize_norm(attn: nn.Module, name: str, shape: tuple[int, ...]) -> bool:
+    norm = getattr(attn, name, None)
+    if norm is None or tuple(norm.weight.shape) == shape:
+        return False
+    norm.weight = nn.Parameter(norm.weight.new_ones(shape))  # (on the meta device inside from_pretrained)
+    return True
+
+
+def apply_layer_widths(
+    model: nn.Module, widths: list[dict[str, Any]], head_dim: int, layout: dict[str, Any] | None = None
+) -> bool:
+    """Give each decoder layer of ``model`` (a *ForCausalLM) its pruned shapes; True if anything changed.
+
+    ``layout``: module names as in :data:`LLAMA_LAYOUT` (the default)."""
+    names = {**LLAMA_LAYOUT, **(layout or {})}
+    layers = _attribute(model, names["layers"])
     if len(layers) != len(widths):
         raise ValueError(f"{len(widths)} layer widths for a model with {len(layers)} decoder layers.")
     changed = False
     for layer, w in zip(layers, widths):
         n_kv, n_q, inter = w["num_key_value_heads"], w["num_attention_heads"], w["intermediate_size"]
-        attn, mlp = layer.self_attn, layer.mlp
-        new = {
-            (attn, "q_proj"): _reshaped(attn.q_proj, attn.q_proj.in_features, n_q * head_dim),
-            (attn, "k_proj"): _reshaped(attn.k_proj, attn.k_proj.in_features, n_kv * head_dim),
-            (attn, "v_proj"): _reshaped(attn.v_proj, attn.v_proj.in_features, n_kv * head_dim),
-            (attn, "o_proj"): _reshaped(attn.o_proj, n_q * head_dim, attn.o_proj.out_features),
-            (mlp, "gate_proj"): _reshaped(mlp.gate_proj, mlp.gate_proj.in_features, inter),
-            (mlp, "up_proj"): _reshaped(mlp.up_proj, mlp.up_proj.in_features, inter),
-            (mlp, "down_proj"): _reshaped(mlp.down_proj, inter, mlp.down_proj.out_features),
-        }
-        for (owner, name), linear in new.items():
-            if linear is not getattr(owner, name):
+        attn, mlp = getattr(layer, names["attention"]), getattr(layer, names["mlp"])
+        for name, (side, size) in _projection_shapes(names, n_q, n_kv, inter, head_dim).items():
+            owner = attn if hasattr(attn, name) else mlp
+            old = getattr(owner, name)
+            linear = (_reshaped(old, old.in_features, size) if side == "out" else
+                      _reshaped(old, size, old.out_features))  # fmt: skip
+            if linear is not old:
                 setattr(owner, name, linear)
                 changed = True
-        # The GQA ratio of a layer is unchanged by pruning (whole groups go), but state it per layer.
-        attn.num_key_value_groups = n_q // n_kv
-        # Attributes older transformers versions read in forward(); absent in newer ones.
-        for obj, attr, value in (
-            (attn, "num_heads", n_q),
-            (attn, "num_key_value_heads", n_kv),
-            (mlp, "intermediate_size", inter),
-        ):
-            if hasattr(obj, attr):
-                setattr(obj, attr, value)
+        if names["qk_norm"] != "shared":
+            shapes = {"per_head": ((n_q, head_dim), (n_kv, head_dim)), "flat": ((n_q * head_dim,), (n_kv * head_dim,))}
+            q_shape, k_shape = shapes[names["qk_norm"]]
+            changed |= _resize_norm(attn, "q_norm", q_shape) | _resize_norm(attn, "k_norm", k_shape)
+        set_layer_attributes(attn, mlp, names, n_q, n_kv, inter)
     return changed
+
+
+def set_layer_attributes(
+    attn: nn.Module, mlp: nn.Module, layout: dict[str, Any], n_q: int, n_kv: int, inter: int
+) -> None:
+    """The attributes a layer's forward reads its sizes from, for ``n_q`` query heads, ``n_kv`` KV heads and an MLP
+    of width ``inter``."""
+    if layout["per_layer_config"]:
+        shared = getattr(attn.config, "_shared", attn.config)
+        attn.config = LayerConfig(shared, num_attention_heads=n_q, num_key_value_heads=n_kv)
+    # The GQA ratio of a layer is unchanged by pruning (whole groups go), but state it per layer.
+    attn.num_key_value_groups = n_q // n_kv
+    # Attributes some attentions read in forward(); absent in others.
+    for obj, attr, value in ((attn, "num_heads", n_q), (attn, "num_key_value_heads", n_kv),
+                             (mlp, "intermediate_size", inter)):  # fmt: skip
+        if hasattr(obj, attr):
+            setattr(obj, attr, value)
 
 
 class _NirvanaCausalLMMixin:
     """Builds the stock model, then resizes each layer to ``config.nirvana_layer_widths``."""
 
+    nirvana_layout: dict[str, str] = LLAMA_LAYOUT
+
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         widths = check_layer_widths(config)
-        if widths is not None and apply_layer_widths(self, widths, _head_dim(config)):
+        if widths is not None and apply_layer_widths(self, widths, _head_dim(config), self.nirvana_layout):
             # Run post_init again: it initialises only the new modules (the others are flagged as
             # initialised) and is a no-op on the meta device used by from_pretrained.
             self.post_init()
@@ -165,33 +210,23 @@ class _NirvanaCausalLMMixin:
         return super()._get_static_cache_init_shape()
 
 
-class NirvanaLlamaForCausalLM(_NirvanaCausalLMMixin, LlamaForCausalLM):
-    config_class = NirvanaLlamaConfig
+def nirvana_classes(
+    config_cls: type, model_cls: type, base_model_type: str, layout: dict[str, str] | None = None
+) -> tuple[type, type]:
+    """(config class, causal-LM class) of the ``nirvana_<base_model_type>`` format on top of the stock classes.
+
+    Named ``Nirvana<stock name>`` (e.g. ``NirvanaQwen3Config``, ``NirvanaQwen3ForCausalLM``), defined in this module.
+    """
+    config = type(
+        f"Nirvana{config_cls.__name__}", (_NirvanaConfigMixin, config_cls),
+        {"__module__": __name__, "model_type": f"nirvana_{base_model_type}",
+         "nirvana_base_model_type": base_model_type},
+    )
+    model = type(
+        f"Nirvana{model_cls.__name__}", (_NirvanaCausalLMMixin, model_cls),
+        {"__module__": __name__, "config_class": config, "nirvana_layout": {**LLAMA_LAYOUT, **(layout or {})}},
+    )
+    return config, model
 
 
-class NirvanaMistralForCausalLM(_NirvanaCausalLMMixin, MistralForCausalLM):
-    config_class = NirvanaMistralConfig
-
-
-class NirvanaQwen2ForCausalLM(_NirvanaCausalLMMixin, Qwen2ForCausalLM):
-    config_class = NirvanaQwen2Config
-
-
-#: nirvana model_type -> (config class, causal-LM class, stock model_type)
-NIRVANA_CLASSES = {
-    "nirvana_llama": (NirvanaLlamaConfig, NirvanaLlamaForCausalLM, "llama"),
-    "nirvana_mistral": (NirvanaMistralConfig, NirvanaMistralForCausalLM, "mistral"),
-    "nirvana_qwen2": (NirvanaQwen2Config, NirvanaQwen2ForCausalLM, "qwen2"),
-}
-
-__all__ = [
-    "NIRVANA_CLASSES",
-    "NirvanaLlamaConfig",
-    "NirvanaLlamaForCausalLM",
-    "NirvanaMistralConfig",
-    "NirvanaMistralForCausalLM",
-    "NirvanaQwen2Config",
-    "NirvanaQwen2ForCausalLM",
-    "apply_layer_widths",
-    "check_layer_widths",
-]
+__all__ = ["LLAMA_LAYOUT", "apply_layer_widths", "check_layer_widths", "nirvana_classes"]

@@ -216,6 +216,7 @@ class Resumed(Callback):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--saliency", default="adam_taylor")
+    ap.add_argument("--kind", default="llama", help="model_type of the tiny model (llama, qwen3 ...)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--prune-at", type=int, default=6)
@@ -252,7 +253,7 @@ def main() -> None:
     )
     # Same seed on every rank (DDP also broadcasts rank 0's weights); each rank gets its half
     # of the data through Lightning's DistributedSampler.
-    module = CausalLM(seed=0)
+    module = CausalLM(kind=args.kind, seed=0)
     trainer.fit(module, token_loader(n=128, batch_size=4), ckpt_path=args.resume)
     if dist.is_initialized():
         dist.barrier()

@@ -125,6 +125,7 @@ class Before(Callback):
         self.sched_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
         self.engine_id = id(trainer.strategy.model)
         self.stage3 = hasattr(next(pl_module.parameters()), "ds_id")
+        self.kind = pl_module.net.config.model_type
         self.groups = len(trainer.optimizers[0].fp16_groups) if self.stage3 else 0
         self.largest = max(v["fp32"].numel() for v in self.state.values())
         self.shapes = [[u.num_kv_groups, u.mlp_width] for u in find_units(pl_module.net)]
@@ -150,7 +151,7 @@ class After(Callback):
         # a torch AdamW holding the dense moments: the stock surgery path slices both.
         dense = self.before.state
         # dense, same architecture; values from the gathered state
-        ref = CausalLM(seed=0, **model_shape(self.before.stage3)).net.float()
+        ref = CausalLM(seed=0, **model_shape(self.before.stage3, self.before.kind)).net.float()
         names = {id(p): n for n, p in pl_module.named_parameters()}
         model_names = [names[id(p)] for p in self.pruner.model.parameters()]
         opt = torch.optim.AdamW(ref.parameters())
@@ -280,14 +281,15 @@ def strategy_for(stage: int) -> CPUDeepSpeedStrategy:
     return strategy
 
 
-def model_shape(stage3: bool) -> dict:
+def model_shape(stage3: bool, kind: str = "llama") -> dict:
     """ZeRO-3 runs use an odd hidden size and MLP width (and SmolLM2's 9 query / 3 KV heads), and
     MLP widths rounded to multiples of 7 (``mlp_round_to_for``): norm and MLP weights then have odd
     element counts before and after the prune, so ZeRO-3 pads the last rank's partition of them,
     which the state carried over a prune must fill exactly."""
     if not stage3:
-        return {}
-    return dict(hidden_size=63, num_attention_heads=9, num_key_value_heads=3, head_dim=8, intermediate_size=175)
+        return dict(kind=kind)
+    return dict(kind=kind, hidden_size=63, num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                intermediate_size=175)  # fmt: skip
 
 
 def mlp_round_to_for(stage3: bool) -> int:
@@ -340,6 +342,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--saliency", default="adam_taylor")
+    ap.add_argument("--kind", default="llama", help="model_type of the tiny model (llama, qwen3 ...)")
     ap.add_argument("--prune-at", type=int, default=6)
     ap.add_argument("--steps-after", type=int, default=10)
     ap.add_argument("--save", action="store_true", help="save a DeepSpeed checkpoint at the end")
@@ -368,7 +371,7 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
         log_every_n_steps=1,
     )
-    module = CausalLM(seed=0, **model_shape(args.stage == 3))
+    module = CausalLM(seed=0, **model_shape(args.stage == 3, args.kind))
     record_whole_elements(module)
     if args.remove_mlp_of_layer is not None:
         remove_whole_mlp(args.remove_mlp_of_layer)

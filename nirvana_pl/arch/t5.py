@@ -18,19 +18,18 @@ original heads it keeps, recorded in its buffer ``nirvana_kept_heads`` (saved wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .hub_code.modeling_nirvana_t5 import KEPT_HEADS, NirvanaT5Attention, make_pruned_attention
-from .units import LayerUnits, UnsupportedModelError, WeightSlice
-
-
-def is_t5(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    base = getattr(config, "nirvana_base_model_type", None) or getattr(config, "model_type", None)
-    return base == "t5"
+from ..hf_folder import config_dict, patch_config_json, save_with_config, try_stock_config, write_remote_code_folder
+from ..hub_code import modeling_nirvana_t5
+from ..hub_code.modeling_nirvana_t5 import KEPT_HEADS, NIRVANA_T5_CLASSES, NirvanaT5Attention, make_pruned_attention
+from ..plan import PruningPlan
+from ..units import LayerUnits, UnsupportedModelError, WeightSlice
+from . import Architecture, Materialize, ModelInputs, register_architecture
 
 
 @dataclass
@@ -40,35 +39,8 @@ class T5Units(LayerUnits):
     ``mlp`` is the FFN module (``DenseReluDense``) or None for a cross-attention entry.
     """
 
-    label: str = ""
     kind: str = ""
     stream: str = "encoder"  # which sequence the attention's queries (and the FFN) read
-
-    @property
-    def attn_weights(self) -> list[WeightSlice]:
-        h, a = self.head_dim, self.attn
-        return [
-            WeightSlice("q", a.q, 0, h),
-            WeightSlice("k", a.k, 0, h),
-            WeightSlice("v", a.v, 0, h),
-            WeightSlice("o", a.o, 1, h),
-        ]
-
-    @property
-    def mlp_weights(self) -> list[WeightSlice]:
-        m = self.mlp
-        if m is None:
-            return []
-        rows = [WeightSlice(n, getattr(m, n), 0, 1) for n in (("wi_0", "wi_1") if hasattr(m, "wi_0") else ("wi",))]
-        return rows + [WeightSlice("wo", m.wo, 1, 1)]
-
-    @property
-    def num_kv_groups(self) -> int:
-        return self.attn.q.out_features // self.head_dim
-
-    @property
-    def mlp_width(self) -> int:
-        return 0 if self.mlp is None else self.mlp.wo.in_features
 
     @property
     def mlp_channel_cost(self) -> int:
@@ -88,8 +60,17 @@ class T5Units(LayerUnits):
             return "encoder"
         return self.stream
 
-    def modules(self) -> list[nn.Module]:
-        return [self.attn] + ([self.mlp] if self.mlp is not None else [])
+
+def _attn_weights(a: nn.Module, h: int) -> list[WeightSlice]:
+    return [WeightSlice.of("q", a.q, 0, h), WeightSlice.of("k", a.k, 0, h), WeightSlice.of("v", a.v, 0, h),
+            WeightSlice.of("o", a.o, 1, h)]  # fmt: skip
+
+
+def _mlp_weights(m: nn.Module | None) -> list[WeightSlice]:
+    if m is None:
+        return []
+    rows = [WeightSlice.of(n, getattr(m, n), 0, 1) for n in (("wi_0", "wi_1") if hasattr(m, "wi_0") else ("wi",))]
+    return rows + [WeightSlice.of("wo", m.wo, 1, 1)]
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -185,7 +166,8 @@ def find_t5_units(model: nn.Module) -> list[T5Units]:
     out: list[T5Units] = []
 
     def add(attn, mlp, label, kind, stream):
-        out.append(T5Units(index=len(out), attn=attn, mlp=mlp, head_dim=h, group_size=1, label=label, kind=kind,
+        out.append(T5Units(index=len(out), attn=attn, mlp=mlp, head_dim=h, group_size=1,
+                           attn_weights=_attn_weights(attn, h), mlp_weights=_mlp_weights(mlp), label=label, kind=kind,
                            stream=stream, _gated=gated))  # fmt: skip
 
     for i, block in enumerate(model.encoder.block):
@@ -274,7 +256,7 @@ def stock_d_ff(layers: dict[str, list[dict[str, Any]]], num_heads: int) -> int |
 
 def resize_to_t5_layers(model: nn.Module, layers: dict[str, list[dict[str, Any]]]) -> None:
     """Give ``model`` the shapes (and kept-heads buffers) of ``layers``; values are to be loaded afterwards."""
-    from .hub_code.modeling_nirvana_t5 import apply_t5_layers
+    from ..hub_code.modeling_nirvana_t5 import apply_t5_layers
 
     apply_t5_layers(model, layers, int(model.config.num_heads))
     for attn in _attention_modules(model):
@@ -395,3 +377,114 @@ def check_seq2seq_batch(batch: dict[str, Any], index: int) -> None:
         if batch.get(a) is not None and batch.get(b) is not None and batch[a].shape != batch[b].shape:
             raise ValueError(f"calibration batch {index}: {a} shape {tuple(batch[a].shape)} differs from {b} shape "
                              f"{tuple(batch[b].shape)}.")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- export
+_T5_NIRVANA_KEYS = ("auto_map", "nirvana_t5_layers", "nirvana_base_model_type")
+
+
+class _stock_t5_attention:
+    """Within the block, every NirvanaT5Attention that keeps all heads in order looks stock (no buffer)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [(m, m._buffers[KEPT_HEADS]) for m in model.modules() if isinstance(m, NirvanaT5Attention)]
+
+    def __enter__(self) -> None:
+        from transformers.models.t5.modeling_t5 import T5Attention
+
+        for m, _ in self.saved:
+            del m._buffers[KEPT_HEADS]
+            m.__class__ = T5Attention
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, buf in self.saved:
+            m.__class__ = NirvanaT5Attention
+            m._buffers[KEPT_HEADS] = buf
+
+
+# ---------------------------------------------------------------------------------------------- the adapter
+class T5Architecture(Architecture):
+    """T5 (``T5ForConditionalGeneration``; also a ``T5EncoderModel`` for everything but the export)."""
+
+    model_types = ("t5",)
+    saved_model_types = tuple(NIRVANA_T5_CLASSES)
+    zero3 = False  # (the position-bias bookkeeping of pruned heads is not rebuilt under ZeRO-3 partitions yet)
+    lora = False
+    batch_keys = SEQ2SEQ_KEYS
+    notes = "encoder-decoder; heads of every attention and FFN channels, relative position bias kept whole"
+
+    def model_class_name(self) -> str:
+        return "T5ForConditionalGeneration"
+
+    def check(self, model: nn.Module) -> None:
+        check_t5(model)
+
+    def find_units(self, model: nn.Module) -> list[LayerUnits]:
+        return find_t5_units(model)
+
+    def after_slicing(self, model: nn.Module, units: Sequence[LayerUnits], plan: PruningPlan) -> None:
+        after_slicing(model, units, [lp.kept_kv_groups for lp in plan.layers])
+
+    def widths(self, model: nn.Module) -> dict[str, list[dict[str, Any]]]:
+        return t5_layers(model)
+
+    def resize_from_state_dict(
+        self, model: nn.Module, module: nn.Module, state_dict: Any, prefix: str = "",
+        materialize: Materialize | None = None,
+    ) -> bool:
+        return resize_t5_from_state_dict(model, module, state_dict, prefix)
+
+    def model_inputs(self, model: nn.Module, batch: dict[str, torch.Tensor], with_labels: bool = False) -> ModelInputs:
+        kwargs, dec_mask, labels = seq2seq_inputs(model, batch, with_labels)
+        return ModelInputs(kwargs, dec_mask, labels, {"encoder": batch.get("attention_mask"), "decoder": dec_mask})
+
+    def check_batch(self, batch: dict[str, Any], index: int) -> None:
+        check_seq2seq_batch(batch, index)
+
+    def body_and_head(self, model: nn.Module):
+        raise ValueError(
+            f"KL calibration needs a causal LM with a decoder body `.model` and an `.lm_head`; {type(model).__name__} "
+            "is an encoder-decoder model. Choose the calibration of a T5 model without KL selection."
+        )
+
+    def save(self, model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
+        """A dense-headed T5 whose FFNs share one width: a stock folder; anything else: the ``nirvana_t5`` format
+        (per-attention kept heads and per-FFN widths in ``nirvana_t5_layers``, remote code next to the weights)."""
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        if not isinstance(model, T5ForConditionalGeneration):
+            raise UnsupportedModelError(
+                f"save_pruned: T5 models are exported as T5ForConditionalGeneration; got {type(model).__name__}. For "
+                "a T5EncoderModel use model.save_pretrained(folder) and rebuild with "
+                "nirvana_pl.arch.t5.resize_to_t5_layers."
+            )
+        layers = t5_layers(model)  # measured on the modules, not read from the config
+        d = config_dict(model.config, _T5_NIRVANA_KEYS)
+        d_ff = stock_d_ff(layers, model.config.num_heads)
+        stock = try_stock_config(T5Config, {**d, "d_ff": d_ff})[0] if d_ff is not None else None
+        if stock is not None:
+            with _stock_t5_attention(model):  # a stock T5Attention has no kept-heads buffer
+                save_with_config(model, stock, path, kwargs)
+            patch_config_json(path, {"architectures": ["T5ForConditionalGeneration"]}, drop=_T5_NIRVANA_KEYS)
+            return
+        nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES["nirvana_t5"]
+        nconfig = nconfig_cls.from_dict({**d, "nirvana_t5_layers": layers})
+        hub_file = Path(modeling_nirvana_t5.__file__)
+        write_remote_code_folder(
+            model, path, kwargs, nconfig, nmodel_cls, hub_file.name, hub_file.read_text(),
+            "AutoModelForSeq2SeqLM", {"nirvana_base_model_type": "t5", "nirvana_t5_layers": layers},
+        )
+
+    def load(self, path: Path, config: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+        if config.get("model_type") not in NIRVANA_T5_CLASSES and config.get("nirvana_t5_layers") is None:
+            from transformers import AutoModelForSeq2SeqLM
+
+            return AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+        nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES["nirvana_t5"]
+        if "config" not in kwargs:
+            d = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
+            kwargs["config"] = nconfig_cls.from_dict(d)
+        return nmodel_cls.from_pretrained(path, **kwargs)
+
+
+register_architecture(T5Architecture())
