@@ -56,6 +56,18 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         dropout_rate=0.0, relative_attention_num_buckets=8, relative_attention_max_distance=16,
         tie_word_embeddings=False, initializer_factor=2.0,
     ),  # fmt: skip
+    "mt5": dict(  # T5's modules under MT5 names; the original (relu, wi/wo) FFN here, gated in the t5 entry
+        vocab_size=VOCAB, d_model=64, d_kv=16, num_heads=4, d_ff=80, num_layers=2, num_decoder_layers=2,
+        feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        dropout_rate=0.0, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        tie_word_embeddings=False, initializer_factor=2.0,
+    ),  # fmt: skip
+    "umt5": dict(  # a relative position bias in every self-attention, sliced with its heads
+        vocab_size=VOCAB, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2, num_decoder_layers=2,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        dropout_rate=0.0, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        tie_word_embeddings=False, initializer_factor=2.0,
+    ),  # fmt: skip
 }
 
 

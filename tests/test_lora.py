@@ -33,6 +33,33 @@ def _lora_model(factory=tiny_llama, targets=ALL, seed=0, **kw):
     return peft.get_peft_model(factory(seed=seed), config)
 
 
+def tiny_phi3(seed: int = 0):
+    """Phi-3: fused qkv_proj and gate_up_proj (a KV group owns three row blocks of one weight)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    return Phi3ForCausalLM(config).eval()
+
+
+def test_lora_factors_of_fused_projections_follow_their_index_maps():
+    """LoRA B rows of qkv_proj / gate_up_proj are sliced block by block like the weight: pruned == masked twin."""
+    model = _lora_model(tiny_phi3, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    base = model.base_model.model
+    plan = _plan(base)
+    assert not plan.is_identity and plan.kv_groups_kept() != [4, 4, 4]
+    ids = _ids(0)
+    with torch.no_grad(), masked(base, plan):
+        expected = base(ids).logits
+    apply_plan(base, plan)
+    attn = base.model.layers[0].self_attn
+    assert attn.qkv_proj.lora_B["default"].weight.shape[0] == attn.qkv_proj.base_layer.weight.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 class LM(CausalLM):
     """The helpers' user-style module around a given transformers model."""
 

@@ -267,14 +267,16 @@ class DecoderArchitecture(Architecture):
         self, model: nn.Module, module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
     ) -> list[dict[str, int]] | None:
         """The per-layer widths of the pruned model ``state_dict`` was saved from, read from every layer's first
-        attention and MLP weights (q or qkv, gate or gate_up); None when it does not hold them all as 2-D tensors."""
+        attention and MLP weights (q or qkv, gate or gate_up); None when it does not hold every projection of every
+        layer as a 2-D tensor (a partial state dict, DeepSpeed ZeRO-3's 1-D placeholders)."""
         saved = _saved_tensors(module, state_dict, prefix)
         widths = []
         for u in self.find_units(model):
-            q, gate = u.attn_weights[0], u.mlp_weights[0]
-            q_saved, gate_saved = saved(q.weight), saved(gate.weight)
-            if q_saved is None or gate_saved is None or q_saved.dim() != 2 or gate_saved.dim() != 2:
+            tensors = [saved(w.weight) for w in u.attn_weights + u.mlp_weights]
+            if any(t is None or t.dim() != 2 for t in tensors):
                 return None  # (a 2-D gate with no rows: the MLP was pruned away)
+            q, gate = u.attn_weights[0], u.mlp_weights[0]
+            q_saved, gate_saved = tensors[0], tensors[len(u.attn_weights)]
             n_kv = q_saved.shape[0] // q.rows_per_unit
             widths.append({"num_key_value_heads": n_kv, "num_attention_heads": n_kv * u.group_size,
                            "intermediate_size": gate_saved.shape[0] // gate.rows_per_unit})  # fmt: skip

@@ -1,5 +1,6 @@
-"""T5 (encoder-decoder) support: where the units are, what surgery does besides slicing, and the
-teacher-forced inputs of the data-driven estimators.
+"""T5 and MT5 (encoder-decoder) support: where the units are, what surgery does besides slicing, the
+teacher-forced inputs of the data-driven estimators, and the export. MT5's modules are T5's under other
+names, so one :class:`T5Architecture` per family, naming its stock classes, covers both.
 
 T5 is described to the generic allocate/plan/surgery code as a list of *unit entries*, each a
 :class:`T5Units` (a :class:`~nirvana_pl.units.LayerUnits` with a label):
@@ -11,12 +12,16 @@ T5 is described to the generic allocate/plan/surgery code as a list of *unit ent
 A head is a unit of group size 1 (rows ``d_kv`` of q, k, v; columns of o). All heads share one pool
 and all FFN channels another (METHOD.md section 3). The relative position bias is never pruned: the
 first block of each stack computes it for every original head and each pruned attention
-(:class:`~nirvana_pl.hub_code.modeling_nirvana_t5.NirvanaT5Attention`) reads the columns of the
-original heads it keeps, recorded in its buffer ``nirvana_kept_heads`` (saved with the weights).
+(:class:`~nirvana_pl.hub_code.modeling_nirvana_t5.NirvanaT5AttentionMixin` on the family's attention class)
+reads the columns of the original heads it keeps, recorded in its buffer ``nirvana_kept_heads`` (saved with
+the weights).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,10 +31,10 @@ from torch import nn
 
 from ..hf_folder import config_dict, patch_config_json, save_with_config, try_stock_config, write_remote_code_folder
 from ..hub_code import modeling_nirvana_t5
-from ..hub_code.modeling_nirvana_t5 import KEPT_HEADS, NIRVANA_T5_CLASSES, NirvanaT5Attention, make_pruned_attention
+from ..hub_code.modeling_nirvana_t5 import KEPT_HEADS, NirvanaT5AttentionMixin, make_pruned_attention, set_head_count
 from ..plan import PruningPlan
 from ..units import LayerUnits, UnsupportedModelError, WeightSlice
-from . import Architecture, Materialize, ModelInputs, register_architecture
+from . import Architecture, Materialize, ModelInputs, architecture_of, register_architecture
 
 
 @dataclass
@@ -74,9 +79,16 @@ def _mlp_weights(m: nn.Module | None) -> list[WeightSlice]:
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    from transformers.models.t5.modeling_t5 import T5Attention
+    attention_cls = _family(model).stock_classes()[0]
+    return [m for m in model.modules() if isinstance(m, attention_cls)]
 
-    return [m for m in model.modules() if isinstance(m, T5Attention)]
+
+def _family(model: nn.Module) -> "T5Architecture":
+    return architecture_of(model)  # type: ignore[return-value]  (this module's functions get T5-family models)
+
+
+def _make_pruned(model: nn.Module, attn: nn.Module, kept: Any, bias_heads: int) -> None:
+    make_pruned_attention(attn, kept, bias_heads, _family(model).nirvana_classes()[0])
 
 
 def check_t5(model: nn.Module) -> None:
@@ -110,8 +122,10 @@ def _check_t5_block(model: nn.Module, block: nn.Module, i: int, stack_name: str,
     attns = [("SelfAttention", block.layer[0].SelfAttention)]
     if stack_name == "decoder":
         attns.append(("EncDecAttention", block.layer[1].EncDecAttention))
+    per_attention = _family(model).bias_per_attention
     for attr, attn in attns:
-        _check_position_bias(model, attn, f"{where}.{attr}", owns_bias=(i == 0 and attr == "SelfAttention"))
+        owns = attr == "SelfAttention" and (i == 0 or per_attention)
+        _check_position_bias(model, attn, f"{where}.{attr}", owns, per_attention)
         for pname in ("q", "k", "v", "o"):
             _check_untied_linear(getattr(attn, pname, None), f"{where}.{attr}.{pname}", "heads", seen)
     ffn = block.layer[-1].DenseReluDense
@@ -119,28 +133,26 @@ def _check_t5_block(model: nn.Module, block: nn.Module, i: int, stack_name: str,
         _check_untied_linear(getattr(ffn, pname, None), f"{where}.DenseReluDense.{pname}", "FFN weights", seen)
 
 
-def _check_position_bias(model: nn.Module, attn: nn.Module, name: str, owns_bias: bool) -> None:
-    """Only the first block's self-attention of a stack owns the relative position bias, of the dense head count.
+def _check_position_bias(model: nn.Module, attn: nn.Module, name: str, owns_bias: bool, per_attention: bool) -> None:
+    """T5: only the first block's self-attention of a stack owns the relative position bias, of the dense head count.
+    UMT5 (``per_attention``): every self-attention owns one, with one column per head it has.
 
-    ``owns_bias``: whether ``attn`` (called ``name`` in messages) is that self-attention.
+    ``owns_bias``: whether ``attn`` (called ``name`` in messages) is such a self-attention.
     """
     has_bias = getattr(attn, "relative_attention_bias", None) is not None
-    if has_bias and not owns_bias:
+    layout = ("every self-attention owns its own" if per_attention else
+              "only the self-attention of the first block of each stack does (the later blocks reuse its bias)")
+    if has_bias != owns_bias:
         raise UnsupportedModelError(
-            f"{name} owns a relative_attention_bias, but in T5 only the self-attention of the "
-            "first block of each stack does (the later blocks reuse its bias). Pruning heads needs that "
-            "layout; this model's position bias is wired differently, so it cannot be pruned."
+            f"{name} {'owns' if has_bias else 'has no'} relative_attention_bias, but in {type(model).__name__} "
+            f"{layout}. Pruning heads needs that layout; this model's position bias is wired differently, so it "
+            "cannot be pruned."
         )
-    if owns_bias and not has_bias:
+    width = int(attn.n_heads) if per_attention else int(model.config.num_heads)
+    if has_bias and attn.relative_attention_bias.embedding_dim != width:
         raise UnsupportedModelError(
-            f"{name} has no relative_attention_bias; T5 computes the position bias there. "
-            "This model is not laid out like T5ForConditionalGeneration and cannot be pruned."
-        )
-    if has_bias and attn.relative_attention_bias.embedding_dim != model.config.num_heads:
-        raise UnsupportedModelError(
-            f"{name}.relative_attention_bias has {attn.relative_attention_bias.embedding_dim} "
-            f"head columns, config.num_heads={model.config.num_heads}; they must match (it is the dense "
-            "head count, never pruned)."
+            f"{name}.relative_attention_bias has {attn.relative_attention_bias.embedding_dim} head columns for "
+            f"{width} heads; they must match."
         )
 
 
@@ -165,10 +177,14 @@ def find_t5_units(model: nn.Module) -> list[T5Units]:
     gated = bool(getattr(model.config, "is_gated_act", False))
     out: list[T5Units] = []
 
+    per_attention = _family(model).bias_per_attention
+
     def add(attn, mlp, label, kind, stream):
+        bias = getattr(attn, "relative_attention_bias", None) if per_attention else None
+        followers = [WeightSlice.follower("relative_attention_bias", bias, 1, 1)] if bias is not None else []
         out.append(T5Units(index=len(out), attn=attn, mlp=mlp, head_dim=h, group_size=1,
                            attn_weights=_attn_weights(attn, h), mlp_weights=_mlp_weights(mlp), label=label, kind=kind,
-                           stream=stream, _gated=gated))  # fmt: skip
+                           stream=stream, _gated=gated, attn_followers=followers))  # fmt: skip
 
     for i, block in enumerate(model.encoder.block):
         add(block.layer[0].SelfAttention, block.layer[-1].DenseReluDense, f"encoder.{i}", "encoder", "encoder")
@@ -193,16 +209,21 @@ def kept_original_heads(attn: nn.Module) -> torch.Tensor:
 def after_slicing(model: nn.Module, units: Sequence[T5Units], kept_heads: Sequence[Sequence[int]]) -> None:
     """Bookkeeping after the q/k/v/o of every entry were sliced to ``kept_heads`` (indices before the slice).
 
-    Every attention of the model becomes a NirvanaT5Attention (so the full position bias travels between
-    blocks whatever each one kept), with its kept original heads composed over all prune events.
+    Every attention of the model becomes its family's pruned attention (so the full position bias travels
+    between blocks whatever each one kept), with its kept original heads composed over all prune events.
     """
+    if _family(model).bias_per_attention:  # UMT5: each attention's own bias lost the removed heads' columns
+        for u in units:
+            set_head_count(u.attn, int(u.attn.q.weight.shape[0]) // int(u.attn.key_value_proj_dim))
+        update_t5_config(model)
+        return
     bias_heads = int(model.config.num_heads)
     for u, kept in zip(units, kept_heads):
         before = kept_original_heads(u.attn)
-        make_pruned_attention(u.attn, before[torch.as_tensor(list(kept), dtype=torch.long)], bias_heads)
+        _make_pruned(model, u.attn, before[torch.as_tensor(list(kept), dtype=torch.long)], bias_heads)
     for attn in _attention_modules(model):  # e.g. a T5EncoderModel has no decoder entries
-        if not isinstance(attn, NirvanaT5Attention):
-            make_pruned_attention(attn, kept_original_heads(attn), bias_heads)
+        if not isinstance(attn, NirvanaT5AttentionMixin):
+            _make_pruned(model, attn, kept_original_heads(attn), bias_heads)
     update_t5_config(model)
 
 
@@ -258,10 +279,10 @@ def resize_to_t5_layers(model: nn.Module, layers: dict[str, list[dict[str, Any]]
     """Give ``model`` the shapes (and kept-heads buffers) of ``layers``; values are to be loaded afterwards."""
     from ..hub_code.modeling_nirvana_t5 import apply_t5_layers
 
-    apply_t5_layers(model, layers, int(model.config.num_heads))
-    for attn in _attention_modules(model):
-        if not isinstance(attn, NirvanaT5Attention):
-            make_pruned_attention(attn, kept_original_heads(attn), int(model.config.num_heads))
+    apply_t5_layers(model, layers, int(model.config.num_heads), _family(model).nirvana_classes()[0])
+    for attn in _attention_modules(model) if not _family(model).bias_per_attention else ():
+        if not isinstance(attn, NirvanaT5AttentionMixin):
+            _make_pruned(model, attn, kept_original_heads(attn), int(model.config.num_heads))
     update_t5_config(model)
 
 
@@ -384,37 +405,72 @@ _T5_NIRVANA_KEYS = ("auto_map", "nirvana_t5_layers", "nirvana_base_model_type")
 
 
 class _stock_t5_attention:
-    """Within the block, every NirvanaT5Attention that keeps all heads in order looks stock (no buffer)."""
+    """Within the block, every pruned attention that keeps all heads in order looks stock (its family's class, no
+    buffer)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved = [(m, m._buffers[KEPT_HEADS]) for m in model.modules() if isinstance(m, NirvanaT5Attention)]
+        self.stock_cls = _family(model).stock_classes()[0]
+        self.saved = [(m, type(m), m._buffers[KEPT_HEADS]) for m in model.modules()
+                      if isinstance(m, NirvanaT5AttentionMixin)]  # fmt: skip
 
     def __enter__(self) -> None:
-        from transformers.models.t5.modeling_t5 import T5Attention
-
-        for m, _ in self.saved:
+        for m, _, _ in self.saved:
             del m._buffers[KEPT_HEADS]
-            m.__class__ = T5Attention
+            m.__class__ = self.stock_cls
 
     def __exit__(self, *exc: Any) -> None:
-        for m, buf in self.saved:
-            m.__class__ = NirvanaT5Attention
+        for m, cls, buf in self.saved:
+            m.__class__ = cls
             m._buffers[KEPT_HEADS] = buf
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
 class T5Architecture(Architecture):
-    """T5 (``T5ForConditionalGeneration``; also a ``T5EncoderModel`` for everything but the export)."""
+    """A T5-layout family (``T5ForConditionalGeneration``, ``MT5ForConditionalGeneration``; a ``T5EncoderModel``
+    too for everything but the export). ``prefix`` names its stock classes (``<prefix>Attention``,
+    ``<prefix>Config``, ``<prefix>ForConditionalGeneration`` in ``transformers.models.<type>.modeling_<type>``).
+    ``bias_per_attention``: every self-attention owns its relative position bias (UMT5), whose columns are then
+    sliced with its heads; else the first block of a stack computes it for all heads and passes it on (T5, MT5)."""
 
-    model_types = ("t5",)
-    saved_model_types = tuple(NIRVANA_T5_CLASSES)
     zero3 = False  # (the position-bias bookkeeping of pruned heads is not rebuilt under ZeRO-3 partitions yet)
     lora = False
     batch_keys = SEQ2SEQ_KEYS
-    notes = "encoder-decoder; heads of every attention and FFN channels, relative position bias kept whole"
+
+    def __init__(self, model_type: str, prefix: str, notes: str, bias_per_attention: bool = False) -> None:
+        self.model_types, self.saved_model_types = (model_type,), (f"nirvana_{model_type}",)
+        self.prefix, self.notes, self.bias_per_attention = prefix, notes, bias_per_attention
+
+    def stock_classes(self) -> tuple[type, type, type]:
+        """(attention class, config class, model class) of this family in transformers."""
+        import transformers
+
+        mtype = self.model_types[0]
+        module = importlib.import_module(f"transformers.models.{mtype}.modeling_{mtype}")
+        p = self.prefix
+        return (getattr(module, f"{p}Attention"), getattr(transformers, f"{p}Config"),
+                getattr(transformers, f"{p}ForConditionalGeneration"))  # fmt: skip
+
+    def nirvana_classes(self) -> tuple[type, type, type]:
+        """The in-process (attention, config, model) classes of the ``nirvana_<type>`` format (the folder's code)."""
+        return _nirvana_t5_classes(self)
+
+    def hub_code(self) -> str:
+        """``modeling_nirvana_t5.py`` for this family: the shared code, then the classes made from its stock ones."""
+        attention_cls, config_cls, model_cls = self.stock_classes()
+        attention, nconfig, nmodel = self.nirvana_classes()
+        # (a family whose attentions own their bias keeps its stock attention class: none to import)
+        attention_import = (f"from {attention_cls.__module__} import {attention_cls.__name__}  # noqa: E402\n"
+                            if attention is not None else "")  # fmt: skip
+        return inspect.getsource(modeling_nirvana_t5).rstrip() + "\n\n\n" + (
+            f"# The classes of this folder's family ({self.model_types[0]!r}), written by nirvana_pl.save_pruned.\n"
+            f"{attention_import}from transformers import {config_cls.__name__}, {model_cls.__name__}  # noqa: E402\n\n"
+            f"{attention.__name__ if attention is not None else '_'}, {nconfig.__name__}, {nmodel.__name__} = "
+            f"nirvana_t5_classes(\n    {attention_cls.__name__ if attention is not None else None}, "
+            f"{config_cls.__name__}, {model_cls.__name__}, {self.model_types[0]!r}\n)\n"
+        )
 
     def model_class_name(self) -> str:
-        return "T5ForConditionalGeneration"
+        return f"{self.prefix}ForConditionalGeneration"
 
     def check(self, model: nn.Module) -> None:
         check_t5(model)
@@ -448,43 +504,59 @@ class T5Architecture(Architecture):
         )
 
     def save(self, model: nn.Module, path: Path, kwargs: dict[str, Any]) -> None:
-        """A dense-headed T5 whose FFNs share one width: a stock folder; anything else: the ``nirvana_t5`` format
-        (per-attention kept heads and per-FFN widths in ``nirvana_t5_layers``, remote code next to the weights)."""
-        from transformers import T5Config, T5ForConditionalGeneration
-
-        if not isinstance(model, T5ForConditionalGeneration):
+        """Every attention keeping all its heads and every FFN one width: a stock folder; anything else: the
+        ``nirvana_<type>`` format (per-attention kept heads and per-FFN widths in ``nirvana_t5_layers``, remote code
+        next to the weights)."""
+        _, config_cls, model_cls = self.stock_classes()
+        if not isinstance(model, model_cls):
             raise UnsupportedModelError(
-                f"save_pruned: T5 models are exported as T5ForConditionalGeneration; got {type(model).__name__}. For "
-                "a T5EncoderModel use model.save_pretrained(folder) and rebuild with "
+                f"save_pruned: {self.prefix} models are exported as {model_cls.__name__}; got {type(model).__name__}. "
+                "For an encoder-only model use model.save_pretrained(folder) and rebuild with "
                 "nirvana_pl.arch.t5.resize_to_t5_layers."
             )
         layers = t5_layers(model)  # measured on the modules, not read from the config
         d = config_dict(model.config, _T5_NIRVANA_KEYS)
         d_ff = stock_d_ff(layers, model.config.num_heads)
-        stock = try_stock_config(T5Config, {**d, "d_ff": d_ff})[0] if d_ff is not None else None
+        stock = try_stock_config(config_cls, {**d, "d_ff": d_ff})[0] if d_ff is not None else None
         if stock is not None:
-            with _stock_t5_attention(model):  # a stock T5Attention has no kept-heads buffer
+            with _stock_t5_attention(model):  # a stock attention has no kept-heads buffer
                 save_with_config(model, stock, path, kwargs)
-            patch_config_json(path, {"architectures": ["T5ForConditionalGeneration"]}, drop=_T5_NIRVANA_KEYS)
+            patch_config_json(path, {"architectures": [model_cls.__name__]}, drop=_T5_NIRVANA_KEYS)
             return
-        nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES["nirvana_t5"]
+        _, nconfig_cls, nmodel_cls = self.nirvana_classes()
         nconfig = nconfig_cls.from_dict({**d, "nirvana_t5_layers": layers})
-        hub_file = Path(modeling_nirvana_t5.__file__)
         write_remote_code_folder(
-            model, path, kwargs, nconfig, nmodel_cls, hub_file.name, hub_file.read_text(),
-            "AutoModelForSeq2SeqLM", {"nirvana_base_model_type": "t5", "nirvana_t5_layers": layers},
+            model, path, kwargs, nconfig, nmodel_cls, HUB_FILE, self.hub_code(), "AutoModelForSeq2SeqLM",
+            {"nirvana_base_model_type": self.model_types[0], "nirvana_t5_layers": layers},
         )
 
     def load(self, path: Path, config: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
-        if config.get("model_type") not in NIRVANA_T5_CLASSES and config.get("nirvana_t5_layers") is None:
+        if config.get("model_type") not in self.saved_model_types and config.get("nirvana_t5_layers") is None:
             from transformers import AutoModelForSeq2SeqLM
 
             return AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
-        nconfig_cls, nmodel_cls, _ = NIRVANA_T5_CLASSES["nirvana_t5"]
+        _, nconfig_cls, nmodel_cls = self.nirvana_classes()
         if "config" not in kwargs:
             d = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "auto_map")}
             kwargs["config"] = nconfig_cls.from_dict(d)
         return nmodel_cls.from_pretrained(path, **kwargs)
 
 
-register_architecture(T5Architecture())
+HUB_FILE = "modeling_nirvana_t5.py"
+
+
+@functools.cache
+def _nirvana_t5_classes(arch: T5Architecture) -> tuple[type | None, type, type]:
+    attention_cls, config_cls, model_cls = arch.stock_classes()
+    attention_cls = None if arch.bias_per_attention else attention_cls  # (its stock attention needs no subclass)
+    return modeling_nirvana_t5.nirvana_t5_classes(attention_cls, config_cls, model_cls, arch.model_types[0])
+
+
+_T5_NOTES = "heads of every attention and FFN channels; the relative position bias is kept whole"
+register_architecture(T5Architecture("t5", "T5", f"encoder-decoder; {_T5_NOTES}"))
+register_architecture(T5Architecture("mt5", "MT5", f"multilingual T5 (mT5); {_T5_NOTES}"))
+register_architecture(T5Architecture(
+    "umt5", "UMT5", "encoder-decoder with a relative position bias in every self-attention, sliced with its heads",
+    bias_per_attention=True,
+))
+

@@ -12,8 +12,12 @@ checkpoint folder and is loaded with::
 ORIGINAL indices of the heads it keeps, and every FFN width. ``config.num_heads`` stays the dense head
 count: it is the width of the relative position bias, which the first block of each stack computes
 for all original heads and passes on; each pruned attention adds the bias columns of its own kept
-heads (:class:`NirvanaT5Attention`). Self-contained on purpose: it imports only torch and
+heads (:class:`NirvanaT5AttentionMixin`). Self-contained on purpose: it imports only torch and
 transformers, never nirvana_pl.
+
+The classes of a folder are made at the end of the file by :func:`nirvana_t5_classes` from the stock classes
+of that folder's family only (T5 or MT5, whose attention is T5's under another name; ``save_pruned`` appends
+those lines).
 """
 
 from __future__ import annotations
@@ -23,15 +27,14 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
-from transformers.models.t5.modeling_t5 import T5Attention
 
 #: name of the buffer holding the original indices of the heads an attention keeps
 KEPT_HEADS = "nirvana_kept_heads"
 
 
-class NirvanaT5Attention(T5Attention):
-    """A T5 attention that keeps a subset of the original heads and reads their relative-bias columns.
+class NirvanaT5AttentionMixin:
+    """On top of the family's stock attention: keeps a subset of the original heads and reads their relative-bias
+    columns.
 
     The position bias that travels between the blocks of a stack always has one column per ORIGINAL
     head (``nirvana_bias_heads``); this attention uses the columns of the heads it kept
@@ -72,23 +75,25 @@ class NirvanaT5Attention(T5Attention):
         return full.index_select(1, getattr(self, KEPT_HEADS).to(full.device))
 
 
-def make_pruned_attention(attn: T5Attention, kept_heads: Sequence[int] | torch.Tensor, bias_heads: int) -> None:
-    """Turn ``attn`` (in place, parameters kept) into a :class:`NirvanaT5Attention` with these kept heads.
+def make_pruned_attention(
+    attn: nn.Module, kept_heads: Sequence[int] | torch.Tensor, bias_heads: int, nirvana_cls: type
+) -> None:
+    """Turn ``attn`` (in place, parameters kept) into a ``nirvana_cls`` (its family's pruned attention class, from
+    :func:`nirvana_t5_classes`) with these kept heads.
 
     Only the bookkeeping changes (class, ``n_heads``, ``inner_dim``, the kept-heads buffer); the q/k/v/o
     weights must already have (or be given) ``len(kept_heads) * d_kv`` rows/columns.
     """
     device = attn.q.weight.device
     kept = torch.as_tensor(kept_heads, dtype=torch.long, device=device).reshape(-1)
-    if not isinstance(attn, NirvanaT5Attention):
-        attn.__class__ = NirvanaT5Attention
+    if not isinstance(attn, NirvanaT5AttentionMixin):
+        attn.__class__ = nirvana_cls
     if KEPT_HEADS in attn._buffers:
         setattr(attn, KEPT_HEADS, kept)
     else:
         attn.register_buffer(KEPT_HEADS, kept, persistent=True)
     attn.nirvana_bias_heads = int(bias_heads)
-    attn.n_heads = int(kept.numel())
-    attn.inner_dim = attn.n_heads * attn.key_value_proj_dim
+    set_head_count(attn, int(kept.numel()))
 
 
 def check_t5_layers(config) -> dict[str, list[dict[str, Any]]] | None:
@@ -129,10 +134,7 @@ def check_t5_layers(config) -> dict[str, list[dict[str, Any]]] | None:
     return layers
 
 
-class NirvanaT5Config(T5Config):
-    model_type = "nirvana_t5"
-    nirvana_base_model_type = "t5"
-
+class _NirvanaT5ConfigMixin:
     def validate_architecture(self) -> None:
         super().validate_architecture()
         check_t5_layers(self)
@@ -153,8 +155,29 @@ def _ffn_weights(ffn: nn.Module) -> tuple[list[str], str]:
     return rows, "wo"
 
 
-def resize_attention(attn: T5Attention, kept_heads: Sequence[int], bias_heads: int) -> bool:
-    """Give ``attn`` the shapes of ``len(kept_heads)`` heads and make it a NirvanaT5Attention; True if resized."""
+def set_head_count(attn: nn.Module, n_heads: int) -> None:
+    """The attributes an attention reads its head count from (and its own position bias's width, UMT5)."""
+    attn.n_heads = int(n_heads)
+    attn.inner_dim = attn.n_heads * attn.key_value_proj_dim
+    bias = getattr(attn, "relative_attention_bias", None)
+    if bias is not None and getattr(attn, KEPT_HEADS, None) is None:  # (T5's first block: the dense width)
+        bias.embedding_dim = int(bias.weight.shape[1])
+
+
+def _resize_own_bias(attn: nn.Module, n_heads: int) -> bool:
+    """UMT5: an attention's own relative position bias, one column per head it has."""
+    bias = getattr(attn, "relative_attention_bias", None)
+    if bias is None or bias.weight.shape[1] == n_heads:
+        return False
+    w = bias.weight
+    attn.relative_attention_bias = nn.Embedding(bias.num_embeddings, n_heads, device=w.device, dtype=w.dtype)
+    return True
+
+
+def resize_attention(attn: nn.Module, kept_heads: Sequence[int], bias_heads: int, nirvana_cls: type | None) -> bool:
+    """Give ``attn`` the shapes of ``len(kept_heads)`` heads and make it a ``nirvana_cls``; True if resized.
+
+    ``nirvana_cls`` None: the attention owns its position bias (UMT5), which is resized with the heads instead."""
     inner = len(kept_heads) * attn.key_value_proj_dim
     changed = False
     for name in ("q", "k", "v"):
@@ -167,7 +190,11 @@ def resize_attention(attn: T5Attention, kept_heads: Sequence[int], bias_heads: i
     if new_o is not attn.o:
         attn.o = new_o
         changed = True
-    make_pruned_attention(attn, kept_heads, bias_heads)
+    if nirvana_cls is None:
+        changed |= _resize_own_bias(attn, len(kept_heads))
+        set_head_count(attn, len(kept_heads))
+    else:
+        make_pruned_attention(attn, kept_heads, bias_heads, nirvana_cls)
     return changed
 
 
@@ -189,46 +216,67 @@ def resize_ffn(ffn: nn.Module, width: int) -> bool:
     return changed
 
 
-def apply_t5_layers(model: nn.Module, layers: dict[str, list[dict[str, Any]]], bias_heads: int) -> bool:
-    """Give every attention and FFN of a T5 model the widths ``layers`` describes; True if anything was resized."""
+def apply_t5_layers(
+    model: nn.Module, layers: dict[str, list[dict[str, Any]]], bias_heads: int, nirvana_cls: type
+) -> bool:
+    """Give every attention and FFN of a T5 model the widths ``layers`` describes (pruned attentions become
+    ``nirvana_cls``); True if anything was resized."""
     changed = False
     for stack_name, entries in layers.items():
         stack = getattr(model, stack_name)
         if len(stack.block) != len(entries):
             raise ValueError(f"{len(entries)} {stack_name} entries for a stack of {len(stack.block)} blocks.")
         for block, entry in zip(stack.block, entries):
-            changed |= resize_attention(block.layer[0].SelfAttention, entry["self_heads"], bias_heads)
+            changed |= resize_attention(block.layer[0].SelfAttention, entry["self_heads"], bias_heads, nirvana_cls)
             if stack_name == "decoder":
-                changed |= resize_attention(block.layer[1].EncDecAttention, entry["cross_heads"], bias_heads)
+                changed |= resize_attention(block.layer[1].EncDecAttention, entry["cross_heads"], bias_heads,
+                                            nirvana_cls)  # fmt: skip
             changed |= resize_ffn(block.layer[-1].DenseReluDense, int(entry["d_ff"]))
     return changed
 
 
-class NirvanaT5ForConditionalGeneration(T5ForConditionalGeneration):
-    """Builds the stock T5, then gives each attention and FFN its pruned width (``config.nirvana_t5_layers``)."""
+class _NirvanaT5ModelMixin:
+    """Builds the stock model, then gives each attention and FFN its pruned width (``config.nirvana_t5_layers``)."""
 
-    config_class = NirvanaT5Config
+    nirvana_attention_class: type
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         layers = check_t5_layers(config)
-        if layers is not None and apply_t5_layers(self, layers, config.num_heads):
+        if layers is not None and apply_t5_layers(self, layers, config.num_heads, self.nirvana_attention_class):
             # Initialises only the new modules; a no-op on the meta device used by from_pretrained.
             self.post_init()
 
 
-#: nirvana model_type -> (config class, model class, stock model_type)
-NIRVANA_T5_CLASSES = {"nirvana_t5": (NirvanaT5Config, NirvanaT5ForConditionalGeneration, "t5")}
+def nirvana_t5_classes(
+    attention_cls: type | None, config_cls: type, model_cls: type, base_model_type: str
+) -> tuple[type | None, type, type]:
+    """(pruned attention class, config class, model class) of the ``nirvana_<base_model_type>`` format on top of a
+    family's stock classes, named ``Nirvana<stock name>`` (e.g. ``NirvanaT5Attention``) and defined in this module.
+    ``attention_cls`` None: the family's attentions own their position bias (UMT5) and stay stock."""
+    attention = None if attention_cls is None else type(
+        f"Nirvana{attention_cls.__name__}", (NirvanaT5AttentionMixin, attention_cls), {"__module__": __name__}
+    )
+    config = type(
+        f"Nirvana{config_cls.__name__}", (_NirvanaT5ConfigMixin, config_cls),
+        {"__module__": __name__, "model_type": f"nirvana_{base_model_type}",
+         "nirvana_base_model_type": base_model_type},
+    )  # fmt: skip
+    model = type(
+        f"Nirvana{model_cls.__name__}", (_NirvanaT5ModelMixin, model_cls),
+        {"__module__": __name__, "config_class": config, "nirvana_attention_class": attention},
+    )
+    return attention, config, model
+
 
 __all__ = [
     "KEPT_HEADS",
-    "NIRVANA_T5_CLASSES",
-    "NirvanaT5Attention",
-    "NirvanaT5Config",
-    "NirvanaT5ForConditionalGeneration",
+    "NirvanaT5AttentionMixin",
     "apply_t5_layers",
     "check_t5_layers",
     "make_pruned_attention",
+    "nirvana_t5_classes",
     "resize_attention",
     "resize_ffn",
+    "set_head_count",
 ]
