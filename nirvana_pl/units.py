@@ -182,11 +182,13 @@ class WeightSlice:
 
 @dataclass
 class LayerUnits:
-    """Prunable units of one decoder layer (or other unit entry), as the model stands now.
+    """Prunable units of one decoder layer (or other unit entry), as the model stood when they were found (a
+    cut makes them stale: find them again).
 
     Built by the model's architecture adapter: ``attn_weights`` are the weights one KV group owns rows or
-    columns of, ``mlp_weights`` those of one MLP channel (empty for an entry with no MLP). ``attn`` and
-    ``mlp`` are the modules whose parameters count as the prunable ones.
+    columns of, ``mlp_weights`` those of one MLP channel (empty for an entry with no MLP); both are scored.
+    ``attn_followers`` lose the removed groups' rows too but are not scored. ``attn`` and ``mlp`` are the
+    modules whose parameters count as the prunable ones.
     """
 
     index: int

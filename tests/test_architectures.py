@@ -130,6 +130,17 @@ def test_pruned_model_computes_what_the_masked_dense_model_does(model_type):
 
 
 # ------------------------------------------------------------------------------------------ (b) generation
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_body_and_head_give_the_logits_the_model_returns(model_type):
+    """The KL calibration splits the model into body and head: soft-capped (Gemma 2/3), divided (Granite) or scaled
+    (Cohere) logits must come out as the model's own."""
+    model = build(model_type)
+    body, head = architecture_for_type(model_type).body_and_head(model)
+    ids = _inputs(model_type)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(head(body(input_ids=ids).last_hidden_state), model(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_greedy_generation_with_and_without_the_kv_cache_agree(model_type):
     dense, model, plan = _pruned(model_type)

@@ -220,7 +220,7 @@ def test_model_without_prunable_layers_fails_at_setup(tmp_path):
             return torch.optim.AdamW(self.parameters())
 
     cb = NirvanaPruningCallback(sparsity=0.5, prune_at=2, warmup_steps=1)
-    with pytest.raises(UnsupportedModelError, match="prunes models of type llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match=r"prunes models of type .*llama.*qwen3.*t5"):
         trainer(tmp_path, 3, [cb]).fit(NotAnLLM(), token_loader())
 
 

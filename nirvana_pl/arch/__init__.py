@@ -173,9 +173,9 @@ def _load_builtins() -> None:
 
 
 def supported_model_types() -> list[str]:
-    """The ``config.model_type`` values some registered adapter prunes (not the saved-folder aliases)."""
+    """The ``config.model_type`` values some registered adapter prunes (not the saved-folder aliases), sorted."""
     _load_builtins()
-    return [t for t, arch in _REGISTRY.items() if t in arch.model_types]
+    return sorted(t for t, arch in _REGISTRY.items() if t in arch.model_types)
 
 
 def registered_architectures() -> dict[str, Architecture]:
@@ -215,7 +215,7 @@ def architecture_of(model: nn.Module) -> Architecture:
 def architectures_table() -> str:
     """The README's table of supported architectures, rendered from the registry (``python -m nirvana_pl.arch``)."""
     rows = ["| `model_type` | class | notes |", "|---|---|---|"]
-    for mtype, arch in sorted(registered_architectures().items()):
+    for mtype, arch in registered_architectures().items():
         rows.append(f"| `{mtype}` | `{arch.model_class_name()}` | {arch.notes} |")
     return "\n".join(rows) + "\n"
 

@@ -30,8 +30,6 @@ from ..plan import LayerPlan, PruningPlan
 from ..units import LayerUnits, UnsupportedModelError, WeightSlice, check_wrapper, head_dim_of
 from . import Architecture, Materialize, register_architecture
 
-#: what a pruned decoder layer's shapes are recorded as (one dict per layer)
-WIDTH_KEYS = ("num_key_value_heads", "num_attention_heads", "intermediate_size")
 _NIRVANA_KEYS = ("auto_map", "nirvana_layer_widths", "nirvana_base_model_type")
 HUB_FILE = "modeling_nirvana.py"
 
