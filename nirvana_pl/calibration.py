@@ -11,17 +11,19 @@ and keep the candidate of least KL. The same test picks ``gamma`` from a grid.
 Design:
 
 * The pruned model is the dense one under :func:`masked` (forward pre-hooks zero the inputs of
-  ``o_proj`` / ``down_proj`` that belong to removed units): no surgery, no second copy.
+  ``o_proj`` / ``down_proj`` that belong to removed units): no surgery, no second copy. (Exact for every
+  family whose adapter says ``exact``; for OLMo 2/3, whose q/k norms span all heads, a close approximation.)
 * The dense side is cached once per probe as the **final hidden states** (after the last norm,
   in the model's dtype), not as log-probs. That is ``probe_tokens * hidden_size * itemsize``
   bytes (128 windows x 64 tokens x 4096 x 2 B = 67 MB for an 8B Llama in bf16) instead of
   ``probe_tokens * vocab * 4`` (4.2 GB at a 128k vocabulary). The dense log-probs of each chunk are
-  recomputed from the cache with ``lm_head`` (one extra lm_head matmul per chunk, a few percent
+  recomputed from the cache with the LM head (one extra head matmul per chunk, a few percent
   of a forward), and they are exact: the same hidden states through the same head.
 * KL is computed in chunks of ``chunk_tokens`` positions: hidden states of a probe batch are
-  computed once with the decoder body (``model.model``), and ``lm_head`` + ``log_softmax`` run per
-  chunk, so the fp32 logits of the whole probe batch never exist at once. Peak extra memory is
-  about ``5 * chunk_tokens * vocab * 4`` bytes (650 MB at 256 tokens and a 128k vocabulary).
+  computed once with the decoder body, and the head (with what the family does to its output: Gemma's
+  soft-cap, Granite's divisor; both from the architecture adapter) + ``log_softmax`` run per chunk, so
+  the fp32 logits of the whole probe batch never exist at once. Peak extra memory is about
+  ``5 * chunk_tokens * vocab * 4`` bytes (650 MB at 256 tokens and a 128k vocabulary).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def masked(model: nn.Module, plan: PruningPlan) -> Iterator[nn.Module]:
 
     A removed KV group contributes to the output only through its columns of ``o_proj``'s input
     (its query heads read only its own k/v heads), and a removed MLP channel only through its
-    column of ``down_proj``'s input; zeroing those inputs is therefore exactly the removal.
+    column of ``down_proj``'s input; zeroing those inputs is therefore exactly the removal, for every
+    family whose adapter is ``exact`` (OLMo 2/3 normalise q and k over all heads, which a cut changes).
     Parameters are never touched; the hooks are removed on exit, also on error.
     """
     units = validate_plan(model, plan)

@@ -330,7 +330,8 @@ class NirvanaPruningCallback(Callback):
         ``materialize``: see :func:`nirvana_pl.surgery.apply_plan` (DeepSpeed ZeRO-3 passes one).
         """
         held = resize_from_state_dict(self.model, module, state_dict, prefix, materialize)
-        if not held or not architecture_of(self.model).lora:  # (not a full model state dict: shapes left alone)
+        # (not a full model state dict: shapes left alone; a family without LoRA support has no adapters to restore)
+        if not held or not architecture_of(self.model).lora:
             return
         saved_adapters = any(".lora_A." in key for key in state_dict if key.startswith(prefix))
         if saved_adapters and self.recovery is not None and not has_lora(self.model):

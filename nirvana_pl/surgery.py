@@ -12,12 +12,12 @@ never leaves a half-pruned model.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Any, ContextManager, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .arch import architecture_of
+from .arch import Materialize, architecture_of
 from .optim import check_state_follows, owner_of, slice_state
 from .plan import PruningPlan
 from .units import (
@@ -28,9 +28,6 @@ from .units import (
     removed_parameters,
     units_parameter_count,
 )
-
-
-Materialize = Callable[[Sequence[nn.Parameter]], ContextManager[None]]
 
 
 class PlanMismatchError(ValueError):

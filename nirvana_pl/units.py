@@ -106,13 +106,13 @@ class WeightSlice:
         linear = getattr(module, "base_layer", module)
         if not isinstance(linear, nn.Linear):  # (refused with a clear message by check_wrapper)
             return cls(name, module, axis, IndexMap(((0, sum(rows_per_unit)),), 0))
-        return cls(name, module, axis, IndexMap.consecutive(full_shape(linear.weight)[axis], *rows_per_unit))
+        return cls(name, module, axis, _index_map(name, linear.weight, axis, rows_per_unit))
 
     @classmethod
     def follower(cls, name: str, module: nn.Module, axis: int, *rows_per_unit: int) -> "WeightSlice":
         """The ``weight`` of a module that is not a projection but follows the units (a per-head norm, a
         per-head position bias): sliced and counted with them, never scored."""
-        return cls(name, module, axis, IndexMap.consecutive(full_shape(module.weight)[axis], *rows_per_unit))
+        return cls(name, module, axis, _index_map(name, module.weight, axis, rows_per_unit))
 
     @property
     def rows_per_unit(self) -> int:
@@ -227,6 +227,16 @@ class LayerUnits:
         return [self.attn] + ([self.mlp] if self.mlp is not None else [])
 
 
+def _index_map(name: str, weight: nn.Parameter, axis: int, rows_per_unit: Sequence[int]) -> IndexMap:
+    try:
+        return IndexMap.consecutive(full_shape(weight)[axis], *rows_per_unit)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(
+            f"{name} (shape {list(full_shape(weight))}): {err} Is config.head_dim (or num_key_value_heads) the one the "
+            "model was built with?"
+        ) from None
+
+
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:
     """The shape of the whole parameter, also while DeepSpeed ZeRO-3 holds only a partition (``ds_shape``)."""
     return tuple(getattr(p, "ds_shape", p.shape))
@@ -236,8 +246,8 @@ def _unit_cost(w: WeightSlice) -> int:
     shape = full_shape(w.weight)
     other = math.prod(shape[: w.axis] + shape[w.axis + 1 :])
     cost = w.rows_per_unit * other
-    if w.bias is not None:
-        cost += w.rows_per_unit
+    if w.bias is not None:  # (a Linear's bias: one entry per row; a per-head norm's: one row of its own)
+        cost += w.rows_per_unit * math.prod(full_shape(w.bias)[1:])
     return cost
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import io
 import json
 import math
 import textwrap
@@ -130,6 +131,26 @@ def test_pruned_model_computes_what_the_masked_dense_model_does(model_type):
 
 
 # ------------------------------------------------------------------------------------------ (b) generation
+def _pickled(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # (as ddp_spawn, torch.save(model) or a multiprocessing queue would)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_pruned_and_loaded_models_pickle(model_type, tmp_path):
+    _, model, _ = _pruned(model_type)
+    loaded = load_pruned(save_pruned(model, tmp_path / "pruned")).eval()
+    inputs = _inputs(model_type)
+    with torch.no_grad():
+        expected = _logits(model, inputs)
+        for m in (model, loaded):
+            again = _pickled(m)
+            assert type(again) is type(m)
+            torch.testing.assert_close(_logits(again, inputs), expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("model_type", DECODER_TYPES)
 def test_body_and_head_give_the_logits_the_model_returns(model_type):
     """The KL calibration splits the model into body and head: soft-capped (Gemma 2/3), divided (Granite) or scaled

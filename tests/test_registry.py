@@ -62,8 +62,11 @@ def test_readme_registration_example_prunes_and_exports_a_custom_model(registry,
         assert (model(input_ids=ids).logits - expected).abs().max().item() < 1e-5
     loaded = load_pruned(save_pruned(model, tmp_path / "mine")).eval()
     assert type(loaded).__name__ == "NirvanaMyForCausalLM" and isinstance(loaded, namespace["MyForCausalLM"])
+    stock = load_pruned(save_pruned(dense, tmp_path / "dense")).eval()  # a stock folder of a type transformers lacks
+    assert type(stock) is namespace["MyForCausalLM"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(stock(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-6, rtol=0)
 
 
 def test_registering_a_taken_model_type_needs_replace(registry):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 #: ``materialize(params)``: a context entered around the slicing of some parameters (DeepSpeed ZeRO-3
 #: gathers them); see :func:`nirvana_pl.surgery.apply_plan`.
-Materialize = Callable[[Sequence[nn.Parameter]], Any]
+Materialize = Callable[[Sequence[nn.Parameter]], ContextManager[None]]
 
 
 @dataclass
@@ -168,8 +168,12 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
-    _BUILTINS_LOADED = True
-    from . import decoder, t5  # noqa: F401  (each registers its families on import)
+    _BUILTINS_LOADED = True  # (first: the adapters' own registrations come back here)
+    try:
+        from . import decoder, t5  # noqa: F401  (each registers its families on import)
+    except BaseException:
+        _BUILTINS_LOADED = False
+        raise
 
 
 def supported_model_types() -> list[str]:

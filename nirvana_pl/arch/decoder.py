@@ -337,13 +337,14 @@ class DecoderArchitecture(Architecture):
         """``modeling_nirvana.py`` for this family: the shared code, then this family's classes from its stock ones."""
         config_cls, model_cls = self.stock_classes()
         base = self.model_types[0]
-        names = ", ".join(sorted({config_cls.__name__, model_cls.__name__}))
-        modules = {config_cls.__module__, model_cls.__module__}
-        source = "transformers" if all(m.startswith("transformers.") for m in modules) else model_cls.__module__
+        imports = "".join(
+            f"from {'transformers' if c.__module__.startswith('transformers.') else c.__module__} import "
+            f"{c.__name__}  # noqa: E402\n" for c in (config_cls, model_cls)
+        )
         nconfig, nmodel = self.nirvana_classes()
         return inspect.getsource(modeling_nirvana).rstrip() + "\n\n\n" + (
             f"# The classes of this folder's family ({base!r}), written by nirvana_pl.save_pruned.\n"
-            f"from {source} import {names}  # noqa: E402\n\n"
+            f"{imports}\n"
             f"{nconfig.__name__}, {nmodel.__name__} = nirvana_classes(\n"
             f"    {config_cls.__name__}, {model_cls.__name__}, {base!r}, {self.layout()!r}\n)\n"
         )
@@ -385,11 +386,9 @@ class DecoderArchitecture(Architecture):
         )
 
     def load(self, path: Path, config: dict[str, Any], from_pretrained_kwargs: dict[str, Any]) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
         mtype = config.get("model_type")
         if mtype not in self.saved_model_types and config.get("nirvana_layer_widths") is None:
-            return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+            return self.stock_classes()[1].from_pretrained(path, **from_pretrained_kwargs)
         config_cls, model_cls = self.nirvana_classes()
         if mtype not in self.saved_model_types and "config" not in from_pretrained_kwargs:
             # a non-uniform model written by plain save_pretrained: a stock model_type with nirvana_layer_widths
@@ -401,7 +400,21 @@ class DecoderArchitecture(Architecture):
 @functools.cache
 def _nirvana_classes(arch: DecoderArchitecture) -> tuple[type, type]:
     config_cls, model_cls = arch.stock_classes()
-    return modeling_nirvana.nirvana_classes(config_cls, model_cls, arch.model_types[0], arch.layout())
+    return modeling_nirvana.nirvana_classes(config_cls, model_cls, arch.model_types[0], arch.layout(), __name__)
+
+
+def __getattr__(name: str) -> type:
+    """``Nirvana<stock class>`` of a registered family (the classes are made on first use), so that pickle finds
+    the classes of loaded and pruned models (``ddp_spawn``, ``torch.save(model)``)."""
+    from . import registered_architectures
+
+    if name.startswith("Nirvana"):
+        for arch in registered_architectures().values():
+            if isinstance(arch, DecoderArchitecture):
+                found = [cls for cls in arch.nirvana_classes() if cls.__name__ == name]
+                if found:
+                    return found[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def layer_widths(units: Sequence[LayerUnits]) -> list[dict[str, int]]:

@@ -1,6 +1,7 @@
-"""T5 and MT5 (encoder-decoder) support: where the units are, what surgery does besides slicing, the
+"""T5, MT5 and UMT5 (encoder-decoder) support: where the units are, what surgery does besides slicing, the
 teacher-forced inputs of the data-driven estimators, and the export. MT5's modules are T5's under other
-names, so one :class:`T5Architecture` per family, naming its stock classes, covers both.
+names and UMT5's differ only in where the position bias lives, so one :class:`T5Architecture` per family,
+naming its stock classes, covers all three.
 
 T5 is described to the generic allocate/plan/surgery code as a list of *unit entries*, each a
 :class:`T5Units` (a :class:`~nirvana_pl.units.LayerUnits` with a label):
@@ -10,11 +11,11 @@ T5 is described to the generic allocate/plan/surgery code as a list of *unit ent
 * ``decoder.<i>.cross``: the heads of decoder block i's cross-attention (no FFN: width 0).
 
 A head is a unit of group size 1 (rows ``d_kv`` of q, k, v; columns of o). All heads share one pool
-and all FFN channels another (METHOD.md section 3). The relative position bias is never pruned: the
+and all FFN channels another (METHOD.md section 3). T5 and MT5 never prune the relative position bias: the
 first block of each stack computes it for every original head and each pruned attention
 (:class:`~nirvana_pl.hub_code.modeling_nirvana_t5.NirvanaT5AttentionMixin` on the family's attention class)
 reads the columns of the original heads it keeps, recorded in its buffer ``nirvana_kept_heads`` (saved with
-the weights).
+the weights). UMT5 has a bias in every self-attention: its columns go with that attention's heads.
 """
 
 from __future__ import annotations
@@ -209,8 +210,9 @@ def kept_original_heads(attn: nn.Module) -> torch.Tensor:
 def after_slicing(model: nn.Module, units: Sequence[T5Units], kept_heads: Sequence[Sequence[int]]) -> None:
     """Bookkeeping after the q/k/v/o of every entry were sliced to ``kept_heads`` (indices before the slice).
 
-    Every attention of the model becomes its family's pruned attention (so the full position bias travels
-    between blocks whatever each one kept), with its kept original heads composed over all prune events.
+    T5 / MT5: every attention of the model becomes its family's pruned attention (so the full position bias
+    travels between blocks whatever each one kept), with its kept original heads composed over all prune events.
+    UMT5: each attention keeps its stock class; its head count follows its sliced weights and own bias.
     """
     if _family(model).bias_per_attention:  # UMT5: each attention's own bias lost the removed heads' columns
         for u in units:
@@ -549,7 +551,21 @@ HUB_FILE = "modeling_nirvana_t5.py"
 def _nirvana_t5_classes(arch: T5Architecture) -> tuple[type | None, type, type]:
     attention_cls, config_cls, model_cls = arch.stock_classes()
     attention_cls = None if arch.bias_per_attention else attention_cls  # (its stock attention needs no subclass)
-    return modeling_nirvana_t5.nirvana_t5_classes(attention_cls, config_cls, model_cls, arch.model_types[0])
+    return modeling_nirvana_t5.nirvana_t5_classes(attention_cls, config_cls, model_cls, arch.model_types[0], __name__)
+
+
+def __getattr__(name: str) -> type:
+    """``Nirvana<stock class>`` of a registered T5-layout family (made on first use), so that pickle finds the
+    classes of loaded and pruned models."""
+    from . import registered_architectures
+
+    if name.startswith("Nirvana"):
+        for arch in registered_architectures().values():
+            if isinstance(arch, T5Architecture):
+                found = [cls for cls in arch.nirvana_classes() if cls is not None and cls.__name__ == name]
+                if found:
+                    return found[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _T5_NOTES = "heads of every attention and FFN channels; the relative position bias is kept whole"

@@ -193,7 +193,7 @@ def set_layer_attributes(
 class _NirvanaCausalLMMixin:
     """Builds the stock model, then resizes each layer to ``config.nirvana_layer_widths``."""
 
-    nirvana_layout: dict[str, str] = LLAMA_LAYOUT
+    nirvana_layout: dict = LLAMA_LAYOUT  # (a plain annotation: transformers may evaluate it where "Any" is unbound)
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
@@ -211,20 +211,21 @@ class _NirvanaCausalLMMixin:
 
 
 def nirvana_classes(
-    config_cls: type, model_cls: type, base_model_type: str, layout: dict[str, str] | None = None
+    config_cls: type, model_cls: type, base_model_type: str, layout: dict[str, Any] | None = None,
+    module: str = __name__,
 ) -> tuple[type, type]:
     """(config class, causal-LM class) of the ``nirvana_<base_model_type>`` format on top of the stock classes.
 
-    Named ``Nirvana<stock name>`` (e.g. ``NirvanaQwen3Config``, ``NirvanaQwen3ForCausalLM``), defined in this module.
+    Named ``Nirvana<stock name>`` (e.g. ``NirvanaQwen3Config``, ``NirvanaQwen3ForCausalLM``); ``module`` is where
+    pickle finds them (this file binds them by name at its end; a caller may resolve them itself).
     """
     config = type(
         f"Nirvana{config_cls.__name__}", (_NirvanaConfigMixin, config_cls),
-        {"__module__": __name__, "model_type": f"nirvana_{base_model_type}",
-         "nirvana_base_model_type": base_model_type},
+        {"__module__": module, "model_type": f"nirvana_{base_model_type}", "nirvana_base_model_type": base_model_type},
     )
     model = type(
         f"Nirvana{model_cls.__name__}", (_NirvanaCausalLMMixin, model_cls),
-        {"__module__": __name__, "config_class": config, "nirvana_layout": {**LLAMA_LAYOUT, **(layout or {})}},
+        {"__module__": module, "config_class": config, "nirvana_layout": {**LLAMA_LAYOUT, **(layout or {})}},
     )
     return config, model
 

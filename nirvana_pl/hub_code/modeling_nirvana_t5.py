@@ -12,8 +12,9 @@ checkpoint folder and is loaded with::
 ORIGINAL indices of the heads it keeps, and every FFN width. ``config.num_heads`` stays the dense head
 count: it is the width of the relative position bias, which the first block of each stack computes
 for all original heads and passes on; each pruned attention adds the bias columns of its own kept
-heads (:class:`NirvanaT5AttentionMixin`). Self-contained on purpose: it imports only torch and
-transformers, never nirvana_pl.
+heads (:class:`NirvanaT5AttentionMixin`). UMT5, whose every self-attention owns its bias, needs no
+original indices: its lists are ``0 .. n-1`` for an attention of n heads, and each attention's bias is built
+with n columns. Self-contained on purpose: it imports only torch and transformers, never nirvana_pl.
 
 The classes of a folder are made at the end of the file by :func:`nirvana_t5_classes` from the stock classes
 of that folder's family only (T5 or MT5, whose attention is T5's under another name; ``save_pruned`` appends
@@ -249,22 +250,23 @@ class _NirvanaT5ModelMixin:
 
 
 def nirvana_t5_classes(
-    attention_cls: type | None, config_cls: type, model_cls: type, base_model_type: str
+    attention_cls: type | None, config_cls: type, model_cls: type, base_model_type: str, module: str = __name__
 ) -> tuple[type | None, type, type]:
     """(pruned attention class, config class, model class) of the ``nirvana_<base_model_type>`` format on top of a
     family's stock classes, named ``Nirvana<stock name>`` (e.g. ``NirvanaT5Attention``) and defined in this module.
-    ``attention_cls`` None: the family's attentions own their position bias (UMT5) and stay stock."""
+    ``attention_cls`` None: the family's attentions own their position bias (UMT5) and stay stock. ``module``: where
+    pickle finds them (this file binds them by name at its end; a caller may resolve them itself)."""
     attention = None if attention_cls is None else type(
-        f"Nirvana{attention_cls.__name__}", (NirvanaT5AttentionMixin, attention_cls), {"__module__": __name__}
+        f"Nirvana{attention_cls.__name__}", (NirvanaT5AttentionMixin, attention_cls), {"__module__": module}
     )
     config = type(
         f"Nirvana{config_cls.__name__}", (_NirvanaT5ConfigMixin, config_cls),
-        {"__module__": __name__, "model_type": f"nirvana_{base_model_type}",
+        {"__module__": module, "model_type": f"nirvana_{base_model_type}",
          "nirvana_base_model_type": base_model_type},
     )  # fmt: skip
     model = type(
         f"Nirvana{model_cls.__name__}", (_NirvanaT5ModelMixin, model_cls),
-        {"__module__": __name__, "config_class": config, "nirvana_attention_class": attention},
+        {"__module__": module, "config_class": config, "nirvana_attention_class": attention},
     )
     return attention, config, model
 
