@@ -1,6 +1,7 @@
 """The FLOP counter of benchmarks/quality.py (the 'ideal speed-up' it reports) on a tiny GQA Llama."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -38,3 +39,24 @@ def test_flop_counter_matches_shapes_and_pruning():
     assert quality.nonzero_attn_mlp_params(model) <= quality.attn_mlp_params(model)
     x = torch.randint(0, V, (1, 8))
     assert model(input_ids=x).logits.shape == (1, 8, V)
+
+
+def test_zero_shot_comparison_flags_any_changed_plan_or_perplexity():
+    spec = importlib.util.spec_from_file_location(
+        "compare_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "compare_quality.py"
+    )
+    compare_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_quality)
+    run = {"zero_shot": {"functional|3.0|0.2": {"fingerprint": "ab12", "ppl": {"pydoc": 26.7431, "plays": 134.5}}},
+           "dense": {"pretrained": {"pydoc": 16.59}}, "warmup": {"losses": [2.1, 2.0]}}  # fmt: skip
+    lines, same = compare_quality.compare(run, run)
+    assert same and "identical plan and perplexities: 1." in lines[2]
+    for path, value in ((("zero_shot", "functional|3.0|0.2", "fingerprint"), "cd34"),
+                        (("zero_shot", "functional|3.0|0.2", "ppl"), {"pydoc": 26.7432, "plays": 134.5}),
+                        (("dense", "pretrained"), {"pydoc": 16.6})):  # fmt: skip
+        changed = json.loads(json.dumps(run))
+        target = changed
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        assert not compare_quality.compare(run, changed)[1], path
