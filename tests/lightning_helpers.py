@@ -46,6 +46,16 @@ class CausalLM(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class Losses(pl.Callback):
+    """The training loss of every batch, as the LightningModule returned it."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
 def token_loader(n: int = 64, seq: int = 16, batch_size: int = 4, seed: int = 0) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     # A learnable pattern: each sequence counts up from a random start, so loss can fall.

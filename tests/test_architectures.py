@@ -20,11 +20,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from arch_configs import TINY_CONFIGS, VOCAB, build, is_seq2seq, model_from_config, tiny_config
-from lightning_helpers import trainer
+from lightning_helpers import Losses, trainer
 from nirvana_pl import NirvanaPruningCallback
 from nirvana_pl.arch import architecture_for_type, registered_architectures, supported_model_types
 from nirvana_pl.arch.decoder import DecoderArchitecture
@@ -336,14 +336,6 @@ def _loader(model_type: str, n: int = 32, seq: int = 16, batch_size: int = 4) ->
     else:
         data = [{"input_ids": r} for r in rows]
     return DataLoader(data, batch_size=batch_size)
-
-
-class Losses(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def _callback() -> NirvanaPruningCallback:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from conftest import VOCAB, tiny_t5
-from lightning_helpers import trainer
+from lightning_helpers import Losses, trainer
 from nirvana_pl import NirvanaPruningCallback
 from nirvana_pl.export import load_pruned, save_pruned
 from nirvana_pl.arch import architecture_for_type
@@ -138,14 +138,6 @@ def _seq2seq_loader(n: int = 48, batch_size: int = 4) -> DataLoader:
     rows = (starts + torch.arange(16)) % (VOCAB - 3) + 3  # learnable: continue the count
     data = [{"input_ids": r[:10], "labels": r[10:]} for r in rows]
     return DataLoader(data, batch_size=batch_size)
-
-
-class Losses(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def _module(seed: int = 0):
