@@ -202,16 +202,17 @@ class DecoderArchitecture(Architecture):
 
     # ------------------------------------------------------------------------------------------- after a cut
     def after_slicing(self, model: nn.Module, units: Sequence[LayerUnits], plan: PruningPlan) -> None:
-        for u in self.find_units(model):  # (as they are now) the attributes the layers' forward reads sizes from
+        cut = self.find_units(model)  # as they are now (``units`` were found before the cut)
+        for u in cut:  # the attributes the layers' forward reads its sizes from
             n_kv = u.num_kv_groups
             modeling_nirvana.set_layer_attributes(u.attn, u.mlp, self.layout(), n_kv * u.group_size, n_kv, u.mlp_width)
-        self.update_config(model)
+        self.update_config(model, layer_widths(cut))
 
     def widths(self, model: nn.Module) -> list[dict[str, int]]:
         return layer_widths(self.find_units(model))
 
-    def update_config(self, model: nn.Module) -> None:
-        """Write the real per-layer widths into ``model.config``.
+    def update_config(self, model: nn.Module, widths: list[dict[str, int]]) -> None:
+        """Write the real per-layer ``widths`` (:meth:`widths`, measured on the modules) into ``model.config``.
 
         When every layer has the same width (and the stock config class accepts it) the stock fields
         describe the model and the per-layer list is dropped; otherwise ``config.nirvana_layer_widths`` holds
@@ -219,7 +220,6 @@ class DecoderArchitecture(Architecture):
         ``hidden_size / num_attention_heads``, which pruning changes.
         """
         config = model.config
-        widths = self.widths(model)
         config.head_dim = head_dim_of(config)
         values = {**config.to_dict(), "head_dim": config.head_dim}
         if all(w == widths[0] for w in widths) and self.stock_config(type(config), values, widths[0])[0] is not None:
