@@ -304,7 +304,8 @@ def allocate(
 
     layers = [
         LayerPlan(kv_groups_before=kv_now[i], mlp_channels_before=mlp_now[i], kept_kv_groups=kept_kv[i],
-                  kept_mlp_channels=kept_mlp[i], label=units[i].label)
+                  kept_mlp_channels=kept_mlp[i], label=units[i].label,
+                  has_mlp=bool(units[i].mlp_weights))
         for i in range(len(units))
     ]
     params_after = params_before - removed_parameters(units, [len(k) for k in kept_kv], [len(k) for k in kept_mlp])

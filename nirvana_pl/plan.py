@@ -20,6 +20,8 @@ class LayerPlan:
     #: which unit entry this is, where a layer holds several (T5: ``encoder.3``, ``decoder.3.self``,
     #: ``decoder.3.cross``); empty for decoder LLMs, whose entries are their layers
     label: str = ""
+    #: False for an entry that has attention only (T5's cross-attention), as against an MLP pruned to width 0
+    has_mlp: bool = True
 
     @property
     def is_identity(self) -> bool:
@@ -65,6 +67,10 @@ class PruningPlan:
     def mlp_widths_kept(self) -> list[int]:
         return [len(layer.kept_mlp_channels) for layer in self.layers]
 
+    def entries_without_mlp(self) -> list[int]:
+        """Indices of the unit entries that have attention only (no MLP channels; T5's cross-attention)."""
+        return [i for i, layer in enumerate(self.layers) if not layer.has_mlp]
+
     def layer_labels(self) -> list[str]:
         """Label of each entry (``encoder.0`` ...), or its index for decoder LLMs."""
         return [layer.label or str(i) for i, layer in enumerate(self.layers)]
@@ -105,7 +111,7 @@ class PruningPlan:
 
     def fingerprint(self) -> str:
         """SHA-256 of the decision (kept indices and shapes), for cross-rank checks."""
-        decision = [_layer_dict(layer) for layer in self.layers]
+        decision = [{k: v for k, v in _layer_dict(layer).items() if k != "has_mlp"} for layer in self.layers]
         return hashlib.sha256(json.dumps(decision, sort_keys=True).encode()).hexdigest()
 
 
@@ -113,4 +119,6 @@ def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
     d = asdict(layer)
     if not d["label"]:  # decoder LLMs: the same JSON (and fingerprint) as before labels existed
         del d["label"]
+    if d["has_mlp"]:  # likewise: only attention-only entries say so
+        del d["has_mlp"]
     return d

@@ -31,7 +31,8 @@ def kept_fractions(report: dict[str, Any]) -> list[dict[str, Any]]:
         mlp_dense = dense.get("mlp_width") or max(mlp)
         labels = event.get("layer_labels")
         # unit entries without an MLP (T5 cross-attention) have no MLP fraction: NaN draws no bar
-        no_mlp = [bool(labels) and labels[i].endswith(".cross") for i in range(len(mlp))]
+        without_mlp = set(event.get("entries_without_mlp", ()))
+        no_mlp = [i in without_mlp for i in range(len(mlp))]
         out.append(
             {
                 "step": event["step"],

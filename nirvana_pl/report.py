@@ -133,7 +133,7 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
         head += f"\n  note: {record.caveat}"
     labels = [layer.label for layer in plan.layers]
     rows = layer_rows(plan.kv_groups_kept(), plan.mlp_widths_kept(), _dense_sizes(record, reference),
-                      labels if any(labels) else None)  # fmt: skip
+                      labels if any(labels) else None, plan.entries_without_mlp())  # fmt: skip
     return head + "\n" + "\n".join("  " + line for line in format_table(rows))
 
 
@@ -153,12 +153,16 @@ def _dense_sizes(record: PruneRecord, reference: DenseReference | None) -> dict[
 
 
 def layer_rows(
-    kv_kept: list[int], mlp_kept: list[int], dense: dict[str, Any], labels: list[str] | None = None
+    kv_kept: list[int],
+    mlp_kept: list[int],
+    dense: dict[str, Any],
+    labels: list[str] | None = None,
+    without_mlp: Sequence[int] = (),
 ) -> list[list[str]]:
     """Rows (header first, total last) of the per-layer table: kept KV groups, MLP width, parameters.
 
     ``labels`` names labelled unit entries (T5: ``encoder.0``, ``decoder.0.self``, ``decoder.0.cross``);
-    an entry without an MLP (``.cross``) shows ``-`` as its MLP width.
+    the entries listed in ``without_mlp`` (indices; T5's cross-attention) show ``-`` as their MLP width.
     """
     kv_d, mlp_d = dense["kv_groups_per_layer"], dense["mlp_width"]
     c_a, c_m = dense.get("kv_group_cost"), dense.get("mlp_channel_cost")
@@ -176,7 +180,7 @@ def layer_rows(
             cells.append(f"{kept:,} ({kept / full:.0%})")
         return cells
 
-    has_mlp = [not (labels and entry_kind(labels[i]) == "decoder.cross") for i in range(len(kv_kept))]
+    has_mlp = [i not in set(without_mlp) for i in range(len(kv_kept))]
     for i, (kv, mlp) in enumerate(zip(kv_kept, mlp_kept)):
         rows.append(row(labels[i] if labels else str(i), kv, kv_d, mlp, mlp_d if has_mlp[i] else 0))
     n = len(kv_kept)
@@ -214,6 +218,7 @@ def report_dict(
                 "kept_kv_group_indices": [layer.kept_kv_groups for layer in r.plan.layers],
                 **({"layer_labels": [layer.label for layer in r.plan.layers]}
                    if r.plan.layers and r.plan.layers[0].label else {}),  # fmt: skip
+                **({"entries_without_mlp": r.plan.entries_without_mlp()} if r.plan.entries_without_mlp() else {}),
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
                 **({"caveat": r.caveat} if r.caveat else {}),
@@ -345,7 +350,7 @@ def _last_layers_markdown(last: dict[str, Any], dense: dict[str, Any] | None) ->
         "mlp_width": max(last["kept_mlp_width_per_layer"]),
     }
     rows = layer_rows(last["kept_kv_groups_per_layer"], last["kept_mlp_width_per_layer"], sizes,
-                      last.get("layer_labels"))  # fmt: skip
+                      last.get("layer_labels"), last.get("entries_without_mlp", ()))  # fmt: skip
     lines = [f"## Per layer after the last event (step {last['step']})", ""]
     lines.append("| " + " | ".join(rows[0]) + " |")
     lines.append("|" + "---:|" * len(rows[0]))

@@ -132,3 +132,21 @@ def test_markdown_lists_perplexity_after_each_event_of_a_schedule(tmp_path):
     assert "| after the prune at step 10 (sparsity 20.0%) | 20.000 |" in md
     assert "| after the prune at step 20 (sparsity 40.0%) | 25.000 |" in md
     assert "just pruned" not in md
+
+
+def test_a_layer_whose_mlp_was_removed_earlier_still_counts_its_dense_width():
+    """A decoder layer pruned to MLP width 0 by an earlier event shows 0 kept, not "no MLP" ("-")."""
+    from nirvana_pl.plan import LayerPlan, PruningPlan
+
+    model = tiny_llama()
+    reference = DenseReference.of(model)
+    layers = [LayerPlan(4, 176, [0, 1, 2, 3], list(range(176))) for _ in range(4)]
+    layers[2] = LayerPlan(4, 0, [0, 1], [])  # its MLP went to width 0 at the event before
+    plan = PruningPlan(layers=layers, target_sparsity=0.2, gamma=2.0, saliency="hand")
+    record = PruneRecord(20, plan, 1000, 900, 800, 0.1)
+    row = next(line for line in format_summary(record, reference).splitlines() if line.strip().startswith("2 "))
+    assert "0/176 (0%)" in row
+    report = report_dict([record], reference)
+    assert "entries_without_mlp" not in report["events"][0]
+    assert kept_fractions(report)[0]["mlp"][2] == 0.0
+    assert "| 2 | 2/4 (50%) | 0/176 (0%) |" in render_markdown(report)

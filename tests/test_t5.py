@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -58,7 +59,7 @@ def _plan(model, kept_heads: list[list[int]], ffn_keep: int) -> PruningPlan:
     for u, heads in zip(find_units(model), kept_heads):
         n = u.mlp_width
         mlp = [c for c in range(n) if c != n - 1][-ffn_keep:] if n else []
-        layers.append(LayerPlan(u.num_kv_groups, n, heads, mlp, label=u.label))
+        layers.append(LayerPlan(u.num_kv_groups, n, heads, mlp, label=u.label, has_mlp=bool(u.mlp_weights)))
     return PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="hand")
 
 
@@ -254,6 +255,12 @@ def test_allocation_one_head_pool_one_ffn_pool(gated):
     assert all(len(layer.kept_kv_groups) >= 2 for layer in plan.layers)
     assert all(w % 8 == 0 for w in plan.mlp_widths_kept())
     assert [len(layer.kept_mlp_channels) for layer in plan.layers if layer.label.endswith(".cross")] == [0, 0]
+    # the attention-only entries are known from the units (not from the labels), survive JSON, and stay out of
+    # the fingerprint (which predates the flag)
+    assert [plan.layers[i].label for i in plan.entries_without_mlp()] == ["decoder.0.cross", "decoder.1.cross"]
+    assert PruningPlan.from_json(plan.to_json()).entries_without_mlp() == plan.entries_without_mlp()
+    assert dataclasses.replace(plan, layers=[dataclasses.replace(layer, has_mlp=True) for layer in plan.layers]
+                               ).fingerprint() == plan.fingerprint()  # fmt: skip
     assert abs(plan.realised_sparsity - 0.5) < 0.03
     ref = DenseReference.of(model)
     frac = plan.fraction_removed()
