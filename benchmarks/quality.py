@@ -1316,7 +1316,7 @@ def main() -> None:
     png = out_dir / ("quality_ppl_quick.png" if args.quick else "quality_ppl.png")
     if args.report_only:
         out = json.loads(json_path.read_text())
-        md_path.write_text(render(out, command))
+        write_results(md_path, render(out, command))
         plot(out, png)
         print(f"wrote {md_path} and {png}")
         return
@@ -1336,9 +1336,45 @@ def main() -> None:
     bench.out["env"]["wall_min"] = (time.perf_counter() - t_start) / 60
     bench.out["env"]["load_average_end"] = os.getloadavg()[0]
     bench.save()
-    md_path.write_text(render(bench.out, command))
+    write_results(md_path, render(bench.out, command))
     plot(bench.out, png)
     log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; wrote {json_path}, {md_path}, {png}")
+
+
+#: RESULTS.md sections other benchmarks write (between these markers); a re-render keeps them
+SECTION_START, SECTION_END = "<!-- section: ", "<!-- end of section -->"
+
+
+def kept_sections(text: str) -> list[str]:
+    """The marked sections of ``text`` (each from its start marker through the end marker)."""
+    out, rest = [], text
+    while SECTION_START in rest:
+        start = rest.index(SECTION_START)
+        end = rest.find(SECTION_END, start)
+        if end < 0:
+            break
+        out.append(rest[start : end + len(SECTION_END)])
+        rest = rest[end + len(SECTION_END) :]
+    return out
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, followed by the marked sections the old file had (other benchmarks' results)."""
+    old = kept_sections(path.read_text()) if path.is_file() else []
+    path.write_text(text.rstrip("\n") + "\n" + "".join("\n" + sec + "\n" for sec in old))
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` into ``path`` as the marked section ``name`` (replacing it, else appended)."""
+    block = f"{SECTION_START}{name} -->\n{text.rstrip()}\n{SECTION_END}"
+    current = path.read_text() if path.is_file() else ""
+    start = current.find(f"{SECTION_START}{name} -->")
+    if start >= 0:
+        end = current.index(SECTION_END, start) + len(SECTION_END)
+        current = current[:start] + block + current[end:]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(current)
 
 
 def parse_args() -> argparse.Namespace:

@@ -39,13 +39,14 @@ from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
 from .saliency import (
     ADAM_ESTIMATORS,
-    CALIBRATION_ESTIMATORS,
     AdamStateSaliency,
     accumulate_adam_saliency,
+    adam_part,
     check_adam_optimizers,
     check_calibration,
     check_estimator,
     gradient_reduce,
+    needs_calibration,
 )
 from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, resize_from_state_dict
@@ -66,10 +67,12 @@ class NirvanaPruningCallback(Callback):
         sparsity: fraction of the dense model's attention+MLP parameters to remove at ``prune_at``.
         prune_at: optimizer step (``trainer.global_step``) after which to prune.
         warmup_steps: optimizer steps before each prune over which saliency is accumulated
-            (``adam_*``) or training batches are collected as calibration (when ``calibration``
-            is not given).
-        saliency: ``adam_taylor`` | ``adam_fisher`` | ``adam_momentum`` | ``functional`` |
-            ``magnitude`` | ``wanda_sp`` | ``taylor_loss`` | ``random``.
+            (``adam_*``, ``fisher_functional``) or training batches are collected as calibration (when
+            ``calibration`` is not given).
+        saliency: ``fisher_functional`` (default: the geometric mean of ``adam_fisher`` and
+            ``functional``, the latter on the warm-up window's last ``num_calibration_batches`` training
+            batches, or on ``calibration``) | ``adam_taylor`` | ``adam_fisher`` | ``adam_momentum`` |
+            ``functional`` | ``magnitude`` | ``wanda_sp`` | ``taylor_loss`` | ``random``.
         gamma: MLP-fraction-removed over KV-fraction-removed (METHOD.md section 3).
         schedule: ``{step: target_sparsity}`` for iterative pruning (targets relative to the
             original dense model), instead of ``sparsity``/``prune_at``.
@@ -98,7 +101,7 @@ class NirvanaPruningCallback(Callback):
         sparsity: float | None = None,
         prune_at: int | None = None,
         warmup_steps: int = 100,
-        saliency: str = "adam_fisher",
+        saliency: str = "fisher_functional",
         gamma: float | str = 2.0,
         *,
         schedule: Mapping[int, float] | None = None,
@@ -127,19 +130,19 @@ class NirvanaPruningCallback(Callback):
             )
             for e in self.schedule.events
         ]
-        if saliency in ADAM_ESTIMATORS and warmup_steps < 1:
+        if adam_part(saliency) is not None and warmup_steps < 1:
             raise ValueError(
                 f"saliency={saliency!r} averages Adam state over the warm-up window; warmup_steps={warmup_steps} "
                 "leaves no step to average. Use warmup_steps >= 1."
             )
-        if saliency in CALIBRATION_ESTIMATORS and calibration is None and warmup_steps < 1:
+        if needs_calibration(saliency) and calibration is None and warmup_steps < 1:
             raise ValueError(
                 f"saliency={saliency!r} needs calibration batches: pass calibration=[LongTensor[B, T], ...] or "
                 "warmup_steps >= 1 so that training batches of the warm-up window are used."
             )
         self.recovery = lora_config(recovery, what="recovery") if recovery is not None else None
         self.recovery_train_norms = bool(recovery_train_norms)
-        if self.recovery is not None and saliency in ADAM_ESTIMATORS and len(self.schedule.events) > 1:
+        if self.recovery is not None and adam_part(saliency) is not None and len(self.schedule.events) > 1:
             raise ValueError(
                 f"recovery= freezes the base weights at the first prune, so saliency={saliency!r} (read from their "
                 "Adam state) has nothing to read for the later events of the schedule. Use saliency='functional' "
@@ -162,8 +165,8 @@ class NirvanaPruningCallback(Callback):
         self._reference: DenseReference | None = None
         # Adam-state accumulators: the configured estimator, or all of them when a selector
         # chooses among their plans by KL.
-        kinds = (ADAM_ESTIMATORS if self.selector is not None else (saliency,)) if saliency in ADAM_ESTIMATORS else ()
-        self._adam = {kind: AdamStateSaliency(kind) for kind in kinds}
+        kinds = ADAM_ESTIMATORS if self.selector is not None and saliency in ADAM_ESTIMATORS else (adam_part(saliency),)
+        self._adam = {kind: AdamStateSaliency(kind) for kind in kinds if kind is not None}
         self._collected: deque[dict[str, torch.Tensor]] = deque(maxlen=num_calibration_batches)
         self._records: list[PruneRecord] = []
         self._last_step = -1
@@ -308,7 +311,7 @@ class NirvanaPruningCallback(Callback):
         """Validate given calibration batches; warn when fewer training batches can be collected than asked."""
         if self.calibration is not None:
             self.calibration = check_calibration(self._model, self.calibration)
-        collects = self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None
+        collects = self._collects_batches
         if collects and self.num_calibration_batches > self.schedule.events[0].warmup_steps:
             rank_zero_warn(
                 f"NirvanaPruningCallback: num_calibration_batches={self.num_calibration_batches} but one training "
@@ -385,7 +388,7 @@ class NirvanaPruningCallback(Callback):
                 # every kind in one pass: each weight's state is read once (a set of collectives under ZeRO)
                 reader = reader_for(trainer.strategy, trainer.optimizers)
                 accumulate_adam_saliency(list(self._adam.values()), self.model, trainer.optimizers, reader)
-            elif self.saliency in CALIBRATION_ESTIMATORS and self.calibration is None and self.selector is None:
+            if self._collects_batches:
                 self._collected.append(_input_ids_of(batch))
         event = self.event_due(step)
         if event is not None:
@@ -402,6 +405,11 @@ class NirvanaPruningCallback(Callback):
         rank_zero_warn(message + " Lower prune_at (or the schedule's steps), or raise max_steps / max_epochs.")
         if trainer.is_global_zero and self._report_dir is not None:
             self._report_path = write_report(self._report_dir, self._records, self._reference, pending=pending)
+
+    @property
+    def _collects_batches(self) -> bool:
+        """Whether the warm-up window's training batches are kept as the calibration batches of the event."""
+        return needs_calibration(self.saliency) and self.calibration is None and self.selector is None
 
     def _done(self, event: PruneEvent) -> bool:
         return any(r.event_step == event.step for r in self._records)
@@ -437,7 +445,7 @@ class NirvanaPruningCallback(Callback):
         """The plan of ``event`` that every rank applies (rank 0's), and its KL selection summary if any."""
         index = self.schedule.events.index(event)
         calibration: Any = self.selector or self.calibration
-        if calibration is None and not self._adam:
+        if self._collects_batches:
             calibration = list(self._collected)
         # Every rank computes (gradient saliency all-reduces the signed gradients across ranks,
         # so all ranks must take part); rank 0's plan is then the one every rank applies.

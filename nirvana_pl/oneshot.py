@@ -13,7 +13,15 @@ from torch import nn
 from .allocate import AllocationConfig, DenseReference, allocate
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .plan import PruningPlan
-from .saliency import CALIBRATION_ESTIMATORS, DATA_FREE_ESTIMATORS, UnitScores, check_estimator, compute_scores
+from .saliency import (
+    CALIBRATION_ESTIMATORS,
+    DATA_FREE_ESTIMATORS,
+    HYBRID_ESTIMATORS,
+    UnitScores,
+    adam_part,
+    check_estimator,
+    compute_scores,
+)
 from .surgery import apply_plan
 
 #: gamma used to choose the calibration set under gamma="auto" (the grid then picks gamma).
@@ -30,6 +38,12 @@ def check_selection_args(saliency: str, calibration: Any, gamma: float | str) ->
         raise ValueError(
             "gamma='auto' chooses gamma by the KL test on a probe set: pass "
             "calibration=CalibrationSelector(pool=token_windows(...)) as well."
+        )
+    if selector and saliency in HYBRID_ESTIMATORS:
+        raise ValueError(
+            f"saliency={saliency!r} takes its calibration batches from the warm-up window (or calibration=[...]); "
+            "a CalibrationSelector (and gamma='auto', which needs one) is not supported with it yet. Give a fixed "
+            "gamma, or use saliency='adam_fisher' / 'functional' with the selector."
         )
     if selector and not auto and saliency in DATA_FREE_ESTIMATORS:
         raise ValueError(
@@ -74,7 +88,7 @@ def make_plan(
             return _with_selection(
                 *selector.choose_scores(model, dict(optimizer_scores), config, reference, grid, progress=progress)
             )
-        optimizer_scores = optimizer_scores[saliency]
+        optimizer_scores = optimizer_scores[adam_part(saliency)]
     scores = compute_scores(
         model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
         optimizer_scores=optimizer_scores, seed=seed, progress=progress,

@@ -8,6 +8,9 @@ column sums for o, down (METHOD.md section 2). Biases are not scored.
 * ``adam_taylor``  |W| * sqrt(v_hat)     read from the optimizer's Adam state
 * ``adam_fisher``  W^2 * v_hat
 * ``adam_momentum`` |W * m_hat|
+* ``fisher_functional``  sqrt(adam_fisher * functional) per unit: the loss curvature the training saw and
+  the output functional of the paper, on the warm-up's own batches (or ``calibration``); a unit goes only
+  when both rank it low (see benchmarks/RESULTS.md, cross-domain)
 * baselines: ``magnitude`` |W|, ``wanda_sp`` |W| * ||x||, ``taylor_loss`` |dLoss/dW * W|,
   ``random``.
 """
@@ -28,7 +31,21 @@ from .units import LayerUnits, WeightSlice, find_units
 ADAM_ESTIMATORS = ("adam_taylor", "adam_fisher", "adam_momentum")
 CALIBRATION_ESTIMATORS = ("functional", "taylor_loss", "wanda_sp")
 DATA_FREE_ESTIMATORS = ("magnitude", "random")
-ESTIMATORS = ADAM_ESTIMATORS + CALIBRATION_ESTIMATORS + DATA_FREE_ESTIMATORS
+#: estimators that combine an Adam-state score and a calibration one: name -> (Adam-state part, calibration part)
+HYBRID_ESTIMATORS = {"fisher_functional": ("adam_fisher", "functional")}
+ESTIMATORS = ADAM_ESTIMATORS + CALIBRATION_ESTIMATORS + DATA_FREE_ESTIMATORS + tuple(HYBRID_ESTIMATORS)
+
+
+def adam_part(saliency: str) -> str | None:
+    """The Adam-state estimator ``saliency`` reads during the warm-up window (itself or its hybrid part), or None."""
+    if saliency in ADAM_ESTIMATORS:
+        return saliency
+    return HYBRID_ESTIMATORS[saliency][0] if saliency in HYBRID_ESTIMATORS else None
+
+
+def needs_calibration(saliency: str) -> bool:
+    """Whether ``saliency`` runs forward/backward passes on calibration batches at the prune event."""
+    return saliency in CALIBRATION_ESTIMATORS or saliency in HYBRID_ESTIMATORS
 
 
 class SaliencyError(RuntimeError):
@@ -58,6 +75,20 @@ class UnitScores:
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
         return {"attn": [t.clone() for t in self.attn], "mlp": [t.clone() for t in self.mlp]}
+
+
+def geometric_mean(a: UnitScores, b: UnitScores) -> UnitScores:
+    """``sqrt(a * b)`` per unit (computed in fp64): high only where both scores are high.
+
+    Each pool is ranked on its own, so the scales of ``a`` and ``b`` do not matter, only their order.
+    """
+    if [t.shape for t in a.attn + a.mlp] != [t.shape for t in b.attn + b.mlp]:
+        raise SaliencyError("the two scores of a hybrid estimator were taken on models of different shapes.")
+
+    def gm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x.double().clamp_min(0) * y.to(x.device).double().clamp_min(0)).sqrt().float()
+
+    return UnitScores(attn=[gm(x, y) for x, y in zip(a.attn, b.attn)], mlp=[gm(x, y) for x, y in zip(a.mlp, b.mlp)])
 
 
 def check_estimator(name: str) -> None:
@@ -547,14 +578,18 @@ def compute_scores(
     window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
     """
     check_estimator(saliency)
+    if adam_part(saliency) is not None and optimizer_scores is None:
+        raise SaliencyError(
+            f"saliency={saliency!r} reads the optimizer's Adam state during training; it is not "
+            "available in one-shot prune(). Use saliency='functional' with calibration batches, or "
+            "NirvanaPruningCallback inside a fit."
+        )
     if saliency in ADAM_ESTIMATORS:
-        if optimizer_scores is None:
-            raise SaliencyError(
-                f"saliency={saliency!r} reads the optimizer's Adam state during training; it is not "
-                "available in one-shot prune(). Use saliency='functional' with calibration batches, or "
-                "NirvanaPruningCallback inside a fit."
-            )
         return optimizer_scores
+    if saliency in HYBRID_ESTIMATORS:
+        part = HYBRID_ESTIMATORS[saliency][1]
+        calibrated = compute_scores(model, part, calibration, seed=seed, progress=progress, reduce=reduce)
+        return geometric_mean(optimizer_scores, calibrated)
     if saliency == "magnitude":
         return magnitude_scores(model)
     if saliency == "random":

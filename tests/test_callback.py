@@ -299,3 +299,56 @@ def test_warmup_zero_with_given_calibration_prunes_at_the_step(tmp_path):
     )
     trainer(tmp_path, 4, [cb]).fit(CausalLM(), token_loader())
     assert [r.event_step for r in cb.records] == [3]
+
+
+def test_fisher_functional_reads_the_adam_state_and_the_warmup_batches(tmp_path, monkeypatch):
+    """The hybrid estimator: Adam state averaged over the warm-up window, functional on its training batches."""
+    import nirvana_pl.oneshot as oneshot
+
+    seen = []
+    real = oneshot.compute_scores
+
+    def spy(model, saliency, calibration=None, optimizer_scores=None, **kwargs):
+        seen.append((saliency, [b["input_ids"].clone() for b in calibration or []], optimizer_scores))
+        return real(model, saliency, calibration, optimizer_scores, **kwargs)
+
+    monkeypatch.setattr(oneshot, "compute_scores", spy)
+
+    class Batches(Callback):
+        def __init__(self):
+            self.ids = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.ids[trainer.global_step + 1] = batch[0].clone()  # the batch of optimizer step n
+
+    batches = Batches()
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=6, warmup_steps=3, saliency="fisher_functional", gamma=2.0,
+                                num_calibration_batches=2)  # fmt: skip
+    module = CausalLM()
+    t = trainer(tmp_path, 10, [batches, cb])
+    t.fit(module, token_loader())
+    assert len(cb.plans) == 1 and cb.plans[0].saliency == "fisher_functional"
+    assert abs(cb.plans[0].realised_sparsity - 0.4) < 0.05
+    (saliency, calibration, adam), = seen
+    assert saliency == "fisher_functional" and adam is not None
+    # the last two training batches of the warm-up window (steps 5 and 6), as the functional part's calibration
+    assert len(calibration) == 2
+    assert torch.equal(calibration[0], batches.ids[5]) and torch.equal(calibration[1], batches.ids[6])
+    assert int(t.optimizers[0].state[next(module.parameters())]["step"]) == 10
+
+
+def test_default_saliency_refuses_a_calibration_selector_and_a_window_without_steps():
+    from nirvana_pl import CalibrationSelector
+
+    pool = torch.randint(0, 64, (40, 16), generator=torch.Generator().manual_seed(0))
+    selector = CalibrationSelector(pool, num_candidates=2, samples_per_candidate=4, probe_windows=8, probe_seq_len=16)
+    with pytest.raises(ValueError, match="fisher_functional.*not supported with it yet.*adam_fisher"):
+        NirvanaPruningCallback(sparsity=0.5, prune_at=5, warmup_steps=2, gamma="auto", calibration=selector)
+    with pytest.raises(ValueError, match="averages Adam state.*warmup_steps >= 1"):
+        NirvanaPruningCallback(sparsity=0.5, prune_at=5, warmup_steps=0)
+    from conftest import tiny_llama
+
+    from nirvana_pl import prune
+
+    with pytest.raises(SaliencyError, match="not available in one-shot prune"):
+        prune(tiny_llama(), 0.3, saliency="fisher_functional", calibration=[torch.randint(0, 64, (2, 8))])

@@ -6,6 +6,7 @@ tests/scripts/ddp_prune.py as a subprocess; each rank prints ``NIRVANA_DDP {json
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -19,7 +20,7 @@ from conftest import tiny_llama
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from processes import run_killable
 
-from nirvana_pl import distributed
+from nirvana_pl import NirvanaPruningCallback, distributed
 from nirvana_pl.saliency import compute_scores, gradient_reduce
 from nirvana_pl.units import find_units
 
@@ -60,7 +61,7 @@ def _by_rank(records: list[dict], event: str) -> dict[int, dict]:
 
 
 @pytest.mark.parametrize(("saliency", "kind"), [("adam_taylor", "llama"), ("functional", "llama"),
-                                               ("adam_taylor", "qwen3")])  # fmt: skip
+                                               ("adam_taylor", "qwen3"), ("default", "llama")])  # fmt: skip
 def test_ddp_fit_prunes_identically_and_keeps_syncing(tmp_path, saliency, kind):
     proc, records = _run(tmp_path, "--saliency", saliency, "--kind", kind)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -94,6 +95,9 @@ def test_ddp_fit_prunes_identically_and_keeps_syncing(tmp_path, saliency, kind):
     assert shapes != DENSE_SHAPES
     assert all(kv <= 4 and mlp <= 176 and mlp % 8 == 0 for kv, mlp in shapes)
     assert sum(kv * 1000 + mlp for kv, mlp in shapes) < sum(kv * 1000 + mlp for kv, mlp in DENSE_SHAPES)
+    report = json.loads((tmp_path / "nirvana_prune_report.json").read_text())
+    expected = inspect.signature(NirvanaPruningCallback).parameters["saliency"].default
+    assert report["events"][0]["saliency"] == (expected if saliency == "default" else saliency)
 
 
 def test_ddp_resume_after_prune(tmp_path):

@@ -137,7 +137,7 @@ def test_zero2_prunes_a_qwen3_and_carries_adam_state(tmp_path, extensions_dir):
     _check_prune(records)
 
 
-@pytest.mark.parametrize("saliency", ["functional", "taylor_loss", "wanda_sp"])
+@pytest.mark.parametrize("saliency", ["functional", "taylor_loss", "wanda_sp", "default"])
 def test_zero2_calibration_estimators_reduce_across_ranks(tmp_path, extensions_dir, saliency):
     """Each rank scores its own training batches; the reduced scores give every rank rank 0's plan."""
     proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--saliency", saliency)

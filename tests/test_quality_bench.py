@@ -60,3 +60,17 @@ def test_zero_shot_comparison_flags_any_changed_plan_or_perplexity():
             target = target[key]
         target[path[-1]] = value
         assert not compare_quality.compare(run, changed)[1], path
+
+
+def test_results_sections_of_other_benchmarks_survive_a_re_render(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    quality.write_results(md, "# Quality\n\nold table\n")
+    quality.write_section(md, "cross-domain", "## Cross-domain\n\nv1")
+    quality.write_section(md, "other", "## Other\n\nx")
+    quality.write_section(md, "cross-domain", "## Cross-domain\n\nv2")  # replaced in place, not appended
+    quality.write_results(md, "# Quality\n\nnew table\n")  # quality.py re-renders its own part
+    text = md.read_text()
+    assert "new table" in text and "old table" not in text
+    assert "v2" in text and "v1" not in text and text.count("## Cross-domain") == 1
+    assert text.index("## Cross-domain") < text.index("## Other")
+    assert quality.kept_sections(text)[0].startswith("<!-- section: cross-domain -->")

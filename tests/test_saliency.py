@@ -12,17 +12,20 @@ from nirvana_pl.allocate import AllocationConfig, allocate
 from nirvana_pl.saliency import (
     ADAM_ESTIMATORS,
     ESTIMATORS,
+    HYBRID_ESTIMATORS,
     AdamStateSaliency,
     SaliencyError,
     UnitScores,
     accumulate_adam_saliency,
+    adam_part,
     compute_scores,
+    geometric_mean,
     random_scores,
 )
 from nirvana_pl.surgery import apply_plan
 from nirvana_pl.units import find_units
 
-NON_ADAM = [e for e in ESTIMATORS if e not in ADAM_ESTIMATORS]
+NON_ADAM = [e for e in ESTIMATORS if adam_part(e) is None]
 
 
 def _shapes_ok(model, scores: UnitScores) -> None:
@@ -376,7 +379,7 @@ def test_unknown_adam_kind_raises():
         AdamStateSaliency("functional")
 
 
-@pytest.mark.parametrize("kind", ADAM_ESTIMATORS)
+@pytest.mark.parametrize("kind", ADAM_ESTIMATORS + tuple(HYBRID_ESTIMATORS))
 def test_compute_scores_adam_without_optimizer_scores_raises(kind):
     with pytest.raises(SaliencyError, match="functional"):
         compute_scores(tiny_llama(), kind, calibration=calib_batches(n=1))
@@ -419,3 +422,35 @@ def test_missing_or_empty_calibration_raises():
         compute_scores(model, "functional")
     with pytest.raises(ValueError, match="calibration"):
         compute_scores(model, "taylor_loss", calibration=[])
+
+
+# ---------------------------------------------------------------------------------------
+# hybrid: Adam state x calibration
+# ---------------------------------------------------------------------------------------
+def test_fisher_functional_is_the_geometric_mean_of_its_parts():
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    acc = AdamStateSaliency("adam_fisher")
+    for step in range(2):
+        _step(model, opt, seed=step)
+        acc.accumulate(model, opt)
+    calibration = calib_batches(n=2)
+    hybrid = compute_scores(model, "fisher_functional", calibration, optimizer_scores=acc.scores())
+    functional = compute_scores(model, "functional", calibration)
+    adam = acc.scores()
+    for h, a, f in zip(hybrid.attn + hybrid.mlp, adam.attn + adam.mlp, functional.attn + functional.mlp):
+        assert h.dtype == torch.float32
+        torch.testing.assert_close(h, (a.double() * f.double()).sqrt().float())
+    # a unit ranks low when either part ranks it low: one part at zero removes it first
+    zeroed = UnitScores(attn=[t.clone() for t in functional.attn], mlp=[t.clone() for t in functional.mlp])
+    zeroed.mlp[1][5] = 0.0
+    assert geometric_mean(acc.scores(), zeroed).mlp[1][5] == 0.0
+    with pytest.raises(ValueError, match="calibration"):
+        compute_scores(model, "fisher_functional", None, optimizer_scores=acc.scores())
+
+
+def test_geometric_mean_of_scores_of_different_shapes_raises():
+    a = UnitScores(attn=[torch.ones(2)], mlp=[torch.ones(8)])
+    b = UnitScores(attn=[torch.ones(2)], mlp=[torch.ones(6)])
+    with pytest.raises(SaliencyError, match="different shapes"):
+        geometric_mean(a, b)

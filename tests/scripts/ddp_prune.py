@@ -215,7 +215,7 @@ class Resumed(Callback):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--saliency", default="adam_taylor")
+    ap.add_argument("--saliency", default="adam_taylor", help="an estimator, or 'default': the callback's own")
     ap.add_argument("--kind", default="llama", help="model_type of the tiny model (llama, qwen3 ...)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--port", type=int, default=None)
@@ -236,8 +236,8 @@ def main() -> None:
 
     prune_at = args.prune_at
     pruner = NirvanaPruningCallback(
-        sparsity=0.5, prune_at=prune_at, warmup_steps=3, saliency=args.saliency, gamma=2.0,
-        num_calibration_batches=4, report_dir=args.out,
+        sparsity=0.5, prune_at=prune_at, warmup_steps=3, gamma=2.0, num_calibration_batches=4, report_dir=args.out,
+        **({} if args.saliency == "default" else {"saliency": args.saliency}),
     )
     out = Path(args.out)
     max_steps = prune_at + args.steps_after

@@ -341,7 +341,7 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--saliency", default="adam_taylor")
+    ap.add_argument("--saliency", default="adam_taylor", help="an estimator, or 'default': the callback's own")
     ap.add_argument("--kind", default="llama", help="model_type of the tiny model (llama, qwen3 ...)")
     ap.add_argument("--prune-at", type=int, default=6)
     ap.add_argument("--steps-after", type=int, default=10)
@@ -355,8 +355,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     prune_at = args.prune_at
     pruner = NirvanaPruningCallback(
-        sparsity=0.5, prune_at=prune_at, warmup_steps=3, saliency=args.saliency, gamma=2.0, report_dir=out,
+        sparsity=0.5, prune_at=prune_at, warmup_steps=3, gamma=2.0, report_dir=out,
         mlp_round_to=mlp_round_to_for(args.stage == 3),
+        **({} if args.saliency == "default" else {"saliency": args.saliency}),
     )
     max_steps = prune_at + args.steps_after
     if args.resume:

