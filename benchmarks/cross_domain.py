@@ -469,7 +469,11 @@ def render(out: dict, command: str) -> str:
     names = list(dict.fromkeys(k.split("|")[2] for k in zs))
     lines = [
         "# Cross-domain quality of the saliency estimators (SmolLM2-135M)", "",
-        f"Command: `{command}`. " + ", ".join(f"{k}: {v}" for k, v in out.get("env", {}).items()) + ".", "",
+        f"Command: `{command}` (the full matrix; resumable). Runs that made this JSON: "
+        + "; ".join(f"`{r}`" for r in out.get("runs", [])) + ". Last run: "
+        + ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.get("env", {}).items())
+        + ".", "",
+        "Arms not run yet show no row; a later run of the command fills them in.", "",
         "Protocol: each draw warms the pretrained model up for W = {warmup} AdamW steps at lr {warmup_lr:g} on "
         "{batch} x {train_len}-token batches of the calibration domain (the weights stay put, the Adam moments "
         "fill) and scores {calib_windows} calibration windows of the same domain; every arm prunes that model "
@@ -601,6 +605,9 @@ def main() -> None:
     if "recovery" in stages:
         run.recovery()
     run.out["env"]["wall_min"] = (time.perf_counter() - t0) / 60
+    given = " ".join(sys.argv[1:])
+    minutes = run.out["env"]["wall_min"]
+    run.out.setdefault("runs", []).append(f"{command}{' ' + given if given else ''} ({minutes:.0f} min)")
     run.save()
     publish(md, render(run.out, command), args.quick)
     log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; wrote {run.path}")
