@@ -36,7 +36,6 @@ import statistics
 import sys
 import sysconfig
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from quality import RESULTS_MD, bf16, environment, perplexity, shakespeare_dir, write_section  # noqa: E402
+from quality import (  # noqa: E402
+    LM,
+    RESULTS_MD,
+    bf16,
+    environment,
+    perplexity,
+    quiet_two_core_run,
+    shakespeare_dir,
+    write_section,
+)
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DOMAINS = ("pydoc", "plays", "pysrc")
@@ -403,21 +411,12 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
     return out
 
 
-import lightning.pytorch as _pl  # noqa: E402
-
-
-class _StepLM(_pl.LightningModule):
-    """A causal LM trained with AdamW at ``warmup_lr`` for the first ``warmup`` steps, then at ``lr``."""
+class _StepLM(LM):
+    """quality.py's causal LM, trained with AdamW at ``warmup_lr`` for the first ``warmup`` steps, then at ``lr``."""
 
     def __init__(self, model: nn.Module, warmup: int, warmup_lr: float, lr: float):
-        super().__init__()
-        self.model, self.warmup, self.warmup_lr, self.lr = model, warmup, warmup_lr, lr
-        self.losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss
-        self.losses.append(float(loss.detach()))
-        return loss
+        super().__init__(model, lr)
+        self.warmup, self.warmup_lr = warmup, warmup_lr
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
@@ -590,11 +589,7 @@ def main() -> None:
         out = json.loads((out_dir / md.name.replace(".md", ".json")).read_text())
         publish(md, render(out, command), args.quick)
         return
-    torch.set_num_threads(2)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_two_core_run()
     t0 = time.perf_counter()
     run = Run(args, cfg)
     run.out["env"] = environment()

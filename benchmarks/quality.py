@@ -1320,11 +1320,7 @@ def main() -> None:
         plot(out, png)
         print(f"wrote {md_path} and {png}")
         return
-    torch.set_num_threads(2)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_two_core_run()
     t_start = time.perf_counter()
     bench = Bench(args, cfg)
     bench.out["env"] = environment()
@@ -1339,6 +1335,15 @@ def main() -> None:
     write_results(md_path, render(bench.out, command))
     plot(bench.out, png)
     log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min; wrote {json_path}, {md_path}, {png}")
+
+
+def quiet_two_core_run() -> None:
+    """The benchmarks' process set-up: 2 torch threads (the machine's cores), no warnings, Lightning's errors only."""
+    import logging
+
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
 #: RESULTS.md sections other benchmarks write (between these markers); a re-render keeps them
