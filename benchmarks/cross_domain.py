@@ -497,6 +497,9 @@ def render(out: dict, command: str) -> str:
     ]  # fmt: skip
     for name in names:
         row = [name + (" **(default)**" if name == default else " (paper)" if name == paper else "")]
+        seeds_run = max((summarise(zs, seeds, name, s) or {}).get("draws", 0) for s in S)
+        if seeds_run < len(seeds):
+            row[0] += f" ({seeds_run} of {len(seeds)} seeds)"
         for s in S:
             m = summarise(zs, seeds, name, s)
             row += ["-", "-", "-"] if m is None else [f"{m['off']:.1f}", f"{m['in']:.1f}",
