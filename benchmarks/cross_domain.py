@@ -212,7 +212,7 @@ def arms(cfg: dict, default: tuple[str, Any]) -> list[tuple[str, Any]]:
 
 
 def arm_key(estimator: str, gamma: Any) -> str:
-    return f"{estimator}@{gamma if gamma == 'auto' else float(gamma):g}" if gamma != "auto" else f"{estimator}@auto"
+    return f"{estimator}@auto" if gamma == "auto" else f"{estimator}@{float(gamma):g}"
 
 
 def evaluate(model: nn.Module, data: dict, cfg: dict) -> dict[str, float]:

@@ -205,6 +205,7 @@ def report_dict(
     """The JSON report; ``pending``: schedule events (``PruneEvent``) that did not happen in the fit."""
     events = []
     for r in records:
+        without_mlp = r.plan.entries_without_mlp()
         events.append(
             {
                 "step": r.event_step,
@@ -218,7 +219,7 @@ def report_dict(
                 "kept_kv_group_indices": [layer.kept_kv_groups for layer in r.plan.layers],
                 **({"layer_labels": [layer.label for layer in r.plan.layers]}
                    if r.plan.layers and r.plan.layers[0].label else {}),  # fmt: skip
-                **({"entries_without_mlp": r.plan.entries_without_mlp()} if r.plan.entries_without_mlp() else {}),
+                **({"entries_without_mlp": without_mlp} if without_mlp else {}),
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
                 **({"caveat": r.caveat} if r.caveat else {}),
