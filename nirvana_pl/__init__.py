@@ -9,6 +9,7 @@ Public API::
 from .allocate import AllocationConfig, DenseReference, InfeasibleSparsityError
 from .calibration import CalibrationSelector, kl_divergence, masked
 from .data import token_windows
+from .distill import DistillConfig
 from .oneshot import prune
 from .plan import LayerPlan, PruningPlan
 from .saliency import ESTIMATORS, SaliencyError
@@ -22,6 +23,7 @@ __all__ = [
     "AllocationConfig",
     "CalibrationSelector",
     "DenseReference",
+    "DistillConfig",
     "ESTIMATORS",
     "InfeasibleSparsityError",
     "LayerPlan",

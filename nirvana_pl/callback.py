@@ -23,7 +23,15 @@ from torch import nn
 from .allocate import DenseReference, check_feasible
 from .arch import architecture_of
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
-from .deepspeed import deepspeed_allocations, install_resume_reshape, is_deepspeed, prune_engine, reader_for
+from .deepspeed import (
+    deepspeed_allocations,
+    install_resume_reshape,
+    is_deepspeed,
+    prune_engine,
+    reader_for,
+    zero_stage,
+)
+from .distill import Distiller, distill_config, make_teacher, teacher_dtype
 from .distributed import (
     agree_on_plan,
     check_same_plan,
@@ -94,6 +102,12 @@ class NirvanaPruningCallback(Callback):
             attached to the pruned model, every other weight is frozen, and the optimizers step only
             the adapters from then on (same param groups and LR schedule).
         recovery_train_norms: with ``recovery``, keep the norm weights trainable too.
+        distill: distil from the model as it was before the prune during recovery: ``True`` or a
+            :class:`~nirvana_pl.DistillConfig` (or a dict of its fields: ``weight``, ``temperature``,
+            ``teacher``, ``chunk_tokens``). A frozen copy of the model (in bf16/fp16 when the fit computes in it)
+            runs on every training batch after the prune, and ``outputs.loss`` of the model's training forwards
+            becomes ``(1 - weight) * loss + weight * T^2 * KL(teacher || student)``. A LightningModule that
+            computes its own loss passes it through :meth:`distilled_loss`. Not under DeepSpeed ZeRO-3.
     """
 
     def __init__(
@@ -102,7 +116,7 @@ class NirvanaPruningCallback(Callback):
         prune_at: int | None = None,
         warmup_steps: int = 100,
         saliency: str = "fisher_functional",
-        gamma: float | str = 2.0,
+        gamma: float | str = 3.0,
         *,
         schedule: Mapping[int, float] | None = None,
         calibration: Iterable[Any] | CalibrationSelector | None = None,
@@ -117,6 +131,7 @@ class NirvanaPruningCallback(Callback):
         report_dir: str | Path | None = None,
         recovery: Any = None,
         recovery_train_norms: bool = False,
+        distill: Any = None,
     ) -> None:
         super().__init__()
         check_estimator(saliency)
@@ -142,6 +157,12 @@ class NirvanaPruningCallback(Callback):
             )
         self.recovery = lora_config(recovery, what="recovery") if recovery is not None else None
         self.recovery_train_norms = bool(recovery_train_norms)
+        self.distill = distill_config(distill)
+        self._distiller = Distiller(self.distill) if self.distill is not None else None
+        self._teacher_skeleton: nn.Module | None = None  # resume: a copy of the model before the checkpoint's cut
+        self._teacher_dtype: torch.dtype | None = None
+        self._warned_unmixed = False
+        self._fitting = False
         if self.recovery is not None and adam_part(saliency) is not None and len(self.schedule.events) > 1:
             raise ValueError(
                 f"recovery= freezes the base weights at the first prune, so saliency={saliency!r} (read from their "
@@ -242,6 +263,7 @@ class NirvanaPruningCallback(Callback):
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._refuse_other_instances(trainer)
+        self._fitting = stage == "fit"
         self._is_global_zero = trainer.is_global_zero
         self._model = self._locate_model(pl_module)
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
@@ -251,8 +273,12 @@ class NirvanaPruningCallback(Callback):
             self._alloc = deepspeed_allocations(trainer.strategy, self._model, self._alloc, self.recovery)
             # a pruned DeepSpeed checkpoint needs an engine of its shapes
             install_resume_reshape(trainer.strategy, self._reshape_before_load)
+        self._teacher_dtype = teacher_dtype(trainer.precision)
         if stage != "fit":
             return
+        if self._distiller is not None:
+            self._check_distill(trainer)
+            self._distiller.attach(self._model, architecture_of(self._model).body_and_head)
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
             # DDP and DeepSpeed ZeRO are supported (ZeRO-3 with adam_* saliency); FSDP is refused
             check_strategy(trainer.strategy, self.saliency, runs_model=self.selector is not None or self.gamma_auto)
@@ -298,6 +324,14 @@ class NirvanaPruningCallback(Callback):
             )
         check_recovery_targets(self._model, self.recovery)
 
+    def _check_distill(self, trainer: pl.Trainer) -> None:
+        if is_deepspeed(trainer.strategy) and zero_stage(trainer.strategy) == 3:
+            raise ValueError(
+                "NirvanaPruningCallback(distill=...) is not supported under DeepSpeed ZeRO-3: the teacher would be a "
+                "second model outside the engine, whole on every rank, which is what ZeRO-3 exists to avoid. Use "
+                "ZeRO stage 1 or 2 (the teacher is replicated, outside the optimizer), or drop distill=."
+            )
+
     def _check_schedule_feasible(self) -> None:
         """Every event's target must be reachable on this model's shapes (with every gamma that may be chosen)."""
         for event, alloc in zip(self.schedule.events, self._alloc):
@@ -324,6 +358,9 @@ class NirvanaPruningCallback(Callback):
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
+        if self._distiller is not None:
+            self._distiller.detach()
+        self._teacher_skeleton = None
 
     def _reshape_before_load(
         self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any, materialize: Any = None
@@ -332,7 +369,15 @@ class NirvanaPruningCallback(Callback):
 
         ``materialize``: see :func:`nirvana_pl.surgery.apply_plan` (DeepSpeed ZeRO-3 passes one).
         """
+        skeleton = None
+        if self._distiller is not None and self._fitting and not self._records:
+            # a checkpoint written while distilling holds the teacher's weights but not its module: keep a copy of
+            # the dense model as it is built now, to load them into (see load_state_dict)
+            skeleton = make_teacher(self.model, self._teacher_dtype)
+            widths = architecture_of(self.model).widths(self.model)
         held = resize_from_state_dict(self.model, module, state_dict, prefix, materialize)
+        if skeleton is not None and held and architecture_of(self.model).widths(self.model) != widths:
+            self._teacher_skeleton = skeleton
         # (not a full model state dict: shapes left alone; a family without LoRA support has no adapters to restore)
         if not held or not architecture_of(self.model).lora:
             return
@@ -367,9 +412,17 @@ class NirvanaPruningCallback(Callback):
             )
 
     # ------------------------------------------------------------------ training
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._distiller is not None:
+            self._distiller.active = True  # the forwards of this training step are distilled (after a prune)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._distiller is not None:
+            self._distiller.active = False
         step = trainer.global_step
         if step == self._last_step:  # still accumulating gradients: not an optimizer-step boundary
             return
@@ -393,6 +446,8 @@ class NirvanaPruningCallback(Callback):
         event = self.event_due(step)
         if event is not None:
             self._prune(trainer, pl_module, event)
+        if self._distiller is not None:
+            self._log_distillation(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending = self.pending_events
@@ -405,6 +460,29 @@ class NirvanaPruningCallback(Callback):
         rank_zero_warn(message + " Lower prune_at (or the schedule's steps), or raise max_steps / max_epochs.")
         if trainer.is_global_zero and self._report_dir is not None:
             self._report_path = write_report(self._report_dir, self._records, self._reference, pending=pending)
+
+    def distilled_loss(self, loss: torch.Tensor, outputs: Any) -> torch.Tensor:
+        """The loss to return from ``training_step`` when the LightningModule computes its own ``loss``.
+
+        ``outputs``: what the model returned in this step. Before the prune, and without ``distill=``, it is
+        ``loss`` itself; afterwards ``(1 - weight) * loss + weight * T^2 * KL(teacher || student)``. Not needed
+        when ``training_step`` returns ``outputs.loss`` of a call with ``labels``: that loss is mixed already.
+        """
+        return loss if self._distiller is None else self._distiller.mix(loss, outputs)
+
+    def _log_distillation(self, pl_module: pl.LightningModule) -> None:
+        """Log the distillation numbers of the batch; warn once when the module's loss was not mixed."""
+        distiller = self._distiller
+        for name, value in distiller.pop_metrics().items():
+            pl_module.log(f"nirvana/{name}", value, on_step=True, on_epoch=False, batch_size=1)
+        if distiller.unmixed_forwards and not distiller.mixed_by_call and not self._warned_unmixed:
+            self._warned_unmixed = True
+            rank_zero_warn(
+                "NirvanaPruningCallback(distill=...): the model's training forward returned no loss (it was called "
+                "without labels), so the distillation term was computed but not trained on. Return "
+                "`callback.distilled_loss(loss, outputs)` from training_step, or call the model with labels= and "
+                "return outputs.loss."
+            )
 
     @property
     def _collects_batches(self) -> bool:
@@ -419,6 +497,8 @@ class NirvanaPruningCallback(Callback):
         model = self.model
         total_before = base_parameter_count(model)
         plan, selection = self._agreed_plan(trainer, event)
+        if self._distiller is not None and self._distiller.wants_new_teacher():
+            self._distiller.set_teacher(make_teacher(model, self._teacher_dtype))  # the model before the cut
         self._cut(trainer, pl_module, plan)
         seconds = time.perf_counter() - start
         record = PruneRecord(
@@ -430,6 +510,7 @@ class NirvanaPruningCallback(Callback):
             prunable_params_after=prunable_parameter_count(model),
             seconds=seconds,
             caveat=architecture_of(model).caveat,
+            distill=self.distill.to_dict() if self.distill is not None else None,
         )
         self._records.append(record)
         for accumulator in self._adam.values():
@@ -515,6 +596,7 @@ class NirvanaPruningCallback(Callback):
             "adam": {kind: acc.state_dict() for kind, acc in self._adam.items()},
             "last_step": self._last_step,
             "collected": list(self._collected),
+            **({"teacher": self._distiller.state_dict()} if self._distiller is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -527,6 +609,7 @@ class NirvanaPruningCallback(Callback):
         self._last_step = state_dict.get("last_step", -1)
         self._collected.clear()
         self._collected.extend(state_dict.get("collected", []))
+        self._restore_teacher(state_dict.get("teacher"))
         if self._model is not None and self._records:
             expected = [
                 (len(layer.kept_kv_groups), len(layer.kept_mlp_channels)) for layer in self._records[-1].plan.layers
@@ -537,6 +620,27 @@ class NirvanaPruningCallback(Callback):
                     "the checkpoint's pruning record does not match the model's shapes after loading "
                     f"(expected {expected}, found {actual}); was the checkpoint written by another run?"
                 )
+
+    def _restore_teacher(self, teacher_state: Mapping[str, Any] | None) -> None:
+        """Rebuild the teacher of a checkpoint written while distilling, in the copy taken before its weights loaded."""
+        skeleton, self._teacher_skeleton = self._teacher_skeleton, None
+        if self._distiller is None or not self._records:
+            return
+        if teacher_state is None:
+            rank_zero_warn(
+                "NirvanaPruningCallback(distill=...): the checkpoint was written without distillation, so it holds "
+                "no teacher; recovery goes on with the plain loss. Start the fit from before the prune to distil."
+            )
+            return
+        if skeleton is None:
+            raise RuntimeError(
+                "NirvanaPruningCallback could not rebuild the distillation teacher: the model's weights were loaded "
+                "without passing through the callback. Resume with trainer.fit(..., ckpt_path=...)."
+            )
+        if self.distill.teacher == "previous":  # the model before the latest cut: the earlier cuts applied
+            for record in self._records[:-1]:
+                apply_plan(skeleton, record.plan)
+        self._distiller.load_teacher(skeleton, teacher_state)
 
 
 def _input_ids_of(batch: Any) -> dict[str, torch.Tensor]:

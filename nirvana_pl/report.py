@@ -38,6 +38,8 @@ class PruneRecord:
     at_step: int | None = None
     #: what the architecture's adapter says the user should know about this cut (``Architecture.caveat``)
     caveat: str = ""
+    #: the distillation settings recovery trains with after this cut (``DistillConfig.to_dict()``), None without
+    distill: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.at_step is None:
@@ -81,6 +83,7 @@ class PruneRecord:
             "prunable_params_after": self.prunable_params_after,
             "seconds": self.seconds,
             "at_step": self.at_step,
+            **({"distill": self.distill} if self.distill is not None else {}),
         }
 
     @classmethod
@@ -131,10 +134,21 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
         head += "\n  heads removed by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in kinds.items())
     if record.caveat:
         head += f"\n  note: {record.caveat}"
+    if record.distill is not None:
+        head += "\n  recovery: " + describe_distill(record.distill)
     labels = [layer.label for layer in plan.layers]
     rows = layer_rows(plan.kv_groups_kept(), plan.mlp_widths_kept(), _dense_sizes(record, reference),
                       labels if any(labels) else None, plan.entries_without_mlp())  # fmt: skip
     return head + "\n" + "\n".join("  " + line for line in format_table(rows))
+
+
+def describe_distill(settings: dict[str, Any]) -> str:
+    """One line on how recovery distils, from ``DistillConfig.to_dict()``."""
+    teacher = "the dense model" if settings.get("teacher") == "dense" else "the model before this cut"
+    return (
+        f"distilled from {teacher}: loss = {1 - settings['weight']:g} x loss + {settings['weight']:g} x "
+        f"T^2 KL(teacher || student), T = {settings['temperature']:g}"
+    )
 
 
 def _dense_sizes(record: PruneRecord, reference: DenseReference | None) -> dict[str, int]:
@@ -223,6 +237,7 @@ def report_dict(
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
                 **({"caveat": r.caveat} if r.caveat else {}),
+                **({"recovery_distill": r.distill} if r.distill is not None else {}),
             }
         )
     report = {"dense": reference.to_dict() if reference else None, "events": events}
@@ -325,7 +340,9 @@ def _events_markdown(events: list[dict[str, Any]]) -> list[str]:
         )
     lines.append("")
     lines += [f"Note: {caveat}", ""] if (caveat := next((e["caveat"] for e in events if e.get("caveat")), "")) else []
-    return lines
+    distilled = [e for e in events if e.get("recovery_distill")]
+    lines += [f"Recovery after step {e['step']}: {describe_distill(e['recovery_distill'])}." for e in distilled]
+    return lines + ([""] if distilled else [])
 
 
 def _heads_by_kind_markdown(events: list[dict[str, Any]]) -> list[str]:

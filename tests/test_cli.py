@@ -208,6 +208,7 @@ def test_users_lightning_cli_with_the_drop_in_callback_config(tmp_path, monkeypa
             "fit", "--config", str(user_config), "--config", str(ROOT / "callbacks" / "nirvana.yaml"),
             "--trainer.callbacks.init_args.prune_at", "4", "--trainer.callbacks.init_args.warmup_steps", "2",
             "--trainer.callbacks.init_args.sparsity", "0.5",
+            "--trainer.callbacks.init_args.distill", "{weight: 0.5}",  # the drop-in's commented option, switched on
         ],
     )
     names = [type(cb).__name__ for cb in run.trainer.callbacks]
@@ -218,6 +219,7 @@ def test_users_lightning_cli_with_the_drop_in_callback_config(tmp_path, monkeypa
     saver = next(cb for cb in run.trainer.callbacks if isinstance(cb, SavePrunedModel))
     assert saver.saved_to is not None and nirvana_pl.load_pruned(saver.saved_to) is not None
     assert nirvana.report_path is not None and nirvana.report_path.with_suffix(".md").is_file()
+    assert nirvana.records[0].distill["weight"] == 0.5 and "nirvana/distill_kl" in run.trainer.logged_metrics
 
 
 def test_users_lightning_cli_reads_the_kl_callback_config_as_it_is(tmp_path):

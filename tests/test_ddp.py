@@ -95,9 +95,29 @@ def test_ddp_fit_prunes_identically_and_keeps_syncing(tmp_path, saliency, kind):
     assert shapes != DENSE_SHAPES
     assert all(kv <= 4 and mlp <= 176 and mlp % 8 == 0 for kv, mlp in shapes)
     assert sum(kv * 1000 + mlp for kv, mlp in shapes) < sum(kv * 1000 + mlp for kv, mlp in DENSE_SHAPES)
-    report = json.loads((tmp_path / "nirvana_prune_report.json").read_text())
+    (report_path,) = tmp_path.glob("lightning_logs/version_0/nirvana_prune_report.json")  # the logger's run folder
+    report = json.loads(report_path.read_text())
     expected = inspect.signature(NirvanaPruningCallback).parameters["saliency"].default
     assert report["events"][0]["saliency"] == (expected if saliency == "default" else saliency)
+
+
+def test_ddp_distillation_with_the_users_defaults(tmp_path):
+    """distill=True under 2-process DDP, bf16: the same teacher on both ranks, ranks in sync, metrics and report."""
+    proc, records = _run(tmp_path, "--saliency", "default", "--distill", "--precision", "bf16-mixed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    prune, end = _by_rank(records, "prune"), _by_rank(records, "end")
+    assert set(end) == {0, 1}, records
+    assert prune[0]["fingerprint"] == prune[1]["fingerprint"]
+    for e in end.values():
+        assert e["teacher_checksum_equal"] and e["teacher_dtype"] == "torch.bfloat16"
+        assert e["all_checksums_equal"] and e["params_equal_rank0"] and e["losses_finite"]
+        assert {"nirvana/distill_kl", "nirvana/student_loss", "nirvana/distill_loss"} <= set(e["logged"])
+        assert e["logged"]["nirvana/distill_kl"] > 0
+    # what the module returned is the mixed loss, and each rank distils on its own batches
+    assert end[0]["losses_after"][-1] == pytest.approx(end[0]["logged"]["nirvana/distill_loss"], rel=1e-5)
+    assert end[0]["logged"]["nirvana/distill_kl"] != end[1]["logged"]["nirvana/distill_kl"]
+    (report_path,) = tmp_path.glob("lightning_logs/version_0/nirvana_prune_report.json")
+    assert json.loads(report_path.read_text())["events"][0]["recovery_distill"]["weight"] == 0.5
 
 
 def test_ddp_resume_after_prune(tmp_path):

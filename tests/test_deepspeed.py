@@ -146,6 +146,31 @@ def test_zero2_calibration_estimators_reduce_across_ranks(tmp_path, extensions_d
     assert all(p["own_plan_matched_rank0"] == [True] for p in prune.values())
 
 
+def test_zero2_distillation_keeps_a_replicated_teacher_outside_the_engine(tmp_path, extensions_dir):
+    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--saliency",
+                         "default", "--distill")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _check_prune(records)  # ranks identical, training goes on and the (mixed) loss falls
+    for e in _by_rank(records, "end").values():
+        assert e["teacher_equal_across_ranks"] and e["teacher_outside_engine"] and e["teacher_frozen"]
+        assert e["logged"]["nirvana/distill_kl"] > 0
+        assert e["losses_after"][-1] == pytest.approx(e["logged"]["nirvana/distill_loss"], rel=1e-5)
+
+
+def test_zero3_refuses_distillation_at_setup():
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama
+
+    from nirvana_pl import NirvanaPruningCallback
+
+    trainer = SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), callbacks=[], is_global_zero=True,
+                              precision="bf16-mixed")  # fmt: skip
+    cb = NirvanaPruningCallback(sparsity=0.3, prune_at=5, warmup_steps=2, distill=True)
+    with pytest.raises(ValueError, match=r"distill=.*ZeRO-3.*ZeRO stage 1 or 2"):
+        cb.setup(trainer, tiny_llama(), "fit")
+
+
 def test_zero3_refuses_estimators_that_run_the_partitioned_module(tmp_path, extensions_dir):
     proc, _ = _run(extensions_dir, tmp_path, "--stage", "3", "--saliency", "functional", "--devices", "1")
     assert proc.returncode != 0

@@ -5,7 +5,10 @@ not pytest. Every rank prints JSON lines prefixed with ``NIRVANA_DDP `` on stdou
 ``{"event": "prune", ...}`` at the prune step and ``{"event": "end", ...}`` after the fit; with
 ``--resume``, ``resumed`` (after the checkpoint has loaded) and ``resumed_end``.
 
+The fit runs as a user's would: Lightning's default logger (the report goes to its log dir).
+
 Usage: python tests/scripts/ddp_prune.py --saliency adam_taylor --out DIR [--port N] [--save | --resume CKPT]
+       [--distill] [--precision bf16-mixed]
 """
 
 from __future__ import annotations
@@ -143,8 +146,20 @@ class Probe(Callback):
                 "changed_since_prune": checksum != self.post_prune_checksum,
                 "num_params": int(sum(p.numel() for p in pl_module.parameters())),
                 "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+                **distillation(self.pruner, trainer),
             }
         )
+
+
+def distillation(pruner: NirvanaPruningCallback, trainer) -> dict:
+    """--distill: the teacher's checksum, compared across ranks, and the distillation metrics logged last."""
+    teacher = pruner._distiller.teacher if pruner._distiller is not None else None
+    if teacher is None:
+        return {}
+    checksum = parameters_checksum(teacher)
+    logged = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("nirvana/")}
+    return {"teacher_checksum_equal": len(set(gather(checksum))) == 1,
+            "teacher_dtype": str(next(teacher.parameters()).dtype), "logged": logged}  # fmt: skip
 
 
 def optimizer_tensors(optimizer) -> dict[str, torch.Tensor]:
@@ -226,6 +241,8 @@ def main() -> None:
     ap.add_argument("--mismatch", action="store_true", help="make rank 1's plan differ (must fail)")
     ap.add_argument("--save", action="store_true", help="save a checkpoint after the fit")
     ap.add_argument("--resume", default=None, help="resume from this checkpoint and train 4 more steps")
+    ap.add_argument("--distill", action="store_true", help="distill=True (recovery distils from the dense model)")
+    ap.add_argument("--precision", default="32-true")
     args = ap.parse_args()
     record_plan_agreement()
     if args.mismatch:
@@ -236,8 +253,9 @@ def main() -> None:
 
     prune_at = args.prune_at
     pruner = NirvanaPruningCallback(
-        sparsity=0.5, prune_at=prune_at, warmup_steps=3, gamma=2.0, num_calibration_batches=4, report_dir=args.out,
+        sparsity=0.5, prune_at=prune_at, warmup_steps=3, gamma=2.0, num_calibration_batches=4,
         **({} if args.saliency == "default" else {"saliency": args.saliency}),
+        **({"distill": True} if args.distill else {}),
     )
     out = Path(args.out)
     max_steps = prune_at + args.steps_after
@@ -249,7 +267,7 @@ def main() -> None:
     trainer = pl.Trainer(
         default_root_dir=out, max_steps=max_steps, accelerator="cpu", devices=args.devices, num_nodes=args.nodes,
         strategy="ddp", callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-        logger=False, enable_checkpointing=False, log_every_n_steps=1,
+        enable_checkpointing=False, log_every_n_steps=1, precision=args.precision,
     )
     # Same seed on every rank (DDP also broadcasts rank 0's weights); each rank gets its half
     # of the data through Lightning's DistributedSampler.

@@ -6,7 +6,9 @@ with ``NIRVANA_DS `` on stdout: ``prune`` (right after the prune), ``end`` (afte
 ``--resume``, ``resumed`` (after the checkpoint has loaded).
 
 Usage: python tests/scripts/deepspeed_prune.py --out DIR --stage 2|1|3 [--precision bf16-mixed]
-       [--devices 2 | --nodes 2] [--resume CKPT_DIR] [--remove-mlp-of-layer L]
+       [--devices 2 | --nodes 2] [--resume CKPT_DIR] [--remove-mlp-of-layer L] [--distill]
+
+The fit runs with Lightning's default logger, as a user's would (the prune report goes to its log dir).
 """
 
 from __future__ import annotations
@@ -229,8 +231,24 @@ class After(Callback):
                 "losses_finite": all(math.isfinite(x) for x in self.losses_after),
                 "params_equal_across_ranks": all_equal_across_ranks(flat),
                 "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
+                **distillation(self.pruner, trainer),
             }
         )
+
+
+def distillation(pruner: NirvanaPruningCallback, trainer) -> dict:
+    """--distill: the teacher (equal on every rank, outside the engine) and the distillation metrics logged last."""
+    teacher = pruner._distiller.teacher if pruner._distiller is not None else None
+    if teacher is None:
+        return {}
+    engine_params = {id(p) for p in trainer.strategy.model.parameters()}
+    flat = torch.cat([p.reshape(-1).float() for p in teacher.parameters()])
+    return {
+        "teacher_equal_across_ranks": all_equal_across_ranks(flat),
+        "teacher_outside_engine": not any(id(p) in engine_params for p in teacher.parameters()),
+        "teacher_frozen": not any(p.requires_grad for p in teacher.parameters()),
+        "logged": {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("nirvana/")},
+    }
 
 
 class Resumed(Callback):
@@ -348,6 +366,7 @@ def main() -> None:
     ap.add_argument("--save", action="store_true", help="save a DeepSpeed checkpoint at the end")
     ap.add_argument("--resume", default=None, help="resume from this DeepSpeed checkpoint directory")
     ap.add_argument("--remove-mlp-of-layer", type=int, default=None, help="the plan also removes this layer's MLP")
+    ap.add_argument("--distill", action="store_true", help="distill=True (recovery distils from the dense model)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     record_plan_agreement()
@@ -355,9 +374,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     prune_at = args.prune_at
     pruner = NirvanaPruningCallback(
-        sparsity=0.5, prune_at=prune_at, warmup_steps=3, gamma=2.0, report_dir=out,
+        sparsity=0.5, prune_at=prune_at, warmup_steps=3, gamma=2.0,
         mlp_round_to=mlp_round_to_for(args.stage == 3),
         **({} if args.saliency == "default" else {"saliency": args.saliency}),
+        **({"distill": True} if args.distill else {}),
     )
     max_steps = prune_at + args.steps_after
     if args.resume:
@@ -369,8 +389,7 @@ def main() -> None:
     trainer = pl.Trainer(
         default_root_dir=out, max_steps=max_steps, accelerator="cpu", devices=args.devices, num_nodes=args.nodes,
         strategy=strategy_for(args.stage), precision=args.precision, callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
-        log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
     )
     module = CausalLM(seed=0, **model_shape(args.stage == 3, args.kind))
     record_whole_elements(module)
