@@ -194,10 +194,14 @@ def measure_cost(cfg: dict, tmp: str) -> dict[str, Any]:
                 raise RuntimeError(f"cost run {arm} failed:\n{proc.stderr[-3000:]}")
             runs[arm].append(json.loads(line[5:]))
             log(f"cost {arm}: {runs[arm][-1]}")
-    return {
-        arm: {k: statistics.median(r[k] for r in rows) for k in rows[0]} | {"runs": rows}
-        for arm, rows in runs.items()
-    }
+    return summarise_cost(runs)
+
+
+def summarise_cost(runs: dict[str, list[dict]]) -> dict[str, Any]:
+    """Per arm: the medians over its runs of the step time and the RSS figures, and the runs themselves."""
+    medians = ("step_seconds", "peak_rss_mib", "rss_before_steps_mib")
+    return {arm: {k: statistics.median(r[k] for r in rows) for k in medians} | {"runs": rows}
+            for arm, rows in runs.items()}  # fmt: skip
 
 
 # =============================================================================================== the run
@@ -281,7 +285,7 @@ def render(out: dict, command: str) -> str:
         "alone (`distill={'weight': 1.0}`); `mix` = `distill={'weight': 0.5}`; dense = the same fit unpruned. "
         f"Held-out perplexity on {cfg['eval_windows']} x {cfg['eval_len']}-token windows of each domain. "
         "Gap closed = (log ppl after the prune - log ppl after R) / (log ppl after the prune - log ppl of the dense "
-        "control after R).",
+        "control after R). Arms not run yet show no row; the command resumes where a run stopped.",
         "",
     ]
     for s in cfg["sparsities"]:
@@ -395,7 +399,7 @@ def publish(out: dict, command: str, out_dir: Path, name: str, quick: bool) -> N
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.md").write_text(text)
     png = plot(out, out_dir / f"{name}.png")
-    if not quick:
+    if not quick and out_dir.resolve() == RESULTS_DIR.resolve():  # (a run into another folder leaves RESULTS.md)
         rel = png.relative_to(RESULTS_MD.parent) if png else None
         write_section(RESULTS_MD, "distillation", text + (f"\n![recovery curves]({rel})\n" if rel else ""))
     log(f"wrote {out_dir / f'{name}.md'}" + (f", {png}" if png else ""))

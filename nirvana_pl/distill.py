@@ -132,6 +132,9 @@ def teacher_dtype(precision: str) -> torch.dtype | None:
 
 
 # ------------------------------------------------------------------------------------------------ the KL
+_LOG_ZERO = torch.finfo(torch.float32).min
+
+
 class _ChunkedKL(torch.autograd.Function):
     """``sum_r w_r * T^2 * KL(p_r || q_r)`` over rows of student logits, gradient written chunk by chunk.
 
@@ -144,7 +147,8 @@ class _ChunkedKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for a, b in _chunks(student.shape[0], weights, chunk):
             log_q = (student[a:b].float() / t).log_softmax(-1)
-            log_p = (teacher_rows(a, b).float() / t).log_softmax(-1)
+            # (a token the teacher rules out, logit -inf, adds 0, not 0 * inf)
+            log_p = (teacher_rows(a, b).float() / t).log_softmax(-1).clamp_min(_LOG_ZERO)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
             total += (kl * weights[a:b]).sum()
             del log_q, log_p, kl

@@ -45,6 +45,17 @@ def test_chunked_kl_value_and_gradient_equal_the_whole_computation(t, chunk):
     assert grad[0, 3:].abs().sum() == 0  # padded positions get no gradient
 
 
+def test_tokens_the_teacher_rules_out_add_nothing():
+    student = torch.randn(1, 2, 5, requires_grad=True)
+    teacher = torch.randn(1, 2, 5)
+    teacher[..., 0] = float("-inf")
+    value = chunked_kl(student, lambda a, b: teacher.reshape(-1, 5)[a:b], None)
+    value.backward()
+    expected = reference_kl(student.detach(), teacher.clamp_min(-1e4), None, 1.0)
+    torch.testing.assert_close(value.detach(), expected)
+    assert torch.isfinite(student.grad).all()
+
+
 def test_chunked_kl_never_builds_the_teacher_rows_of_padding_and_is_zero_for_equal_logits():
     logits = torch.randn(1, 8, 7, requires_grad=True)
     asked = []
@@ -285,3 +296,25 @@ def test_distillation_composes_with_lora_recovery(tmp_path):
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert t.logged_metrics["nirvana/distill_kl"] > 0 and all(math.isfinite(x) for x in losses.losses)
+
+
+def test_resume_rebuilds_a_previous_teacher_with_the_earlier_cuts(tmp_path):
+    """teacher='previous' after the second event of a schedule: the teacher has the first cut's shapes."""
+
+    def run(path, ckpt=None):
+        cb = NirvanaPruningCallback(schedule={3: 0.2, 6: 0.4}, warmup_steps=2, saliency="adam_fisher",
+                                    distill={"teacher": "previous"})  # fmt: skip
+        every5 = pl.callbacks.ModelCheckpoint(dirpath=path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+        losses = Losses()
+        t = trainer(path, 12, [cb, losses, every5], enable_checkpointing=True)
+        t.fit(CausalLM(), token_loader(n=20), ckpt_path=ckpt)
+        return cb, losses.losses
+
+    full_cb, full = run(tmp_path / "full")
+    resumed_cb, tail = run(tmp_path / "resumed", str(next((tmp_path / "full" / "ckpt").glob("*step=10*.ckpt"))))
+    assert tail == full[10:]
+    teacher = resumed_cb._distiller.teacher
+    assert [layer.mlp.up_proj.weight.shape[0] for layer in teacher.model.layers] == \
+        full_cb.records[0].plan.mlp_widths_kept()  # fmt: skip
+    for (name, a), (_, b) in zip(full_cb._distiller.teacher.state_dict().items(), teacher.state_dict().items()):
+        assert torch.equal(a, b), name

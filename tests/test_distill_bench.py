@@ -43,6 +43,13 @@ def test_an_arm_evaluates_after_the_prune_and_along_recovery(tmp_path):
     assert prunable_parameter_count(model) == dense and set(control["ppl"]) == {"0", "1", "3"}
 
 
+def test_cost_summary_takes_medians_over_runs():
+    run = {"step_seconds": 2.0, "peak_rss_mib": 10.0, "rss_before_steps_mib": 9.0, "step_times": [2.0]}
+    runs = {"distill": [run, dict(run, step_seconds=4.0), dict(run, step_seconds=3.0)]}
+    summary = bench.summarise_cost(runs)["distill"]
+    assert summary["step_seconds"] == 3.0 and summary["peak_rss_mib"] == 10.0 and len(summary["runs"]) == 3
+
+
 def test_report_states_the_goals_met_and_missed():
     cfg = dict(bench.CONFIGS["quick"], sparsities=(0.5,), recovery_points=(2, 4))
 
