@@ -5,6 +5,7 @@
   config with ``--config callbacks/nirvana.yaml``.
 * ``nirvana-pl prune`` - one-shot: load a model, score on calibration text, prune, save the folder.
 * ``nirvana-pl eval`` - perplexity of a model folder on held-out text.
+* ``nirvana-pl export`` - write a model folder as one GGUF file for llama.cpp (Ollama, LM Studio).
 
 After ``fit`` the command prints where everything went (pruned model, reports, plot, metrics) and
 writes ``run_summary.json`` next to the prune report.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 OVERVIEW = """\
-usage: nirvana-pl {fit,validate,test,prune,eval} [options]
+usage: nirvana-pl {fit,validate,test,prune,eval,export} [options]
 
 Structured pruning of transformers LLMs (NIRVANA) inside a Lightning fit.
 
@@ -33,6 +34,8 @@ commands:
              nirvana-pl prune --model embedded:smollm2 --sparsity 0.3 --out runs/prune
   eval       perplexity of a model folder on held-out text
              nirvana-pl eval --model runs/prune/pruned_model
+  export     write a model folder as one GGUF file that llama.cpp runs
+             nirvana-pl export --model runs/prune/pruned_model --gguf pruned.gguf --dtype q8_0
 
 Add pruning to an existing LightningCLI config:  --config callbacks/nirvana.yaml
 `nirvana-pl COMMAND --help` lists the options of a command; `nirvana-pl fit --print_config` shows the
@@ -300,6 +303,9 @@ def _summarize_saved_model(saver: Any, lines: list[str], summary: dict[str, Any]
     check = (f"; reload check max |logit diff| {saver.reload_max_abs_diff:.1e}"
              if saver.reload_max_abs_diff is not None else "")
     lines.append(f"pruned model      {saver.saved_to}  (load: nirvana_pl.load_pruned(path){check})")
+    if saver.gguf_saved_to is not None:
+        summary["gguf"] = str(saver.gguf_saved_to)
+        lines.append(f"llama.cpp file    {saver.gguf_saved_to}  (llama-cli -m PATH; README 'Run it in llama.cpp')")
 
 
 def _summarize_report(report_path: Path, out_dir: Path, lines: list[str], summary: dict[str, Any]) -> None:
@@ -657,6 +663,59 @@ def readable_parse_error(message: str) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------------- export
+def export_command(
+    model: str,
+    gguf: str,
+    dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16",
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a (pruned) model folder as one GGUF file that llama.cpp, Ollama and LM Studio run.
+
+    Args:
+        model: a model folder (pruned folders included), a hub id, or embedded:smollm2.
+        gguf: the file to write (ends in .gguf).
+        dtype: weight type of the matrices (norms and biases stay f32; q8_0 keeps f16 for rows that do not fill
+            32-value blocks).
+        tokenizer: where the vocabulary comes from: a .gguf file of the base model (its tokenizer is copied), a
+            tokenizer folder or hub id (default: the model's own folder); embedded:smollm2 copies the SmolLM2
+            GGUF's tokenizer.
+        overwrite: replace an existing file.
+    """
+    from .gguf_export import vocabulary_source, write_gguf
+    from .modules import load_model
+
+    out = Path(gguf)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"gguf={gguf!r} exists; pass --overwrite true to replace it, or choose another file.")
+    vocab = vocabulary_source(tokenizer or model)
+    start = time.perf_counter()
+    net = load_model(model).eval()
+    result = write_gguf(net, out, tokenizer=vocab, dtype=dtype)
+    print(result.summary(), flush=True)
+    return {"model": model, "gguf": str(result.path), "arch": result.arch, "dtype": dtype, "bytes": result.bytes,
+            "notes": result.notes, "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def run_export(argv: Sequence[str]) -> dict[str, Any]:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    doc = (export_command.__doc__ or "").strip().splitlines()[0]
+    parser = ArgumentParser(prog="nirvana-pl export", description=doc, exit_on_error=True)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_function_arguments(export_command, fail_untyped=True)
+    kwargs = parser.parse_args(list(argv)).as_dict()
+    kwargs.pop("config", None)
+    try:
+        return export_command(**kwargs)
+    except ConfigError as err:
+        parser.error(str(err))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(f"{type(err).__name__}: {err}")
+    raise AssertionError("unreachable")
+
+
 # ----------------------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nirvana-pl`` console script; returns the exit status (0)."""
@@ -678,10 +737,12 @@ def run_command(argv: Sequence[str] | None = None) -> Any:
     command = args[0]
     if command in ("prune", "eval"):
         return run_one_shot(command, args[1:])
+    if command == "export":
+        return run_export(args[1:])
     if command not in TRAINER_COMMANDS:
         print(OVERVIEW, file=sys.stderr)
-        print(f"nirvana-pl: error: unknown command {command!r}; choose one of fit, validate, test, prune, eval.",
-              file=sys.stderr)
+        print(f"nirvana-pl: error: unknown command {command!r}; choose one of fit, validate, test, prune, eval, "
+              "export.", file=sys.stderr)
         raise SystemExit(2)
     from jsonargparse import ArgumentError
 

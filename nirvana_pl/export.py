@@ -12,6 +12,8 @@ Two folder formats, chosen by the model's architecture adapter from its real (pe
   ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``; :func:`load_pruned` loads
   it without remote code.
 
+``save_pruned(format="gguf")`` writes one GGUF file for llama.cpp instead (:mod:`nirvana_pl.gguf_export`).
+
 This module does what is common to every family: input checks, LoRA adapters, the atomic folder swap.
 """
 
@@ -44,9 +46,17 @@ def save_pruned(
     tokenizer: Any | None = None,
     safe_serialization: bool = True,
     adapters: str = "merge",
+    format: str = "folder",
+    gguf_dtype: str = "f16",
     **save_pretrained_kwargs: Any,
 ) -> Path:
     """Write ``model`` (a pruned or dense model of a supported architecture) to ``directory``.
+
+    ``format="gguf"`` writes one GGUF file (``directory`` is then the file's path, ending in ``.gguf``) that
+    llama.cpp runs, with the weights in ``gguf_dtype`` (``f32``, ``f16``, ``bf16`` or ``q8_0``) and LoRA adapters
+    merged; ``tokenizer`` is required there: a transformers tokenizer, or the path of a GGUF file of the base
+    model whose tokenizer is copied. See :func:`nirvana_pl.gguf_export.write_gguf` and the README ("Run it in
+    llama.cpp"). The rest of this docstring is about the default ``format="folder"``.
 
     Uniform widths that the stock config accepts give a stock folder; anything else gives a
     nirvana folder (see the module docstring). ``tokenizer`` is saved alongside when given. Extra
@@ -67,6 +77,8 @@ def save_pruned(
     """
     if adapters not in ("merge", "separate"):
         raise ValueError(f"save_pruned(adapters={adapters!r}): choose 'merge' or 'separate'.")
+    if format not in ("folder", "gguf"):
+        raise ValueError(f"save_pruned(format={format!r}): choose 'folder' or 'gguf'.")
     if hasattr(model, "get_base_model"):  # a peft PeftModel: its base model carries the LoRA layers
         model = model.get_base_model()
     check_supported(model)
@@ -77,6 +89,15 @@ def save_pruned(
             "nirvana_pl.load_pruned_state_dict into a fresh model, then save_pruned that (README, "
             "'Multi-node and DeepSpeed')."
         )
+    if format == "gguf":
+        if adapters != "merge" or save_pretrained_kwargs:
+            raise ValueError(
+                "save_pruned(format='gguf') writes one file with any LoRA adapters merged; adapters='separate' and "
+                f"save_pretrained arguments ({sorted(save_pretrained_kwargs)}) apply to folders only."
+            )
+        from .gguf_export import write_gguf
+
+        return write_gguf(model, directory, tokenizer=tokenizer, dtype=gguf_dtype).path
     if has_lora(model):
         if "state_dict" in save_pretrained_kwargs:
             raise ValueError("save_pruned: a model with LoRA adapters builds its own state_dict; drop state_dict=.")

@@ -680,7 +680,13 @@ class SavePrunedModel(Callback):
         model_attr: dotted path of the transformers model in the LightningModule (found when None).
         adapters: for a model with LoRA adapters, ``"merge"`` saves them folded into the weights,
             ``"separate"`` saves the pruned base plus an ``adapter/`` folder for ``peft.PeftModel``.
+        gguf_dtype: also write the model as ``model.gguf`` in the folder, for llama.cpp, with its matrices in this
+            type (``f32``, ``f16``, ``bf16``, ``q8_0``); None: no GGUF file.
+        gguf_tokenizer: the vocabulary of that file: a ``.gguf`` file of the base model (copied),
+            ``embedded:smollm2``, or a tokenizer folder / hub id; None: the module's ``tokenizer``.
     """
+
+    GGUF_NAME = "model.gguf"
 
     def __init__(
         self,
@@ -689,9 +695,17 @@ class SavePrunedModel(Callback):
         check_reload: bool = True,
         model_attr: str | None = None,
         adapters: str = "merge",
+        gguf_dtype: str | None = None,
+        gguf_tokenizer: str | None = None,
     ) -> None:
+        from .gguf_export import GGUF_DTYPES
+
         if adapters not in ("merge", "separate"):
             raise ValueError(f"SavePrunedModel(adapters={adapters!r}): choose 'merge' or 'separate'.")
+        if gguf_dtype is not None and gguf_dtype not in GGUF_DTYPES:
+            raise ValueError(f"SavePrunedModel(gguf_dtype={gguf_dtype!r}): choose one of {', '.join(GGUF_DTYPES)}.")
+        self.gguf_dtype, self.gguf_tokenizer = gguf_dtype, gguf_tokenizer
+        self.gguf_saved_to: Path | None = None
         self.adapters = adapters
         self.dirpath = dirpath
         self.save_tokenizer = save_tokenizer
@@ -769,8 +783,18 @@ class SavePrunedModel(Callback):
             self.saved_to = directory
             if self.check_reload:
                 self._check_reload(model, directory)
+            if self.gguf_dtype is not None:
+                self._save_gguf(model, directory / self.GGUF_NAME, getattr(pl_module, "tokenizer", None))
         finally:
             model.train(was_training)
+
+    def _save_gguf(self, model: nn.Module, path: Path, tokenizer: Any) -> None:
+        from .gguf_export import vocabulary_source, write_gguf
+
+        vocab = vocabulary_source(self.gguf_tokenizer) if self.gguf_tokenizer is not None else tokenizer
+        result = write_gguf(model, path, tokenizer=vocab, dtype=self.gguf_dtype)
+        self.gguf_saved_to = result.path
+        rank_zero_info(result.summary())
 
     def _check_reload(self, model: nn.Module, directory: Path) -> None:
         from .export import ADAPTER_SUBFOLDER, load_pruned

@@ -25,6 +25,7 @@ from torch import nn
 from ..units import UnsupportedModelError, base_model_type
 
 if TYPE_CHECKING:
+    from ..gguf_layout import GGUFTarget
     from ..plan import PruningPlan
     from ..units import LayerUnits
 
@@ -133,6 +134,19 @@ class Architecture:
         """Load the folder ``path`` (its ``config.json`` is ``config``) without remote code."""
         raise NotImplementedError
 
+    def gguf_support(self) -> str:
+        """What GGUF export writes for this family, for the README's table."""
+        return "not yet"
+
+    def gguf_target(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> "GGUFTarget":
+        """``model`` as llama.cpp reads it (architecture, hyper-parameters, tensors taken from ``state``, the
+        model's state dict with any LoRA adapters merged); raise UnsupportedModelError, saying why, when no
+        llama.cpp graph computes it."""
+        raise UnsupportedModelError(
+            f"save_pruned(format='gguf'): the {type(self).__name__} adapter of {type(model).__name__} has no "
+            "llama.cpp layout; GGUF export covers the decoder families listed in the README ('Run it in llama.cpp')."
+        )
+
 
 _REGISTRY: dict[str, Architecture] = {}
 _BUILTINS_LOADED = False
@@ -218,9 +232,9 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 def architectures_table() -> str:
     """The README's table of supported architectures, rendered from the registry (``python -m nirvana_pl.arch``)."""
-    rows = ["| `model_type` | class | notes |", "|---|---|---|"]
+    rows = ["| `model_type` | class | GGUF (llama.cpp) | notes |", "|---|---|---|---|"]
     for mtype, arch in registered_architectures().items():
-        rows.append(f"| `{mtype}` | `{arch.model_class_name()}` | {arch.notes} |")
+        rows.append(f"| `{mtype}` | `{arch.model_class_name()}` | {arch.gguf_support()} | {arch.notes} |")
     return "\n".join(rows) + "\n"
 
 

@@ -1,0 +1,331 @@
+"""GGUF export: the file llama.cpp reads, checked with the gguf reader and a small torch forward of the file.
+
+llama.cpp itself runs the same files in benchmarks/gguf_llamacpp.py (a separate command: it builds llama.cpp).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3
+from gguf_reference import gguf_logits, metadata
+
+from nirvana_pl import prune, save_pruned
+from nirvana_pl.arch import architecture_of
+from nirvana_pl.gguf_export import read_gguf_tensors, write_gguf
+from nirvana_pl.gguf_layout import deinterleave_rotary, interleave_rotary
+from nirvana_pl.plan import LayerPlan, PruningPlan
+from nirvana_pl.surgery import apply_plan
+from nirvana_pl.units import UnsupportedModelError, find_units
+
+VOCAB = 320
+FAMILIES = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}
+
+
+@functools.cache
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer of 320 tokens trained on Python's docs (offline, a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from nirvana_pl.embedded import pydoc_text
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    backend.train_from_iterator([pydoc_text()[:40000]], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return tok
+
+
+def model_of(family: str, seed: int = 0) -> torch.nn.Module:
+    model = FAMILIES[family](seed=seed)
+    model.resize_token_embeddings(VOCAB, mean_resizing=False)
+    return model.eval()
+
+
+def pruned(family: str, sparsity: float = 0.4) -> torch.nn.Module:
+    model = model_of(family)
+    prune(model, sparsity, "magnitude", [torch.randint(3, VOCAB, (2, 12))], 2.0, mlp_round_to=1)
+    return model
+
+
+def with_widths(family: str, kv: list[list[int]], mlp: list[int]) -> torch.nn.Module:
+    """A model whose layer i keeps KV groups ``kv[i]`` and its first ``mlp[i]`` MLP channels."""
+    model = model_of(family)
+    units = find_units(model)
+    layers = [LayerPlan(u.num_kv_groups, u.mlp_width, k, list(range(m))) for u, k, m in zip(units, kv, mlp)]
+    apply_plan(model, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual"))
+    return model
+
+
+TEXT_IDS = [5, 77, 130, 9, 250, 31, 64, 200, 17, 3, 99, 180]
+
+
+def assert_same_logits(model, path, atol=2e-4) -> None:
+    with torch.no_grad():
+        want = model(torch.tensor([TEXT_IDS])).logits[0]
+    got = gguf_logits(path, TEXT_IDS)
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= atol * max(1.0, scale), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_pruned_model_is_a_deci_file_that_computes_the_model(family, tmp_path):
+    model = pruned(family)
+    widths = architecture_of(model).widths(model)
+    assert len({w["intermediate_size"] for w in widths}) > 1  # layers of different widths
+    result = write_gguf(model, tmp_path / "m.gguf", tokenizer=bpe_tokenizer(), dtype="f32", progress=False)
+    meta = metadata(result.path)
+    assert meta["general.architecture"] == "deci" and result.arch == "deci"
+    assert meta["deci.feed_forward_length"] == [w["intermediate_size"] for w in widths]
+    assert meta["deci.attention.head_count"] == [w["num_attention_heads"] for w in widths]
+    assert meta["deci.attention.head_count_kv"] == [w["num_key_value_heads"] for w in widths]
+    assert meta["deci.block_count"] == len(widths)
+    assert meta["deci.vocab_size"] == VOCAB
+    assert_same_logits(model, result.path)
+
+
+@pytest.mark.parametrize("family, arch", [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")])
+def test_uniform_model_keeps_its_own_llama_cpp_architecture(family, arch, tmp_path):
+    model = model_of(family)
+    path = save_pruned(model, tmp_path / "dense.gguf", format="gguf", gguf_dtype="f32", tokenizer=bpe_tokenizer())
+    meta = metadata(path)
+    assert meta["general.architecture"] == arch
+    assert meta[f"{arch}.feed_forward_length"] == model.config.intermediate_size  # one number, not a list
+    assert_same_logits(model, path)
+
+
+def test_tensors_are_the_weights_with_q_k_rows_in_llama_cpp_order(tmp_path):
+    model = pruned("llama")
+    path = save_pruned(model, tmp_path / "m.gguf", format="gguf", gguf_dtype="f32", tokenizer=bpe_tokenizer())
+    tensors = read_gguf_tensors(path)
+    attn = model.model.layers[1].self_attn
+    n_heads = attn.q_proj.weight.shape[0] // 16
+    q = torch.from_numpy(tensors["blk.1.attn_q.weight"])
+    assert not torch.equal(q, attn.q_proj.weight)  # re-ordered ...
+    torch.testing.assert_close(deinterleave_rotary(q, n_heads), attn.q_proj.weight, rtol=0, atol=0)  # ... only
+    np.testing.assert_array_equal(tensors["blk.1.attn_v.weight"], attn.v_proj.weight.detach().numpy())
+    down = model.model.layers[2].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["blk.2.ffn_down.weight"], down)
+    np.testing.assert_array_equal(tensors["output.weight"], model.lm_head.weight.detach().numpy())
+    assert len(tensors) == 2 + 1 + 4 * 9  # embedding, final norm, head; 9 tensors a layer
+
+
+def test_interleave_rotary_round_trips():
+    w = torch.randn(6 * 8, 5)
+    torch.testing.assert_close(deinterleave_rotary(interleave_rotary(w, 6), 6), w, rtol=0, atol=0)
+    row = interleave_rotary(torch.arange(8.0), 1)
+    assert row.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_a_layer_without_mlp_keeps_its_attention_in_the_file(tmp_path):
+    """llama.cpp's deci graph drops a layer's whole output (attention too) when its MLP width is 0, so such a
+    layer is written with one all-zero channel; the reference forward reproduces deci's skip."""
+    model = with_widths("llama", kv=[[0], [0, 2], [1], [1, 3]], mlp=[100, 0, 0, 60])
+    result = write_gguf(model, tmp_path / "z.gguf", tokenizer=bpe_tokenizer(), dtype="f32", progress=False)
+    meta = metadata(result.path)
+    assert meta["deci.attention.head_count_kv"] == [1, 2, 1, 2]
+    assert meta["deci.feed_forward_length"] == [100, 1, 1, 60]
+    tensors = read_gguf_tensors(result.path)
+    assert tensors["blk.1.ffn_down.weight"].shape == (64, 1) and not tensors["blk.1.ffn_down.weight"].any()
+    assert len(result.notes) == 2 and "layer 1 has no MLP channel" in result.notes[0]
+    assert_same_logits(model, result.path)
+
+
+def test_q8_0_and_half_precision_files(tmp_path):
+    model = pruned("qwen2")
+    tok = bpe_tokenizer()
+    sizes = {}
+    for dtype, atol in (("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)):
+        result = write_gguf(model, tmp_path / f"{dtype}.gguf", tokenizer=tok, dtype=dtype, progress=False)
+        sizes[dtype] = result.bytes
+        assert_same_logits(model, result.path, atol=atol)
+        tensors = read_gguf_tensors(result.path)
+        v = model.model.layers[0].self_attn.v_proj.weight.detach().numpy()
+        err = np.abs(tensors["blk.0.attn_v.weight"] - v).max()
+        assert 0 < err < (0.02 if dtype != "f16" else 1e-3)  # stored in that type, close to the weight
+        if dtype == "q8_0":  # rows of a width not a multiple of 32 stay f16, and are named
+            widths = [u.mlp_width for u in find_units(model)]
+            assert len(result.not_quantized) == sum(w % 32 != 0 for w in widths)
+    assert sizes["q8_0"] < sizes["f16"]
+
+
+def test_llama3_rope_scaling_is_written_as_rope_factors(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    path = save_pruned(model, tmp_path / "l3.gguf", format="gguf", gguf_dtype="f32", tokenizer=bpe_tokenizer())
+    tensors = read_gguf_tensors(path)
+    assert "rope_freqs.weight" in tensors and (tensors["rope_freqs.weight"] > 1).any()
+    assert "output.weight" not in tensors  # tied: llama.cpp takes token_embd
+    assert_same_logits(model, path)
+
+
+def test_lora_adapters_are_merged_into_the_file(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = pruned("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                      init_lora_weights=False))  # fmt: skip
+    path = save_pruned(lora, tmp_path / "lora.gguf", format="gguf", gguf_dtype="f32", tokenizer=bpe_tokenizer())
+    assert_same_logits(lora.eval(), path)
+    assert not any("lora" in name for name in read_gguf_tensors(path))
+
+
+def test_tokenizer_metadata_from_a_transformers_tokenizer(tmp_path):
+    tok = bpe_tokenizer()
+    path = save_pruned(pruned("llama"), tmp_path / "t.gguf", format="gguf", tokenizer=tok)
+    meta = metadata(path)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    vocab = tok.get_vocab()
+    assert meta["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert meta["tokenizer.ggml.token_type"][:3] == [3, 3, 3] and set(meta["tokenizer.ggml.token_type"][3:]) == {1}
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert meta["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+
+
+def test_smollm2_tokenizer_written_from_transformers_matches_the_original_file(tmp_path):
+    """The SmolLM2 GGUF's own tokenizer against what nirvana_pl writes from the tokenizer transformers loads from it."""
+    from transformers import AutoTokenizer
+
+    from nirvana_pl.embedded import smollm2_gguf_path
+    from nirvana_pl.gguf_vocab import metadata_from_gguf, metadata_from_tokenizer
+
+    source = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    original = {e.key: e.value for e in metadata_from_gguf(source, 49152)}
+    written = {e.key: e.value for e in metadata_from_tokenizer(tok, 49152)}
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.chat_template"):  # fmt: skip
+        assert written[key] == original[key], key
+    # transformers' GGUF loader keeps only the byte-level rule: the original's digit split is not in the tokenizer
+    assert original["tokenizer.ggml.pre"] == "smollm" and written["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_tokenizer_copied_from_a_gguf_file(tmp_path):
+    first = save_pruned(pruned("llama"), tmp_path / "a.gguf", format="gguf", tokenizer=bpe_tokenizer())
+    second = save_pruned(pruned("qwen2"), tmp_path / "b.gguf", format="gguf", tokenizer=str(first))
+    a, b = metadata(first), metadata(second)
+    assert {k: v for k, v in a.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in b.items() if k.startswith("tokenizer.")}  # fmt: skip
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    tok = bpe_tokenizer()
+    with pytest.raises(UnsupportedModelError, match="layers differ in width.*uniform=True"):
+        save_pruned(pruned("qwen3"), tmp_path / "q3.gguf", format="gguf", tokenizer=tok)
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        save_pruned(pruned("llama"), tmp_path / "x.gguf", format="gguf")
+    with pytest.raises(ValueError, match="gguf_dtype='q4_k'"):
+        save_pruned(pruned("llama"), tmp_path / "x.gguf", format="gguf", gguf_dtype="q4_k", tokenizer=tok)
+    with pytest.raises(ValueError, match="should end in .gguf"):
+        save_pruned(pruned("llama"), tmp_path / "folder", format="gguf", tokenizer=tok)
+    with pytest.raises(ValueError, match="adapters='separate'"):
+        save_pruned(pruned("llama"), tmp_path / "x.gguf", format="gguf", tokenizer=tok, adapters="separate")
+    small = tiny_llama()  # 128 embedding rows: the 320-token tokenizer does not fit
+    with pytest.raises(ValueError, match="only 128 embedding rows"):
+        save_pruned(small, tmp_path / "x.gguf", format="gguf", tokenizer=tok)
+    first = save_pruned(pruned("llama"), tmp_path / "a.gguf", format="gguf", tokenizer=tok)
+    with pytest.raises(ValueError, match="has 320 tokens but the model has 128"):
+        save_pruned(small, tmp_path / "x.gguf", format="gguf", tokenizer=str(first))
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*writing"))
+
+
+def test_unsupported_family_is_refused_by_name(tmp_path):
+    from arch_configs import build
+
+    model = build("gemma")
+    with pytest.raises(UnsupportedModelError, match="no llama.cpp layout for 'gemma'.*llama, mistral, qwen2, qwen3"):
+        save_pruned(model, tmp_path / "g.gguf", format="gguf", tokenizer=bpe_tokenizer())
+
+
+def test_a_failed_write_keeps_the_earlier_file(tmp_path, monkeypatch):
+    import nirvana_pl.gguf_export as gguf_export
+
+    tok = bpe_tokenizer()
+    path = save_pruned(pruned("llama"), tmp_path / "m.gguf", format="gguf", tokenizer=tok)
+    before = path.read_bytes()
+
+    def broken(tensor, kind):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf_export, "_encode", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(pruned("qwen2"), path, format="gguf", tokenizer=tok)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*writing"))
+
+
+def test_save_pruned_model_callback_also_writes_the_gguf_file(tmp_path):
+    from lightning_helpers import CausalLM, token_loader, trainer
+
+    from nirvana_pl import NirvanaPruningCallback
+    from nirvana_pl.modules import SavePrunedModel
+
+    module = CausalLM(vocab_size=VOCAB)
+    module.tokenizer = bpe_tokenizer()
+    saver = SavePrunedModel(gguf_dtype="q8_0")
+    callbacks = [NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2), saver]
+    trainer(tmp_path, 6, callbacks).fit(module, token_loader())
+    path = saver.saved_to / SavePrunedModel.GGUF_NAME
+    meta = metadata(path)
+    assert meta["general.architecture"] == "deci" and meta["general.file_type"] == 7  # mostly Q8_0
+    assert meta["deci.feed_forward_length"] == [u.mlp_width or 1 for u in find_units(module.net)]
+    assert_same_logits(module.net.eval(), path, atol=3e-2)
+
+
+def test_export_command_writes_a_saved_folder_as_gguf(tmp_path, capsys):
+    from nirvana_pl import cli
+
+    model = pruned("qwen2")
+    folder = save_pruned(model, tmp_path / "pruned", tokenizer=bpe_tokenizer())
+    out = tmp_path / "pruned.gguf"
+    result = cli.run_command(["export", "--model", str(folder), "--gguf", str(out), "--dtype", "f32"])
+    assert result["arch"] == "deci" and "GGUF (deci, f32" in capsys.readouterr().out
+    assert_same_logits(model, out)
+    with pytest.raises(SystemExit):
+        cli.run_command(["export", "--model", str(folder), "--gguf", str(out)])
+    assert "exists; pass --overwrite true" in capsys.readouterr().err
+    copied = cli.run_command(["export", "--model", str(folder), "--gguf", str(tmp_path / "b.gguf"),
+                              "--tokenizer", str(out)])  # fmt: skip
+    assert metadata(copied["gguf"])["tokenizer.ggml.tokens"] == metadata(out)["tokenizer.ggml.tokens"]
+
+
+@pytest.mark.parametrize("rules, name", [
+    ("llama3", "llama-bpe"), ("qwen2", "qwen2"), ("digits", "smollm"), ("bytelevel", "gpt-2"), ("other", None)])
+def test_pre_tokenizer_is_recognised_from_the_tokenizers_rules(rules, name):
+    """A tokenizer.json's pre-tokenizer as Llama 3 / Qwen 2 / SmolLM / GPT-2 state theirs, and one llama.cpp lacks."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    from nirvana_pl.gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, pre_tokenizer_name
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=rules in ("digits", "bytelevel"))
+    split = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "other": r"\w+|[^\w\s]+"}.get(rules)
+    parts = [pre_tokenizers.Split(Regex(split), behavior="isolated")] if split else []
+    if rules == "digits":
+        parts = [pre_tokenizers.Digits(individual_digits=True)]
+    backend = Tokenizer.from_str(bpe_tokenizer().backend_tokenizer.to_str())  # (a copy: the fixture is shared)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([*parts, byte_level]) if parts else byte_level
+    spec = json.loads(backend.to_str())
+    if name is None:
+        with pytest.raises(ValueError, match="pass tokenizer='base.gguf'"):
+            pre_tokenizer_name(spec)
+    else:
+        assert pre_tokenizer_name(spec) == name
