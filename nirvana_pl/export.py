@@ -79,16 +79,7 @@ def save_pruned(
         raise ValueError(f"save_pruned(adapters={adapters!r}): choose 'merge' or 'separate'.")
     if format not in ("folder", "gguf"):
         raise ValueError(f"save_pruned(format={format!r}): choose 'folder' or 'gguf'.")
-    if hasattr(model, "get_base_model"):  # a peft PeftModel: its base model carries the LoRA layers
-        model = model.get_base_model()
-    check_supported(model)
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise ValueError(
-            "save_pruned: the model's weights are DeepSpeed ZeRO-3 partitions (each rank holds a slice). Save a "
-            "checkpoint, convert it with convert_zero_checkpoint_to_fp32_state_dict and load it with "
-            "nirvana_pl.load_pruned_state_dict into a fresh model, then save_pruned that (README, "
-            "'Multi-node and DeepSpeed')."
-        )
+    model = exportable(model)
     if format == "gguf":
         if adapters != "merge" or save_pretrained_kwargs:
             raise ValueError(
@@ -110,6 +101,21 @@ def save_pruned(
     with _swapped_in(path) as fresh:
         _write_folder(model, fresh, str(path), tokenizer, adapters, save_pretrained_kwargs)
     return path
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """The transformers model to write (inside a peft ``PeftModel``), after checking that it can be written whole."""
+    if hasattr(model, "get_base_model"):  # a peft PeftModel: its base model carries the LoRA layers
+        model = model.get_base_model()
+    check_supported(model)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "save_pruned: the model's weights are DeepSpeed ZeRO-3 partitions (each rank holds a slice). Save a "
+            "checkpoint, convert it with convert_zero_checkpoint_to_fp32_state_dict and load it with "
+            "nirvana_pl.load_pruned_state_dict into a fresh model, then save_pruned that (README, "
+            "'Multi-node and DeepSpeed')."
+        )
+    return model
 
 
 def check_save_target(path: str | Path) -> None:

@@ -59,7 +59,7 @@ def write_gguf(
     model: nn.Module, path: str | Path, *, tokenizer: Any, dtype: str = "f16", name: str | None = None,
     progress: bool = True,
 ) -> GGUFExport:  # fmt: skip
-    """Write ``model`` (a checked, plain causal LM; see :func:`nirvana_pl.save_pruned`) to the file ``path``.
+    """Write ``model`` (a causal LM of a family with a GGUF layout, or a peft model around one) to the file ``path``.
 
     ``tokenizer``: a transformers fast tokenizer with a byte-level BPE vocabulary, or the path of a GGUF file
     whose tokenizer is copied (the file the model was loaded from, or one llama.cpp's converter wrote for the
@@ -72,9 +72,11 @@ def write_gguf(
         raise ImportError("GGUF export needs the gguf package: pip install 'nirvana-pl[gguf]' (or gguf).") from None
 
     from .arch import architecture_of
+    from .export import exportable
     from .lora import base_state_dict, has_lora
 
     path = _check_inputs(Path(path), tokenizer, dtype)
+    model = exportable(model)
     state = base_state_dict(model, merge=True) if has_lora(model) else model.state_dict()
     target = architecture_of(model).gguf_target(model, state)
     vocab = tokenizer_metadata(tokenizer, int(model.config.vocab_size))
@@ -225,9 +227,9 @@ def _add_hparam(writer: Any, key: str, value: Any) -> None:
 
 
 def _model_name(model: nn.Module) -> str:
-    source = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
-    base = Path(source).name if source else model.config.model_type
-    return f"{base} (pruned with nirvana-pl)" if base else "pruned with nirvana-pl"
+    """``general.name``: the last part of the model's name or path, else its model type."""
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    return Path(source).name or model.config.model_type
 
 
 def _progress(items: list, enabled: bool, label: str):

@@ -18,7 +18,7 @@ from typing import Any
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # The splitting rules of the pre-tokenizers llama.cpp implements, as a transformers tokenizer.json states them
-# (the Split regex, or None for the GPT-2 rule ByteLevel applies itself), with llama.cpp's name for each.
+# (a Split regex, Digits, and ByteLevel with or without the GPT-2 regex it applies itself), with llama.cpp's name.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
     r"\s+(?!\S)|\s+"
@@ -28,8 +28,8 @@ _QWEN2_SPLIT = (
     r"\s+(?!\S)|\s+"
 )
 PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
-    ("bytelevel",): "gpt-2",
-    ("digits", "bytelevel"): "smollm",
+    ("bytelevel+gpt2-regex",): "gpt-2",
+    ("digits", "bytelevel+gpt2-regex"): "smollm",
     ("split:" + _LLAMA3_SPLIT, "bytelevel"): "llama-bpe",
     ("split:" + _QWEN2_SPLIT, "bytelevel"): "qwen2",
 }
@@ -169,7 +169,7 @@ def _pre_signature(node: dict[str, Any] | None) -> list[str]:
     if kind == "Sequence":
         return [part for child in node.get("pretokenizers", []) for part in _pre_signature(child)]
     if kind == "ByteLevel":
-        return ["bytelevel"]
+        return ["bytelevel+gpt2-regex" if node.get("use_regex", True) else "bytelevel"]
     if kind == "Digits" and node.get("individual_digits"):
         return ["digits"]
     if kind == "Split":

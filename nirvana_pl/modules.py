@@ -718,6 +718,8 @@ class SavePrunedModel(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from .deepspeed import is_deepspeed, zero_stage
 
+        if self.gguf_dtype is not None:
+            self._check_gguf(pl_module)
         if is_deepspeed(trainer.strategy) and zero_stage(trainer.strategy) == 3:
             raise ValueError(
                 "SavePrunedModel cannot save under DeepSpeed ZeRO-3: each rank holds only a partition of every "
@@ -788,11 +790,36 @@ class SavePrunedModel(Callback):
         finally:
             model.train(was_training)
 
+    def _check_gguf(self, pl_module: pl.LightningModule) -> None:
+        """Before the fit: the model's family has a GGUF layout and the file will have a vocabulary."""
+        from .arch import architecture_of
+        from .arch.decoder import gguf_model_types
+        from .units import locate_model
+
+        model = locate_model(pl_module, self.model_attr)
+        if not architecture_of(model).writes_gguf:
+            raise ValueError(
+                f"SavePrunedModel(gguf_dtype={self.gguf_dtype!r}): nirvana_pl writes GGUF files of "
+                f"{', '.join(gguf_model_types())} models, not of {model.config.model_type!r}; drop gguf_dtype."
+            )
+        if self.gguf_tokenizer is None and not hasattr(getattr(pl_module, "tokenizer", None), "backend_tokenizer"):
+            raise ValueError(
+                f"SavePrunedModel(gguf_dtype={self.gguf_dtype!r}) needs a vocabulary for the file: the module has no "
+                "transformers fast tokenizer (.tokenizer); pass gguf_tokenizer= (a .gguf file of the base model, a "
+                "tokenizer folder or hub id)."
+            )
+
     def _save_gguf(self, model: nn.Module, path: Path, tokenizer: Any) -> None:
+        """Write the GGUF file next to the saved folder; a model llama.cpp cannot take is a warning, not a failed fit
+        (the folder is saved already)."""
         from .gguf_export import vocabulary_source, write_gguf
 
         vocab = vocabulary_source(self.gguf_tokenizer) if self.gguf_tokenizer is not None else tokenizer
-        result = write_gguf(model, path, tokenizer=vocab, dtype=self.gguf_dtype)
+        try:
+            result = write_gguf(model, path, tokenizer=vocab, dtype=self.gguf_dtype)
+        except ValueError as err:  # (UnsupportedModelError too: e.g. a Qwen3 whose layers differ in width)
+            rank_zero_warn(f"SavePrunedModel: the model is saved to {path.parent}, but not as GGUF: {err}")
+            return
         self.gguf_saved_to = result.path
         rank_zero_info(result.summary())
 

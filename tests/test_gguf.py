@@ -329,3 +329,20 @@ def test_pre_tokenizer_is_recognised_from_the_tokenizers_rules(rules, name):
             pre_tokenizer_name(spec)
     else:
         assert pre_tokenizer_name(spec) == name
+
+
+def test_save_pruned_model_callback_refuses_a_gguf_it_cannot_write_before_the_fit():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning_helpers import CausalLM
+
+    from nirvana_pl.modules import SavePrunedModel
+
+    trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"))
+    with pytest.raises(ValueError, match="writes GGUF files of llama, .* not of 'gemma'; drop gguf_dtype"):
+        SavePrunedModel(gguf_dtype="f16").setup(trainer, CausalLM(kind="gemma"), "fit")
+    with pytest.raises(ValueError, match="no transformers fast tokenizer .*pass gguf_tokenizer="):
+        SavePrunedModel(gguf_dtype="f16").setup(trainer, CausalLM(), "fit")
+    with pytest.raises(ValueError, match="gguf_dtype='q4'"):
+        SavePrunedModel(gguf_dtype="q4")

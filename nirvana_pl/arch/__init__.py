@@ -134,6 +134,9 @@ class Architecture:
         """Load the folder ``path`` (its ``config.json`` is ``config``) without remote code."""
         raise NotImplementedError
 
+    #: whether ``save_pruned(format="gguf")`` writes models of this family (see :meth:`gguf_target`)
+    writes_gguf: bool = False
+
     def gguf_support(self) -> str:
         """What GGUF export writes for this family, for the README's table."""
         return "not yet"

@@ -408,6 +408,10 @@ class DecoderArchitecture(Architecture):
         return model_cls.from_pretrained(path, **from_pretrained_kwargs)
 
     # ------------------------------------------------------------------------------------------- GGUF
+    @property
+    def writes_gguf(self) -> bool:
+        return self.gguf_arch is not None
+
     def gguf_support(self) -> str:
         if self.gguf_arch is None:
             return "not yet"
@@ -641,7 +645,7 @@ def gguf_model_types() -> list[str]:
     """The model types whose models :func:`nirvana_pl.save_pruned` writes as GGUF (uniform or per-layer widths)."""
     from . import registered_architectures
 
-    return [t for t, a in registered_architectures().items() if getattr(a, "gguf_arch", None) is not None]
+    return [t for t, a in registered_architectures().items() if a.writes_gguf]
 
 
 def layer_widths(units: Sequence[LayerUnits]) -> list[dict[str, int]]:
