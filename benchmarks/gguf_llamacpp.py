@@ -284,6 +284,23 @@ def correctness(out: dict, tmp: Path, save) -> None:
         save()
 
 
+def main_job_file(out: dict, folder: Path, tmp: Path, save) -> None:
+    """The main job's own output (``bash scripts/demo.sh``): its ``pruned_model/model.gguf`` and an fp32 export of
+    its folder with ``nirvana-pl export``, each against the folder loaded by transformers."""
+    from nirvana_pl import load_pruned
+    from nirvana_pl.cli import run_command
+
+    tok = smollm2_tokenizer()
+    model = load_pruned(folder).float().eval()
+    f32 = tmp / "main_job_f32.gguf"
+    run_command(["export", "--model", str(folder), "--gguf", str(f32), "--dtype", "f32", "--tokenizer",
+                 "embedded:smollm2"])  # fmt: skip
+    out["main_job"] = {"folder": str(folder), "q8_0 (pruned_model/model.gguf)": compare(model, folder / "model.gguf",
+                       prompts_of(tok)), "f32 (nirvana-pl export)": compare(model, f32, prompts_of(tok))}  # fmt: skip
+    log(f"main job: {json.dumps(out['main_job'])}")
+    save()
+
+
 # ------------------------------------------------------------------------------------------------ speed
 def matmul_macs_per_token(model) -> int:
     """Multiply-adds of the linear layers for one token (attention/MLP projections and the LM head)."""
@@ -350,8 +367,17 @@ def speed(out: dict, tmp: Path, rounds: int, prompt_len: int, gen: int, save) ->
 # ------------------------------------------------------------------------------------------------ report
 def render(out: dict, command: str) -> str:
     lines = ["## GGUF export run by llama.cpp", "",
-             f"`{command}` ({out.get('env', {}).get('date', '?')}; {out.get('env', {}).get('machine', '?')}; "
-             f"llama-cpp-python {out.get('llama_cpp_version', '?')}).", ""]  # fmt: skip
+             f"`{command}`, llama-cpp-python {out.get('llama_cpp_version', '?')}; each stage ran on:", ""]
+    lines += [f"- {stage}: {env['date']}, {env['machine']}" for stage, env in out.get("env", {}).items()
+              if isinstance(env, dict) and "date" in env] + [""]  # fmt: skip
+    for section in (_correctness_lines, _tokenizer_lines, _main_job_lines, _speed_lines):
+        lines += section(out)
+    return "\n".join(lines) + "\n"
+
+
+def _correctness_lines(out: dict) -> list[str]:
+    """The logits / greedy table and its goals."""
+    lines: list[str] = []
     rows = out.get("correctness", {})
     if rows:
         lines += ["### Logits and greedy tokens: llama.cpp against transformers", "",
@@ -380,6 +406,12 @@ def render(out: dict, command: str) -> str:
                       f"**{'met' if worst <= Q8_0_TOLERANCE else 'missed'}** (largest {worst:.1e}; top-1 agreement "
                       f"{min(r['top1_agreement'] for r in real.values()):.0%} or more of the prompt positions).",
                       ""]  # fmt: skip
+    return lines
+
+
+def _tokenizer_lines(out: dict) -> list[str]:
+    """The tokenization table."""
+    lines: list[str] = []
     tokenizer = out.get("tokenizer")
     if tokenizer:
         names = list(next(iter(tokenizer.values())))
@@ -390,6 +422,29 @@ def render(out: dict, command: str) -> str:
                      "tokens)" for n in names]  # fmt: skip
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def _main_job_lines(out: dict) -> list[str]:
+    """The main job's own files."""
+    lines: list[str] = []
+    job = out.get("main_job")
+    if job:
+        lines += ["### The main job's own pruned model", "",
+                  "`bash scripts/demo.sh` (SmolLM2 pruned to s = 0.3 inside its fit), then "
+                  "`python benchmarks/gguf_llamacpp.py --stages main-job --folder <run>/pruned_model`:", "",
+                  "| file | rel. diff | top-1 agree | greedy 32 |", "|---|---|---|---|"]  # fmt: skip
+        for label, r in job.items():
+            if label != "folder":
+                lines.append(f"| {label} | {r['max_rel_logit_diff']:.1e} | {r['top1_agreement']:.0%} | "
+                             f"{_greedy_cell(r)} |")  # fmt: skip
+        lines.append("")
+    return lines
+
+
+def _speed_lines(out: dict) -> list[str]:
+    """The speed table."""
+    lines: list[str] = []
     sp = out.get("speed")
     if sp:
         cfg = sp["config"]
@@ -414,7 +469,7 @@ def render(out: dict, command: str) -> str:
                           f"({b['file_mib']} MiB) and prompt processing goes from {a['prompt_speedup']:.2f}x to "
                           f"{b['prompt_speedup']:.2f}x. Prune with `mlp_round_to=32` for a Q8_0 file."]  # fmt: skip
         lines.append("")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _greedy_cell(r: dict) -> str:
@@ -427,7 +482,8 @@ def _greedy_cell(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stages", default="correctness,speed")
+    ap.add_argument("--stages", default="correctness,speed", help="correctness, speed, main-job (needs --folder)")
+    ap.add_argument("--folder", help="main-job: the pruned_model folder of a `bash scripts/demo.sh` run")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--generate", type=int, default=64)
@@ -445,14 +501,19 @@ def main() -> None:
         json_path.write_text(json.dumps(out, indent=1))
 
     if not args.report_only:
-        out["env"] = environment()
         out["llama_cpp_version"] = llama_cpp().__version__
+        stages = args.stages.split(",")
+        for stage in stages:  # (each stage's date and load average: speed needs a quiet machine)
+            out.setdefault("env", {})[stage] = environment()
         with tempfile.TemporaryDirectory() as tmp:
-            stages = args.stages.split(",")
             if "correctness" in stages:
                 correctness(out, Path(tmp), save)
             if "speed" in stages:
                 speed(out, Path(tmp), args.rounds, args.prompt_tokens, args.generate, save)
+            if "main-job" in stages:
+                if not args.folder:
+                    ap.error("--stages main-job needs --folder <run>/pruned_model (of a bash scripts/demo.sh run)")
+                main_job_file(out, Path(args.folder), Path(tmp), save)
         save()
     text = render(out, command)
     (out_dir / f"{NAME}.md").write_text(text)
