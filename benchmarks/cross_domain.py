@@ -31,7 +31,6 @@ import copy
 import datetime as _dt
 import json
 import math
-import os
 import statistics
 import sys
 import sysconfig
@@ -39,19 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Importing quality.py sets the offline Hugging Face environment (before anything imports transformers) and puts
+# the repository on sys.path; a script's own folder, benchmarks/, is on sys.path already.
+import torch
+from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from quality import (  # noqa: E402
+from quality import (
+    ROOT,
     LM,
     RESULTS_MD,
     bf16,

@@ -34,7 +34,6 @@ import datetime as _dt
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -43,18 +42,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Importing quality.py sets the offline Hugging Face environment (before anything imports transformers) and puts
+# the repository on sys.path; a script's own folder, benchmarks/, is on sys.path already.
+from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from torch import nn  # noqa: E402
-
-from quality import (  # noqa: E402
+from quality import (
+    ROOT,
     LM,
     RESULTS_MD,
     build_data,
@@ -66,8 +59,8 @@ from quality import (  # noqa: E402
     write_section,
 )
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 #: the arms' distill= options; None is plain recovery

@@ -2,8 +2,9 @@
 
 One command (from the repository root; ``scripts/check_gguf.sh`` installs llama-cpp-python first)::
 
-    python benchmarks/gguf_llamacpp.py                      # correctness, then speed (about 20 min on 2 cores)
+    python benchmarks/gguf_llamacpp.py                      # correctness, then speed (about half an hour, 2 cores)
     python benchmarks/gguf_llamacpp.py --stages correctness # the checks only
+    python benchmarks/gguf_llamacpp.py --stages main-job --folder RUN/pruned_model   # a demo run's own files
     python benchmarks/gguf_llamacpp.py --report-only        # re-render the markdown from the JSON
 
 Correctness: every model is written by ``nirvana_pl.save_pruned(format="gguf")`` and run by llama.cpp.
@@ -29,27 +30,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Importing quality.py sets the offline Hugging Face environment (before anything imports transformers) and puts
+# the repository on sys.path; a script's own folder, benchmarks/, is on sys.path already.
+import numpy as np
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from quality import RESULTS_MD, environment, quiet_two_core_run, write_section  # noqa: E402
+from quality import ROOT, RESULTS_MD, environment, quiet_two_core_run, write_section
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 NAME = "gguf_llamacpp"
@@ -161,7 +153,7 @@ def llama_cpp():
     except ImportError:
         raise SystemExit(
             "llama-cpp-python is not installed: run scripts/check_gguf.sh (it installs llama-cpp-python==0.3.36, "
-            "which builds llama.cpp from source, about 8 minutes on 2 cores), or pip install it yourself."
+            "which builds llama.cpp from source: tens of minutes on 2 cores), or pip install it yourself."
         ) from None
     return llama_cpp
 
