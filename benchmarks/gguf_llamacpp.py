@@ -460,6 +460,13 @@ def _speed_lines(out: dict) -> list[str]:
                           f"{a['file_mib']} MiB at s = 0.5), with `mlp_round_to=32` every matrix is Q8_0 "
                           f"({b['file_mib']} MiB) and prompt processing goes from {a['prompt_speedup']:.2f}x to "
                           f"{b['prompt_speedup']:.2f}x. Prune with `mlp_round_to=32` for a Q8_0 file."]  # fmt: skip
+        earlier = out.get("speed_earlier")
+        if earlier:
+            cells = [f"{dtype} {arm}: {r['prompt_speedup']:.2f}x / {r['gen_speedup']:.2f}x"
+                     for dtype in ("f16", "q8_0") for arm, r in earlier.get(dtype, {}).items() if arm != "dense"]
+            lines += ["", f"An earlier run ({earlier['note']}) gave these prompt / generation speed-ups: "
+                          + "; ".join(cells) + ". Runs on this shared 2-core machine differ that much: read the "
+                          "speed-ups as ranges."]  # fmt: skip
         lines.append("")
     return lines
 
