@@ -346,3 +346,13 @@ def test_save_pruned_model_callback_refuses_a_gguf_it_cannot_write_before_the_fi
         SavePrunedModel(gguf_dtype="f16").setup(trainer, CausalLM(), "fit")
     with pytest.raises(ValueError, match="gguf_dtype='q4'"):
         SavePrunedModel(gguf_dtype="q4")
+
+
+def test_save_pruned_model_callback_warns_when_the_pruned_model_has_no_gguf_graph(tmp_path):
+    """A Qwen3 pruned to different widths: the folder is saved already, so the GGUF is a warning, not a failed fit."""
+    from nirvana_pl.modules import SavePrunedModel
+
+    saver = SavePrunedModel(gguf_dtype="f16")
+    with pytest.warns(UserWarning, match="but not as GGUF: .*layers differ in width"):
+        saver._save_gguf(pruned("qwen3"), tmp_path / "model.gguf", bpe_tokenizer())
+    assert saver.gguf_saved_to is None and not (tmp_path / "model.gguf").exists()
