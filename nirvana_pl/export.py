@@ -79,7 +79,6 @@ def save_pruned(
         raise ValueError(f"save_pruned(adapters={adapters!r}): choose 'merge' or 'separate'.")
     if format not in ("folder", "gguf"):
         raise ValueError(f"save_pruned(format={format!r}): choose 'folder' or 'gguf'.")
-    model = exportable(model)
     if format == "gguf":
         if adapters != "merge" or save_pretrained_kwargs:
             raise ValueError(
@@ -88,7 +87,8 @@ def save_pruned(
             )
         from .gguf_export import write_gguf
 
-        return write_gguf(model, directory, tokenizer=tokenizer, dtype=gguf_dtype).path
+        return write_gguf(model, directory, tokenizer=tokenizer, dtype=gguf_dtype).path  # (it checks the model)
+    model = exportable(model)
     if has_lora(model):
         if "state_dict" in save_pretrained_kwargs:
             raise ValueError("save_pruned: a model with LoRA adapters builds its own state_dict; drop state_dict=.")

@@ -522,6 +522,7 @@ class _GGUFBuilder:
         else:  # tied to the embedding: llama.cpp uses token_embd when the file has no output.weight
             self.used.add(head_key)
         hparams = self.hparams(heads, kv_heads, ff)
+        self.rope_factors()
         left = sorted(set(self.state) - self.used)
         if left:
             raise UnsupportedModelError(
@@ -596,7 +597,6 @@ class _GGUFBuilder:
             "rope.freq_base": float(self.rope_theta()),
             "vocab_size": int(cfg.vocab_size),
         }
-        self.rope_factors()
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
             self.notes.append(f"the model attends over a sliding window of {window} tokens and llama.cpp's "
