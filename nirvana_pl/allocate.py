@@ -104,8 +104,16 @@ class AllocationConfig:
     uniform: bool = False
     #: MLP channels every layer keeps, a multiple of ``mlp_round_to`` (0: a layer's whole MLP may go).
     #: DeepSpeed ZeRO-3 cannot hold a weight with no elements, so under ZeRO-3 the callback raises
-    #: it to ``mlp_round_to``.
+    #: it to ``mlp_round_to``. In a mixture-of-experts layer: per kept expert.
     min_mlp_channels: int = 0
+    #: mixture-of-experts models: the share of the MLP cut taken as whole experts (the rest as channels inside the
+    #: kept experts, the same number in every expert of a layer); 0 prunes channels only, 1 experts only
+    expert_share: float = 0.5
+    #: mixture-of-experts models: experts every layer keeps
+    min_experts: int = 1
+    #: mixture-of-experts models: an expert's score is its channels' mean score times (its share of the routed
+    #: tokens / the layer's mean share) to this power, where the load was counted (0: the channels' scores alone)
+    router_load: float = 1.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
@@ -121,6 +129,18 @@ class AllocationConfig:
             raise ValueError(f"min_mlp_channels={self.min_mlp_channels!r} must be an integer >= 0.")
         if not (isinstance(self.mlp_round_to, int) and self.mlp_round_to >= 1):
             raise ValueError(f"mlp_round_to={self.mlp_round_to!r} must be an integer >= 1 (1 = no rounding).")
+        if not (isinstance(self.expert_share, (int, float)) and 0.0 <= self.expert_share <= 1.0):
+            raise ValueError(
+                f"expert_share={self.expert_share!r} must be in [0, 1]: the share of a mixture-of-experts model's MLP "
+                "cut taken as whole experts (0: channels inside the experts only, 1: whole experts only)."
+            )
+        if not (isinstance(self.router_load, (int, float)) and 0.0 <= self.router_load <= 4.0):
+            raise ValueError(
+                f"router_load={self.router_load!r} must be in [0, 4]: the power of an expert's share of the routed "
+                "tokens in its score (0 ignores the router's load, 1 weighs the score by it)."
+            )
+        if not (isinstance(self.min_experts, int) and self.min_experts >= 1):
+            raise ValueError(f"min_experts={self.min_experts!r} must be an integer >= 1 (experts every layer keeps).")
         if self.min_mlp_channels % self.mlp_round_to:
             floor = -(-self.min_mlp_channels // self.mlp_round_to) * self.mlp_round_to
             raise ValueError(
@@ -233,7 +253,26 @@ def _infeasible_advice(ref: DenseReference, gammas: Sequence[float], min_kv_grou
     )
 
 
+def check_router_loss(model: nn.Module, config: AllocationConfig) -> None:
+    """Refuse a cut that would leave layers with different numbers of experts while the model computes
+    transformers' load-balancing loss (``output_router_logits=True``), which stacks every layer's router logits."""
+    if not getattr(getattr(model, "config", None), "output_router_logits", False) or config.uniform:
+        return
+    if config.expert_share > 0 and any(u.num_experts for u in find_units(model)):
+        raise ValueError(
+            "this mixture-of-experts model computes the load-balancing loss (config.output_router_logits=True), "
+            "which needs the same number of experts in every layer, and expert_share="
+            f"{config.expert_share} removes whole experts layer by layer. Prune with uniform=True, or "
+            "expert_share=0 (channels only), or set model.config.output_router_logits=False."
+        )
+
+
 def _check_scores(scores: UnitScores, units: Sequence[LayerUnits]) -> None:
+    if scores.expert_load is not None:
+        counts = [None if c is None else c.numel() for c in scores.expert_load]
+        if counts != [u.num_experts or None for u in units]:
+            raise ValueError(f"the router load covers experts {counts}, the model's layers have "
+                             f"{[u.num_experts for u in units]}; it was counted on another model.")  # fmt: skip
     for kind, vecs, sizes in (
         ("attn", scores.attn, [u.num_kv_groups for u in units]),
         ("mlp", scores.mlp, [u.mlp_width for u in units]),
@@ -274,6 +313,7 @@ def allocate(
     units = find_units(model)
     ref = reference or DenseReference.of(model)
     _check_scores(scores, units)
+    check_router_loss(model, config)
     params_before = prunable_parameter_count(model)
     s, gamma = float(config.sparsity), float(config.gamma)
 
@@ -289,9 +329,20 @@ def allocate(
     kv_now = [u.num_kv_groups for u in units]
     mlp_now = [u.mlp_width for u in units]
     removed_so_far = ref.prunable_params - params_before
+    moe = any(u.num_experts for u in units)
+    kept_experts = [list(range(u.num_experts)) for u in units]
     if budget <= removed_so_far:
         kept_kv = [list(range(n)) for n in kv_now]
         kept_mlp = [list(range(n)) for n in mlp_now]
+    elif moe and config.uniform:
+        kept_kv, _ = _uniform(units, scores, ref, p_a, budget, config, kv_only=True)
+        attn_removed = sum(u.num_kv_groups - len(k) for u, k in zip(units, kept_kv)) * ca
+        kept_mlp, kept_experts = _uniform_moe(units, scores, (budget - removed_so_far - attn_removed) / cm, config)
+    elif moe:
+        kept_kv = _global_kv(units, scores, round(p_a * n_a) - (n_a - sum(kv_now)), config.min_kv_groups)
+        attn_removed_total = (n_a - sum(len(k) for k in kept_kv)) * ca
+        mlp_target_total = min(n_m, max(0, round((budget - attn_removed_total) / cm)))
+        kept_mlp, kept_experts = _global_moe(units, scores, mlp_target_total - (n_m - sum(mlp_now)), config)
     elif config.uniform:
         kept_kv, kept_mlp = _uniform(units, scores, ref, p_a, budget, config)
     else:
@@ -305,10 +356,13 @@ def allocate(
     layers = [
         LayerPlan(kv_groups_before=kv_now[i], mlp_channels_before=mlp_now[i], kept_kv_groups=kept_kv[i],
                   kept_mlp_channels=kept_mlp[i], label=units[i].label,
-                  has_mlp=bool(units[i].mlp_weights))
+                  has_mlp=bool(units[i].mlp_weights), experts_before=units[i].num_experts,
+                  kept_experts=kept_experts[i] if units[i].num_experts else None)
         for i in range(len(units))
     ]
-    params_after = params_before - removed_parameters(units, [len(k) for k in kept_kv], [len(k) for k in kept_mlp])
+    params_after = params_before - removed_parameters(
+        units, [len(k) for k in kept_kv], [len(k) for k in kept_mlp], [len(e) if e else None for e in kept_experts]
+    )
     return PruningPlan(
         layers=layers,
         target_sparsity=s,
@@ -392,14 +446,138 @@ def _global_mlp(
     return [_keep_top(v, n) for v, n in zip(scores.mlp, keep)]
 
 
+def _global_moe(
+    units: Sequence[LayerUnits], scores: UnitScores, k: int, config: AllocationConfig
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Remove about ``k`` expert channels of mixture-of-experts layers: ``config.expert_share`` of them as whole
+    experts, the rest as channels inside the kept experts; (kept expert-channel units, kept experts) per layer.
+
+    Both are ranked globally and cost-normalised, by the mean score of the channels that go: an expert by the mean
+    of its channels' scores; a width step of a layer (each kept expert's worst remaining channel, since the experts
+    of a layer keep one width) by the mean over its kept experts. Kept widths are rounded to ``mlp_round_to``.
+    """
+    grids = [s.double().view(u.num_experts, u.channels_per_expert) for u, s in zip(units, scores.mlp)]
+    k = max(0, k)
+    expert_scores = _expert_scores(grids, scores.expert_load, config.router_load)
+    kept_experts, removed = _remove_experts(grids, expert_scores, config.expert_share * k, config.min_experts)
+    # each kept expert's channels, best first: width step j of layer i removes column -(j+1) of every kept expert
+    best_first = [g[kept].sort(dim=1, descending=True, stable=True).values for g, kept in zip(grids, kept_experts)]
+    keep = _expert_widths(best_first, k - removed, config)
+    kept_mlp = [[e * g.shape[1] + c for e in kept for c in _keep_top(g[e], n)]
+                for g, kept, n in zip(grids, kept_experts, keep)]  # fmt: skip
+    return kept_mlp, kept_experts
+
+
+def _expert_scores(
+    grids: Sequence[torch.Tensor], loads: Sequence[torch.Tensor | None] | None, power: float
+) -> list[torch.Tensor]:
+    """Each expert's score: the mean score of its channels (cost-normalised), times its share of the layer's routed
+    tokens over the mean share, to ``power``, where the load was counted."""
+    out = []
+    for i, grid in enumerate(grids):
+        means = grid.mean(1) if grid.shape[1] else torch.zeros(grid.shape[0], dtype=torch.float64)
+        load = loads[i] if loads is not None else None
+        if load is not None and power and float(load.sum()) > 0:
+            means = means * (load.double() / load.double().mean()) ** power
+        out.append(means)
+    return out
+
+
+def _remove_experts(
+    grids: Sequence[torch.Tensor], expert_scores: Sequence[torch.Tensor], target: float, min_experts: int
+) -> tuple[list[list[int]], int]:
+    """Whole experts, lowest score first, until about ``target`` channels are gone (each layer keeps its best
+    ``min_experts``): (kept experts per layer, channels removed)."""
+    candidates = []
+    for i, means in enumerate(expert_scores):
+        spared = set(_keep_top(means, min(min_experts, means.numel())))
+        candidates += [(float(means[e]), i, e) for e in range(means.numel()) if e not in spared]
+    gone: list[set[int]] = [set() for _ in grids]
+    removed = 0
+    for _, i, e in sorted(candidates):
+        width = grids[i].shape[1]
+        if width and removed + width / 2 <= target:
+            gone[i].add(e)
+            removed += width
+    return [[e for e in range(g.shape[0]) if e not in out] for g, out in zip(grids, gone)], removed
+
+
+def _expert_widths(best_first: Sequence[torch.Tensor], target: float, config: AllocationConfig) -> list[int]:
+    """The width every kept expert of each layer keeps, so that about ``target`` channels go: width steps taken
+    lowest mean first, then widths floored to ``mlp_round_to`` and whole blocks given back, best first, while the cut
+    stays within half a block of its target."""
+    steps = []
+    for i, ranked in enumerate(best_first):
+        step_means = ranked.mean(0) if ranked.shape[0] else ranked.new_zeros(ranked.shape[1])
+        first = min(config.min_mlp_channels, ranked.shape[1])
+        steps += [(float(step_means[j]), i, -j) for j in range(first, ranked.shape[1])]
+    keep = [ranked.shape[1] for ranked in best_first]
+    removed = 0
+    for _, i, _ in sorted(steps):
+        cost = best_first[i].shape[0]  # one channel of every kept expert
+        if removed + cost / 2 <= target:
+            keep[i] -= 1
+            removed += cost
+    blocks = []
+    for i, ranked in enumerate(best_first):
+        width = ranked.shape[1]
+        if keep[i] < width:
+            keep[i] = max(config.min_mlp_channels, (keep[i] // config.mlp_round_to) * config.mlp_round_to)
+            step = min(config.mlp_round_to, width - keep[i])
+            value = float(ranked[:, keep[i]: keep[i] + step].mean()) if ranked.numel() else 0.0
+            blocks.append((-value, i, step))
+    removed = sum((r.shape[1] - n) * r.shape[0] for r, n in zip(best_first, keep))
+    for _, i, step in sorted(blocks):
+        cost = step * best_first[i].shape[0]
+        if removed - cost / 2 >= target:
+            keep[i] += step
+            removed -= cost
+    return keep
+
+
+_NOT_UNIFORM = ("uniform=True needs a model whose layers have equal widths; this one was pruned non-uniformly before. "
+                "Keep uniform=False for later prune events of a non-uniform model.")
+
+
+def _uniform_moe(
+    units: Sequence[LayerUnits], scores: UnitScores, k: float, config: AllocationConfig
+) -> tuple[list[list[int]], list[list[int]]]:
+    """:func:`_global_moe` with the same number of experts, of the same width, kept in every layer: about ``k``
+    expert channels removed in all (``config.expert_share`` of them as whole experts), each layer keeping its best."""
+    first = units[0]
+    if any((u.num_experts, u.channels_per_expert) != (first.num_experts, first.channels_per_expert) for u in units):
+        raise ValueError(_NOT_UNIFORM)
+    n, width = first.num_experts, first.channels_per_expert
+    per_layer = max(0.0, k / len(units))
+    experts_gone = min(n - config.min_experts, round(config.expert_share * per_layer / width)) if width else 0
+    experts_keep = n - max(0, experts_gone)
+    steps = max(0.0, per_layer - (n - experts_keep) * width) / experts_keep
+    keep = width - steps
+    if steps > 0:
+        keep = round(keep / config.mlp_round_to) * config.mlp_round_to
+    keep = int(min(width, max(config.min_mlp_channels, keep)))
+    kept_mlp, kept_experts = [], []
+    grids = [s.double().view(n, width) for s in scores.mlp]
+    for grid, expert_scores in zip(grids, _expert_scores(grids, scores.expert_load, config.router_load)):
+        experts = _keep_top(expert_scores, experts_keep)
+        kept_experts.append(experts)
+        kept_mlp.append([e * width + c for e in experts for c in _keep_top(grid[e], keep)])
+    return kept_mlp, kept_experts
+
+
 def _uniform(
     units: Sequence[LayerUnits], scores: UnitScores, ref: DenseReference, p_a: float, budget: float,
-    config: AllocationConfig,
+    config: AllocationConfig, kv_only: bool = False,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Same kept width in every layer (a stock config can describe the result)."""
+    """Same kept width in every layer (a stock config can describe the result); ``kv_only``: the KV groups only
+    (the MLP lists are then empty)."""
     L = ref.num_layers
     kv_keep = max(config.min_kv_groups, ref.kv_groups_per_layer - round(p_a * ref.kv_groups_per_layer))
     kv_keep = min(kv_keep, ref.kv_groups_per_layer)  # min_kv_groups >= the groups per layer: MLP only
+    if kv_only:
+        if len({u.num_kv_groups for u in units}) > 1:
+            raise ValueError(_NOT_UNIFORM)
+        return [_keep_top(v, min(kv_keep, units[0].num_kv_groups)) for v in scores.attn], []
     attn_removed = L * (ref.kv_groups_per_layer - kv_keep) * ref.kv_group_cost
     L_mlp = L if ref.num_mlp_layers is None else ref.num_mlp_layers
     per_layer_removed = max(0.0, (budget - attn_removed) / (L_mlp * ref.mlp_channel_cost))
@@ -415,10 +593,7 @@ def _uniform(
     mlp_keep = int(max(min(config.min_mlp_channels, ref.mlp_width), min(ref.mlp_width, mlp_keep)))
     mlp_units = [u for u in units if u.mlp_weights]  # T5 cross-attention entries have no MLP
     if len({u.num_kv_groups for u in units}) > 1 or len({u.mlp_width for u in mlp_units}) > 1:
-        raise ValueError(
-            "uniform=True needs a model whose layers have equal widths; this one was pruned non-uniformly "
-            "before. Keep uniform=False for later prune events of a non-uniform model."
-        )
+        raise ValueError(_NOT_UNIFORM)
     kv_keep = min(kv_keep, units[0].num_kv_groups)
     mlp_keep = min(mlp_keep, mlp_units[0].mlp_width if mlp_units else 0)
     kept_kv = [_keep_top(v, kv_keep) for v in scores.attn]

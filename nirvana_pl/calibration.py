@@ -72,12 +72,16 @@ def masked(model: nn.Module, plan: PruningPlan) -> Iterator[nn.Module]:
     Parameters are never touched; the hooks are removed on exit, also on error.
     """
     units = validate_plan(model, plan)
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    arch = architecture_of(model)
+    handles: list[Any] = []
     try:
         for u, lp in zip(units, plan.layers):
+            if u.num_experts:  # (what a mixture-of-experts block computes is its adapter's to mask)
+                handles += arch.mask_experts(u, lp)
             # the input columns of the weights units own by column: o_proj / down_proj (T5: o / wo)
             for weights, n, kept in ((u.attn_weights, u.num_kv_groups, lp.kept_kv_groups),
-                                     (u.mlp_weights, u.mlp_width, lp.kept_mlp_channels)):  # fmt: skip
+                                     (u.mlp_weights, 0 if u.num_experts else u.mlp_width,
+                                      lp.kept_mlp_channels)):  # fmt: skip
                 removed = sorted(set(range(n)) - set(kept))
                 if not removed:
                     continue

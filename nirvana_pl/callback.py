@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from .allocate import DenseReference, check_feasible
+from .allocate import DenseReference, check_feasible, check_router_loss
 from .arch import architecture_of
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .deepspeed import (
@@ -39,12 +39,14 @@ from .distributed import (
     gradient_reduce_hook,
     rewrap_ddp,
     run_directory,
+    sum_over_processes,
 )
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import allocation_config, check_selection_args, make_plan
 from .optim import retarget_optimizers
 from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
+from .router_load import RouterLoad
 from .saliency import (
     ADAM_ESTIMATORS,
     AdamStateSaliency,
@@ -95,6 +97,9 @@ class NirvanaPruningCallback(Callback):
         min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see
             ``AllocationConfig``). Under DeepSpeed ZeRO-3 every layer keeps at least ``mlp_round_to``
             MLP channels (ZeRO-3 cannot hold a weight with no elements).
+        expert_share, min_experts, router_load: mixture-of-experts models: the share of the MLP cut taken as whole
+            experts (the rest as channels inside the kept experts), the experts every layer keeps, and the power of
+            an expert's share of the tokens routed during the warm-up window in its score.
         report_dir: where the JSON report goes (default: the trainer's log dir; without a logger, a fresh
             ``<default_root_dir>/nirvana_logs/version_N`` per run).
         recovery: recover with LoRA after the (first) prune: a ``peft.LoraConfig`` or a dict of its
@@ -127,6 +132,9 @@ class NirvanaPruningCallback(Callback):
         min_mlp_channels: int = 0,
         mlp_round_to: int = 8,
         uniform: bool = False,
+        expert_share: float = 0.5,
+        min_experts: int = 1,
+        router_load: float = 1.0,
         seed: int = 0,
         report_dir: str | Path | None = None,
         recovery: Any = None,
@@ -141,7 +149,8 @@ class NirvanaPruningCallback(Callback):
         self._alloc = [
             allocation_config(
                 e.sparsity, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels,
-                mlp_round_to=mlp_round_to, uniform=uniform,
+                mlp_round_to=mlp_round_to, uniform=uniform, expert_share=expert_share, min_experts=min_experts,
+                router_load=router_load,
             )
             for e in self.schedule.events
         ]
@@ -189,6 +198,9 @@ class NirvanaPruningCallback(Callback):
         kinds = ADAM_ESTIMATORS if self.selector is not None and saliency in ADAM_ESTIMATORS else (adam_part(saliency),)
         self._adam = {kind: AdamStateSaliency(kind) for kind in kinds if kind is not None}
         self._collected: deque[dict[str, torch.Tensor]] = deque(maxlen=num_calibration_batches)
+        # tokens routed to each expert during the warm-up window (mixture-of-experts models)
+        self._router_load = RouterLoad()
+        self._counts_routing = False
         self._records: list[PruneRecord] = []
         self._last_step = -1
         self._report_dir: Path | None = None
@@ -285,6 +297,7 @@ class NirvanaPruningCallback(Callback):
         self._check_recovery()
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
+        self._counts_routing = RouterLoad.applies_to(self._model)
         self._check_schedule_feasible()
         self._check_calibration()
 
@@ -335,6 +348,7 @@ class NirvanaPruningCallback(Callback):
     def _check_schedule_feasible(self) -> None:
         """Every event's target must be reachable on this model's shapes (with every gamma that may be chosen)."""
         for event, alloc in zip(self.schedule.events, self._alloc):
+            check_router_loss(self._model, alloc)
             gammas = self.gamma_grid if self.gamma_auto else [alloc.gamma]
             check_feasible(
                 self._reference, event.sparsity, gammas, alloc.min_kv_groups, f" (prune at step {event.step})",
@@ -417,12 +431,16 @@ class NirvanaPruningCallback(Callback):
     ) -> None:
         if self._distiller is not None:
             self._distiller.active = True  # the forwards of this training step are distilled (after a prune)
+        upcoming = next(iter(self.pending_events), None)
+        if self._counts_routing and upcoming is not None and trainer.global_step + 1 >= upcoming.warmup_start:
+            self._router_load.attach(self.model)  # the training forwards of the warm-up window only
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._distiller is not None:
             self._distiller.active = False
+        self._router_load.detach()
         step = trainer.global_step
         if step == self._last_step:  # still accumulating gradients: not an optimizer-step boundary
             return
@@ -515,6 +533,7 @@ class NirvanaPruningCallback(Callback):
         self._records.append(record)
         for accumulator in self._adam.values():
             accumulator.reset()
+        self._router_load.reset()
         self._collected.clear()
 
         for name, value in self._event_metrics(pl_module, record, selection).items():
@@ -528,13 +547,17 @@ class NirvanaPruningCallback(Callback):
         calibration: Any = self.selector or self.calibration
         if self._collects_batches:
             calibration = list(self._collected)
+        optimizer_scores = {kind: acc.scores() for kind, acc in self._adam.items()}
+        if self._counts_routing:  # (a collective: every rank, every event)
+            self._router_load.reduce(sum_over_processes)
+            for scores in optimizer_scores.values():
+                scores.expert_load = self._router_load.loads()
         # Every rank computes (gradient saliency all-reduces the signed gradients across ranks,
         # so all ranks must take part); rank 0's plan is then the one every rank applies.
         with trainer.precision_plugin.forward_context(), gradient_reduce(gradient_reduce_hook()):
             plan, selection = make_plan(
                 self.model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
-                gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid,
-                optimizer_scores={kind: acc.scores() for kind, acc in self._adam.items()} or None,
+                gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid, optimizer_scores=optimizer_scores or None,
                 seed=self.seed + index, progress=trainer.is_global_zero,
             )
         plan, agreed = agree_on_plan(plan)
@@ -596,6 +619,7 @@ class NirvanaPruningCallback(Callback):
             "adam": {kind: acc.state_dict() for kind, acc in self._adam.items()},
             "last_step": self._last_step,
             "collected": list(self._collected),
+            "router_load": self._router_load.state_dict(),
             **({"teacher": self._distiller.state_dict()} if self._distiller is not None else {}),
         }
 
@@ -609,6 +633,7 @@ class NirvanaPruningCallback(Callback):
         self._last_step = state_dict.get("last_step", -1)
         self._collected.clear()
         self._collected.extend(state_dict.get("collected", []))
+        self._router_load.load_state_dict(state_dict.get("router_load") or {})
         self._restore_teacher(state_dict.get("teacher"))
         if self._model is not None and self._records:
             expected = [

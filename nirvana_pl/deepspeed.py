@@ -295,7 +295,7 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
         check_no_empty_mlp(kept, "the pruning plan")
     pl_module = strategy.lightning_module
     ds_optimizer = strategy.optimizers[0]
-    slices = {id(p): (axis, idx) for p, axis, idx in planned_slices(model, plan)}  # validates the plan
+    slices = {id(p): take for p, take in planned_slices(model, plan)}  # validates the plan
     index = _group_index(ds_optimizer)
     steps = _common_step_counts(ds_optimizer)
     has_state = all(s is not None for s in steps)
@@ -335,7 +335,7 @@ def _common_step_counts(ds_optimizer: Any) -> list[Any]:
 def _gather_kept_state(
     params: Sequence[nn.Parameter],
     index: Mapping[int, int],
-    slices: Mapping[int, tuple[int, torch.Tensor]],
+    slices: Mapping[int, Callable[[torch.Tensor], torch.Tensor]],
     has_state: bool,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, torch.Size]]:
     """The kept slices of each parameter's fp32 master (and Adam moments when ``has_state``).
@@ -352,8 +352,7 @@ def _gather_kept_state(
             continue
         values = _gather_full(p, with_moments=has_state)
         if id(p) in slices:
-            axis, idx = slices[id(p)]
-            values = {k: v.index_select(axis, idx.to(v.device)) for k, v in values.items()}
+            values = {k: slices[id(p)](v) for k, v in values.items()}
         shapes[i] = values["fp32"].shape
         if i % world == rank:
             carried[i] = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in values.items()}

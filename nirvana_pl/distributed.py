@@ -157,6 +157,15 @@ def average_gradients(grads: Sequence[torch.Tensor], n_samples: int) -> None:
     _flat_apply(grads, op)
 
 
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every process of the group (a collective: every rank calls it); ``t`` itself without one."""
+    if not is_distributed():
+        return t
+    total = t.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def gradient_reduce_hook():
     """The ``reduce`` hook for :func:`nirvana_pl.saliency.gradient_reduce`, or None when not distributed."""
     return average_gradients if is_distributed() else None

@@ -116,6 +116,9 @@ def prune(
     min_mlp_channels: int = 0,
     mlp_round_to: int = 8,
     uniform: bool = False,
+    expert_share: float = 0.5,
+    min_experts: int = 1,
+    router_load: float = 1.0,
     reference: DenseReference | None = None,
     seed: int = 0,
     progress: bool = False,
@@ -126,13 +129,14 @@ def prune(
     ``functional``, ``taylor_loss`` and ``wanda_sp``, or a :class:`CalibrationSelector` that
     chooses the calibration set by the KL test (METHOD.md section 5). ``gamma="auto"`` (with a
     selector) chooses gamma from ``gamma_grid`` by the same test. ``reference`` is the original
-    dense model's sizes when the model was already pruned (targets are relative to it).
+    dense model's sizes when the model was already pruned (targets are relative to it). ``expert_share`` and
+    ``min_experts``: mixture-of-experts models only (see :class:`~nirvana_pl.allocate.AllocationConfig`).
     """
     check_estimator(saliency)
     check_selection_args(saliency, calibration, gamma)
     config = allocation_config(
         sparsity, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels, mlp_round_to=mlp_round_to,
-        uniform=uniform,
+        uniform=uniform, expert_share=expert_share, min_experts=min_experts, router_load=router_load,
     )
     reference = reference or DenseReference.of(model)
     plan, _ = make_plan(

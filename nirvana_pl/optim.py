@@ -6,7 +6,7 @@ the same parameters; only its per-parameter state has to follow the slice.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,10 +34,17 @@ def state_action(value: object, shape: torch.Size, axis: int) -> str:
     return "slice" if value.shape[axis] == shape[axis] else "keep"
 
 
-def check_state_follows(optimizer: torch.optim.Optimizer, p: nn.Parameter, axis: int, name: str) -> None:
-    """Raise ValueError (before anything changes) if some state of ``p`` cannot follow a slice."""
+def check_state_follows(
+    optimizer: torch.optim.Optimizer, p: nn.Parameter, axis: int, name: str, same_shape: bool = False
+) -> None:
+    """Raise ValueError (before anything changes) if some state of ``p`` cannot follow a slice (``same_shape``:
+    only state of the parameter's own shape can, as for a fused expert parameter sliced along two axes)."""
     for key, value in optimizer.state.get(p, {}).items():
-        if state_action(value, p.shape, axis) == "error":
+        if same_shape:
+            follows = not isinstance(value, torch.Tensor) or value.numel() <= 1 or value.shape == p.shape
+        else:
+            follows = state_action(value, p.shape, axis) != "error"
+        if not follows:
             raise ValueError(
                 f"{type(optimizer).__name__} state {key!r} of {name} has shape {tuple(value.shape)}, which "
                 f"does not follow the weight's shape {tuple(p.shape)}, so it cannot be sliced. Use "
@@ -46,15 +53,17 @@ def check_state_follows(optimizer: torch.optim.Optimizer, p: nn.Parameter, axis:
 
 
 def slice_state(
-    optimizer: torch.optim.Optimizer, p: nn.Parameter, old_shape: torch.Size, axis: int, idx: torch.Tensor
+    optimizer: torch.optim.Optimizer, p: nn.Parameter, old_shape: torch.Size, axis: int,
+    take: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
-    """Keep the ``idx`` entries along ``axis`` of every state tensor of ``p`` that follows its shape."""
+    """Replace every state tensor of ``p`` that follows its shape along ``axis`` by ``take(tensor)`` (the kept
+    entries, as the weight itself is sliced)."""
     state = optimizer.state.get(p)
     if not state:
         return
     for key, value in list(state.items()):
         if state_action(value, old_shape, axis) == "slice":
-            state[key] = value.index_select(axis, idx.to(value.device)).contiguous()
+            state[key] = take(value).contiguous()
 
 
 def retarget_optimizers(

@@ -22,12 +22,22 @@ class LayerPlan:
     label: str = ""
     #: False for an entry that has attention only (T5's cross-attention), as against an MLP pruned to width 0
     has_mlp: bool = True
+    #: a mixture-of-experts layer: its experts before the plan (0: a dense MLP) and the ones kept; its MLP
+    #: channels are then (expert, channel) pairs ``e * channels_per_expert + c``, the same number in every kept
+    #: expert, none in a removed one
+    experts_before: int = 0
+    kept_experts: list[int] | None = None
 
     @property
     def is_identity(self) -> bool:
-        return len(self.kept_kv_groups) == self.kv_groups_before and len(
-            self.kept_mlp_channels
-        ) == self.mlp_channels_before
+        return (len(self.kept_kv_groups) == self.kv_groups_before
+                and len(self.kept_mlp_channels) == self.mlp_channels_before
+                and self.experts_kept == self.experts_before)  # fmt: skip
+
+    @property
+    def experts_kept(self) -> int:
+        """Experts the layer keeps (0 for a dense MLP)."""
+        return self.experts_before if self.kept_experts is None else len(self.kept_experts)
 
 
 @dataclass
@@ -66,6 +76,10 @@ class PruningPlan:
 
     def mlp_widths_kept(self) -> list[int]:
         return [len(layer.kept_mlp_channels) for layer in self.layers]
+
+    def experts_kept(self) -> list[int | None]:
+        """Experts each layer keeps (None for a layer without experts)."""
+        return [layer.experts_kept if layer.experts_before else None for layer in self.layers]
 
     def entries_without_mlp(self) -> list[int]:
         """Indices of the unit entries that have attention only (no MLP channels; T5's cross-attention)."""
@@ -121,4 +135,6 @@ def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
         del d["label"]
     if d["has_mlp"]:  # likewise: only attention-only entries say so
         del d["has_mlp"]
+    if not d["experts_before"]:  # and only mixture-of-experts layers name their experts
+        del d["experts_before"], d["kept_experts"]
     return d

@@ -139,7 +139,22 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
     labels = [layer.label for layer in plan.layers]
     rows = layer_rows(plan.kv_groups_kept(), plan.mlp_widths_kept(), _dense_sizes(record, reference),
                       labels if any(labels) else None, plan.entries_without_mlp())  # fmt: skip
+    experts = expert_cells(plan)
+    if experts is not None:  # (a mixture-of-experts model: its MLP width is experts x channels)
+        rows = [r[:3] + [e] + r[3:] for r, e in zip(rows, ["experts kept x width", *experts, ""])]
     return head + "\n" + "\n".join("  " + line for line in format_table(rows))
+
+
+def expert_cells(plan: Any) -> list[str] | None:
+    """Per layer, ``kept/before experts x channels each`` (None for a plan without experts)."""
+    if not any(layer.experts_before for layer in plan.layers):
+        return None
+    cells = []
+    for layer in plan.layers:
+        kept = layer.experts_kept
+        width = len(layer.kept_mlp_channels) // kept if kept else 0
+        cells.append(f"{kept}/{layer.experts_before} x {width}" if layer.experts_before else "-")
+    return cells
 
 
 def describe_distill(settings: dict[str, Any]) -> str:
@@ -234,6 +249,9 @@ def report_dict(
                 **({"layer_labels": [layer.label for layer in r.plan.layers]}
                    if r.plan.layers and r.plan.layers[0].label else {}),  # fmt: skip
                 **({"entries_without_mlp": without_mlp} if without_mlp else {}),
+                **({"kept_experts_per_layer": r.plan.experts_kept(),
+                    "kept_expert_indices": [layer.kept_experts for layer in r.plan.layers]}
+                   if any(layer.experts_before for layer in r.plan.layers) else {}),  # fmt: skip
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
                 **({"caveat": r.caveat} if r.caveat else {}),

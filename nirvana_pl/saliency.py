@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .arch import Architecture, architecture_of
+from .router_load import RouterLoad
 from .units import LayerUnits, WeightSlice, find_units
 
 ADAM_ESTIMATORS = ("adam_taylor", "adam_fisher", "adam_momentum")
@@ -54,10 +55,15 @@ class SaliencyError(RuntimeError):
 
 @dataclass
 class UnitScores:
-    """fp32 scores, ``attn[l]`` of shape (kv_groups_l,), ``mlp[l]`` of shape (mlp_width_l,)."""
+    """fp32 scores, ``attn[l]`` of shape (kv_groups_l,), ``mlp[l]`` of shape (mlp_width_l,).
+
+    ``expert_load``: for a mixture-of-experts model, the tokens routed to each expert (``[experts_l]``, None for a
+    layer without experts) while the scores were taken, when they were counted (see :mod:`nirvana_pl.router_load`).
+    """
 
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
+    expert_load: list[torch.Tensor | None] | None = None
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -71,6 +77,8 @@ class UnitScores:
                     "max": float(flat.max()),
                     "per_layer_mean": [float(v.mean()) if v.numel() else 0.0 for v in vecs],
                 }
+        if self.expert_load is not None:  # tokens routed to each expert while the scores were taken
+            out["expert_load"] = [None if c is None else [int(x) for x in c.round().tolist()] for c in self.expert_load]
         return out
 
     def state_dict(self) -> dict[str, list[torch.Tensor]]:
@@ -88,7 +96,8 @@ def geometric_mean(a: UnitScores, b: UnitScores) -> UnitScores:
     def gm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (x.double().clamp_min(0) * y.to(x.device).double().clamp_min(0)).sqrt().float()
 
-    return UnitScores(attn=[gm(x, y) for x, y in zip(a.attn, b.attn)], mlp=[gm(x, y) for x, y in zip(a.mlp, b.mlp)])
+    return UnitScores(attn=[gm(x, y) for x, y in zip(a.attn, b.attn)], mlp=[gm(x, y) for x, y in zip(a.mlp, b.mlp)],
+                      expert_load=a.expert_load if a.expert_load is not None else b.expert_load)
 
 
 def check_estimator(name: str) -> None:
@@ -101,7 +110,7 @@ def check_estimator(name: str) -> None:
 # ---------------------------------------------------------------------------------------
 def _reduce_to_units(w: WeightSlice, per_row: torch.Tensor) -> torch.Tensor:
     """``per_row``: saliency summed over the non-unit axis, one entry per unit row/column."""
-    return w.index_map.per_unit(per_row)
+    return w.per_unit(per_row)
 
 
 def _per_weight_scores(
@@ -132,12 +141,12 @@ def _per_weight_scores_of_kinds(
 
 
 def _sum_other_axis(w: WeightSlice, per_weight: torch.Tensor) -> torch.Tensor:
-    return per_weight.sum(dim=1 - w.axis, dtype=torch.float32)
+    return per_weight.sum(dim=w.summed_axis, dtype=torch.float32)
 
 
 def _rowdot(w: WeightSlice, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sum over the non-unit axis of a*b, without materialising a fp32 copy of a*b twice."""
-    return torch.linalg.vecdot(a.float(), b.float(), dim=1 - w.axis)
+    return torch.linalg.vecdot(a.float(), b.float(), dim=w.summed_axis)
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,7 +477,12 @@ def _gradient_saliency(
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc=f"nirvana-pl {objective} saliency", leave=False)
-    with eval_mode(model, params):
+    load = RouterLoad() if any(u.num_experts for u in units) else None
+    if load is not None:
+        load.attach(model)
+    with eval_mode(model, params), contextlib.ExitStack() as stack:
+        if load is not None:
+            stack.callback(load.detach)
         for batch in it:
             # (an encoder-decoder model: teacher-forced decoder logits / the seq2seq loss)
             inputs = arch.model_inputs(model, _to_device(batch, device), with_labels=objective != "functional")
@@ -481,14 +495,20 @@ def _gradient_saliency(
                 if g is not None:
                     acc.add_(g.float(), alpha=weight)
             del value
+    loads = load.loads() if load is not None else None
+    counts = [c.float().to(device) for c in loads if c is not None] if loads is not None else []
     reduce = reduce if reduce is not None else _GRADIENT_REDUCE.get()
     if reduce is not None:
-        reduce(grads, n_total)
+        reduce(grads + counts, n_total)  # (the routed-token counts too: a share of the load over every process)
     by_param = {id(p): g for p, g in zip(params, grads)}
     with torch.no_grad():
-        return _per_weight_scores(
+        scores = _per_weight_scores(
             units, lambda w: _sum_other_axis(w, (by_param[id(w.weight)] * w.effective_weight().float()).abs())
         )
+    if loads is not None:
+        reduced = iter(counts)
+        scores.expert_load = [None if c is None else next(reduced).double().cpu() for c in loads]
+    return scores
 
 
 def wanda_sp_scores(
@@ -501,6 +521,12 @@ def wanda_sp_scores(
     squared norms over every process's samples, so all data-parallel ranks score the same data.
     """
     units = find_units(model)
+    if any(u.num_experts for u in units):
+        raise SaliencyError(
+            "saliency='wanda_sp' weighs each weight by its linear's input activations, which a fused expert tensor "
+            "does not have per expert; use 'functional', an Adam-state estimator or 'magnitude' for this "
+            "mixture-of-experts model."
+        )
     sq = _input_square_sums(model, units, batches)
     n_samples = sum(b["input_ids"].shape[0] for b in batches)
     linears = list(sq)

@@ -78,9 +78,12 @@ class IndexMap:
         )
 
     def per_unit(self, per_row: torch.Tensor) -> torch.Tensor:
-        """Sum of ``per_row`` (one value per row along the unit axis) over each unit's rows: ``[num_units]``."""
-        n = self.num_units
-        return sum(per_row[o: o + n * size].float().view(n, size).sum(1) for o, size in self.blocks).cpu()
+        """Sum of ``per_row`` (one value per row along the unit axis, in its last dimension) over each unit's rows:
+        ``[..., num_units]``."""
+        n, lead = self.num_units, per_row.shape[:-1]
+        return sum(
+            per_row[..., o: o + n * size].float().reshape(*lead, n, size).sum(-1) for o, size in self.blocks
+        ).cpu()
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ class WeightSlice:
     module: nn.Module
     axis: int
     index_map: IndexMap
+    #: the parameter of ``module`` it slices (a module of fused experts holds several 3-D ones)
+    param: str = "weight"
+    #: > 0 for a fused expert parameter ``[experts, ...]`` (axis 0 indexes the experts): its units are the
+    #: (expert, channel) pairs, expert-major (unit ``e * channels + c``), and ``index_map`` gives one expert's
+    #: rows along ``axis``
+    experts: int = 0
 
     @classmethod
     def of(cls, name: str, module: nn.Module, axis: int, *rows_per_unit: int) -> "WeightSlice":
@@ -114,13 +123,35 @@ class WeightSlice:
         per-head position bias): sliced and counted with them, never scored."""
         return cls(name, module, axis, _index_map(name, module.weight, axis, rows_per_unit))
 
+    @classmethod
+    def of_experts(cls, name: str, module: nn.Module, param: str, axis: int, *rows_per_unit: int) -> "WeightSlice":
+        """A fused expert parameter ``module.<param>`` of shape ``[experts, ...]`` whose channels own
+        ``rows_per_unit`` rows along ``axis`` (1 or 2) of each expert's matrix (several numbers: fused blocks, e.g.
+        ``(1, 1)`` for a ``gate_up_proj`` holding every expert's gate rows, then its up rows)."""
+        weight = getattr(module, param)
+        shape = full_shape(weight)
+        if len(shape) != 3 or axis not in (1, 2):
+            raise UnsupportedModelError(f"{name}: expected a 3-D fused expert parameter, got shape {list(shape)}.")
+        index_map = _index_map(name, weight, axis, rows_per_unit)
+        return cls(name, module, axis, index_map, param=param, experts=shape[0])
+
     @property
     def rows_per_unit(self) -> int:
         return self.index_map.rows_per_unit
 
     @property
     def num_units(self) -> int:
+        return self.index_map.num_units * max(self.experts, 1)
+
+    @property
+    def channels_per_expert(self) -> int:
+        """Units of one expert (of the whole weight when it holds no experts)."""
         return self.index_map.num_units
+
+    @property
+    def summed_axis(self) -> int:
+        """The axis a unit's saliency is summed over (the weight's other axis; an expert's other axis)."""
+        return (3 - self.axis) if self.experts else (1 - self.axis)
 
     @property
     def linear(self) -> nn.Linear:
@@ -128,12 +159,33 @@ class WeightSlice:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.linear.weight
+        return getattr(self.linear, self.param)
 
     @property
     def bias(self) -> nn.Parameter | None:
         # Only the bias of a row-sliced weight belongs to units.
+        if self.experts or self.param != "weight":
+            return None
         return getattr(self.linear, "bias", None) if self.axis == 0 else None
+
+    def per_unit(self, per_row: torch.Tensor) -> torch.Tensor:
+        """One score per unit (``[num_units]``) from per-row sums along the unit axis (``[experts, rows]`` for a
+        fused expert parameter)."""
+        return self.index_map.per_unit(per_row).reshape(-1)
+
+    def take(self, t: torch.Tensor, kept: Sequence[int], kept_experts: Sequence[int] | None = None) -> torch.Tensor:
+        """The entries of ``t`` (the weight, or a tensor of its shape: a gradient, an optimizer moment) that the
+        ``kept`` units own, along :attr:`axis`. For a fused expert parameter ``kept_experts`` are the experts kept
+        (sorted) and ``kept`` the kept (expert, channel) units, the same number in every kept expert."""
+        if not self.experts:
+            return t.index_select(self.axis, self.index_map.indices(kept).to(t.device))
+        per_expert = expert_channels(kept, self.channels_per_expert, kept_experts)
+        experts = torch.as_tensor(list(kept_experts), dtype=torch.long, device=t.device)
+        rows = torch.stack([self.index_map.indices(c) for c in per_expert]).to(t.device)  # [kept experts, rows]
+        t = t.index_select(0, experts)
+        if self.axis == 1:
+            return t.gather(1, rows[:, :, None].expand(-1, -1, t.shape[2]))
+        return t.gather(2, rows[:, None, :].expand(-1, t.shape[1], -1))
 
     @property
     def adapters(self) -> list[LoraAdapter]:
@@ -201,6 +253,11 @@ class LayerUnits:
     label: str = ""  # e.g. T5's "encoder.0"; '' for the layers of a decoder LLM
     #: parameters that are not scored but lose the rows of removed KV groups (per-head norm weights ...)
     attn_followers: list[WeightSlice] = field(default_factory=list)
+    #: a mixture-of-experts layer: its number of experts (0: a dense MLP). Its MLP units are then the
+    #: (expert, channel) pairs of the fused expert weights, expert-major, and whole experts can go too
+    num_experts: int = 0
+    #: parameters that lose a removed expert's row besides the expert weights (the router's weight)
+    expert_followers: list[WeightSlice] = field(default_factory=list)
 
     @property
     def num_kv_groups(self) -> int:
@@ -219,12 +276,39 @@ class LayerUnits:
     def mlp_channel_cost(self) -> int:
         return sum(_unit_cost(w) for w in self.mlp_weights)
 
+    @property
+    def channels_per_expert(self) -> int:
+        """MLP channels of one expert (a dense MLP's width when the layer has no experts)."""
+        return self.mlp_width // self.num_experts if self.num_experts else self.mlp_width
+
+    @property
+    def expert_follower_cost(self) -> int:
+        """Parameters removed with one expert besides its channels (its router row)."""
+        return sum(_unit_cost(w) for w in self.expert_followers)
+
     def input_stream(self, w: WeightSlice) -> str:
         """Which input sequence feeds ``w`` (a key of :attr:`ModelInputs.stream_masks`)."""
         return "input"
 
     def modules(self) -> list[nn.Module]:
         return [self.attn] + ([self.mlp] if self.mlp is not None else [])
+
+
+def expert_channels(kept: Sequence[int], channels: int, kept_experts: Sequence[int]) -> list[list[int]]:
+    """The kept channels of each kept expert, from kept (expert, channel) units ``e * channels + c``; raises
+    ValueError unless every kept expert keeps the same number and no other expert keeps any."""
+    per_expert: dict[int, list[int]] = {int(e): [] for e in kept_experts}
+    for u in kept:
+        e, c = divmod(int(u), channels)
+        if e not in per_expert:
+            raise ValueError(f"expert {e} keeps channel {c} but is not among the kept experts {list(kept_experts)}.")
+        per_expert[e].append(c)
+    widths = {len(c) for c in per_expert.values()}
+    if len(widths) > 1:
+        raise ValueError(
+            f"the experts of a fused expert tensor must keep the same number of channels; got {sorted(widths)}."
+        )
+    return [per_expert[e] for e in sorted(per_expert)]
 
 
 def _index_map(name: str, weight: nn.Parameter, axis: int, rows_per_unit: Sequence[int]) -> IndexMap:
@@ -244,7 +328,7 @@ def full_shape(p: nn.Parameter) -> tuple[int, ...]:
 
 def _unit_cost(w: WeightSlice) -> int:
     shape = full_shape(w.weight)
-    other = math.prod(shape[: w.axis] + shape[w.axis + 1 :])
+    other = shape[w.summed_axis] if w.experts else math.prod(shape[: w.axis] + shape[w.axis + 1 :])
     cost = w.rows_per_unit * other
     if w.bias is not None:  # (a Linear's bias: one entry per row; a per-head norm's: one row of its own)
         cost += w.rows_per_unit * math.prod(full_shape(w.bias)[1:])
@@ -318,6 +402,13 @@ def find_units(model: nn.Module) -> list[LayerUnits]:
 def check_wrapper(w: WeightSlice, where: str) -> None:
     """Accept a plain ``nn.Linear`` or a peft LoRA layer around one; refuse what cannot be sliced."""
     m = w.module
+    if w.experts:  # a fused expert parameter: a plain tensor of the experts module (peft would wrap the module)
+        if hasattr(m, "base_layer") or not isinstance(w.weight, nn.Parameter):
+            raise UnsupportedModelError(
+                f"{where} {w.name} is wrapped by {type(m).__name__}; nirvana_pl prunes mixture-of-experts weights "
+                "without adapters. Merge the adapter into the base weights before pruning (model.merge_and_unload())."
+            )
+        return
     if not hasattr(m, "base_layer"):
         if not isinstance(m, nn.Linear):
             raise UnsupportedModelError(f"{where} {w.name} is a {type(m).__name__}, expected an nn.Linear.")
@@ -385,9 +476,15 @@ def units_parameter_count(units: Sequence[LayerUnits]) -> int:
     )
 
 
-def removed_parameters(units: Sequence[LayerUnits], kept_kv: Sequence[int], kept_mlp: Sequence[int]) -> int:
-    """Attention+MLP parameters that go when layer l keeps ``kept_kv[l]`` groups and ``kept_mlp[l]`` channels."""
+def removed_parameters(
+    units: Sequence[LayerUnits], kept_kv: Sequence[int], kept_mlp: Sequence[int],
+    kept_experts: Sequence[int | None] | None = None,
+) -> int:
+    """Attention+MLP parameters that go when layer l keeps ``kept_kv[l]`` groups, ``kept_mlp[l]`` channels
+    (expert channels, in a mixture-of-experts layer) and ``kept_experts[l]`` experts (None: all)."""
+    experts = kept_experts if kept_experts is not None else [None] * len(units)
     return sum(
         (u.num_kv_groups - kv) * u.kv_group_cost + (u.mlp_width - mlp) * u.mlp_channel_cost
-        for u, kv, mlp in zip(units, kept_kv, kept_mlp)
+        + (u.num_experts - (u.num_experts if e is None else e)) * u.expert_follower_cost
+        for u, kv, mlp, e in zip(units, kept_kv, kept_mlp, experts)
     )

@@ -50,6 +50,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "stablelm": _decoder(4, 2, 136, use_qkv_bias=True),  # partial rotary (0.25 by default), q/k/v biases
     "olmo2": _decoder(8, 4, 120),  # q_norm / k_norm over all heads together
     "olmo3": _decoder(8, 4, 128, sliding_window=4, layer_types=_ALTERNATING),
+    # mixture of experts: 4 experts of 48 channels, 2 per token (fused 3-D expert parameters)
+    "mixtral": _decoder(8, 4, 48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": _decoder(8, 4, 96, moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                          norm_topk_prob=True),  # per-head q_norm / k_norm like Qwen3
     "t5": dict(
         vocab_size=VOCAB, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2, num_decoder_layers=2,
         feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,

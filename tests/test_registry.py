@@ -92,10 +92,11 @@ def _tiny(model_type: str, **extra):
                             num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                             linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
                             linear_value_head_dim=16), ["linear_attn"]),
-        ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), ["mixture of experts"]),
+        ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32), ["mixture of experts"]),
         ("gpt2", dict(n_embd=64, n_layer=2, n_head=4), []),
     ],
-    ids=["qwen3_next", "mixtral", "gpt2"],
+    ids=["qwen3_next", "qwen2_moe", "gpt2"],
 )  # fmt: skip
 def test_unsupported_models_are_refused_naming_the_types_and_the_unknown_layer_kind(model_type, extra, names):
     model = _tiny(model_type, **extra)
@@ -108,7 +109,7 @@ def test_unsupported_models_are_refused_naming_the_types_and_the_unknown_layer_k
 
 
 SHARED_MODULES = ("saliency", "allocate", "surgery", "optim", "calibration", "report", "export", "deepspeed",
-                  "units", "callback", "oneshot", "plan", "schedule")  # fmt: skip
+                  "units", "callback", "oneshot", "plan", "schedule", "router_load")  # fmt: skip
 
 
 def _code_words(source: str) -> set[str]:

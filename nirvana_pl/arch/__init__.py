@@ -26,7 +26,7 @@ from ..units import UnsupportedModelError, base_model_type
 
 if TYPE_CHECKING:
     from ..gguf_layout import GGUFTarget
-    from ..plan import PruningPlan
+    from ..plan import LayerPlan, PruningPlan
     from ..units import LayerUnits
 
 #: ``materialize(params)``: a context entered around the slicing of some parameters (DeepSpeed ZeRO-3
@@ -116,6 +116,20 @@ class Architecture:
     def check_batch(self, batch: dict[str, Any], index: int) -> None:
         """Shapes of :attr:`batch_keys` in one calibration batch (``input_ids`` is checked already)."""
 
+    def check_plan(self, model: nn.Module, units: Sequence["LayerUnits"], plan: "PruningPlan") -> None:
+        """Raise :class:`~nirvana_pl.surgery.PlanMismatchError` if the pruned shapes of ``plan`` (valid for the
+        units) cannot be computed by this family's modules; called before anything changes."""
+
+    def mask_experts(self, units: "LayerUnits", plan: "LayerPlan") -> list[Any]:
+        """Hooks (each with a ``remove()``) under which the mixture-of-experts block of ``units`` computes what it
+        would once ``plan`` is applied, parameters untouched (see :func:`nirvana_pl.calibration.masked`)."""
+        raise UnsupportedModelError(f"the {type(self).__name__} adapter cannot mask the experts of a layer.")
+
+    def count_routing(self, units: "LayerUnits", add: Callable[[torch.Tensor], None]) -> Any:
+        """A hook (with a ``remove()``) that passes the experts the router of ``units``' mixture-of-experts block picks
+        in each forward (an integer tensor of expert indices) to ``add``."""
+        raise UnsupportedModelError(f"the {type(self).__name__} adapter has no router to count.")
+
     def body_and_head(self, model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
         """(the module whose output's ``last_hidden_state`` feeds the LM head, the function from those hidden
         states to the logits the model returns), for the chunked KL of calibration selection."""
@@ -187,7 +201,7 @@ def _load_builtins() -> None:
         return
     _BUILTINS_LOADED = True  # (first: the adapters' own registrations come back here)
     try:
-        from . import decoder, t5  # noqa: F401  (each registers its families on import)
+        from . import decoder, moe, t5  # noqa: F401  (each registers its families on import)
     except BaseException:
         _BUILTINS_LOADED = False
         raise

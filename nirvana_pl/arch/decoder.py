@@ -28,7 +28,7 @@ from ..hf_folder import config_dict, patch_config_json, save_with_config, try_st
 from ..gguf_layout import GGUFTarget, GGUFTensor, interleave_rotary
 from ..hub_code import modeling_nirvana
 from ..plan import LayerPlan, PruningPlan
-from ..units import LayerUnits, UnsupportedModelError, WeightSlice, check_wrapper, head_dim_of
+from ..units import LayerUnits, UnsupportedModelError, WeightSlice, check_wrapper, full_shape, head_dim_of
 from . import Architecture, Materialize, register_architecture
 
 _NIRVANA_KEYS = ("auto_map", "nirvana_layer_widths", "nirvana_base_model_type")
@@ -260,17 +260,21 @@ class DecoderArchitecture(Architecture):
         units = self.find_units(model)
         if len(widths) != len(units):
             raise PlanMismatchError(f"{len(widths)} layer widths given, the model has {len(units)} layers.")
-        layers = []
-        for u, w in zip(units, widths):
-            kv, mlp = int(w["num_key_value_heads"]), int(w["intermediate_size"])
-            if kv > u.num_kv_groups or mlp > u.mlp_width:
-                raise PlanMismatchError(
-                    f"layer {u.index}: cannot grow from {u.num_kv_groups} KV groups / {u.mlp_width} MLP channels "
-                    f"to {kv} / {mlp}; build the model from the dense config."
-                )
-            layers.append(LayerPlan(u.num_kv_groups, u.mlp_width, list(range(kv)), list(range(mlp))))
+        layers = [self.resize_plan(u, w) for u, w in zip(units, widths)]
         plan = PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="resize")
         apply_plan(model, plan, (), materialize)
+
+    def resize_plan(self, u: LayerUnits, widths: dict[str, int]) -> LayerPlan:
+        """The plan that keeps the first units of layer ``u`` up to ``widths`` (see :meth:`resize_to_widths`)."""
+        from ..surgery import PlanMismatchError
+
+        kv, mlp = int(widths["num_key_value_heads"]), int(widths["intermediate_size"])
+        if kv > u.num_kv_groups or mlp > u.mlp_width:
+            raise PlanMismatchError(
+                f"layer {u.index}: cannot grow from {u.num_kv_groups} KV groups / {u.mlp_width} MLP channels "
+                f"to {kv} / {mlp}; build the model from the dense config."
+            )
+        return LayerPlan(u.num_kv_groups, u.mlp_width, list(range(kv)), list(range(mlp)))
 
     def widths_from_state_dict(
         self, model: nn.Module, module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
@@ -282,14 +286,18 @@ class DecoderArchitecture(Architecture):
         widths = []
         for u in self.find_units(model):
             tensors = [saved(w.weight) for w in u.attn_weights + u.mlp_weights]
-            if any(t is None or t.dim() != 2 for t in tensors):
-                return None  # (a 2-D gate with no rows: the MLP was pruned away)
-            q, gate = u.attn_weights[0], u.mlp_weights[0]
-            q_saved, gate_saved = tensors[0], tensors[len(u.attn_weights)]
+            weights = u.attn_weights + u.mlp_weights
+            if any(t is None or t.dim() != len(full_shape(w.weight)) for t, w in zip(tensors, weights)):
+                return None  # (ZeRO-3's 1-D placeholders; a 2-D gate with no rows: the MLP was pruned away)
+            q, q_saved = u.attn_weights[0], tensors[0]
             n_kv = q_saved.shape[0] // q.rows_per_unit
             widths.append({"num_key_value_heads": n_kv, "num_attention_heads": n_kv * u.group_size,
-                           "intermediate_size": gate_saved.shape[0] // gate.rows_per_unit})  # fmt: skip
+                           **self.saved_mlp_widths(u, tensors[len(u.attn_weights)])})  # fmt: skip
         return widths
+
+    def saved_mlp_widths(self, u: LayerUnits, first_mlp_weight: torch.Tensor) -> dict[str, int]:
+        """The MLP entries of :meth:`widths` for layer ``u``, read from the saved tensor of its first MLP weight."""
+        return {"intermediate_size": first_mlp_weight.shape[0] // u.mlp_weights[0].rows_per_unit}
 
     def resize_from_state_dict(
         self, model: nn.Module, module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
@@ -338,7 +346,8 @@ class DecoderArchitecture(Architecture):
         return self.stock_classes()[1].__name__
 
     def layout(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in modeling_nirvana.LLAMA_LAYOUT}
+        """Where this family's layers keep their parts, as the exported folder's code reads them."""
+        return {key: getattr(self, key, default) for key, default in modeling_nirvana.LLAMA_LAYOUT.items()}
 
     def nirvana_classes(self) -> tuple[type, type]:
         """The in-process (config, causal-LM) classes of the ``nirvana_<type>`` format (the folder's code)."""

@@ -7,9 +7,10 @@ describe the model. This file ships inside such a checkpoint folder and is loade
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 ``config.nirvana_layer_widths`` holds one dict per decoder layer (``num_key_value_heads``,
-``num_attention_heads``, ``intermediate_size``). Each model class builds the stock model and then
-gives every layer's q/k/v/o and gate/up/down projections those per-layer shapes; the forward pass is
-the stock one. Self-contained on purpose: it imports only torch and transformers, never nirvana_pl.
+``num_attention_heads``, ``intermediate_size``; a mixture-of-experts family's expert width and count). Each model
+class builds the stock model and then gives every layer's q/k/v/o and gate/up/down projections (or fused experts
+and router) those per-layer shapes; the forward pass is the stock one. Self-contained on purpose: it imports only
+torch and transformers, never nirvana_pl.
 
 The classes of a folder are made at the end of the file by :func:`nirvana_classes` from the stock classes
 of that folder's family only (``save_pruned`` appends those lines), so that a Llama folder loads with a
@@ -23,15 +24,21 @@ from typing import Any
 
 from torch import nn
 
-WIDTH_KEYS = ("num_key_value_heads", "num_attention_heads", "intermediate_size")
-
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def check_layer_widths(config) -> list[dict[str, int]] | None:
-    """``config.nirvana_layer_widths`` validated (one entry per layer, whole GQA groups), or None."""
+def width_keys(layout: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The keys of one layer's entry in ``config.nirvana_layer_widths`` for a family of this ``layout``."""
+    names = {**LLAMA_LAYOUT, **(layout or {})}
+    experts = (names["num_experts_key"],) if names["experts"] else ()
+    return ("num_key_value_heads", "num_attention_heads", names["mlp_width_key"]) + experts
+
+
+def check_layer_widths(config, layout: dict[str, Any] | None = None) -> list[dict[str, int]] | None:
+    """``config.nirvana_layer_widths`` validated (one entry per layer, whole GQA groups, at least one expert in a
+    mixture-of-experts layer), or None. ``layout``: the family's, as in :data:`LLAMA_LAYOUT`."""
     widths = getattr(config, "nirvana_layer_widths", None)
     if widths is None:
         return None
@@ -40,20 +47,24 @@ def check_layer_widths(config) -> list[dict[str, int]] | None:
             f"config.nirvana_layer_widths must be a list with one entry per decoder layer "
             f"({config.num_hidden_layers}); got {widths!r}. Re-export the model with nirvana_pl.save_pruned."
         )
+    keys = width_keys(layout or getattr(config, "nirvana_layout", None))
     out = []
     for i, w in enumerate(widths):
-        missing = [k for k in WIDTH_KEYS if k not in w]
+        missing = [k for k in keys if k not in w]
         if missing:
-            raise ValueError(f"config.nirvana_layer_widths[{i}] lacks {missing}; it needs all of {list(WIDTH_KEYS)}.")
-        n_kv, n_q, inter = (int(w[k]) for k in WIDTH_KEYS)
+            raise ValueError(f"config.nirvana_layer_widths[{i}] lacks {missing}; it needs all of {list(keys)}.")
+        entry = {k: int(w[k]) for k in keys}
+        n_kv, n_q, inter = (entry[k] for k in keys[:3])
         if n_kv < 1 or n_q < n_kv or n_q % n_kv:
             raise ValueError(
                 f"config.nirvana_layer_widths[{i}]: num_attention_heads={n_q} must be a positive multiple of "
                 f"num_key_value_heads={n_kv} (pruning removes whole KV groups)."
             )
         if inter < 0:
-            raise ValueError(f"config.nirvana_layer_widths[{i}]: intermediate_size={inter} must be >= 0.")
-        out.append({"num_key_value_heads": n_kv, "num_attention_heads": n_q, "intermediate_size": inter})
+            raise ValueError(f"config.nirvana_layer_widths[{i}]: {keys[2]}={inter} must be >= 0.")
+        if len(keys) > 3 and entry[keys[3]] < 1:
+            raise ValueError(f"config.nirvana_layer_widths[{i}]: {keys[3]}={entry[keys[3]]} must be >= 1.")
+        out.append(entry)
     return out
 
 
@@ -99,11 +110,16 @@ def _reshaped(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
 #: "per_head" (a [heads, head_dim] weight, as Cohere's) or "flat" (a [heads * head_dim] weight, as OLMo 2's).
 #: ``per_layer_config``: the attention reads its head counts from ``self.config`` (Phi-3), so each layer gets a
 #: view of the config with its own counts.
+#: ``experts``: the MLP block's child holding fused 3-D expert parameters ``expert_gate_up`` ``[E, 2I, H]`` and
+#: ``expert_down`` ``[E, H, I]`` (None: a dense MLP), with a ``router`` of one weight row per expert;
+#: ``mlp_width_key`` / ``num_experts_key``: the config fields of the (expert) MLP width and the expert count.
 LLAMA_LAYOUT = {
     "layers": "model.layers", "attention": "self_attn", "mlp": "mlp",
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
     "qkv": None, "gate_up": None, "qk_norm": "shared", "per_layer_config": False,
+    "experts": None, "router": "gate", "expert_gate_up": "gate_up_proj", "expert_down": "down_proj",
+    "mlp_width_key": "intermediate_size", "num_experts_key": None,
 }
 
 
@@ -130,9 +146,32 @@ def _projection_shapes(names: dict[str, Any], n_q: int, n_kv: int, inter: int, h
     """Projection name -> (which dimension is pruned, its new size) for one layer."""
     attn = ({names["qkv"]: ("out", (n_q + 2 * n_kv) * h)} if names["qkv"] else
             {names["q"]: ("out", n_q * h), names["k"]: ("out", n_kv * h), names["v"]: ("out", n_kv * h)})
+    if names["experts"]:  # (the experts' fused parameters are resized by _resize_experts)
+        return {**attn, names["o"]: ("in", n_q * h)}
     mlp = ({names["gate_up"]: ("out", 2 * inter)} if names["gate_up"] else
            {names["gate"]: ("out", inter), names["up"]: ("out", inter)})
     return {**attn, names["o"]: ("in", n_q * h), **mlp, names["down"]: ("in", inter)}
+
+
+def _resize_experts(block: nn.Module, names: dict[str, Any], n_experts: int, inter: int) -> bool:
+    """Give a mixture-of-experts block ``n_experts`` experts of width ``inter`` (its router one row per expert, and
+    a top-k of at most ``n_experts``); True if a parameter changed shape."""
+    experts, router = getattr(block, names["experts"]), getattr(block, names["router"])
+    hidden = getattr(experts, names["expert_gate_up"]).shape[2]
+    shapes = {(experts, names["expert_gate_up"]): (n_experts, 2 * inter, hidden),
+              (experts, names["expert_down"]): (n_experts, hidden, inter), (router, "weight"): (n_experts, hidden)}
+    changed = False
+    for (owner, name), shape in shapes.items():
+        old = getattr(owner, name)
+        if tuple(old.shape) != shape:  # (on the meta device inside from_pretrained)
+            setattr(owner, name, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad))
+            changed = True
+    experts.num_experts = router.num_experts = n_experts
+    experts.intermediate_dim = inter
+    router.top_k = min(router.top_k, n_experts)  # (a layer left with fewer experts routes to all of them)
+    if hasattr(block, "top_k"):
+        block.top_k = router.top_k
+    return changed
 
 
 def _resize_norm(attn: nn.Module, name: str, shape: tuple[int, ...]) -> bool:
@@ -155,8 +194,10 @@ def apply_layer_widths(
         raise ValueError(f"{len(widths)} layer widths for a model with {len(layers)} decoder layers.")
     changed = False
     for layer, w in zip(layers, widths):
-        n_kv, n_q, inter = w["num_key_value_heads"], w["num_attention_heads"], w["intermediate_size"]
+        n_kv, n_q, inter = w["num_key_value_heads"], w["num_attention_heads"], w[names["mlp_width_key"]]
         attn, mlp = getattr(layer, names["attention"]), getattr(layer, names["mlp"])
+        if names["experts"]:
+            changed |= _resize_experts(mlp, names, w[names["num_experts_key"]], inter)
         for name, (side, size) in _projection_shapes(names, n_q, n_kv, inter, head_dim).items():
             owner = attn if hasattr(attn, name) else mlp
             old = getattr(owner, name)
@@ -197,7 +238,7 @@ class _NirvanaCausalLMMixin:
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        widths = check_layer_widths(config)
+        widths = check_layer_widths(config, self.nirvana_layout)
         if widths is not None and apply_layer_widths(self, widths, _head_dim(config), self.nirvana_layout):
             # Run post_init again: it initialises only the new modules (the others are flagged as
             # initialised) and is a no-op on the meta device used by from_pretrained.
@@ -219,15 +260,17 @@ def nirvana_classes(
     Named ``Nirvana<stock name>`` (e.g. ``NirvanaQwen3Config``, ``NirvanaQwen3ForCausalLM``); ``module`` is where
     pickle finds them (this file binds them by name at its end; a caller may resolve them itself).
     """
+    layout = {**LLAMA_LAYOUT, **(layout or {})}
     config = type(
         f"Nirvana{config_cls.__name__}", (_NirvanaConfigMixin, config_cls),
-        {"__module__": module, "model_type": f"nirvana_{base_model_type}", "nirvana_base_model_type": base_model_type},
+        {"__module__": module, "model_type": f"nirvana_{base_model_type}", "nirvana_base_model_type": base_model_type,
+         "nirvana_layout": layout},
     )
     model = type(
         f"Nirvana{model_cls.__name__}", (_NirvanaCausalLMMixin, model_cls),
-        {"__module__": module, "config_class": config, "nirvana_layout": {**LLAMA_LAYOUT, **(layout or {})}},
+        {"__module__": module, "config_class": config, "nirvana_layout": layout},
     )
     return config, model
 
 
-__all__ = ["LLAMA_LAYOUT", "apply_layer_widths", "check_layer_widths", "nirvana_classes"]
+__all__ = ["LLAMA_LAYOUT", "apply_layer_widths", "check_layer_widths", "nirvana_classes", "width_keys"]
