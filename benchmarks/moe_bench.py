@@ -17,8 +17,9 @@ loss (``router_aux_loss_coef`` 0.02) so that the router uses its experts. The Ad
 Protocol:
 
 1. Scores, computed once: ``fisher_functional`` (the callback's default: the geometric mean of the Adam-state
-   Fisher score and the output-functional score on 8 calibration batches of the training split) and
-   ``functional`` alone (its load counted on the calibration batches), and ``random``.
+   Fisher score and the output-functional score on 8 calibration batches of the training split),
+   ``functional`` alone (its load counted on the calibration batches), ``magnitude`` (data-free; the load of the
+   training window, as the callback passes it) and ``random``.
 2. Arms, for s in ``sparsities`` at gamma 3 (the default): the MLP cut taken as expert channels only
    (``expert_share=0``), whole experts only (1) or the mix (0.5); the expert arms with the router-load term
    (``router_load=1``, the default) and without it (0); and whole experts chosen at random (the baseline).
@@ -174,7 +175,7 @@ def active_flops_per_token(model: nn.Module) -> int:
 def arms_of(sparsities) -> list[dict[str, Any]]:
     arms = []
     for s in sparsities:
-        for estimator in ("fisher_functional", "functional"):
+        for estimator in ("fisher_functional", "functional", "magnitude"):
             for split, share in SPLITS.items():
                 for router_load in ((1.0,) if split == "channels" else (1.0, 0.0)):
                     arms.append(dict(s=s, estimator=estimator, split=split, expert_share=share,
@@ -244,8 +245,10 @@ def main() -> None:
     t0 = time.perf_counter()
     functional = compute_scores(dense, "functional", data["calibration"])
     out["functional_seconds"] = time.perf_counter() - t0
+    magnitude = compute_scores(dense, "magnitude")
+    magnitude.expert_load = fisher.expert_load  # (the training window's count, as the callback gives every estimator)
     scores = {"fisher_functional": geometric_mean(fisher, functional), "functional": functional,
-              "random": compute_scores(dense, "random", seed=0)}  # fmt: skip
+              "magnitude": magnitude, "random": compute_scores(dense, "random", seed=0)}  # fmt: skip
     out["arms"] = {}
     speed_models: dict[str, nn.Module] = {"dense": dense}
     for arm in arms_of(cfg["sparsities"]):

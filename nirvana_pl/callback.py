@@ -548,17 +548,19 @@ class NirvanaPruningCallback(Callback):
         if self._collects_batches:
             calibration = list(self._collected)
         optimizer_scores = {kind: acc.scores() for kind, acc in self._adam.items()}
+        expert_load = None
         if self._counts_routing:  # (a collective: every rank, every event)
             self._router_load.reduce(sum_over_processes)
+            expert_load = self._router_load.loads()
             for scores in optimizer_scores.values():
-                scores.expert_load = self._router_load.loads()
+                scores.expert_load = expert_load
         # Every rank computes (gradient saliency all-reduces the signed gradients across ranks,
         # so all ranks must take part); rank 0's plan is then the one every rank applies.
         with trainer.precision_plugin.forward_context(), gradient_reduce(gradient_reduce_hook()):
             plan, selection = make_plan(
                 self.model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
                 gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid, optimizer_scores=optimizer_scores or None,
-                seed=self.seed + index, progress=trainer.is_global_zero,
+                expert_load=expert_load, seed=self.seed + index, progress=trainer.is_global_zero,
             )
         plan, agreed = agree_on_plan(plan)
         if selection is not None:  # rank 0's summary travels inside its plan

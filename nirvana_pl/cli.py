@@ -405,6 +405,9 @@ def prune_command(
     min_kv_groups: int = 1,
     min_mlp_channels: int = 0,
     mlp_round_to: int = 8,
+    expert_share: float = 0.5,
+    min_experts: int = 1,
+    router_load: float = 1.0,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     tokenizer: str | None = None,
     seed: int = 0,
@@ -428,6 +431,11 @@ def prune_command(
         min_kv_groups: KV groups kept in every layer at least.
         min_mlp_channels: MLP channels kept in every layer at least (0: a layer's MLP may go entirely).
         mlp_round_to: MLP widths are multiples of this.
+        expert_share: mixture-of-experts models: the share of the MLP cut taken as whole experts (0: channels inside
+            the experts only, 1: whole experts only).
+        min_experts: mixture-of-experts models: experts kept in every layer at least.
+        router_load: mixture-of-experts models: power of an expert's share of the routed calibration tokens in its
+            score (0: ignore the router's load).
         dtype: parameter dtype while scoring and in the saved folder.
         tokenizer: tokenizer name or folder (default: the model's own); `bytes` for byte-level models.
         seed: seed of scoring (random) and of the data split.
@@ -466,7 +474,8 @@ def prune_command(
     t0 = time.perf_counter()
     plan = nirvana_pl.prune(
         net, sparsity, saliency, calibration, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels,
-        mlp_round_to=mlp_round_to, uniform=uniform, reference=reference, seed=seed, progress=True,
+        mlp_round_to=mlp_round_to, uniform=uniform, expert_share=expert_share, min_experts=min_experts,
+        router_load=router_load, reference=reference, seed=seed, progress=True,
     )
     record = PruneRecord(0, plan, before, sum(p.numel() for p in net.parameters()), prunable_parameter_count(net),
                          time.perf_counter() - t0, caveat=architecture_of(net).caveat)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .allocate import AllocationConfig, DenseReference, allocate
@@ -67,6 +68,7 @@ def make_plan(
     gamma_auto: bool = False,
     gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
     optimizer_scores: UnitScores | Mapping[str, UnitScores] | None = None,
+    expert_load: list[torch.Tensor | None] | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[PruningPlan, dict[str, Any] | None]:
@@ -75,7 +77,9 @@ def make_plan(
     With a :class:`CalibrationSelector` and a calibration-based saliency, the calibration set (and,
     with ``gamma_auto``, gamma) is chosen by the KL test; with Adam-state or data-free scores and
     ``gamma_auto``, only gamma is chosen. ``optimizer_scores`` may map several Adam-state
-    estimators to their scores: with a selector the plan of least KL among them is kept.
+    estimators to their scores: with a selector the plan of least KL among them is kept. ``expert_load``: the
+    tokens routed to each expert of a mixture-of-experts model while training (see
+    :class:`~nirvana_pl.router_load.RouterLoad`), for scores that did not count their own.
     The model's weights are never changed here.
     """
     grid = gamma_grid if gamma_auto else None
@@ -93,6 +97,8 @@ def make_plan(
         model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
         optimizer_scores=optimizer_scores, seed=seed, progress=progress,
     )
+    if scores.expert_load is None:
+        scores.expert_load = expert_load
     if gamma_auto and isinstance(calibration, CalibrationSelector):
         search = calibration.choose_gamma(model, scores, config, gamma_grid, reference, progress=progress)
         return _with_selection(search.plan, {"gamma_search": search.summary(), "kl": search.best_kl})

@@ -1,9 +1,11 @@
 """How many tokens the router of each mixture-of-experts layer sends to each expert.
 
-An expert the router rarely picks gets few gradient updates, so its Adam state (and its calibration gradient) is
-small and noisy; its load says how much of the model's output it carries. :class:`RouterLoad` counts the routed
-(token, expert) pairs of the forwards it watches, per layer, with hooks the model's adapter places on its routers;
-the allocation weighs each expert's score by its share of the load (``AllocationConfig.router_load``).
+An expert the router rarely picks gets few gradient updates and carries little of the model's output; its weights
+alone do not say so. :class:`RouterLoad` counts the routed (token, expert) pairs of the forwards it watches, per
+layer, with hooks the model's adapter places on its routers; the allocation weighs each expert's score by its share
+of the load (``AllocationConfig.router_load``). Measured in ``benchmarks/moe_bench.py``: the gradient and Adam-state
+scores already grow with an expert's load (the term changes them by under 0.5 %), a data-free ``magnitude`` score
+needs it (up to 30 % lower perplexity with it at s = 0.5).
 """
 
 from __future__ import annotations

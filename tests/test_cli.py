@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning_helpers import CausalLM, token_loader
 from processes import run_killable
@@ -246,3 +247,27 @@ def test_users_lightning_cli_reads_the_kl_callback_config_as_it_is(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SELECTOR NirvanaPruningCallback TextCalibrationSelector auto" in out.stdout
+
+
+def test_prune_command_prunes_experts_of_a_mixture_of_experts_folder(tmp_path, capsys):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                           num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "dense")
+    out = tmp_path / "pruned"
+    data = ["--data.seq_len", "32", "--data.val_windows", "4", "--data.eval_batch_size", "4"]
+    result = cli.run_command([
+        "prune", "--model", str(tmp_path / "dense"), "--tokenizer", "bytes", "--sparsity", "0.4", "--expert_share",
+        "1.0", "--calibration_windows", "4", "--calibration_batch_size", "2", "--out", str(out), *data,
+    ])
+    assert "experts kept x width" in capsys.readouterr().out
+    plan = nirvana_pl.PruningPlan.load(out / "plan.json")
+    # (whole experts only: one expert is an eighth of this tiny model's MLP parameters, a coarse step)
+    assert any(layer.experts_kept < 4 for layer in plan.layers) and 0.34 < result["realised_sparsity"] < 0.46
+    model = nirvana_pl.load_pruned(out / "pruned_model")
+    assert [layer.mlp.experts.num_experts for layer in model.model.layers] == [lp.experts_kept for lp in plan.layers]
+    evaluated = cli.run_command(["eval", "--model", str(out / "pruned_model"), "--tokenizer", "bytes", *data])
+    assert evaluated["perplexity"] == pytest.approx(result["perplexity"]["just_pruned"], rel=1e-5)

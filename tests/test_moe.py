@@ -281,9 +281,10 @@ def test_the_router_load_decides_between_experts_whose_channels_score_alike():
         allocate(model, bad, config)
 
 
-def test_a_fit_counts_the_router_load_of_its_warm_up_window_and_trains_on_after_the_cut(tmp_path):
+@pytest.mark.parametrize("saliency", ["adam_fisher", "magnitude"])  # (the load reaches data-free scores too)
+def test_a_fit_counts_the_router_load_of_its_warm_up_window_and_trains_on_after_the_cut(tmp_path, saliency):
     module = CausalLM("mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)
-    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=3, saliency="adam_fisher", gamma=3.0)
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=3, saliency=saliency, gamma=3.0)
     losses = Losses()
     t = trainer(tmp_path, 14, [cb, losses])
     t.fit(module, token_loader())
