@@ -284,6 +284,8 @@ def _summarize_perplexity(trainer: Any, ppl_cb: Any, lines: list[str], summary: 
     res = ppl_cb.results
     pruned = res["after_prune"][-1]["ppl"] if res["after_prune"] else None
     ppl = {"dense": res["dense"], "just_pruned": pruned, "recovered": res["final"]}
+    if res.get("dense_control") is not None:
+        ppl.update(dense_control=res["dense_control"], gap_closed=res.get("gap_closed"))
     summary["perplexity"] = ppl
     summary["perplexity_after_each_prune"] = res["after_prune"]
     if len(res["after_prune"]) > 1:  # iterative: one number after each event
@@ -291,11 +293,18 @@ def _summarize_perplexity(trainer: Any, ppl_cb: Any, lines: list[str], summary: 
         parts = [f"dense {res['dense']:.3f}"] if res["dense"] is not None else []
         parts += [f"after the prunes at steps {after}", f"recovered {res['final']:.3f}"]
     else:
-        parts = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in ppl.items() if v is not None]
+        parts = [f"{k.replace('_', ' ')} {ppl[k]:.3f}" for k in ("dense", "just_pruned", "recovered")
+                 if ppl[k] is not None]  # fmt: skip
     batches = ppl_cb._held_out(trainer)
     n = sum(int(b["input_ids"].shape[0]) for b in batches)
     t = int(batches[0]["input_ids"].shape[1]) if batches else 0
     lines.append(f"held-out ppl      {' | '.join(parts)}   ({n} windows of {t} tokens)")
+    if "dense_control" in ppl:
+        closed = f"recovery closed {ppl['gap_closed']:.0%}" if ppl["gap_closed"] is not None else "no gap to close"
+        lines.append(
+            f"dense control     {ppl['dense_control']:.3f}: the dense model at the prune, trained the same "
+            f"{res['dense_control_steps']} steps on the same batches; {closed} of the log-perplexity gap to it"
+        )
 
 
 def _summarize_saved_model(saver: Any, lines: list[str], summary: dict[str, Any]) -> None:

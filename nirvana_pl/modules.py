@@ -367,12 +367,16 @@ class _LMModule(pl.LightningModule):
         return self.model(**batch)
 
     def _loss(self, batch: Any) -> torch.Tensor:
+        return self.loss_of(self.model, batch)
+
+    def loss_of(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss of ``model`` (this module's model, or a copy of it) on ``batch``."""
         batch = _batch_dict(batch)
         if self.seq2seq:
-            return self.model(**batch, use_cache=False).loss
+            return model(**batch, use_cache=False).loss
         labels = causal_labels(batch)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.model(**inputs, labels=labels, use_cache=False).loss
+        return model(**inputs, labels=labels, use_cache=False).loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -472,20 +476,31 @@ class HeldOutPerplexity(Callback):
     Args:
         max_batches: evaluate at most this many held-out batches (None: all).
         progress: show a progress bar while evaluating.
+        dense_control: also train a copy of the dense model, taken at the (first) prune with its optimizer state,
+            on the same batches as the fit from then on, and report its perplexity at the end (``dense_control``,
+            ``heldout/ppl_dense_control``) and the share of the log-perplexity gap recovery closed
+            (``gap_closed``): the yardstick recovery is judged by. It costs a second model and optimizer and a
+            second training step per batch. A module of ``nirvana_pl.modules`` (it computes the loss of the copy),
+            one process or DDP, no gradient accumulation; a fit resumed after the prune has no control.
     """
 
-    def __init__(self, max_batches: int | None = None, progress: bool = True, batches: list[Any] | None = None):
+    def __init__(self, max_batches: int | None = None, progress: bool = True, batches: list[Any] | None = None,
+                 dense_control: bool = False):  # fmt: skip
         if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
             raise ValueError(f"max_batches={max_batches!r} must be a positive integer or null (all).")
         self.max_batches = max_batches
         self.progress = progress
         self._batches = batches
+        self.dense_control = bool(dense_control)
         self.results: dict[str, Any] = {"dense": None, "after_prune": [], "final": None}
         self._seen_events = 0
+        self._control: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.dense_control:
+            _check_dense_control(trainer, pl_module)
         # Measure the dense model inside the prune step, before the pruning callback acts.
         callbacks = trainer.callbacks
         nirvana = _nirvana_callbacks(trainer)
@@ -508,9 +523,10 @@ class HeldOutPerplexity(Callback):
                 raise ValueError("HeldOutPerplexity: the datamodule's val_dataloader is empty; raise val_windows.")
         return self._batches[: self.max_batches] if self.max_batches else self._batches
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> float:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str,
+                 model: nn.Module | None = None) -> float:  # fmt: skip
         start = time.perf_counter()
-        model = _inner_model(pl_module)
+        model = model if model is not None else _inner_model(pl_module)
         seq2seq = bool(getattr(pl_module, "seq2seq", False))
         ppl = perplexity(
             model, self._held_out(trainer), seq2seq, progress=self.progress and trainer.is_global_zero,
@@ -530,9 +546,16 @@ class HeldOutPerplexity(Callback):
         return next((e for cb in _nirvana_callbacks(trainer) if (e := cb.event_due(trainer.global_step))), None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._control is not None:  # (the fit's model has stepped on this batch: the control does too)
+            clip = trainer.gradient_clip_val if (trainer.gradient_clip_algorithm or "norm") == "norm" else None
+            self._control.step(batch, trainer.optimizers[0], trainer.precision_plugin.forward_context, clip)
         # This callback sits before the pruning callback: at a prune step the model is still dense here.
         if self.results["dense"] is None and self._pending_event(trainer) is not None:
             self.results["dense"] = self._measure(trainer, pl_module, "dense")
+            if self.dense_control:
+                from .dense_control import DenseControl
+
+                self._control = DenseControl(_inner_model(pl_module), trainer.optimizers[0], pl_module.loss_of)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._after_prunes(trainer, pl_module)
@@ -553,6 +576,15 @@ class HeldOutPerplexity(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._after_prunes(trainer, pl_module)
         self.results["final"] = self._measure(trainer, pl_module, "final")
+        if self._control is not None:
+            control = self._measure(trainer, pl_module, "dense_control", self._control.model.eval())
+            pruned = self.results["after_prune"][-1]["ppl"] if self.results["after_prune"] else None
+            self.results.update(dense_control=control, dense_control_steps=self._control.steps,
+                                gap_closed=gap_closed(pruned, self.results["final"], control))  # fmt: skip
+            self._control = None  # (its memory back)
+        elif self.dense_control and self.results["after_prune"]:
+            rank_zero_warn("HeldOutPerplexity(dense_control=True): this fit resumed after the prune, and the dense "
+                           "control is not kept in checkpoints: no dense control to report.")
 
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results, "seen_events": self._seen_events}
@@ -560,6 +592,30 @@ class HeldOutPerplexity(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = state_dict["results"]
         self._seen_events = state_dict["seen_events"]
+
+
+def gap_closed(just_pruned: float | None, recovered: float | None, control: float | None) -> float | None:
+    """The share of the log-perplexity gap between the just-pruned model and the dense control that recovery
+    closed: (log just pruned - log recovered) / (log just pruned - log control); None when undefined."""
+    if None in (just_pruned, recovered, control) or just_pruned <= control:
+        return None
+    return (math.log(just_pruned) - math.log(recovered)) / (math.log(just_pruned) - math.log(control))
+
+
+def _check_dense_control(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """What ``HeldOutPerplexity(dense_control=True)`` needs, checked before training."""
+    from .deepspeed import is_deepspeed
+
+    problem = None
+    if not callable(getattr(pl_module, "loss_of", None)):
+        problem = (f"{type(pl_module).__name__} has no loss_of(model, batch) to train the copy with; use a module of "
+                   "nirvana_pl.modules (CausalLMModule, Seq2SeqLMModule) or add that method")
+    elif is_deepspeed(trainer.strategy):
+        problem = "the control would be a second model outside the DeepSpeed engine; use DDP or one device"
+    elif trainer.accumulate_grad_batches != 1:
+        problem = f"accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported; use 1"
+    if problem:
+        raise ValueError(f"HeldOutPerplexity(dense_control=True): {problem}, or set dense_control: false.")
 
 
 class PruneCheckpoint(ModelCheckpoint):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,20 +45,32 @@ def _small_tiny_args(tmp_path: Path) -> list[str]:
 
 def test_fit_tiny_recipe_end_to_end_in_a_subprocess(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = run_killable(
-        [sys.executable, "-m", "nirvana_pl.cli", "fit", *_small_tiny_args(tmp_path)], 300, cwd=ROOT, env=env
-    )
+    # the tiny recipe with the main job's HeldOutPerplexity(dense_control=true)
+    recipe = tmp_path / "tiny_with_dense_control.yaml"
+    text = Path(TINY).read_text()
+    entry = "    - class_path: nirvana_pl.modules.HeldOutPerplexity\n"
+    assert text.count(entry) == 1 and "dense_control: true" in (ROOT / "recipes" / "smollm2_pydoc.yaml").read_text()
+    recipe.write_text(text.replace(entry, entry + "      init_args:\n        dense_control: true\n"))
+    args = _small_tiny_args(tmp_path)
+    args[args.index(TINY)] = str(recipe)
+    proc = run_killable([sys.executable, "-m", "nirvana_pl.cli", "fit", *args], 300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "=== nirvana-pl fit: done" in out
-    for label in ("held-out ppl", "pruned model", "prune report", "allocation plot", "metrics", "run summary"):
+    for label in ("held-out ppl", "dense control", "pruned model", "prune report", "allocation plot", "metrics",
+                  "run summary"):  # fmt: skip
         assert label in out, out
 
     log_dir = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((log_dir / "run_summary.json").read_text())
     assert 0.45 < summary["realised_sparsity"] < 0.55
     ppl = summary["perplexity"]
-    assert all(ppl[k] > 1 for k in ("dense", "just_pruned", "recovered"))
+    assert all(ppl[k] > 1 for k in ("dense", "just_pruned", "recovered", "dense_control"))
+    # the recipe's dense control: the dense model at the prune (step 4), trained the 2 steps after it
+    assert "trained the same 2 steps" in out and ppl["dense_control"] != ppl["dense"]
+    if ppl["gap_closed"] is not None:
+        assert ppl["gap_closed"] == pytest.approx(
+            math.log(ppl["just_pruned"] / ppl["recovered"]) / math.log(ppl["just_pruned"] / ppl["dense_control"]))
 
     report = json.loads((log_dir / "nirvana_prune_report.json").read_text())
     assert [e["step"] for e in report["events"]] == [4]
