@@ -62,6 +62,7 @@ from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, resize_from_state_dict
 from .units import (
     UnsupportedModelError,
+    base_model_type,
     base_parameter_count,
     find_units,
     locate_model,
@@ -328,6 +329,13 @@ class NirvanaPruningCallback(Callback):
 
     def _check_recovery(self) -> None:
         """recovery= attaches LoRA adapters at the prune: the model must have none yet, and the targets it names."""
+        if (self.recovery is not None or has_lora(self._model)) and not architecture_of(self._model).lora:
+            mtype = base_model_type(self._model.config)
+            raise ValueError(
+                f"NirvanaPruningCallback: LoRA ({'recovery=' if self.recovery is not None else 'a peft model'}) is not "
+                f"supported for {mtype!r} models yet; recover with full fine-tuning (drop recovery=), or merge the "
+                "adapters first (model.merge_and_unload())."
+            )
         if self.recovery is None:
             return
         if has_lora(self._model):

@@ -327,3 +327,11 @@ def test_gamma_auto_chooses_by_kl_on_a_mixture_of_experts_model():
     plan = prune(model, 0.4, "functional", selector, gamma="auto", gamma_grid=(1.0, 3.0))
     assert plan.gamma in (1.0, 3.0) and abs(plan.realised_sparsity - 0.4) < 0.05
     assert "selection" in plan.score_summary and torch.isfinite(_logits(model, _ids())).all()
+
+
+def test_lora_on_a_mixture_of_experts_model_is_refused_before_training(tmp_path):
+    module = CausalLM("mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)
+    cb, losses = NirvanaPruningCallback(sparsity=0.3, prune_at=3, warmup_steps=2, recovery={"r": 4}), Losses()
+    with pytest.raises(ValueError, match="LoRA \\(recovery=\\) is not supported for 'mixtral'"):
+        trainer(tmp_path, 5, [cb, losses]).fit(module, token_loader())
+    assert losses.losses == []
