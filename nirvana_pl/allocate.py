@@ -335,7 +335,7 @@ def allocate(
         kept_kv = [list(range(n)) for n in kv_now]
         kept_mlp = [list(range(n)) for n in mlp_now]
     elif moe and config.uniform:
-        kept_kv, _ = _uniform(units, scores, ref, p_a, budget, config, kv_only=True)
+        kept_kv = _uniform_kept_kv(units, scores, _uniform_kv_keep(ref, p_a, config))
         attn_removed = sum(u.num_kv_groups - len(k) for u, k in zip(units, kept_kv)) * ca
         kept_mlp, kept_experts = _uniform_moe(units, scores, (budget - removed_so_far - attn_removed) / cm, config)
     elif moe:
@@ -565,19 +565,26 @@ def _uniform_moe(
     return kept_mlp, kept_experts
 
 
+def _uniform_kv_keep(ref: DenseReference, p_a: float, config: AllocationConfig) -> int:
+    """KV groups every layer keeps in a uniform cut that removes the fraction ``p_a`` of them (of the dense model)."""
+    kv_keep = max(config.min_kv_groups, ref.kv_groups_per_layer - round(p_a * ref.kv_groups_per_layer))
+    return min(kv_keep, ref.kv_groups_per_layer)  # min_kv_groups >= the groups per layer: MLP only
+
+
+def _uniform_kept_kv(units: Sequence[LayerUnits], scores: UnitScores, kv_keep: int) -> list[list[int]]:
+    """Each layer's best ``kv_keep`` KV groups (at most the ones it has); the layers must have equal widths."""
+    if len({u.num_kv_groups for u in units}) > 1:
+        raise ValueError(_NOT_UNIFORM)
+    return [_keep_top(v, min(kv_keep, units[0].num_kv_groups)) for v in scores.attn]
+
+
 def _uniform(
     units: Sequence[LayerUnits], scores: UnitScores, ref: DenseReference, p_a: float, budget: float,
-    config: AllocationConfig, kv_only: bool = False,
+    config: AllocationConfig,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Same kept width in every layer (a stock config can describe the result); ``kv_only``: the KV groups only
-    (the MLP lists are then empty)."""
+    """Same kept width in every layer (a stock config can describe the result)."""
     L = ref.num_layers
-    kv_keep = max(config.min_kv_groups, ref.kv_groups_per_layer - round(p_a * ref.kv_groups_per_layer))
-    kv_keep = min(kv_keep, ref.kv_groups_per_layer)  # min_kv_groups >= the groups per layer: MLP only
-    if kv_only:
-        if len({u.num_kv_groups for u in units}) > 1:
-            raise ValueError(_NOT_UNIFORM)
-        return [_keep_top(v, min(kv_keep, units[0].num_kv_groups)) for v in scores.attn], []
+    kv_keep = _uniform_kv_keep(ref, p_a, config)
     attn_removed = L * (ref.kv_groups_per_layer - kv_keep) * ref.kv_group_cost
     L_mlp = L if ref.num_mlp_layers is None else ref.num_mlp_layers
     per_layer_removed = max(0.0, (budget - attn_removed) / (L_mlp * ref.mlp_channel_cost))
@@ -592,10 +599,9 @@ def _uniform(
             mlp_keep = round(mlp_keep / round_to) * round_to
     mlp_keep = int(max(min(config.min_mlp_channels, ref.mlp_width), min(ref.mlp_width, mlp_keep)))
     mlp_units = [u for u in units if u.mlp_weights]  # T5 cross-attention entries have no MLP
-    if len({u.num_kv_groups for u in units}) > 1 or len({u.mlp_width for u in mlp_units}) > 1:
+    kept_kv = _uniform_kept_kv(units, scores, kv_keep)
+    if len({u.mlp_width for u in mlp_units}) > 1:
         raise ValueError(_NOT_UNIFORM)
-    kv_keep = min(kv_keep, units[0].num_kv_groups)
     mlp_keep = min(mlp_keep, mlp_units[0].mlp_width if mlp_units else 0)
-    kept_kv = [_keep_top(v, kv_keep) for v in scores.attn]
     kept_mlp = [_keep_top(v, min(mlp_keep, v.numel())) for v in scores.mlp]
     return kept_kv, kept_mlp

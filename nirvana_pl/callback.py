@@ -560,8 +560,6 @@ class NirvanaPruningCallback(Callback):
         if self._counts_routing:  # (a collective: every rank, every event)
             self._router_load.reduce(sum_over_processes)
             expert_load = self._router_load.loads()
-            for scores in optimizer_scores.values():
-                scores.expert_load = expert_load
         # Every rank computes (gradient saliency all-reduces the signed gradients across ranks,
         # so all ranks must take part); rank 0's plan is then the one every rank applies.
         with trainer.precision_plugin.forward_context(), gradient_reduce(gradient_reduce_hook()):

@@ -79,9 +79,15 @@ def make_plan(
     ``gamma_auto``, only gamma is chosen. ``optimizer_scores`` may map several Adam-state
     estimators to their scores: with a selector the plan of least KL among them is kept. ``expert_load``: the
     tokens routed to each expert of a mixture-of-experts model while training (see
-    :class:`~nirvana_pl.router_load.RouterLoad`), for scores that did not count their own.
+    :class:`~nirvana_pl.router_load.RouterLoad`): the Adam-state scores take it, and any other scores that
+    counted none of their own.
     The model's weights are never changed here.
     """
+    if expert_load is not None:  # (the training window's count comes first: it saw more tokens than calibration)
+        adam_scores = optimizer_scores.values() if isinstance(optimizer_scores, Mapping) else [optimizer_scores]
+        for scores in adam_scores:
+            if scores is not None:
+                scores.expert_load = expert_load
     grid = gamma_grid if gamma_auto else None
     selector = calibration if isinstance(calibration, CalibrationSelector) else None
     if selector is not None and saliency in CALIBRATION_ESTIMATORS:

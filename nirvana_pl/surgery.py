@@ -120,7 +120,7 @@ def _slice_weight(
         return
     # Shape attributes of the base linear, of a LoRA wrapper, and of the adapter linears it slices.
     attr = "out_features" if w.axis == 0 else "in_features"
-    size = w.index_map.indices(kept).numel()  # (not the weight's shape: ZeRO-3 holds a partition of it again)
+    size = len(kept) * w.rows_per_unit  # (not the weight's shape: ZeRO-3 holds a partition of it again)
     for module in [w.linear, w.module] + [ad.B if w.axis == 0 else ad.A for ad in w.adapters]:
         if hasattr(module, attr):
             setattr(module, attr, size)
@@ -207,7 +207,7 @@ def _taker(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """What surgery keeps of ``p`` (``w``'s weight, or its bias or a LoRA factor along ``axis``)."""
     if w.experts:
-        return lambda t: w.take(t, kept, kept_experts)
+        return lambda t: w.take_experts(t, kept, kept_experts)
     idx = w.index_map.indices(kept)
     return lambda t: t.index_select(axis, idx.to(t.device))
 

@@ -173,12 +173,10 @@ class WeightSlice:
         fused expert parameter)."""
         return self.index_map.per_unit(per_row).reshape(-1)
 
-    def take(self, t: torch.Tensor, kept: Sequence[int], kept_experts: Sequence[int] | None = None) -> torch.Tensor:
-        """The entries of ``t`` (the weight, or a tensor of its shape: a gradient, an optimizer moment) that the
-        ``kept`` units own, along :attr:`axis`. For a fused expert parameter ``kept_experts`` are the experts kept
-        (sorted) and ``kept`` the kept (expert, channel) units, the same number in every kept expert."""
-        if not self.experts:
-            return t.index_select(self.axis, self.index_map.indices(kept).to(t.device))
+    def take_experts(self, t: torch.Tensor, kept: Sequence[int], kept_experts: Sequence[int]) -> torch.Tensor:
+        """For a fused expert parameter: the entries of ``t`` (the weight, or a tensor of its shape: a gradient, an
+        optimizer moment) of the ``kept_experts`` (sorted) and, in each, of its channels among the kept
+        (expert, channel) units ``kept``, the same number in every kept expert."""
         per_expert = expert_channels(kept, self.channels_per_expert, kept_experts)
         experts = torch.as_tensor(list(kept_experts), dtype=torch.long, device=t.device)
         rows = torch.stack([self.index_map.indices(c) for c in per_expert]).to(t.device)  # [kept experts, rows]

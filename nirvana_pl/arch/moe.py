@@ -97,21 +97,19 @@ class MoEDecoderArchitecture(DecoderArchitecture):
 
     # ------------------------------------------------------------------------------------------- after a cut
     def after_slicing(self, model: nn.Module, units: Sequence[LayerUnits], plan: PruningPlan) -> None:
-        top_k = int(model.config.num_experts_per_tok)
-        for u in self.find_units(model):
+        cut = self.find_units(model)  # as they are now (``units`` were found before the cut)
+        layout = self.layout()
+        for u in cut:
             n_kv = u.num_kv_groups
             # (the attention's head counts; the experts block has no intermediate_size of its own)
-            modeling_nirvana.set_layer_attributes(u.attn, u.mlp, self.layout(), n_kv * u.group_size, n_kv, 0)
-            experts, router = getattr(u.mlp, self.experts), getattr(u.mlp, self.router)
-            experts.num_experts = router.num_experts = u.num_experts
-            experts.intermediate_dim = u.channels_per_expert
-            router.top_k = min(top_k, u.num_experts)  # (a layer left with fewer experts routes to all of them)
-            if hasattr(u.mlp, "top_k"):
-                u.mlp.top_k = router.top_k
-        self.update_config(model, self.widths(model))
+            modeling_nirvana.set_layer_attributes(u.attn, u.mlp, layout, n_kv * u.group_size, n_kv, 0)
+            modeling_nirvana.set_expert_attributes(u.mlp, layout, u.num_experts, u.channels_per_expert)
+        self.update_config(model, self._widths(cut))
 
     def widths(self, model: nn.Module) -> list[dict[str, int]]:
-        units = self.find_units(model)
+        return self._widths(self.find_units(model))
+
+    def _widths(self, units: Sequence[LayerUnits]) -> list[dict[str, int]]:
         return [
             {"num_key_value_heads": w["num_key_value_heads"], "num_attention_heads": w["num_attention_heads"],
              self.expert_width_key: u.channels_per_expert, self.num_experts_key: u.num_experts}

@@ -166,12 +166,19 @@ def _resize_experts(block: nn.Module, names: dict[str, Any], n_experts: int, int
         if tuple(old.shape) != shape:  # (on the meta device inside from_pretrained)
             setattr(owner, name, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad))
             changed = True
+    set_expert_attributes(block, names, n_experts, inter)
+    return changed
+
+
+def set_expert_attributes(block: nn.Module, names: dict[str, Any], n_experts: int, inter: int) -> None:
+    """The attributes a mixture-of-experts block's forward reads its sizes from, for ``n_experts`` experts of width
+    ``inter``; the top-k never above the experts (a layer left with fewer experts routes to all of them)."""
+    experts, router = getattr(block, names["experts"]), getattr(block, names["router"])
     experts.num_experts = router.num_experts = n_experts
     experts.intermediate_dim = inter
-    router.top_k = min(router.top_k, n_experts)  # (a layer left with fewer experts routes to all of them)
+    router.top_k = min(router.top_k, n_experts)
     if hasattr(block, "top_k"):
         block.top_k = router.top_k
-    return changed
 
 
 def _resize_norm(attn: nn.Module, name: str, shape: tuple[int, ...]) -> bool:
@@ -273,4 +280,5 @@ def nirvana_classes(
     return config, model
 
 
-__all__ = ["LLAMA_LAYOUT", "apply_layer_widths", "check_layer_widths", "nirvana_classes", "width_keys"]
+__all__ = ["LLAMA_LAYOUT", "apply_layer_widths", "check_layer_widths", "nirvana_classes", "set_expert_attributes",
+           "width_keys"]
