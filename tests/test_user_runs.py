@@ -131,3 +131,20 @@ def test_drop_in_config_under_ddp_in_a_users_own_cli(tmp_path):
     assert event["step"] == 5 and abs(event["realised_sparsity"] - 0.3) < 0.05
     _check_saved(log_dir / "pruned_model", [list(x) for x in zip(event["kept_kv_groups_per_layer"],
                                                                    event["kept_mlp_width_per_layer"])])
+
+
+def test_main_jobs_dense_control_under_ddp(tmp_path):
+    """The main job's HeldOutPerplexity(dense_control=true) on the tiny recipe, two DDP processes: the control's
+    gradients are averaged over ranks, as the fit's are."""
+    recipe = tmp_path / "tiny_with_dense_control.yaml"
+    entry = "    - class_path: nirvana_pl.modules.HeldOutPerplexity\n"
+    assert "dense_control: true" in (ROOT / "recipes" / "smollm2_pydoc.yaml").read_text()
+    recipe.write_text(RECIPE.read_text().replace(entry, entry + "      init_args:\n        dense_control: true\n"))
+    args = _recipe_args(tmp_path)
+    args[args.index(str(RECIPE))] = str(recipe)
+    proc = run_killable([sys.executable, "-m", "nirvana_pl.cli", *args, "--trainer.strategy", "ddp"], 300, cwd=ROOT,
+                        env=_env())  # fmt: skip
+    _check_recipe_run(proc, tmp_path)
+    assert "the dense model at the prune, trained the same 3 steps on the same batches" in proc.stdout
+    ppl = json.loads((tmp_path / "lightning_logs" / "version_0" / "run_summary.json").read_text())["perplexity"]
+    assert ppl["dense_control"] > 1 and ppl["dense_control"] != ppl["dense"]
