@@ -104,7 +104,9 @@ class AllocationConfig:
     uniform: bool = False
     #: MLP channels every layer keeps, a multiple of ``mlp_round_to`` (0: a layer's whole MLP may go).
     #: DeepSpeed ZeRO-3 cannot hold a weight with no elements, so under ZeRO-3 the callback raises
-    #: it to ``mlp_round_to``. In a mixture-of-experts layer: per kept expert.
+    #: it to ``mlp_round_to``. In a mixture-of-experts layer: per kept expert, and at least one block of
+    #: ``mlp_round_to`` (an expert without channels would still take its share of the routing: whole experts go
+    #: instead); a shared expert may go to 0.
     min_mlp_channels: int = 0
     #: mixture-of-experts models: the share of the MLP cut taken as whole experts (the rest as channels inside the
     #: kept experts, the same number in every expert of a layer); 0 prunes channels only, 1 experts only
@@ -357,7 +359,8 @@ def allocate(
         LayerPlan(kv_groups_before=kv_now[i], mlp_channels_before=mlp_now[i], kept_kv_groups=kept_kv[i],
                   kept_mlp_channels=kept_mlp[i], label=units[i].label,
                   has_mlp=bool(units[i].mlp_weights), experts_before=units[i].num_experts,
-                  kept_experts=kept_experts[i] if units[i].num_experts else None)
+                  kept_experts=kept_experts[i] if units[i].num_experts else None,
+                  shared_channels_before=units[i].shared_width)
         for i in range(len(units))
     ]
     params_after = params_before - removed_parameters(
@@ -449,23 +452,32 @@ def _global_mlp(
 def _global_moe(
     units: Sequence[LayerUnits], scores: UnitScores, k: int, config: AllocationConfig
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Remove about ``k`` expert channels of mixture-of-experts layers: ``config.expert_share`` of them as whole
-    experts, the rest as channels inside the kept experts; (kept expert-channel units, kept experts) per layer.
+    """Remove about ``k`` MLP channels of mixture-of-experts layers: ``config.expert_share`` of them as whole
+    experts, the rest as channels inside the kept experts and of the shared experts; (kept MLP units, kept experts)
+    per layer.
 
     Both are ranked globally and cost-normalised, by the mean score of the channels that go: an expert by the mean
-    of its channels' scores; a width step of a layer (each kept expert's worst remaining channel, since the experts
-    of a layer keep one width) by the mean over its kept experts. Kept widths are rounded to ``mlp_round_to``.
+    of its channels' scores; a width step of a layer's experts (each kept expert's worst remaining channel, since
+    the experts of a layer keep one width) by the mean over its kept experts; a step of a shared expert by the score
+    of its worst remaining channel. Kept widths are rounded to ``mlp_round_to``.
     """
-    grids = [s.double().view(u.num_experts, u.channels_per_expert) for u, s in zip(units, scores.mlp)]
+    grids = [s[: u.expert_units].double().view(u.num_experts, u.channels_per_expert) for u, s in zip(units, scores.mlp)]
+    shared = [s[u.expert_units :].double() for u, s in zip(units, scores.mlp)]
     k = max(0, k)
     expert_scores = _expert_scores(grids, scores.expert_load, config.router_load)
     kept_experts, removed = _remove_experts(grids, expert_scores, config.expert_share * k, config.min_experts)
-    # each kept expert's channels, best first: width step j of layer i removes column -(j+1) of every kept expert
+    # each kept expert's channels, best first: width step j of layer i removes column -(j+1) of every kept expert;
+    # a shared expert is one more pool of one row
     best_first = [g[kept].sort(dim=1, descending=True, stable=True).values for g, kept in zip(grids, kept_experts)]
-    keep = _expert_widths(best_first, k - removed, config)
-    kept_mlp = [[e * g.shape[1] + c for e in kept for c in _keep_top(g[e], n)]
-                for g, kept, n in zip(grids, kept_experts, keep)]  # fmt: skip
-    return kept_mlp, kept_experts
+    shared_best_first = [v.sort(descending=True, stable=True).values[None, :] for v in shared]
+    floors = [_expert_floor(config)] * len(best_first) + [config.min_mlp_channels] * len(shared_best_first)
+    keep = _expert_widths(best_first + shared_best_first, k - removed, config, floors)
+    expert_keep, shared_keep = keep[: len(units)], keep[len(units) :]
+    return [
+        [e * g.shape[1] + c for e in kept for c in _keep_top(g[e], n)]
+        + [u.expert_units + c for c in _keep_top(v, n_shared)]
+        for u, g, kept, n, v, n_shared in zip(units, grids, kept_experts, expert_keep, shared, shared_keep)
+    ], kept_experts
 
 
 def _expert_scores(
@@ -502,14 +514,23 @@ def _remove_experts(
     return [[e for e in range(g.shape[0]) if e not in out] for g, out in zip(grids, gone)], removed
 
 
-def _expert_widths(best_first: Sequence[torch.Tensor], target: float, config: AllocationConfig) -> list[int]:
-    """The width every kept expert of each layer keeps, so that about ``target`` channels go: width steps taken
-    lowest mean first, then widths floored to ``mlp_round_to`` and whole blocks given back, best first, while the cut
-    stays within half a block of its target."""
+def _expert_floor(config: AllocationConfig) -> int:
+    """Channels every kept expert keeps at least (see :attr:`AllocationConfig.min_mlp_channels`)."""
+    return max(config.min_mlp_channels, config.mlp_round_to)
+
+
+def _expert_widths(
+    best_first: Sequence[torch.Tensor], target: float, config: AllocationConfig, floors: Sequence[int]
+) -> list[int]:
+    """The width every row of each pool keeps (``best_first[p]``: the channel scores of pool p's rows, each sorted
+    best first: a layer's kept experts, or its shared expert as one row; at least ``floors[p]`` or its whole width),
+    so that about ``target`` channels go: width steps taken lowest mean first, then widths floored to
+    ``mlp_round_to`` and whole blocks given back, best first, while the cut stays within half a block of its
+    target."""
     steps = []
     for i, ranked in enumerate(best_first):
         step_means = ranked.mean(0) if ranked.shape[0] else ranked.new_zeros(ranked.shape[1])
-        first = min(config.min_mlp_channels, ranked.shape[1])
+        first = min(floors[i], ranked.shape[1])
         steps += [(float(step_means[j]), i, -j) for j in range(first, ranked.shape[1])]
     keep = [ranked.shape[1] for ranked in best_first]
     removed = 0
@@ -522,7 +543,7 @@ def _expert_widths(best_first: Sequence[torch.Tensor], target: float, config: Al
     for i, ranked in enumerate(best_first):
         width = ranked.shape[1]
         if keep[i] < width:
-            keep[i] = max(config.min_mlp_channels, (keep[i] // config.mlp_round_to) * config.mlp_round_to)
+            keep[i] = min(width, max(floors[i], (keep[i] // config.mlp_round_to) * config.mlp_round_to))
             step = min(config.mlp_round_to, width - keep[i])
             value = float(ranked[:, keep[i]: keep[i] + step].mean()) if ranked.numel() else 0.0
             blocks.append((-value, i, step))
@@ -542,27 +563,37 @@ _NOT_UNIFORM = ("uniform=True needs a model whose layers have equal widths; this
 def _uniform_moe(
     units: Sequence[LayerUnits], scores: UnitScores, k: float, config: AllocationConfig
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """:func:`_global_moe` with the same number of experts, of the same width, kept in every layer: about ``k``
-    expert channels removed in all (``config.expert_share`` of them as whole experts), each layer keeping its best."""
+    """:func:`_global_moe` with the same number of experts, of the same width, and the same shared-expert width
+    kept in every layer: about ``k`` MLP channels removed in all (``config.expert_share`` of them as whole experts,
+    the rest the same fraction of the kept experts' and the shared expert's width), each layer keeping its best."""
     first = units[0]
-    if any((u.num_experts, u.channels_per_expert) != (first.num_experts, first.channels_per_expert) for u in units):
+    shape = (first.num_experts, first.channels_per_expert, first.shared_width)
+    if any((u.num_experts, u.channels_per_expert, u.shared_width) != shape for u in units):
         raise ValueError(_NOT_UNIFORM)
-    n, width = first.num_experts, first.channels_per_expert
+    n, width, shared = shape
     per_layer = max(0.0, k / len(units))
     experts_gone = min(n - config.min_experts, round(config.expert_share * per_layer / width)) if width else 0
     experts_keep = n - max(0, experts_gone)
-    steps = max(0.0, per_layer - (n - experts_keep) * width) / experts_keep
-    keep = width - steps
-    if steps > 0:
-        keep = round(keep / config.mlp_round_to) * config.mlp_round_to
-    keep = int(min(width, max(config.min_mlp_channels, keep)))
+    fraction = max(0.0, per_layer - (n - experts_keep) * width) / (experts_keep * width + shared or 1)
+    keep = _uniform_width(width, fraction, config, _expert_floor(config))
+    shared_keep = _uniform_width(shared, fraction, config, config.min_mlp_channels)
     kept_mlp, kept_experts = [], []
-    grids = [s.double().view(n, width) for s in scores.mlp]
-    for grid, expert_scores in zip(grids, _expert_scores(grids, scores.expert_load, config.router_load)):
+    grids = [s[: n * width].double().view(n, width) for s in scores.mlp]
+    for grid, expert_scores, s in zip(grids, _expert_scores(grids, scores.expert_load, config.router_load), scores.mlp):
         experts = _keep_top(expert_scores, experts_keep)
         kept_experts.append(experts)
-        kept_mlp.append([e * width + c for e in experts for c in _keep_top(grid[e], keep)])
+        kept_mlp.append([e * width + c for e in experts for c in _keep_top(grid[e], keep)]
+                        + [n * width + c for c in _keep_top(s[n * width :], shared_keep)])  # fmt: skip
     return kept_mlp, kept_experts
+
+
+def _uniform_width(width: int, fraction: float, config: AllocationConfig, floor: int) -> int:
+    """The width left of ``width`` channels when about ``fraction`` of them go, rounded to ``mlp_round_to``, at
+    least ``floor`` (or the whole width)."""
+    keep = width * (1.0 - fraction)
+    if fraction > 0:
+        keep = round(keep / config.mlp_round_to) * config.mlp_round_to
+    return int(min(width, max(min(floor, width), keep)))
 
 
 def _uniform_kv_keep(ref: DenseReference, p_a: float, config: AllocationConfig) -> int:

@@ -78,15 +78,12 @@ def masked(model: nn.Module, plan: PruningPlan) -> Iterator[nn.Module]:
         for u, lp in zip(units, plan.layers):
             if u.num_experts:  # (what a mixture-of-experts block computes is its adapter's to mask)
                 handles += arch.mask_experts(u, lp)
-            # the input columns of the weights units own by column: o_proj / down_proj (T5: o / wo)
-            for weights, n, kept in ((u.attn_weights, u.num_kv_groups, lp.kept_kv_groups),
-                                     (u.mlp_weights, 0 if u.num_experts else u.mlp_width,
-                                      lp.kept_mlp_channels)):  # fmt: skip
-                removed = sorted(set(range(n)) - set(kept))
-                if not removed:
-                    continue
+            # the input columns of the weights units own by column: o_proj / down_proj (T5: o / wo; a shared
+            # expert's down_proj beside the experts)
+            for weights, kept in ((u.attn_weights, lp.kept_kv_groups), (u.mlp_weights, lp.kept_mlp_channels)):
                 for w in weights:
-                    if w.axis == 1:
+                    removed = sorted(set(range(w.num_units)) - set(w.local_units(kept)))
+                    if w.axis == 1 and not w.experts and removed:
                         idx = w.index_map.indices(removed)
                         # on the module the model calls (a LoRA layer too), so adapters see the zeros as well
                         handles.append(w.module.register_forward_pre_hook(_zero_input_columns(idx)))

@@ -27,6 +27,9 @@ class LayerPlan:
     #: expert, none in a removed one
     experts_before: int = 0
     kept_experts: list[int] | None = None
+    #: a mixture-of-experts layer with a shared expert (an ordinary MLP beside the routed experts): its channels,
+    #: the last ``shared_channels_before`` units of the MLP pool, after the (expert, channel) pairs
+    shared_channels_before: int = 0
 
     @property
     def is_identity(self) -> bool:
@@ -38,6 +41,23 @@ class LayerPlan:
     def experts_kept(self) -> int:
         """Experts the layer keeps (0 for a dense MLP)."""
         return self.experts_before if self.kept_experts is None else len(self.kept_experts)
+
+    @property
+    def kept_expert_units(self) -> list[int]:
+        """The kept (expert, channel) units of a mixture-of-experts layer (all kept MLP channels of a dense one)."""
+        end = self.mlp_channels_before - self.shared_channels_before
+        return [u for u in self.kept_mlp_channels if u < end]
+
+    @property
+    def kept_shared_channels(self) -> list[int]:
+        """The kept channels of the layer's shared expert, as its own channel indices."""
+        start = self.mlp_channels_before - self.shared_channels_before
+        return [u - start for u in self.kept_mlp_channels if u >= start]
+
+    @property
+    def expert_width_kept(self) -> int:
+        """Channels every kept expert keeps (a mixture-of-experts layer)."""
+        return len(self.kept_expert_units) // max(self.experts_kept, 1)
 
 
 @dataclass
@@ -137,4 +157,6 @@ def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
         del d["has_mlp"]
     if not d["experts_before"]:  # and only mixture-of-experts layers name their experts
         del d["experts_before"], d["kept_experts"]
+    if not d["shared_channels_before"]:  # and only layers with a shared expert count its channels
+        del d["shared_channels_before"]
     return d

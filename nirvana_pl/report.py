@@ -146,14 +146,18 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
 
 
 def expert_cells(plan: Any) -> list[str] | None:
-    """Per layer, ``kept/before experts x channels each`` (None for a plan without experts)."""
+    """Per layer, ``kept/before experts x channels each`` (and ``+ shared kept/before`` for a layer with a shared
+    expert; None for a plan without experts)."""
     if not any(layer.experts_before for layer in plan.layers):
         return None
     cells = []
     for layer in plan.layers:
-        kept = layer.experts_kept
-        width = len(layer.kept_mlp_channels) // kept if kept else 0
-        cells.append(f"{kept}/{layer.experts_before} x {width}" if layer.experts_before else "-")
+        if not layer.experts_before:
+            cells.append("-")
+            continue
+        shared = (f" + shared {len(layer.kept_shared_channels)}/{layer.shared_channels_before}"
+                  if layer.shared_channels_before else "")  # fmt: skip
+        cells.append(f"{layer.experts_kept}/{layer.experts_before} x {layer.expert_width_kept}{shared}")
     return cells
 
 
@@ -250,8 +254,11 @@ def report_dict(
                    if r.plan.layers and r.plan.layers[0].label else {}),  # fmt: skip
                 **({"entries_without_mlp": without_mlp} if without_mlp else {}),
                 **({"kept_experts_per_layer": r.plan.experts_kept(),
-                    "kept_expert_indices": [layer.kept_experts for layer in r.plan.layers]}
+                    "kept_expert_indices": [layer.kept_experts for layer in r.plan.layers],
+                    "kept_expert_width_per_layer": [layer.expert_width_kept for layer in r.plan.layers]}
                    if any(layer.experts_before for layer in r.plan.layers) else {}),  # fmt: skip
+                **({"kept_shared_expert_width_per_layer": [len(layer.kept_shared_channels) for layer in r.plan.layers]}
+                   if any(layer.shared_channels_before for layer in r.plan.layers) else {}),  # fmt: skip
                 "plan_fingerprint": r.plan.fingerprint(),
                 "scores": r.plan.score_summary,
                 **({"caveat": r.caveat} if r.caveat else {}),

@@ -134,7 +134,7 @@ def _per_weight_scores_of_kinds(
             sums = [torch.zeros(n_units) for _ in range(n_kinds)]
             for w in weights if n_units else ():  # (an MLP pruned to width 0 has nothing to score)
                 for total, row in zip(sums, saliencies_of(w)):
-                    total += _reduce_to_units(w, row)
+                    total[w.unit_offset : w.pool_end] += _reduce_to_units(w, row)
             for pool, total in zip(pools, sums):
                 pool.append(total)
     return [UnitScores(a, m) for a, m in zip(attn, mlp)]

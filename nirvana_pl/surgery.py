@@ -86,8 +86,13 @@ def _validate_experts(u: LayerUnits, lp: LayerPlan) -> None:
             f"layer {u.index}: kept experts must be at least one sorted unique index in [0, {u.num_experts}); "
             f"got {experts}."
         )
+    if lp.shared_channels_before != u.shared_width:
+        raise PlanMismatchError(
+            f"layer {u.index}: plan was made for a shared expert of {lp.shared_channels_before} channels, the model's "
+            f"has {u.shared_width}."
+        )
     try:
-        expert_channels(lp.kept_mlp_channels, u.channels_per_expert, experts)
+        expert_channels(lp.kept_expert_units, u.channels_per_expert, experts)
     except ValueError as err:
         raise PlanMismatchError(f"layer {u.index}: {err}") from None
 
@@ -105,6 +110,7 @@ def _slice_weight(
     materialize: Materialize,
     kept_experts: Sequence[int] | None = None,
 ):
+    kept = w.local_units(kept)
     unit_parameters = w.unit_parameters()
     with materialize([p for p, _ in unit_parameters]):
         for p, axis in unit_parameters:
@@ -198,14 +204,15 @@ def planned_slices(
     fp32 masters and moments) over to the kept slices.
     """
     units = validate_plan(model, plan)
-    return [(p, _taker(w, p, axis, kept, experts)) for w, kept, experts in _slice_jobs(units, plan)
+    return [(p, _taker(w, p, axis, w.local_units(kept), experts)) for w, kept, experts in _slice_jobs(units, plan)
             for p, axis in w.unit_parameters()]  # fmt: skip
 
 
 def _taker(
     w: WeightSlice, p: nn.Parameter, axis: int, kept: Sequence[int], kept_experts: Sequence[int] | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What surgery keeps of ``p`` (``w``'s weight, or its bias or a LoRA factor along ``axis``)."""
+    """What surgery keeps of ``p`` (``w``'s weight, or its bias or a LoRA factor along ``axis``); ``kept``: the
+    kept units of ``w``'s own (:meth:`~nirvana_pl.units.WeightSlice.local_units`)."""
     if w.experts:
         return lambda t: w.take_experts(t, kept, kept_experts)
     idx = w.index_map.indices(kept)
@@ -215,8 +222,8 @@ def _taker(
 def _slice_jobs(
     units: Sequence[LayerUnits], plan: PruningPlan
 ) -> list[tuple[WeightSlice, list[int], list[int] | None]]:
-    """(weight, kept units, kept experts for a fused expert weight) for every weight whose pool ``plan`` shrinks in
-    its layer."""
+    """(weight, kept units of its layer's pool, kept experts for a fused expert weight) for every weight whose pool
+    ``plan`` shrinks in its layer."""
     jobs: list[tuple[WeightSlice, list[int], list[int] | None]] = []
     for u, lp in zip(units, plan.layers):
         if len(lp.kept_kv_groups) != u.num_kv_groups:

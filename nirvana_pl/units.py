@@ -13,6 +13,7 @@ adapter (:mod:`nirvana_pl.arch`), and scoring, allocation and surgery live elsew
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -107,6 +108,9 @@ class WeightSlice:
     #: (expert, channel) pairs, expert-major (unit ``e * channels + c``), and ``index_map`` gives one expert's
     #: rows along ``axis``
     experts: int = 0
+    #: where this weight's units start in its layer's pool: a layer's MLP pool may hold two kinds of channel one
+    #: after the other (a mixture-of-experts layer's expert channels, then its shared expert's channels)
+    unit_offset: int = 0
 
     @classmethod
     def of(cls, name: str, module: nn.Module, axis: int, *rows_per_unit: int) -> "WeightSlice":
@@ -116,6 +120,10 @@ class WeightSlice:
         if not isinstance(linear, nn.Linear):  # (refused with a clear message by check_wrapper)
             return cls(name, module, axis, IndexMap(((0, sum(rows_per_unit)),), 0))
         return cls(name, module, axis, _index_map(name, linear.weight, axis, rows_per_unit))
+
+    def shifted(self, unit_offset: int) -> "WeightSlice":
+        """This weight as the part of a larger pool whose units start at ``unit_offset``."""
+        return dataclasses.replace(self, unit_offset=unit_offset)
 
     @classmethod
     def follower(cls, name: str, module: nn.Module, axis: int, *rows_per_unit: int) -> "WeightSlice":
@@ -147,6 +155,15 @@ class WeightSlice:
     def channels_per_expert(self) -> int:
         """Units of one expert (of the whole weight when it holds no experts)."""
         return self.index_map.num_units
+
+    @property
+    def pool_end(self) -> int:
+        """One past the last unit of the layer's pool this weight owns rows of."""
+        return self.unit_offset + self.num_units
+
+    def local_units(self, units: Sequence[int]) -> list[int]:
+        """Those of the layer's pool ``units`` that this weight owns, as its own unit indices."""
+        return [int(u) - self.unit_offset for u in units if self.unit_offset <= int(u) < self.pool_end]
 
     @property
     def summed_axis(self) -> int:
@@ -263,7 +280,8 @@ class LayerUnits:
 
     @property
     def mlp_width(self) -> int:
-        return self.mlp_weights[0].num_units if self.mlp_weights else 0
+        """Units of the MLP pool (in a mixture-of-experts layer: its expert channels, then its shared expert's)."""
+        return max((w.pool_end for w in self.mlp_weights), default=0)
 
     @property
     def kv_group_cost(self) -> int:
@@ -272,12 +290,30 @@ class LayerUnits:
 
     @property
     def mlp_channel_cost(self) -> int:
-        return sum(_unit_cost(w) for w in self.mlp_weights)
+        """Parameters removed with one MLP channel (an expert channel, in a mixture-of-experts layer; an adapter
+        whose layers also hold a shared expert checks that its channels cost the same)."""
+        return sum(_unit_cost(w) for w in self.mlp_weights if bool(w.experts) == bool(self.num_experts))
+
+    @property
+    def shared_channel_cost(self) -> int:
+        """Parameters removed with one channel of the shared expert of a mixture-of-experts layer (0: none)."""
+        return sum(_unit_cost(w) for w in self.mlp_weights if self.num_experts and not w.experts)
 
     @property
     def channels_per_expert(self) -> int:
         """MLP channels of one expert (a dense MLP's width when the layer has no experts)."""
-        return self.mlp_width // self.num_experts if self.num_experts else self.mlp_width
+        experts = [w for w in self.mlp_weights if w.experts]
+        return experts[0].channels_per_expert if experts else self.mlp_width
+
+    @property
+    def expert_units(self) -> int:
+        """The (expert, channel) units at the start of the MLP pool (0 in a dense layer)."""
+        return self.num_experts * self.channels_per_expert
+
+    @property
+    def shared_width(self) -> int:
+        """Channels of the shared expert of a mixture-of-experts layer, the last units of its MLP pool (0: none)."""
+        return self.mlp_width - self.expert_units if self.num_experts else 0
 
     @property
     def expert_follower_cost(self) -> int:

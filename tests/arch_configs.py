@@ -50,8 +50,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "stablelm": _decoder(4, 2, 136, use_qkv_bias=True),  # partial rotary (0.25 by default), q/k/v biases
     "olmo2": _decoder(8, 4, 120),  # q_norm / k_norm over all heads together
     "olmo3": _decoder(8, 4, 128, sliding_window=4, layer_types=_ALTERNATING),
-    # mixture of experts: 4 experts of 48 channels, 2 per token (fused 3-D expert parameters)
+    # mixture of experts: 4 experts, 2 per token (fused 3-D expert parameters)
     "mixtral": _decoder(8, 4, 48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": _decoder(4, 2, 96, moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                          shared_expert_intermediate_size=56),  # q/k/v biases; a shared expert beside the experts
     "qwen3_moe": _decoder(8, 4, 96, moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                           norm_topk_prob=True),  # per-head q_norm / k_norm like Qwen3
     "t5": dict(

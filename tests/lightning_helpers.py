@@ -10,10 +10,20 @@ from transformers import AutoConfig, AutoModelForCausalLM
 VOCAB = 128
 
 
+#: the expert sizes of the mixture-of-experts kinds whose config defaults are full-size models (Mixtral's experts
+#: take ``intermediate_size``)
+_EXPERTS = {
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+}
+
+
 def tiny_config(kind: str = "llama", **overrides):
     common = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
+        **_EXPERTS.get(kind, {}),
     )
     common.update(overrides)
     return AutoConfig.for_model(kind, **common)  # llama, qwen2 (q/k/v biases), qwen3 (q_norm/k_norm) ...

@@ -59,7 +59,18 @@ def test_goal_table_counts_the_cells_met_per_sparsity():
 
     lines = bench._goal_table(_stage(ppl), (0, 1), (0.4,), "mine@2", "functional@3")
     row = next(line for line in lines if line.startswith("| 0.4 |"))
-    assert row.endswith("| 8/9 |") and "1.20" in row and "0.50" in row
+    assert row.startswith("| 0.4 | 0, 1 |") and row.endswith("| 8/9 |") and "1.20" in row and "0.50" in row
+
+
+def test_goal_table_compares_the_seeds_both_arms_were_run_on():
+    def ppl(arm, cal, ev, seed):  # seed 1 is a bad draw for everyone
+        return (50.0 if arm == "mine@2" else 100.0) * (10.0 if seed else 1.0)
+
+    stage = {k: v for k, v in _stage(ppl).items() if not k.startswith(tuple(f"{c}|1|functional@3" for c in
+                                                                              bench.DOMAINS))}  # fmt: skip
+    lines = bench._goal_table(stage, (0, 1), (0.4,), "mine@2", "functional@3")
+    row = next(line for line in lines if line.startswith("| 0.4 |"))
+    assert row.startswith("| 0.4 | 0 |") and row.endswith("| 9/9 |") and "0.50" in row
 
 
 def test_the_matrix_follows_the_callbacks_default():

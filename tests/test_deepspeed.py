@@ -154,15 +154,17 @@ def test_zero2_distillation_of_a_qwen3_with_the_defaults(tmp_path, extensions_di
         assert e["losses_after"][-1] == pytest.approx(e["logged"]["nirvana/distill_loss"], rel=1e-5)
 
 
-def test_zero2_prunes_experts_and_expert_channels_of_a_mixtral(tmp_path, extensions_dir):
-    """ZeRO-2 bf16 with the default estimator on a mixture of experts: the fused 3-D expert tensors' fp32 masters and
-    Adam moments are carried per expert and channel, the router's rows with its experts, ranks stay identical."""
+def test_zero2_prunes_experts_and_expert_channels_of_a_qwen2_moe(tmp_path, extensions_dir):
+    """ZeRO-2 bf16 with the default estimator on a mixture of experts with a shared expert: the fused 3-D expert
+    tensors' fp32 masters and Adam moments are carried per expert and channel, the router's rows with its experts,
+    the shared expert's with its channels; ranks stay identical."""
     proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--saliency",
-                         "default", "--kind", "mixtral")  # fmt: skip
+                         "default", "--kind", "qwen2_moe")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
     assert all(p["own_plan_matched_rank0"] == [True] for p in prune.values())
-    assert any(kept < 8 for kept in prune[0]["experts_kept"]), prune[0]["experts_kept"]
+    assert any(kept < 4 for kept in prune[0]["experts_kept"]), prune[0]["experts_kept"]
+    assert any(width < 64 for width in prune[0]["shared_widths"]), prune[0]["shared_widths"]
 
 
 def test_zero3_refuses_distillation_at_setup():

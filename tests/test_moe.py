@@ -1,9 +1,11 @@
-"""Mixture-of-experts models (Mixtral, Qwen3-MoE): expert channels and whole experts.
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE): expert channels, whole experts and the channels of a
+shared expert.
 
 The references here are written independently of nirvana_pl's own masking (``calibration.masked``, which the
 registry suite in ``test_architectures.py`` compares with): a removed expert is the dense model with that expert's
 router logit at minus infinity, computed by a router forward written out below; a removed channel is the dense
-model with that channel's gate/up rows and down column zeroed in a copy of the weights.
+model with that channel's gate/up rows and down column zeroed in a copy of the weights (a shared expert's channel
+likewise, in its own gate/up/down projections).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from nirvana_pl.saliency import SaliencyError, UnitScores, compute_scores
 from nirvana_pl.surgery import PlanMismatchError, apply_plan, planned_slices, resize_from_state_dict
 from nirvana_pl.units import UnsupportedModelError, find_units, prunable_parameter_count
 
-FAMILIES = ["mixtral", "qwen3_moe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
@@ -39,16 +41,21 @@ def _logits(model, ids) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()
 
 
-def _plan(model, experts: dict[int, list[int]], channels: dict[int, dict[int, list[int]]]) -> PruningPlan:
+def _plan(
+    model, experts: dict[int, list[int]], channels: dict[int, dict[int, list[int]]],
+    shared: dict[int, list[int]] | None = None,
+) -> PruningPlan:
     """Keep, in layer l, the experts ``experts[l]`` (default all) with the channels ``channels[l][e]`` each (default
-    all); every KV group."""
+    all), the shared expert's channels ``shared[l]`` (default all) and every KV group."""
     layers = []
     for u in find_units(model):
         kept = experts.get(u.index, list(range(u.num_experts)))
         per_expert = channels.get(u.index, {})
         flat = [e * u.channels_per_expert + c for e in kept for c in per_expert.get(e, range(u.channels_per_expert))]
+        flat += [u.expert_units + c for c in (shared or {}).get(u.index, range(u.shared_width))]
         layers.append(LayerPlan(u.num_kv_groups, u.mlp_width, list(range(u.num_kv_groups)), flat,
-                                experts_before=u.num_experts, kept_experts=kept))  # fmt: skip
+                                experts_before=u.num_experts, kept_experts=kept,
+                                shared_channels_before=u.shared_width))  # fmt: skip
     return PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="by hand")
 
 
@@ -103,6 +110,8 @@ def test_removing_channels_equals_zeroing_them(family):
         layer: {e: sorted(torch.randperm(width, generator=gen)[: width - 8].tolist()) for e in range(4)}
         for layer in (0, 2)
     }
+    shared_width = find_units(model)[0].shared_width
+    shared = {1: list(range(3, shared_width - 5))} if shared_width else {}  # layer 1 loses 8 shared channels
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for layer, per_expert in channels.items():
@@ -112,14 +121,23 @@ def test_removing_channels_equals_zeroing_them(family):
                 experts.gate_up_proj[e, gone] = 0
                 experts.gate_up_proj[e, [width + c for c in gone]] = 0
                 experts.down_proj[e][:, gone] = 0
+        for layer, kept in shared.items():
+            mlp = reference.model.layers[layer].mlp.shared_expert
+            gone = sorted(set(range(shared_width)) - set(kept))
+            mlp.gate_proj.weight[gone] = 0
+            mlp.up_proj.weight[gone] = 0
+            mlp.down_proj.weight[:, gone] = 0
     ids = _ids()
-    apply_plan(model, _plan(model, {}, channels))
+    apply_plan(model, _plan(model, {}, channels, shared))
 
     expected = _logits(reference, ids)
     assert (expected - _logits(build(family), ids)).abs().max() > 1e-3
     assert (_logits(model, ids) - expected).abs().max() < 1e-5
     assert [u.channels_per_expert for u in find_units(model)] == [width - 8, width, width - 8]
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 2 * (width - 8), 64)
+    if shared_width:
+        assert [u.shared_width for u in find_units(model)] == [shared_width, shared_width - 8, shared_width]
+        assert model.model.layers[1].mlp.shared_expert.down_proj.weight.shape == (64, shared_width - 8)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -140,7 +158,13 @@ def test_adam_state_follows_the_kept_experts_and_channels(family):
     kept_experts = [0, 2, 3]
     kept_channels = {e: sorted(torch.randperm(width, generator=torch.Generator().manual_seed(e))[:16].tolist())
                      for e in kept_experts}
-    apply_plan(model, _plan(model, {0: kept_experts}, {0: kept_channels}), [opt])
+    shared = getattr(model.model.layers[0].mlp, "shared_expert", None)
+    kept_shared = {0: list(range(0, find_units(model)[0].shared_width, 2))} if shared is not None else {}
+    old_shared = {k: opt.state[shared.down_proj.weight][k].clone() for k in ("exp_avg", "exp_avg_sq")} if kept_shared \
+        else {}  # fmt: skip
+    apply_plan(model, _plan(model, {0: kept_experts}, {0: kept_channels}, kept_shared), [opt])
+    for key, before in old_shared.items():
+        assert torch.equal(opt.state[shared.down_proj.weight][key], before[:, kept_shared[0]])
 
     for e_new, e in enumerate(kept_experts):
         rows = kept_channels[e] + [width + c for c in kept_channels[e]]
@@ -173,26 +197,51 @@ def test_expert_share_splits_the_mlp_cut_between_experts_and_channels(share, exp
     assert torch.isfinite(_logits(model, _ids())).all()
 
 
+def test_shared_expert_channels_are_ranked_with_the_experts_width_steps():
+    model = build("qwen2_moe")
+    units = find_units(model)
+
+    def scores(shared_score: float) -> UnitScores:
+        mlp = [torch.cat([torch.linspace(1.0, 2.0, u.expert_units), torch.full((u.shared_width,), shared_score)])
+               for u in units]  # fmt: skip
+        return UnitScores(attn=[torch.ones(u.num_kv_groups) for u in units], mlp=mlp)
+
+    config = AllocationConfig(sparsity=0.2, gamma=6.0, expert_share=0.0, min_kv_groups=2)
+    low, high = allocate(model, scores(0.1), config), allocate(model, scores(10.0), config)
+    assert sum(len(lp.kept_shared_channels) for lp in low.layers) < sum(u.shared_width for u in units)
+    assert all(lp.expert_width_kept == u.channels_per_expert for lp, u in zip(low.layers, units))
+    assert all(len(lp.kept_shared_channels) == u.shared_width for lp, u in zip(high.layers, units))
+    assert abs(low.params_after - high.params_after) <= 8 * units[0].mlp_channel_cost * len(units)
+    apply_plan(model, low)
+    assert [u.shared_width for u in find_units(model)] == [len(lp.kept_shared_channels) for lp in low.layers]
+    assert all(u.shared_width % 8 == 0 for u in find_units(model))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_functional_and_adam_scores_read_every_expert_channel(family):
     model = build(family)
     scores = compute_scores(model, "functional", [_ids(s) for s in range(2)])
     units = find_units(model)
-    assert [s.numel() for s in scores.mlp] == [u.num_experts * u.channels_per_expert for u in units]
-    assert all(bool((s > 0).any()) for s in scores.mlp)
+    assert [s.numel() for s in scores.mlp] == [u.num_experts * u.channels_per_expert + u.shared_width for u in units]
+    assert all(bool((s[: u.expert_units] > 0).any()) for s, u in zip(scores.mlp, units))
+    assert all(bool((s[u.expert_units :] > 0).all()) for s, u in zip(scores.mlp, units))  # (every token's expert)
     with pytest.raises(SaliencyError, match="wanda_sp.*mixture-of-experts"):
         compute_scores(model, "wanda_sp", [_ids()])
 
 
-def test_a_pruned_state_dict_resizes_a_fresh_dense_model():
-    model = build("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_a_pruned_state_dict_resizes_a_fresh_dense_model(family):
+    model = build(family)
     prune(model, 0.5, "magnitude")
-    fresh = build("qwen3_moe", seed=3)
+    fresh = build(family, seed=3)
     assert resize_from_state_dict(fresh, fresh, model.state_dict())
     fresh.load_state_dict(model.state_dict())
     ids = _ids()
     assert torch.equal(_logits(fresh, ids), _logits(model, ids))
-    assert [u.num_experts for u in find_units(fresh)] == [u.num_experts for u in find_units(model)]
+    def shapes(m):
+        return [(u.num_experts, u.channels_per_expert, u.shared_width) for u in find_units(m)]
+
+    assert shapes(fresh) == shapes(model)
 
 
 def test_plans_that_do_not_fit_are_refused_before_anything_changes():
@@ -228,7 +277,7 @@ def test_a_uniform_prune_is_a_stock_folder_that_transformers_loads(family, tmp_p
     model = build(family)
     plan = prune(model, 0.4, "magnitude", gamma=3.0, uniform=True)
     assert abs(plan.realised_sparsity - 0.4) < 0.05, plan.realised_sparsity
-    shapes = {(u.num_kv_groups, u.num_experts, u.channels_per_expert) for u in find_units(model)}
+    shapes = {(u.num_kv_groups, u.num_experts, u.channels_per_expert, u.shared_width) for u in find_units(model)}
     assert len(shapes) == 1 and next(iter(shapes))[1] < 4, shapes
     path = save_pruned(model, tmp_path / "pruned")
     config = json.loads((path / "config.json").read_text())
@@ -247,13 +296,10 @@ def test_moe_models_this_release_cannot_prune_are_refused_by_name():
     mixed.mlp_only_layers = [1]
     with pytest.raises(UnsupportedModelError, match="mixes dense MLP layers"):
         prune(model_from_config(mixed), 0.3, "magnitude")
-    from transformers import Qwen2MoeConfig
-
-    shared = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                            shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)  # fmt: skip
-    with pytest.raises(UnsupportedModelError, match="qwen2_moe.*not supported.*mixture of experts"):
-        prune(model_from_config(shared), 0.3, "magnitude")
+    sparse_step = tiny_config("qwen2_moe")
+    sparse_step.decoder_sparse_step = 2
+    with pytest.raises(UnsupportedModelError, match="mixes dense MLP layers"):
+        prune(model_from_config(sparse_step), 0.3, "magnitude")
 
 
 def test_functional_scores_count_the_tokens_routed_to_each_expert():
@@ -335,3 +381,23 @@ def test_lora_on_a_mixture_of_experts_model_is_refused_before_training(tmp_path)
     with pytest.raises(ValueError, match="LoRA \\(recovery=\\) is not supported for 'mixtral'"):
         trainer(tmp_path, 5, [cb, losses]).fit(module, token_loader())
     assert losses.losses == []
+
+
+def test_a_fit_prunes_the_shared_expert_with_the_experts_and_reports_both(tmp_path, caplog):
+    module = CausalLM("qwen2_moe")
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=3, gamma=3.0)
+    losses = Losses()
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, 24, [cb, losses]).fit(module, token_loader())
+    (plan,) = cb.plans
+    units = find_units(module.net)
+    assert [u.shared_width for u in units] == [len(lp.kept_shared_channels) for lp in plan.layers]
+    assert any(u.num_experts < 4 for u in units) and plan.realised_sparsity > 0.35
+    assert module.net.config.nirvana_layer_widths[0]["shared_expert_intermediate_size"] == units[0].shared_width
+    event = json.loads(Path(cb.report_path).read_text())["events"][0]
+    assert event["kept_shared_expert_width_per_layer"] == [u.shared_width for u in units]
+    assert event["kept_expert_width_per_layer"] == [u.channels_per_expert for u in units]
+    assert all(f"{lp.experts_kept}/4 x {lp.expert_width_kept} + shared {u.shared_width}/64" in caplog.text
+               for lp, u in zip(plan.layers, units))  # fmt: skip
+    after = losses.losses[4:]
+    assert all(math.isfinite(x) for x in losses.losses) and sum(after[-3:]) < sum(after[:3]), losses.losses

@@ -92,11 +92,10 @@ def _tiny(model_type: str, **extra):
                             num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                             linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16,
                             linear_value_head_dim=16), ["linear_attn"]),
-        ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                           shared_expert_intermediate_size=32), ["mixture of experts"]),
+        ("olmoe", dict(num_experts=4, num_experts_per_tok=2), ["mixture of experts"]),
         ("gpt2", dict(n_embd=64, n_layer=2, n_head=4), []),
     ],
-    ids=["qwen3_next", "qwen2_moe", "gpt2"],
+    ids=["qwen3_next", "olmoe", "gpt2"],
 )  # fmt: skip
 def test_unsupported_models_are_refused_naming_the_types_and_the_unknown_layer_kind(model_type, extra, names):
     model = _tiny(model_type, **extra)

@@ -292,12 +292,12 @@ class DecoderArchitecture(Architecture):
             q, q_saved = u.attn_weights[0], tensors[0]
             n_kv = q_saved.shape[0] // q.rows_per_unit
             widths.append({"num_key_value_heads": n_kv, "num_attention_heads": n_kv * u.group_size,
-                           **self.saved_mlp_widths(u, tensors[len(u.attn_weights)])})  # fmt: skip
+                           **self.saved_mlp_widths(u, tensors[len(u.attn_weights):])})  # fmt: skip
         return widths
 
-    def saved_mlp_widths(self, u: LayerUnits, first_mlp_weight: torch.Tensor) -> dict[str, int]:
-        """The MLP entries of :meth:`widths` for layer ``u``, read from the saved tensor of its first MLP weight."""
-        return {"intermediate_size": first_mlp_weight.shape[0] // u.mlp_weights[0].rows_per_unit}
+    def saved_mlp_widths(self, u: LayerUnits, mlp_tensors: Sequence[torch.Tensor]) -> dict[str, int]:
+        """The MLP entries of :meth:`widths` for layer ``u``, read from the saved tensors of its MLP weights."""
+        return {"intermediate_size": mlp_tensors[0].shape[0] // u.mlp_weights[0].rows_per_unit}
 
     def resize_from_state_dict(
         self, model: nn.Module, module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "",

@@ -33,7 +33,8 @@ def width_keys(layout: dict[str, Any] | None = None) -> tuple[str, ...]:
     """The keys of one layer's entry in ``config.nirvana_layer_widths`` for a family of this ``layout``."""
     names = {**LLAMA_LAYOUT, **(layout or {})}
     experts = (names["num_experts_key"],) if names["experts"] else ()
-    return ("num_key_value_heads", "num_attention_heads", names["mlp_width_key"]) + experts
+    shared = (names["shared_width_key"],) if names["shared_expert"] else ()
+    return ("num_key_value_heads", "num_attention_heads", names["mlp_width_key"]) + experts + shared
 
 
 def check_layer_widths(config, layout: dict[str, Any] | None = None) -> list[dict[str, int]] | None:
@@ -112,14 +113,16 @@ def _reshaped(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
 #: view of the config with its own counts.
 #: ``experts``: the MLP block's child holding fused 3-D expert parameters ``expert_gate_up`` ``[E, 2I, H]`` and
 #: ``expert_down`` ``[E, H, I]`` (None: a dense MLP), with a ``router`` of one weight row per expert;
-#: ``mlp_width_key`` / ``num_experts_key``: the config fields of the (expert) MLP width and the expert count.
+#: ``mlp_width_key`` / ``num_experts_key``: the config fields of the (expert) MLP width and the expert count;
+#: ``shared_expert`` / ``shared_width_key``: the MoE block's shared expert (a gated MLP named like a dense one; None:
+#: none) and the config field of its width.
 LLAMA_LAYOUT = {
     "layers": "model.layers", "attention": "self_attn", "mlp": "mlp",
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
     "qkv": None, "gate_up": None, "qk_norm": "shared", "per_layer_config": False,
     "experts": None, "router": "gate", "expert_gate_up": "gate_up_proj", "expert_down": "down_proj",
-    "mlp_width_key": "intermediate_size", "num_experts_key": None,
+    "mlp_width_key": "intermediate_size", "num_experts_key": None, "shared_expert": None, "shared_width_key": None,
 }
 
 
@@ -148,14 +151,20 @@ def _projection_shapes(names: dict[str, Any], n_q: int, n_kv: int, inter: int, h
             {names["q"]: ("out", n_q * h), names["k"]: ("out", n_kv * h), names["v"]: ("out", n_kv * h)})
     if names["experts"]:  # (the experts' fused parameters are resized by _resize_experts)
         return {**attn, names["o"]: ("in", n_q * h)}
-    mlp = ({names["gate_up"]: ("out", 2 * inter)} if names["gate_up"] else
-           {names["gate"]: ("out", inter), names["up"]: ("out", inter)})
-    return {**attn, names["o"]: ("in", n_q * h), **mlp, names["down"]: ("in", inter)}
+    return {**attn, names["o"]: ("in", n_q * h), **_mlp_shapes(names, inter)}
 
 
-def _resize_experts(block: nn.Module, names: dict[str, Any], n_experts: int, inter: int) -> bool:
+def _mlp_shapes(names: dict[str, Any], inter: int) -> dict[str, tuple[str, int]]:
+    """Projection name -> (which dimension is pruned, its new size) for a gated MLP of width ``inter``."""
+    gate_up = ({names["gate_up"]: ("out", 2 * inter)} if names["gate_up"] else
+               {names["gate"]: ("out", inter), names["up"]: ("out", inter)})
+    return {**gate_up, names["down"]: ("in", inter)}
+
+
+def _resize_experts(block: nn.Module, names: dict[str, Any], n_experts: int, inter: int, shared: int) -> bool:
     """Give a mixture-of-experts block ``n_experts`` experts of width ``inter`` (its router one row per expert, and
-    a top-k of at most ``n_experts``); True if a parameter changed shape."""
+    a top-k of at most ``n_experts``) and a shared expert of width ``shared`` (if the family has one); True if a
+    parameter changed shape."""
     experts, router = getattr(block, names["experts"]), getattr(block, names["router"])
     hidden = getattr(experts, names["expert_gate_up"]).shape[2]
     shapes = {(experts, names["expert_gate_up"]): (n_experts, 2 * inter, hidden),
@@ -166,19 +175,30 @@ def _resize_experts(block: nn.Module, names: dict[str, Any], n_experts: int, int
         if tuple(old.shape) != shape:  # (on the meta device inside from_pretrained)
             setattr(owner, name, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad))
             changed = True
-    set_expert_attributes(block, names, n_experts, inter)
+    if names["shared_expert"]:
+        mlp = getattr(block, names["shared_expert"])
+        for name, (side, size) in _mlp_shapes(names, shared).items():
+            old = getattr(mlp, name)
+            linear = _reshaped(old, old.in_features, size) if side == "out" else _reshaped(old, size, old.out_features)
+            if linear is not old:
+                setattr(mlp, name, linear)
+                changed = True
+    set_expert_attributes(block, names, n_experts, inter, shared)
     return changed
 
 
-def set_expert_attributes(block: nn.Module, names: dict[str, Any], n_experts: int, inter: int) -> None:
+def set_expert_attributes(block: nn.Module, names: dict[str, Any], n_experts: int, inter: int, shared: int) -> None:
     """The attributes a mixture-of-experts block's forward reads its sizes from, for ``n_experts`` experts of width
-    ``inter``; the top-k never above the experts (a layer left with fewer experts routes to all of them)."""
+    ``inter`` and a shared expert of width ``shared`` (if the family has one); the top-k never above the experts (a
+    layer left with fewer experts routes to all of them)."""
     experts, router = getattr(block, names["experts"]), getattr(block, names["router"])
     experts.num_experts = router.num_experts = n_experts
     experts.intermediate_dim = inter
     router.top_k = min(router.top_k, n_experts)
     if hasattr(block, "top_k"):
         block.top_k = router.top_k
+    if names["shared_expert"]:
+        getattr(block, names["shared_expert"]).intermediate_size = shared
 
 
 def _resize_norm(attn: nn.Module, name: str, shape: tuple[int, ...]) -> bool:
@@ -204,7 +224,8 @@ def apply_layer_widths(
         n_kv, n_q, inter = w["num_key_value_heads"], w["num_attention_heads"], w[names["mlp_width_key"]]
         attn, mlp = getattr(layer, names["attention"]), getattr(layer, names["mlp"])
         if names["experts"]:
-            changed |= _resize_experts(mlp, names, w[names["num_experts_key"]], inter)
+            shared = w[names["shared_width_key"]] if names["shared_expert"] else 0
+            changed |= _resize_experts(mlp, names, w[names["num_experts_key"]], inter, shared)
         for name, (side, size) in _projection_shapes(names, n_q, n_kv, inter, head_dim).items():
             owner = attn if hasattr(attn, name) else mlp
             old = getattr(owner, name)

@@ -182,6 +182,7 @@ class After(Callback):
                 "shapes": [[u.num_kv_groups, u.mlp_width] for u in find_units(self.pruner.model)],
                 "dense_shapes": self.before.shapes,
                 "experts_kept": [u.num_experts for u in find_units(self.pruner.model)],
+                "shared_widths": [u.shared_width for u in find_units(self.pruner.model)],
                 "model_shape": model_shape(self.before.stage3),
                 "removed_mlp_of_layer": REMOVED_MLP_OF_LAYER,
                 "min_mlp_channels": [a.min_mlp_channels for a in self.pruner._alloc],
