@@ -69,7 +69,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full": dict(
         seeds=(0, 1, 2), warmup=8, warmup_lr=1e-7, batch=4, train_len=128, calib_windows=32, probe_windows=32,
         eval_windows=16, eval_len=256, eval_batch=4, sparsities=(0.2, 0.4, 0.5), gamma_grid=(1.0, 2.0, 3.0, 4.5, 6.0),
-        grid_estimators=("functional", "adam_fisher"), recovery=16, recovery_lr=1e-4, recovery_seeds=(0,),
+        grid_estimators=("functional", "adam_fisher", "fisher_functional"), recovery=16, recovery_lr=1e-4,
+        recovery_seeds=(0,),
     ),
     "quick": dict(
         seeds=(0,), warmup=2, warmup_lr=1e-7, batch=2, train_len=64, calib_windows=4, probe_windows=4,
@@ -196,6 +197,11 @@ def draw_scores(
 
 
 # =============================================================================================== arms
+def _protocol(config: dict) -> dict:
+    """The settings that decide how a cell is computed (not which arms the matrix has)."""
+    return {k: v for k, v in config.items() if k != "grid_estimators"}
+
+
 def arms(cfg: dict, default: tuple[str, Any]) -> list[tuple[str, Any]]:
     """(estimator, gamma) pairs of the zero-shot matrix; gamma "auto" is the KL test over the grid."""
     out = [(e, 3.0) for e in ALL_ESTIMATORS] + [("adam_fisher", 2.0), default]
@@ -237,8 +243,9 @@ class Run:
         self.path = Path(args.out_dir) / ("cross_domain_quick.json" if args.quick else "cross_domain.json")
         self.out: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         config = json.loads(json.dumps(cfg))  # (tuples as lists, as the JSON holds them)
-        if self.out.setdefault("config", config) != config:
+        if _protocol(self.out.setdefault("config", config)) != _protocol(config):
             raise SystemExit(f"{self.path} was written with another configuration; move it away to start afresh.")
+        self.out["config"] = config  # (the arms may grow: a cell is computed the same way whichever arms run)
         self.out.setdefault("zero_shot", {})
         self.out.setdefault("recovery", {})
         self.out.setdefault("draws", {})
