@@ -505,10 +505,32 @@ def render(out: dict, command: str) -> str:
             row += ["-", "-", "-"] if m is None else [f"{m['off']:.1f}", f"{m['in']:.1f}",
                                                       f"{m['log_std']:.3f}" if m["log_std"] is not None else "-"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", *_same_draws_table(zs, seeds, S, names, default, paper)]
     lines += ["", *_goal_table(zs, seeds, S, default, paper)]
     lines += ["", *_recovery_table(out, S)]
     lines += ["", *_cost_table(out)]
     return "\n".join(lines) + "\n"
+
+
+def _same_draws_table(zs: dict, seeds, S, names: list[str], default: str, paper: str) -> list[str]:
+    """Every arm on the seeds that every arm was run on (the table above mixes arms run on 1 and on 3 seeds)."""
+    common = [seed for seed in seeds
+              if all(f"{cal}|{seed}|{name}|{s:g}" in zs for cal in DOMAINS for name in names for s in S)]  # fmt: skip
+    if not common or len(common) == len(seeds):
+        return []
+    lines = [f"## Every arm on the same draws (seed{'s' if len(common) > 1 else ''} "
+             f"{', '.join(map(str, common))}, all three calibration domains)", "",
+             "As above, over these draws only, so that the rows compare on the same windows; sorted by the "
+             f"off-domain perplexity at s = {S[-1]:g}.", "",
+             "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " |",
+             "|---|" + "---:|---:|" * len(S)]  # fmt: skip
+    rows = []
+    for name in names:
+        ms = [summarise(zs, common, name, s) for s in S]
+        label = name + (" **(default)**" if name == default else " (paper)" if name == paper else "")
+        rows.append((ms[-1]["off"], [label] + [f"{v:.1f}" for m in ms for v in (m["off"], m["in"])]))
+    lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(rows, key=lambda r: r[0])]
+    return lines
 
 
 def _goal_table(zs: dict, seeds, S, default: str, paper: str) -> list[str]:

@@ -73,6 +73,18 @@ def test_goal_table_compares_the_seeds_both_arms_were_run_on():
     assert row.startswith("| 0.4 | 0 |") and row.endswith("| 9/9 |") and "0.50" in row
 
 
+def test_arms_run_on_fewer_seeds_are_compared_on_the_draws_every_arm_has():
+    def ppl(arm, cal, ev, seed):  # seed 1 is a bad draw; only functional@3 was run on it
+        return (50.0 if arm == "mine@2" else 100.0) * (10.0 if seed else 1.0)
+
+    stage = {k: v for k, v in _stage(ppl).items() if not k.startswith(tuple(f"{c}|1|mine@2" for c in bench.DOMAINS))}
+    lines = bench._same_draws_table(stage, (0, 1), (0.4,), ["functional@3", "mine@2"], "mine@2", "functional@3")
+    assert "seed 0," in lines[0]
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| mine@2 **(default)** | 50.0 | 50.0 |", "| functional@3 (paper) | 100.0 | 100.0 |"]
+    assert bench._same_draws_table(_stage(ppl), (0, 1), (0.4,), ["functional@3", "mine@2"], "mine@2", "x") == []
+
+
 def test_the_matrix_follows_the_callbacks_default():
     import inspect
 
