@@ -81,9 +81,9 @@ def masked(model: nn.Module, plan: PruningPlan) -> Iterator[nn.Module]:
             # the input columns of the weights units own by column: o_proj / down_proj (T5: o / wo; a shared
             # expert's down_proj beside the experts)
             for weights, kept in ((u.attn_weights, lp.kept_kv_groups), (u.mlp_weights, lp.kept_mlp_channels)):
-                for w in weights:
+                for w in (w for w in weights if w.axis == 1 and not w.experts):
                     removed = sorted(set(range(w.num_units)) - set(w.local_units(kept)))
-                    if w.axis == 1 and not w.experts and removed:
+                    if removed:
                         idx = w.index_map.indices(removed)
                         # on the module the model calls (a LoRA layer too), so adapters see the zeros as well
                         handles.append(w.module.register_forward_pre_hook(_zero_input_columns(idx)))

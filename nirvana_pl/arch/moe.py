@@ -172,9 +172,10 @@ class MoEDecoderArchitecture(DecoderArchitecture):
         gate_up, saved = u.mlp_weights[0], mlp_tensors[0]
         widths = {self.expert_width_key: saved.shape[gate_up.axis] // gate_up.rows_per_unit,
                   self.num_experts_key: saved.shape[0]}  # fmt: skip
-        if self.shared_expert:  # (its first weight follows the experts' two)
-            shared_first = u.mlp_weights[2]
-            widths[self.shared_width_key] = mlp_tensors[2].shape[shared_first.axis] // shared_first.rows_per_unit
+        if self.shared_expert:  # (read from its first weight, the first that is not a fused expert parameter)
+            i = next(i for i, w in enumerate(u.mlp_weights) if not w.experts)
+            first = u.mlp_weights[i]
+            widths[self.shared_width_key] = mlp_tensors[i].shape[first.axis] // first.rows_per_unit
         return widths
 
     def check_plan(self, model: nn.Module, units: Sequence[LayerUnits], plan: PruningPlan) -> None:
