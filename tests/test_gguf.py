@@ -252,9 +252,107 @@ def test_refusals_say_what_to_do(tmp_path):
 def test_unsupported_family_is_refused_by_name(tmp_path):
     from arch_configs import build
 
-    model = build("gemma")
-    with pytest.raises(UnsupportedModelError, match="no llama.cpp layout for 'gemma'.*llama, mistral, qwen2, qwen3"):
-        save_pruned(model, tmp_path / "g.gguf", format="gguf", tokenizer=bpe_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="has no llama.cpp layout; GGUF export covers the decoder"):
+        save_pruned(build("t5"), tmp_path / "t5.gguf", format="gguf", tokenizer=bpe_tokenizer())
+
+
+# ------------------------------------------------------------------------------------------------ every family
+#: on top of tests/arch_configs.py's tiny configs: what llama.cpp's graph of the family needs (a head tied to the
+#: embedding, every query head of hidden_size / head_dim, NoPE layers where llama.cpp's smollm3 has them), and a
+#: query scale that is not head_dim's (Gemma 2/3), so that folding it into the file is checked
+GGUF_FAMILY_CONFIGS = {
+    "gemma": dict(tie_word_embeddings=True),
+    "gemma2": dict(tie_word_embeddings=True, query_pre_attn_scalar=24),
+    "gemma3_text": dict(query_pre_attn_scalar=24, final_logit_softcapping=4.0),
+    "granite": {}, "smollm3": dict(no_rope_layers=[1, 1, 1]), "qwen3_moe": {}, "mixtral": {},
+    "phi3": dict(sliding_window=None),
+    "cohere": dict(num_attention_heads=4, num_key_value_heads=2, use_qk_norm=False, tie_word_embeddings=True),
+    "stablelm": {}, "olmo2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "olmo3": dict(num_attention_heads=4, num_key_value_heads=2),
+    "qwen2_moe": {},
+}  # fmt: skip
+GGUF_ARCH = {"gemma3_text": "gemma3", "cohere": "command-r", "olmo3": "olmo2", "mixtral": "llama",
+             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # fmt: skip
+
+
+def family_model(model_type: str, **overrides) -> torch.nn.Module:
+    """A tiny random model of ``model_type`` (tests/arch_configs.py) with this suite's 320-token vocabulary."""
+    from arch_configs import TINY_CONFIGS, model_from_config
+    from transformers import AutoConfig
+
+    kw = {**TINY_CONFIGS[model_type], **GGUF_FAMILY_CONFIGS.get(model_type, {}), "vocab_size": VOCAB, **overrides}
+    torch.manual_seed(0)
+    model = model_from_config(AutoConfig.for_model(model_type, **kw)).eval()
+    with torch.no_grad():  # norms away from their init, so that a misplaced one (or a missing Gemma offset) shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def uniform_pruned(model: torch.nn.Module) -> torch.nn.Module:
+    """Pruned with uniform=True (so every layer keeps the same widths); only MLP channels where llama.cpp's graph
+    sizes the query by hidden_size."""
+    layout = architecture_of(model).gguf
+    kw: dict = {"min_kv_groups": model.config.num_key_value_heads} if layout.full_query else {}
+    if getattr(model.config, "num_experts_per_tok", None):
+        kw["mlp_round_to"] = 8  # (expert widths transformers' grouped_mm computes)
+    prune(model, 0.3, "magnitude", [torch.randint(3, VOCAB, (2, 12))], 2.0, uniform=True,
+          **{"mlp_round_to": 1, **kw})  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(GGUF_FAMILY_CONFIGS))
+def test_every_family_is_written_for_its_own_llama_cpp_graph(model_type, tmp_path):
+    arch = GGUF_ARCH.get(model_type, model_type)
+    for name, model in (("dense", family_model(model_type)), ("pruned", uniform_pruned(family_model(model_type)))):
+        result = write_gguf(model, tmp_path / f"{name}.gguf", tokenizer=bpe_tokenizer(), dtype="f32", progress=False)
+        meta = metadata(result.path)
+        assert meta["general.architecture"] == arch == result.arch
+        units = find_units(model)
+        assert meta[f"{arch}.attention.head_count_kv"] == units[0].num_kv_groups  # one number, not a list
+        assert meta[f"{arch}.attention.head_count"] == units[0].num_kv_groups * units[0].group_size
+        assert_same_logits(model, result.path)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in family_model(model_type).parameters())
+
+
+def test_gemma_norms_are_written_with_their_offset_and_the_query_scale_folded_in(tmp_path):
+    model = family_model("gemma2")
+    path = save_pruned(model, tmp_path / "g.gguf", format="gguf", gguf_dtype="f32", tokenizer=bpe_tokenizer())
+    tensors = read_gguf_tensors(path)
+    layer = model.model.layers[0]
+    np.testing.assert_allclose(tensors["blk.0.attn_norm.weight"], 1 + layer.input_layernorm.weight.detach(), 1e-6)
+    np.testing.assert_allclose(tensors["blk.0.post_ffw_norm.weight"],
+                               1 + layer.post_feedforward_layernorm.weight.detach(), 1e-6)  # fmt: skip
+    q = layer.self_attn.q_proj.weight.detach()  # transformers scales by 24 ** -0.5, llama.cpp by head_dim ** -0.5
+    np.testing.assert_allclose(tensors["blk.0.attn_q.weight"], q * (16 / 24) ** 0.5, rtol=1e-5, atol=1e-7)
+    assert "output.weight" not in tensors  # llama.cpp's gemma2 graph reads the embedding
+
+
+def test_families_refuse_what_their_llama_cpp_graph_cannot_compute(tmp_path):
+    tok = bpe_tokenizer()
+
+    def write(model):
+        return save_pruned(model, tmp_path / "x.gguf", format="gguf", tokenizer=tok)
+
+    heads_cut = family_model("phi3")  # every layer keeps KV group 0 of 2 (uniform widths)
+    layers = [LayerPlan(u.num_kv_groups, u.mlp_width, [0], list(range(u.mlp_width))) for u in find_units(heads_cut)]
+    apply_plan(heads_cut, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual"))
+    with pytest.raises(UnsupportedModelError, match="sizes the query by hidden_size.*min_kv_groups=2"):
+        write(heads_cut)
+    with pytest.raises(UnsupportedModelError, match="computes the logits with the token embedding.*tie_word"):
+        write(family_model("gemma", tie_word_embeddings=False))
+    with pytest.raises(UnsupportedModelError, match=r"no rotary embedding in layers \[1\].*every 4th layer"):
+        write(family_model("smollm3", no_rope_layers=[1, 0, 1]))
+    with pytest.raises(UnsupportedModelError, match="q/k norms exactly when a model has 64 layers"):
+        write(family_model("cohere", use_qk_norm=True))
+    with pytest.raises(UnsupportedModelError, match="keeps the top-k routing weights.*norm_topk_prob=True"):
+        write(family_model("qwen2_moe", norm_topk_prob=True))
+    experts_cut = family_model("qwen3_moe")
+    prune(experts_cut, 0.4, "magnitude", [torch.randint(3, VOCAB, (2, 12))], 2.0)
+    with pytest.raises(UnsupportedModelError, match="layers differ in width.*uniform=True"):
+        write(experts_cut)
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_a_failed_write_keeps_the_earlier_file(tmp_path, monkeypatch):
@@ -339,9 +437,17 @@ def test_save_pruned_model_callback_refuses_a_gguf_it_cannot_write_before_the_fi
 
     from nirvana_pl.modules import SavePrunedModel
 
+    import lightning.pytorch as pl
+    from arch_configs import build
+
+    class Seq2Seq(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = build("t5")
+
     trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"))
-    with pytest.raises(ValueError, match="writes GGUF files of llama, .* not of 'gemma'; drop gguf_dtype"):
-        SavePrunedModel(gguf_dtype="f16").setup(trainer, CausalLM(kind="gemma"), "fit")
+    with pytest.raises(ValueError, match="writes GGUF files of cohere, .*llama, .* not of 't5'; drop gguf_dtype"):
+        SavePrunedModel(gguf_dtype="f16").setup(trainer, Seq2Seq(), "fit")
     with pytest.raises(ValueError, match="no transformers fast tokenizer .*pass gguf_tokenizer="):
         SavePrunedModel(gguf_dtype="f16").setup(trainer, CausalLM(), "fit")
     with pytest.raises(ValueError, match="gguf_dtype='q4'"):

@@ -148,3 +148,36 @@ def test_main_jobs_dense_control_under_ddp(tmp_path):
     assert "the dense model at the prune, trained the same 3 steps on the same batches" in proc.stdout
     ppl = json.loads((tmp_path / "lightning_logs" / "version_0" / "run_summary.json").read_text())["perplexity"]
     assert ppl["dense_control"] > 1 and ppl["dense_control"] != ppl["dense"]
+
+
+def test_main_jobs_gguf_file_under_ddp(tmp_path):
+    """The main job's SavePrunedModel (a Q8_0 GGUF with the SmolLM2 GGUF's tokenizer) on the tiny recipe, two DDP
+    processes: rank 0 writes the file once the other rank is done, and it holds the pruned model's widths."""
+    from gguf_reference import metadata
+
+    from nirvana_pl.gguf_export import read_gguf_tensors
+
+    main_job = (ROOT / "recipes" / "smollm2_pydoc.yaml").read_text()
+    assert "        gguf_dtype: q8_0\n        gguf_tokenizer: embedded:smollm2\n" in main_job
+    entry = "    - class_path: nirvana_pl.modules.SavePrunedModel\n"
+    recipe = tmp_path / "tiny_with_gguf.yaml"
+    recipe.write_text(RECIPE.read_text().replace(
+        entry, entry + "      init_args:\n        gguf_dtype: q8_0\n        gguf_tokenizer: embedded:smollm2\n"))
+    args = _recipe_args(tmp_path)
+    args[args.index(str(RECIPE))] = str(recipe)
+    args += ["--model.init_args.config.vocab_size", "49152"]  # (the SmolLM2 vocabulary; the bytes stay ids < 256)
+    proc = run_killable([sys.executable, "-m", "nirvana_pl.cli", *args, "--trainer.strategy", "ddp"], 300, cwd=ROOT,
+                        env=_env())  # fmt: skip
+    _check_recipe_run(proc, tmp_path)
+    summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "run_summary.json").read_text())
+    folder = Path(summary["pruned_model"])
+    assert proc.stdout.count("llama.cpp file") == 1, proc.stdout[-3000:]
+    meta = metadata(folder / "model.gguf")
+    units = find_units(load_pruned(folder))
+    assert meta["general.architecture"] == "deci"
+    assert meta["deci.feed_forward_length"] == [u.mlp_width for u in units]
+    assert meta["deci.attention.head_count_kv"] == [u.num_kv_groups for u in units]
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152
+    tensors = read_gguf_tensors(folder / "model.gguf")
+    assert tensors["blk.0.ffn_down.weight"].shape == (256, units[0].mlp_width)
+    assert not list(folder.glob(".*writing"))

@@ -25,11 +25,15 @@ import torch
 from torch import nn
 
 from ..hf_folder import config_dict, patch_config_json, save_with_config, try_stock_config, write_remote_code_folder
-from ..gguf_layout import GGUFTarget, GGUFTensor, interleave_rotary
+from ..gguf_layout import GGUFTarget
 from ..hub_code import modeling_nirvana
 from ..plan import LayerPlan, PruningPlan
 from ..units import LayerUnits, UnsupportedModelError, WeightSlice, check_wrapper, full_shape, head_dim_of
 from . import Architecture, Materialize, register_architecture
+from .gguf_decoder import (
+    PARALLEL_NORM, POST_NORMS, SANDWICH_NORMS, GGUFBuilder, GGUFLayout, cohere_hparams, gemma2_hparams,
+    gemma3_hparams, granite_hparams, phi3_hparams, smollm3_hparams,
+)  # fmt: skip
 
 _NIRVANA_KEYS = ("auto_map", "nirvana_layer_widths", "nirvana_base_model_type")
 HUB_FILE = "modeling_nirvana.py"
@@ -70,12 +74,8 @@ class DecoderArchitecture(Architecture):
     pruned head count is written in the nirvana format). ``body`` / ``head``: the causal LM's decoder
     body and LM head; ``logits``: what the model does to the head's output before it returns it (None:
     nothing). ``config_class`` / ``model_class``: the stock config and causal-LM classes of the export (None:
-    transformers' classes for the model type). ``gguf_arch``: the llama.cpp architecture that computes a model of
-    this family whose layers share one width (None: no GGUF export), ``gguf_rotary`` how that graph pairs the
-    rotary dimensions ("pairs": adjacent, so q/k rows are re-ordered; "halves": as transformers), and
-    ``gguf_per_layer_arch`` the one that reads a width per layer and computes this family exactly (llama.cpp's
-    ``deci``, a Llama graph with per-layer head counts and MLP widths; None: layers of different widths are not
-    exported). ``notes``: shown in the README table.
+    transformers' classes for the model type). ``gguf``: how llama.cpp reads a model of this family
+    (:class:`~nirvana_pl.arch.gguf_decoder.GGUFLayout`; None: no GGUF export). ``notes``: shown in the README table.
     """
 
     model_types: tuple[str, ...] = ()
@@ -100,9 +100,7 @@ class DecoderArchitecture(Architecture):
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     config_class: type | None = None
     model_class: type | None = None
-    gguf_arch: str | None = None
-    gguf_rotary: str = "pairs"
-    gguf_per_layer_arch: str | None = None
+    gguf: GGUFLayout | None = None
     notes: str = ""
     saved_model_types: tuple[str, ...] = field(init=False)
 
@@ -116,8 +114,6 @@ class DecoderArchitecture(Architecture):
         self.saved_model_types = tuple(f"nirvana_{t}" for t in self.model_types)
         if self.qk_norm not in ("shared", "per_head", "flat"):
             raise ValueError(f"DecoderArchitecture(qk_norm={self.qk_norm!r}): choose 'shared', 'per_head' or 'flat'.")
-        if self.gguf_rotary not in ("pairs", "halves"):
-            raise ValueError(f"DecoderArchitecture(gguf_rotary={self.gguf_rotary!r}): choose 'pairs' or 'halves'.")
 
     @property
     def caveat(self) -> str:
@@ -419,40 +415,34 @@ class DecoderArchitecture(Architecture):
     # ------------------------------------------------------------------------------------------- GGUF
     @property
     def writes_gguf(self) -> bool:
-        return self.gguf_arch is not None
+        return self.gguf is not None
 
     def gguf_support(self) -> str:
-        if self.gguf_arch is None:
-            return "not yet"
-        if self.gguf_per_layer_arch is None:
-            return f"`{self.gguf_arch}`, uniform widths only"
-        return f"`{self.gguf_per_layer_arch}` (per-layer widths), `{self.gguf_arch}` (uniform)"
+        return "not yet" if self.gguf is None else self.gguf.support()
 
     def gguf_target(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> GGUFTarget:
         base = self.model_types[0]
-        if self.gguf_arch is None:
+        if self.gguf is None:
             raise UnsupportedModelError(
                 f"save_pruned(format='gguf'): nirvana_pl knows no llama.cpp layout for {base!r} models yet (GGUF "
                 f"export covers {', '.join(gguf_model_types())}); save a folder with save_pruned(model, path)."
             )
-        if self.qkv is not None or self.gate_up is not None or self.qk_norm == "per_head":
-            raise UnsupportedModelError(f"{base}: GGUF export writes separate q/k/v and gate/up projections only.")
         units = self.find_units(model)
         widths = layer_widths(units)
         if all(w == widths[0] for w in widths) and widths[0]["intermediate_size"] > 0:
-            arch, pairs = self.gguf_arch, self.gguf_rotary == "pairs"
-        elif self.gguf_per_layer_arch is not None:
-            arch, pairs = self.gguf_per_layer_arch, True
+            arch = self.gguf.arch
+        elif self.gguf.per_layer_arch is not None:
+            arch = self.gguf.per_layer_arch
         else:
             raise UnsupportedModelError(
                 f"save_pruned(format='gguf'): this {base} model's layers differ in width (KV heads "
                 f"{sorted({w['num_key_value_heads'] for w in widths})}, MLP widths "
                 f"{min(w['intermediate_size'] for w in widths)}-{max(w['intermediate_size'] for w in widths)}), and "
-                f"llama.cpp's {self.gguf_arch!r} graph takes one width for all layers, while its per-layer graph "
+                f"llama.cpp's {self.gguf.arch!r} graph takes one width for all layers, while its per-layer graph "
                 f"('deci') is a plain Llama layer, which a {base} layer is not. Prune with uniform=True for a GGUF "
                 "file, or save a folder (save_pruned(model, path))."
             )
-        return _GGUFBuilder(self, model, state, units, arch, pairs).target()
+        return GGUFBuilder(self, model, state, units, arch).target()
 
 
 @functools.cache
@@ -473,181 +463,6 @@ def __getattr__(name: str) -> type:
                 if found:
                     return found[0]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _GGUFBuilder:
-    """The :class:`GGUFTarget` of one Llama-like decoder model (see :meth:`DecoderArchitecture.gguf_target`).
-
-    Layers of different widths go to ``arch.gguf_per_layer_arch`` (llama.cpp's ``deci``). A layer whose MLP was
-    pruned away is written with one all-zero channel, which adds exactly 0: deci would skip the layer's whole
-    output, its attention included, for an MLP width of 0. (Every layer keeps at least one KV group.)
-    """
-
-    def __init__(
-        self, arch: DecoderArchitecture, model: nn.Module, state: Mapping[str, torch.Tensor],
-        units: Sequence[LayerUnits], gguf_arch: str, pairs: bool,
-    ) -> None:  # fmt: skip
-        self.arch, self.model, self.state, self.units = arch, model, state, units
-        self.gguf_arch, self.pairs = gguf_arch, pairs
-        self.used: set[str] = set()
-        self.tensors: list[GGUFTensor] = []
-        self.notes: list[str] = []
-        self.config = model.config
-        self.head_dim = head_dim_of(self.config)
-
-    # --- tensors
-    def take(self, key: str) -> torch.Tensor:
-        if key not in self.state:
-            raise UnsupportedModelError(f"save_pruned(format='gguf'): the model has no weight {key!r}.")
-        self.used.add(key)
-        return self.state[key]
-
-    def add(self, name: str, key: str | None, shape: Sequence[int] | None = None,
-            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:  # fmt: skip
-        """Tensor ``name`` from state dict entry ``key`` (through ``transform``), or zeros of ``shape`` (key None)."""
-        if key is None:
-            size = tuple(int(n) for n in shape)
-            self.tensors.append(GGUFTensor(name, size, lambda: torch.zeros(size), len(size) == 2))
-            return
-        value = self.take(key)
-        fn = transform or (lambda t: t)
-        make = lambda: fn(value.detach().float().cpu())  # noqa: E731
-        self.tensors.append(GGUFTensor(name, tuple(value.shape), make, value.dim() == 2))
-
-    def target(self) -> GGUFTarget:
-        body = self.arch.body
-        self.add("token_embd.weight", f"{body}.embed_tokens.weight")
-        kv_heads, heads, ff = [], [], []
-        for u in self.units:
-            kv = self.attention(u)
-            kv_heads.append(kv)
-            heads.append(kv * u.group_size)
-            ff.append(self.mlp(u))
-        self.add("output_norm.weight", f"{body}.norm.weight")
-        head_key = f"{self.arch.head}.weight"
-        embed = self.state[f"{body}.embed_tokens.weight"]
-        if head_key in self.state and self.state[head_key].data_ptr() != embed.data_ptr():
-            self.add("output.weight", head_key)
-        else:  # tied to the embedding: llama.cpp uses token_embd when the file has no output.weight
-            self.used.add(head_key)
-        hparams = self.hparams(heads, kv_heads, ff)
-        self.rope_factors()
-        left = sorted(set(self.state) - self.used)
-        if left:
-            raise UnsupportedModelError(
-                f"save_pruned(format='gguf'): {len(left)} weights have no place in llama.cpp's {self.gguf_arch!r} "
-                f"graph (e.g. {left[:3]}); this model is not the plain {self.arch.model_types[0]} layout."
-            )
-        return GGUFTarget(self.gguf_arch, hparams, self.tensors, self.notes)
-
-    def attention(self, u: LayerUnits) -> int:
-        """Add layer ``u``'s attention tensors (a layer keeps at least one KV group); the KV heads written."""
-        a, i, g = self.arch, u.index, u.group_size
-        prefix = f"{a.layers}.{i}."
-        attn, blk, kv = f"{prefix}{a.attention}.", f"blk.{i}.", u.num_kv_groups
-        self.add(f"{blk}attn_norm.weight", f"{prefix}input_layernorm.weight")
-        projections = {"attn_q": (a.q, self.rotary(kv * g)), "attn_k": (a.k, self.rotary(kv)),
-                       "attn_v": (a.v, None), "attn_output": (a.o, None)}  # fmt: skip
-        for gguf_name, (proj, rotate) in projections.items():
-            for part in ("weight", "bias"):
-                key = f"{attn}{proj}.{part}"
-                if key in self.state:
-                    self.add(f"{blk}{gguf_name}.{part}", key, transform=rotate)
-        for norm, gguf_name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
-            if f"{attn}{norm}.weight" in self.state:
-                self.add(f"{blk}{gguf_name}.weight", f"{attn}{norm}.weight")
-        return kv
-
-    def mlp(self, u: LayerUnits) -> int:
-        """Add layer ``u``'s MLP tensors; the width written (1 for a layer whose MLP was pruned away)."""
-        a, i, hidden = self.arch, u.index, self.config.hidden_size
-        prefix = f"{a.layers}.{i}."
-        mlp, blk = f"{prefix}{a.mlp}.", f"blk.{i}."
-        empty = u.mlp_width == 0
-        width = max(u.mlp_width, 1)
-        if empty:
-            self.notes.append(f"layer {i} has no MLP channel left; it is written with one all-zero channel (adds "
-                              "0): llama.cpp's deci graph skips a layer's whole output when its MLP width is 0")
-            self.used.update(k for k in self.state if k.startswith(mlp))
-        self.add(f"{blk}ffn_norm.weight", f"{prefix}post_attention_layernorm.weight")
-        projections = {"ffn_gate": (a.gate, (width, hidden)), "ffn_up": (a.up, (width, hidden)),
-                       "ffn_down": (a.down, (hidden, width))}  # fmt: skip
-        for gguf_name, (proj, shape) in projections.items():
-            for part, size in (("weight", shape), ("bias", shape[:1])):
-                key = f"{mlp}{proj}.{part}"
-                if key in self.state:
-                    self.add(f"{blk}{gguf_name}.{part}", None if empty else key, size)
-        return width
-
-    def rotary(self, n_heads: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if not self.pairs:
-            return None
-        return lambda t: interleave_rotary(t, n_heads)
-
-    # --- hyper-parameters
-    def hparams(self, heads: list[int], kv_heads: list[int], ff: list[int]) -> dict[str, Any]:
-        cfg, d = self.config, self.head_dim
-        per_layer = self.gguf_arch == self.arch.gguf_per_layer_arch and self.gguf_arch != self.arch.gguf_arch
-
-        def value(xs: list[int]) -> int | list[int]:
-            return xs if per_layer else xs[0]
-
-        out = {
-            "context_length": int(cfg.max_position_embeddings),
-            "embedding_length": int(cfg.hidden_size),
-            "block_count": len(self.units),
-            "feed_forward_length": value(ff),
-            "attention.head_count": value(heads),
-            "attention.head_count_kv": value(kv_heads),
-            "attention.key_length": d,
-            "attention.value_length": d,
-            "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
-            "rope.dimension_count": d,
-            "rope.freq_base": float(self.rope_theta()),
-            "vocab_size": int(cfg.vocab_size),
-        }
-        window = getattr(cfg, "sliding_window", None)
-        if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
-            self.notes.append(f"the model attends over a sliding window of {window} tokens and llama.cpp's "
-                              f"{self.gguf_arch} graph over the whole context: outputs agree up to {window} tokens")
-        return out
-
-    def rope_theta(self) -> float:
-        params = getattr(self.config, "rope_parameters", None) or {}
-        return params.get("rope_theta", getattr(self.config, "rope_theta", 10000.0))
-
-    def rope_factors(self) -> None:
-        """A rope scaling that only rescales each frequency (Llama 3.1's 'llama3', 'linear') is written as
-        llama.cpp's ``rope_freqs`` factors, computed from the model's own ``inv_freq``; anything else is refused."""
-        body = getattr(self.model, self.arch.body, None)
-        rotary = getattr(body, "rotary_emb", None)
-        inv_freq = getattr(rotary, "inv_freq", None)
-        if inv_freq is None:
-            raise UnsupportedModelError("save_pruned(format='gguf'): the model has no rotary_emb.inv_freq to read.")
-        d = self.head_dim
-        if inv_freq.numel() != d // 2:
-            raise UnsupportedModelError(
-                f"save_pruned(format='gguf'): a partial rotary embedding ({2 * inv_freq.numel()} of {d} dimensions) "
-                "is not written yet."
-            )
-        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
-            raise UnsupportedModelError(
-                f"save_pruned(format='gguf'): the rope scaling {self.rope_type()!r} scales attention "
-                f"({rotary.attention_scaling}); nirvana_pl writes rope scalings that only rescale frequencies."
-            )
-        default = 1.0 / (self.rope_theta() ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        factors = (default / inv_freq.double()).float()
-        if torch.allclose(factors, torch.ones_like(factors), rtol=1e-5, atol=0):
-            return
-        if self.gguf_arch not in ("llama", "deci"):
-            raise UnsupportedModelError(
-                f"save_pruned(format='gguf'): the rope scaling {self.rope_type()!r} of this model is written as "
-                f"llama.cpp's rope_freqs factors, which its {self.gguf_arch!r} graph does not read."
-            )
-        self.tensors.append(GGUFTensor("rope_freqs.weight", (d // 2,), lambda: factors.clone(), False))
-
-    def rope_type(self) -> str:
-        return (getattr(self.config, "rope_parameters", None) or {}).get("rope_type", "default")
 
 
 def gguf_model_types() -> list[str]:
@@ -686,29 +501,41 @@ _OLMO_NOTE = ("q_norm/k_norm span all heads: sliced with them, and the kept head
               "heads (not exact; see the prune report)")  # fmt: skip
 _STABLELM_REFUSED = (("qk_layernorm", True, "its per-head LayerNorm modules are not sliced yet (StableLM models with "
                      "qk_layernorm=False prune)"),)  # fmt: skip
+_LLAMA = GGUFLayout("llama", per_layer_arch="deci")
+_GEMMA = dict(reorder_qk=False, norm_offset=1.0)
+_OLMO = GGUFLayout("olmo2", reorder_qk=False, norms=POST_NORMS, output="required", full_query=True)
 LLAMA_LIKE = [
-    DecoderArchitecture(("llama",), gguf_arch="llama", gguf_per_layer_arch="deci",
-                        notes="Llama 2/3/3.1/3.2, SmolLM2, TinyLlama"),
-    DecoderArchitecture(("mistral",), gguf_arch="llama", gguf_per_layer_arch="deci", notes="Mistral 7B, Mistral NeMo"),
-    DecoderArchitecture(("qwen2",), gguf_arch="qwen2", gguf_rotary="halves", gguf_per_layer_arch="deci",
+    DecoderArchitecture(("llama",), gguf=_LLAMA, notes="Llama 2/3/3.1/3.2, SmolLM2, TinyLlama"),
+    DecoderArchitecture(("mistral",), gguf=_LLAMA, notes="Mistral 7B, Mistral NeMo"),
+    DecoderArchitecture(("qwen2",), gguf=GGUFLayout("qwen2", reorder_qk=False, per_layer_arch="deci"),
                         notes="q/k/v biases"),
-    DecoderArchitecture(("qwen3",), gguf_arch="qwen3", gguf_rotary="halves",
+    DecoderArchitecture(("qwen3",), gguf=GGUFLayout("qwen3", reorder_qk=False),
                         notes="per-head q_norm/k_norm (one head's width, shared)"),
-    DecoderArchitecture(("gemma",), notes="head_dim independent of hidden_size"),
+    DecoderArchitecture(("gemma",), gguf=GGUFLayout("gemma", output="tied", **_GEMMA),
+                        notes="head_dim independent of hidden_size"),
     DecoderArchitecture(("gemma2",), logits=softcapped_logits,
+                        gguf=GGUFLayout("gemma2", norms=SANDWICH_NORMS, output="tied", extra=gemma2_hparams, **_GEMMA),
                         notes="attention and final-logit soft-capping, alternating sliding window"),
     DecoderArchitecture(("gemma3_text",), logits=softcapped_logits,
+                        gguf=GGUFLayout("gemma3", norms=SANDWICH_NORMS, swa_rope_base=True, linear_rope=True,
+                                        extra=gemma3_hparams, **_GEMMA),
                         notes="Gemma 3 text models (1B, or the text part); q_norm/k_norm, sliding window"),
-    DecoderArchitecture(("granite",), logits=divided_logits, notes="embedding/residual/attention/logit multipliers"),
-    DecoderArchitecture(("smollm3",), notes="NoPE layers"),
+    DecoderArchitecture(("granite",), logits=divided_logits, gguf=GGUFLayout("granite", extra=granite_hparams),
+                        notes="embedding/residual/attention/logit multipliers"),
+    DecoderArchitecture(("smollm3",), gguf=GGUFLayout("smollm3", extra=smollm3_hparams), notes="NoPE layers"),
     DecoderArchitecture(("phi3",), qkv="qkv_proj", gate_up="gate_up_proj", per_layer_config=True,
+                        gguf=GGUFLayout("phi3", reorder_qk=False, full_query=True, extra=phi3_hparams),
                         notes="Phi-3, Phi-4-mini; fused qkv_proj (a KV group owns 3 blocks) and gate_up_proj"),
     DecoderArchitecture(("cohere",), qk_norm="per_head", logits=scaled_logits,
+                        gguf=GGUFLayout("command-r", reorder_qk=False, norms=PARALLEL_NORM, layer_norm=True,
+                                        output="tied", full_query=True, extra=cohere_hparams),
                         notes="Command-R; per-head q/k LayerNorm weights (use_qk_norm) sliced with the heads"),
     DecoderArchitecture(("stablelm",), config_head_dim=False, refused=_STABLELM_REFUSED,
+                        gguf=GGUFLayout("stablelm", reorder_qk=False, layer_norm=True, output="required",
+                                        full_query=True),
                         notes="StableLM 2; partial rotary, q/k/v biases; qk_layernorm=True refused"),
-    DecoderArchitecture(("olmo2",), qk_norm="flat", notes=_OLMO_NOTE),
-    DecoderArchitecture(("olmo3",), qk_norm="flat", notes=_OLMO_NOTE),
+    DecoderArchitecture(("olmo2",), qk_norm="flat", notes=_OLMO_NOTE, gguf=_OLMO),
+    DecoderArchitecture(("olmo3",), qk_norm="flat", notes=_OLMO_NOTE, gguf=_OLMO),
 ]  # fmt: skip
 for _arch in LLAMA_LIKE:
     register_architecture(_arch)

@@ -35,6 +35,7 @@ from ..plan import LayerPlan, PruningPlan
 from ..units import LayerUnits, UnsupportedModelError, WeightSlice, expert_channels
 from . import register_architecture
 from .decoder import DecoderArchitecture, layer_widths
+from .gguf_decoder import GGUFLayout
 
 
 #: expert widths transformers' grouped_mm kernel computes: its rows must span a multiple of 16 bytes (bf16: 8 values)
@@ -231,11 +232,15 @@ class MoEDecoderArchitecture(DecoderArchitecture):
 
 MOE_FAMILIES = [
     MoEDecoderArchitecture(("mixtral",), num_experts_key="num_local_experts", expert_width_key="intermediate_size",
+                           gguf=GGUFLayout("llama", expert_norm=True),
                            notes="Mixtral 8x7B / 8x22B; expert channels and whole experts (fused 3-D experts)"),
     MoEDecoderArchitecture(("qwen2_moe",), shared_expert="shared_expert",
                            shared_width_key="shared_expert_intermediate_size",
+                           gguf=GGUFLayout("qwen2moe", reorder_qk=False, output="required", full_query=True,
+                                           expert_norm=False),
                            notes="Qwen1.5-MoE / Qwen2-57B-A14B; expert and shared-expert channels, whole experts"),
-    MoEDecoderArchitecture(("qwen3_moe",), notes="Qwen3-30B-A3B / 235B-A22B; expert channels and whole experts"),
+    MoEDecoderArchitecture(("qwen3_moe",), gguf=GGUFLayout("qwen3moe", reorder_qk=False, expert_norm=True),
+                           notes="Qwen3-30B-A3B / 235B-A22B; expert channels and whole experts"),
 ]  # fmt: skip
 for _arch in MOE_FAMILIES:
     register_architecture(_arch)
