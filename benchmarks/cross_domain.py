@@ -556,20 +556,40 @@ def _goal_table(zs: dict, seeds, S, default: str, paper: str) -> list[str]:
 
 
 def _recovery_table(out: dict, S) -> list[str]:
-    rec = out.get("recovery", {})
-    if not rec:
-        return []
+    """Recovered against zero-shot perplexity of the recovery arms, on the calibration domains every arm has
+    finished (the stage runs domain by domain), and the ranking of the arms off-domain before and after."""
+    rec, zs = out.get("recovery", {}), out.get("zero_shot", {})
     cfg = out["config"]
+    seeds = cfg["recovery_seeds"]
+    names = list(dict.fromkeys(k.split("|")[2] for k in rec))
+    doms = [d for d in DOMAINS if all(f"{d}|{seed}|{n}|{s:g}" in rec for seed in seeds for n in names for s in S)]
+    if not doms:
+        return []
+    rec, zs = ({k: v for k, v in stage.items() if k.split("|")[0] in doms} for stage in (rec, zs))
     lines = [f"## After recovery (R = {cfg['recovery']} steps at lr {cfg['recovery_lr']:g} inside the fit)", "",
-             "Off-domain and in-domain geometric means as above (seeds " f"{cfg['recovery_seeds']}).", "",
+             f"Each arm warms up, prunes and trains R steps on the calibration domain in one Lightning fit (seed"
+             f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; calibration domain"
+             f"{'s' if len(doms) > 1 else ''} {', '.join(doms)}"
+             + ("" if len(doms) == len(DOMAINS) else ", the others not run yet") + "). Off-domain and in-domain "
+             "geometric means as above, zero-shot -> recovered, on the same draws.", "",
              "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " |",
              "|---|" + "---:|---:|" * len(S)]  # fmt: skip
-    for name in dict.fromkeys(k.split("|")[2] for k in rec):
-        row = [name]
+    ranks = {}
+    default, paper = arm_key(*out["default"]), arm_key(*PAPER)
+    for name in names:
+        row = [name + (" **(default)**" if name == default else " (paper)" if name == paper else "")]
         for s in S:
-            m = summarise(rec, cfg["recovery_seeds"], name, s)
-            row += ["-", "-"] if m is None else [f"{m['off']:.1f}", f"{m['in']:.1f}"]
+            m, z = summarise(rec, seeds, name, s), summarise(zs, seeds, name, s)
+            ranks.setdefault(s, {})[name] = (m["off"], z["off"] if z else float("nan"))
+            cell = lambda key: f"{z[key]:.1f} -> {m[key]:.1f}" if z else f"{m[key]:.1f}"  # noqa: E731
+            row += [cell("off"), cell("in")]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Off-domain ranking (best first), zero-shot / after recovery:", ""]
+    for s, by in ranks.items():
+        before = sorted(by, key=lambda n: by[n][1])
+        after = sorted(by, key=lambda n: by[n][0])
+        same = "the same order" if before == after else "the order changes"
+        lines.append(f"- s = {s:g}: {' < '.join(before)} / {' < '.join(after)} ({same})")
     if "dense_recovered" in out:
         dr = out["dense_recovered"]
         lines += ["", "Dense control after the same steps (calibration domain -> perplexities): " + "; ".join(

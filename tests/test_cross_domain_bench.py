@@ -118,3 +118,22 @@ def test_recovery_fit_prunes_with_the_callback_and_trains_on(tmp_path, monkeypat
     control = tiny_llama()
     bench.recover(control, d, cfg, None, None, 0.0)  # the dense control: the same steps, no prune
     assert prunable_parameter_count(control) == dense
+
+
+def test_recovery_table_compares_arms_on_the_domains_every_arm_finished():
+    def cells(scale):
+        return {ev: scale * (10 if ev == "plays" else 2) for ev in bench.DOMAINS}
+
+    out = {"config": {**bench.CONFIGS["quick"], "sparsities": [0.4]}, "default": ["mine", 2.0],
+           "zero_shot": {}, "recovery": {}}  # fmt: skip
+    for arm, before, after in (("functional@3", 3.0, 1.0), ("mine@2", 2.0, 1.5)):
+        for cal in ("pydoc", "plays"):
+            out["zero_shot"][f"{cal}|0|{arm}|0.4"] = cells(before)
+            out["recovery"][f"{cal}|0|{arm}|0.4"] = cells(after)
+    out["recovery"]["pysrc|0|mine@2|0.4"] = cells(100.0)  # a domain only one arm has finished: left out
+    text = "\n".join(bench._recovery_table(out, [0.4]))
+    assert "calibration domains pydoc, plays, the others not run yet" in text
+    off = lambda scale: bench.geomean([scale * 2, scale * 2, scale * 10, scale * 2])  # noqa: E731 (off-domain cells)
+    assert f"| mine@2 **(default)** | {off(2.0):.1f} -> {off(1.5):.1f} |" in text
+    assert f"| functional@3 (paper) | {off(3.0):.1f} -> {off(1.0):.1f} |" in text
+    assert "- s = 0.4: mine@2 < functional@3 / functional@3 < mine@2 (the order changes)" in text
