@@ -462,3 +462,59 @@ def test_save_pruned_model_callback_warns_when_the_pruned_model_has_no_gguf_grap
     with pytest.warns(UserWarning, match="but not as GGUF: .*layers differ in width"):
         saver._save_gguf(pruned("qwen3"), tmp_path / "model.gguf", bpe_tokenizer())
     assert saver.gguf_saved_to is None and not (tmp_path / "model.gguf").exists()
+
+
+def test_more_family_features_compute_the_model(tmp_path):
+    """NoPE layers, Gemma 3's linear rope on its global layers, Granite with Llama 3.1's rope factors, and a
+    Qwen2-MoE whose shared expert was pruned away (written as one all-zero channel), each through the reference."""
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8}  # fmt: skip
+    gemma3_rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}  # fmt: skip
+    no_shared = family_model("qwen2_moe")
+    layers = [LayerPlan(u.num_kv_groups, u.mlp_width, list(range(u.num_kv_groups)), list(range(u.expert_units)),
+                        experts_before=u.num_experts, kept_experts=list(range(u.num_experts)),
+                        shared_channels_before=u.shared_width) for u in find_units(no_shared)]  # fmt: skip
+    apply_plan(no_shared, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual"))
+    assert find_units(no_shared)[0].shared_width == 0
+    models = {
+        "nope": family_model("smollm3", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0]),
+        "gemma3 linear rope": family_model("gemma3_text", rope_parameters=gemma3_rope),
+        "granite llama3 rope": family_model("granite", rope_parameters=llama3),
+        "qwen2_moe without its shared expert": no_shared,
+    }
+    for name, model in models.items():
+        result = write_gguf(model, tmp_path / "m.gguf", tokenizer=bpe_tokenizer(), dtype="f32", progress=False)
+        tensors = read_gguf_tensors(result.path)
+        if name.startswith("granite"):
+            assert "rope_freqs.weight" in tensors
+        if name.startswith("gemma3"):
+            assert metadata(result.path)["gemma3.rope.scaling.factor"] == 8.0
+        if name.startswith("qwen2_moe"):
+            shared_up = tensors["blk.0.ffn_up_shexp.weight"]
+            assert shared_up.shape == (1, 64) and not shared_up.any()
+            assert any("shared expert has no channel left" in note for note in result.notes)
+        assert_same_logits(model, result.path)
+
+
+def test_a_q8_0_mixture_of_experts_keeps_its_router_in_f32(tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    path = save_pruned(family_model("mixtral"), tmp_path / "m.gguf", format="gguf", gguf_dtype="q8_0",
+                       tokenizer=bpe_tokenizer())  # fmt: skip
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == GGMLQuantizationType.F32
+    assert types["blk.0.ffn_gate_exps.weight"] == GGMLQuantizationType.Q8_0
+
+
+def test_biases_and_rope_bases_a_graph_does_not_read_are_refused_and_a_window_is_noted_once(tmp_path):
+    tok = bpe_tokenizer()
+    for model_type in ("qwen3", "gemma2"):
+        with pytest.raises(UnsupportedModelError, match="bias on its attn_output projection.*does not add.*folder"):
+            write_gguf(family_model(model_type, attention_bias=True), tmp_path / "x.gguf", tokenizer=tok)
+    bases = {"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="sliding-window layers' rotary embedding.*olmo2"):
+        save_pruned(family_model("olmo3", rope_parameters=bases), tmp_path / "x.gguf", format="gguf", tokenizer=tok)
+    result = write_gguf(family_model("phi3", sliding_window=4), tmp_path / "p.gguf", tokenizer=tok, progress=False)
+    assert sum("sliding window of 4 tokens" in note for note in result.notes) == 1

@@ -114,6 +114,9 @@ class DecoderArchitecture(Architecture):
         self.saved_model_types = tuple(f"nirvana_{t}" for t in self.model_types)
         if self.qk_norm not in ("shared", "per_head", "flat"):
             raise ValueError(f"DecoderArchitecture(qk_norm={self.qk_norm!r}): choose 'shared', 'per_head' or 'flat'.")
+        if self.qkv is not None and self.gguf is not None and (self.gguf.reorder_qk or self.gguf.per_layer_arch):
+            raise ValueError("DecoderArchitecture: a fused qkv projection is written as it is, for a llama.cpp graph "
+                             "that rotates as the model does (GGUFLayout(reorder_qk=False, per_layer_arch=None)).")
 
     @property
     def caveat(self) -> str:
@@ -429,10 +432,17 @@ class DecoderArchitecture(Architecture):
             )
         units = self.find_units(model)
         widths = layer_widths(units)
-        if all(w == widths[0] for w in widths) and widths[0]["intermediate_size"] > 0:
+        uniform = all(w == widths[0] for w in widths)
+        if uniform and widths[0]["intermediate_size"] > 0:
             arch = self.gguf.arch
         elif self.gguf.per_layer_arch is not None:
             arch = self.gguf.per_layer_arch
+        elif uniform:
+            raise UnsupportedModelError(
+                f"save_pruned(format='gguf'): every layer of this {base} model had its MLP pruned away, and "
+                f"llama.cpp's {self.gguf.arch!r} graph needs an MLP width. Prune with min_mlp_channels > 0 for a GGUF "
+                "file, or save a folder (save_pruned(model, path))."
+            )
         else:
             raise UnsupportedModelError(
                 f"save_pruned(format='gguf'): this {base} model's layers differ in width (KV heads "
@@ -501,9 +511,10 @@ _OLMO_NOTE = ("q_norm/k_norm span all heads: sliced with them, and the kept head
               "heads (not exact; see the prune report)")  # fmt: skip
 _STABLELM_REFUSED = (("qk_layernorm", True, "its per-head LayerNorm modules are not sliced yet (StableLM models with "
                      "qk_layernorm=False prune)"),)  # fmt: skip
-_LLAMA = GGUFLayout("llama", per_layer_arch="deci")
+_LLAMA = GGUFLayout("llama", per_layer_arch="deci", projection_biases=True, rope_freqs=True)
 _GEMMA = dict(reorder_qk=False, norm_offset=1.0)
-_OLMO = GGUFLayout("olmo2", reorder_qk=False, norms=POST_NORMS, output="required", full_query=True)
+_OLMO = GGUFLayout("olmo2", reorder_qk=False, norms=POST_NORMS, output="required", full_query=True,
+                   sliding_pattern=True)
 LLAMA_LIKE = [
     DecoderArchitecture(("llama",), gguf=_LLAMA, notes="Llama 2/3/3.1/3.2, SmolLM2, TinyLlama"),
     DecoderArchitecture(("mistral",), gguf=_LLAMA, notes="Mistral 7B, Mistral NeMo"),
@@ -514,13 +525,15 @@ LLAMA_LIKE = [
     DecoderArchitecture(("gemma",), gguf=GGUFLayout("gemma", output="tied", **_GEMMA),
                         notes="head_dim independent of hidden_size"),
     DecoderArchitecture(("gemma2",), logits=softcapped_logits,
-                        gguf=GGUFLayout("gemma2", norms=SANDWICH_NORMS, output="tied", extra=gemma2_hparams, **_GEMMA),
+                        gguf=GGUFLayout("gemma2", norms=SANDWICH_NORMS, output="tied", sliding_pattern=True,
+                                        query_scale_layers=46, extra=gemma2_hparams, **_GEMMA),
                         notes="attention and final-logit soft-capping, alternating sliding window"),
     DecoderArchitecture(("gemma3_text",), logits=softcapped_logits,
-                        gguf=GGUFLayout("gemma3", norms=SANDWICH_NORMS, swa_rope_base=True, linear_rope=True,
-                                        extra=gemma3_hparams, **_GEMMA),
+                        gguf=GGUFLayout("gemma3", norms=SANDWICH_NORMS, sliding_pattern=True, swa_rope_base=True,
+                                        linear_rope=True, query_scale_layers=62, extra=gemma3_hparams, **_GEMMA),
                         notes="Gemma 3 text models (1B, or the text part); q_norm/k_norm, sliding window"),
-    DecoderArchitecture(("granite",), logits=divided_logits, gguf=GGUFLayout("granite", extra=granite_hparams),
+    DecoderArchitecture(("granite",), logits=divided_logits,
+                        gguf=GGUFLayout("granite", projection_biases=True, rope_freqs=True, extra=granite_hparams),
                         notes="embedding/residual/attention/logit multipliers"),
     DecoderArchitecture(("smollm3",), gguf=GGUFLayout("smollm3", extra=smollm3_hparams), notes="NoPE layers"),
     DecoderArchitecture(("phi3",), qkv="qkv_proj", gate_up="gate_up_proj", per_layer_config=True,

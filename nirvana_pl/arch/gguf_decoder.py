@@ -6,8 +6,9 @@ head counts and MLP width per layer). So a model whose layers differ in width is
 family's layer is a plain Llama layer (Llama, Mistral, Qwen2), and is refused otherwise; a model whose layers share
 one width keeps its family's own graph. What differs between the families' graphs is data here: which norms a
 layer has and where, Gemma's ``1 + w`` norms, LayerNorm or RMSNorm, whether the file must (or must not) hold an
-LM head of its own, fused projections (Phi-3), the hyper-parameters a graph reads from the config (soft-capping,
-Granite's multipliers, sliding-window layers) and the config settings a graph cannot compute (``check``). The
+LM head of its own, which biases a graph adds, fused projections (Phi-3), sliding-window layers, rope scalings,
+and a family's own hyper-parameters (soft-capping, Granite's multipliers) with the settings its graph cannot
+compute (``GGUFLayout.extra``). The
 conventions follow llama.cpp's own converter (``convert_hf_to_gguf.py``) and model loader; each family is run in
 llama.cpp by ``benchmarks/gguf_llamacpp.py``.
 """
@@ -54,11 +55,17 @@ class GGUFLayout:
     ``config.layer_norm_eps``). ``output``: "optional" (an LM head tied to the embedding is left out), "tied" (the
     graph always reads the embedding: an untied head is refused) or "required" (written even when tied).
     ``full_query``: the graph sizes the query and output projections by ``hidden_size``, so every query head must
-    be kept. ``swa_rope_base``: the graph reads a rope base of its own for sliding-window layers. ``linear_rope``:
-    it reads a linear rope scaling (``rope.scaling.factor``). ``expert_norm``: a mixture of experts' graph
-    renormalises the top-k routing weights (True) or not (False); the model's ``norm_topk_prob`` must agree.
-    ``extra``: the family's own hyper-parameters from the builder (it raises UnsupportedModelError for settings
-    the graph cannot compute).
+    be kept. ``projection_biases``: the graph adds biases to the attention output and the MLP projections (every
+    graph adds q/k/v biases). ``sliding_pattern``: the graph reads which layers attend over a sliding window
+    (``config.layer_types``). ``swa_rope_base``: it reads a rope base of its own for those layers.
+    ``rope_freqs``: it reads per-frequency rope factors (Llama 3.1's scaling); ``linear_rope``: a linear rope
+    scaling (``rope.scaling.factor``). ``query_scale_layers``: the family scales queries by
+    ``config.query_pre_attn_scalar ** -0.5`` (Gemma 2/3), and the graph by ``head_dim ** -0.5``, or by
+    ``(hidden_size // heads) ** -0.5`` in models of this many layers (the 27B models): the difference is folded
+    into the file. ``expert_norm``: a mixture of experts' graph renormalises the top-k routing weights (True) or
+    not (False); the model's ``norm_topk_prob`` must agree. ``expert_width_key``: where the graph reads an
+    expert's width. ``extra``: the family's own hyper-parameters from the builder, called before anything else is
+    read; it raises UnsupportedModelError for settings the graph cannot compute.
     """
 
     arch: str
@@ -69,9 +76,14 @@ class GGUFLayout:
     layer_norm: bool = False
     output: str = "optional"
     full_query: bool = False
+    projection_biases: bool = False
+    sliding_pattern: bool = False
     swa_rope_base: bool = False
+    rope_freqs: bool = False
     linear_rope: bool = False
+    query_scale_layers: int | None = None
     expert_norm: bool | None = None
+    expert_width_key: str = "expert_feed_forward_length"
     extra: Callable[["GGUFBuilder"], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
@@ -86,6 +98,9 @@ class GGUFLayout:
 
 
 def refuse(message: str) -> UnsupportedModelError:
+    """The error for a model llama.cpp's graph cannot compute; it names the folder as the way out."""
+    if "save_pruned(model, path)" not in message:
+        message += " Save a folder instead: save_pruned(model, path)."
     return UnsupportedModelError(f"save_pruned(format='gguf'): {message}")
 
 
@@ -104,8 +119,9 @@ class GGUFBuilder:
         self.arch, self.model, self.state, self.units = arch, model, state, units
         self.layout: GGUFLayout = arch.gguf
         self.gguf_arch = gguf_arch
-        self.per_layer = gguf_arch != self.layout.arch
+        self.per_layer = gguf_arch != self.layout.arch  # (deci: a plain Llama layer, with every Llama option)
         self.reorder_qk = self.per_layer or self.layout.reorder_qk
+        self.projection_biases = self.per_layer or self.layout.projection_biases
         self.used: set[str] = set()
         self.tensors: list[GGUFTensor] = []
         self.notes: list[str] = []
@@ -146,6 +162,7 @@ class GGUFBuilder:
         return True
 
     def target(self) -> GGUFTarget:
+        family = self.layout.extra(self) if self.layout.extra is not None else {}
         body = self.arch.body
         self.add("token_embd.weight", f"{body}.embed_tokens.weight")
         kv_heads, heads, ff = [], [], []
@@ -160,10 +177,7 @@ class GGUFBuilder:
         self.add_norm("output_norm", f"{body}.norm")
         self.output()
         self.check_query_width(heads)
-        hparams = self.hparams(heads, kv_heads, ff)
-        hparams.update(self.rope())
-        if self.layout.extra is not None:
-            hparams.update(self.layout.extra(self))
+        hparams = {**self.hparams(heads, kv_heads, ff), **self.rope(), **family}
         left = sorted(set(self.state) - self.used)
         if left:
             raise refuse(
@@ -192,9 +206,7 @@ class GGUFBuilder:
         scale = self.query_scale(kv * g)
         q_norm = f"{attn}q_norm"
         scale_q = (lambda t: t * scale) if scale != 1.0 and f"{q_norm}.weight" not in self.state else None
-        if a.qkv is not None:  # fused q|k|v rows (Phi-3), written as they are
-            if self.reorder_qk or scale_q is not None:
-                raise refuse(f"a fused {a.qkv} is written for graphs that rotate as the model does, at its own scale.")
+        if a.qkv is not None:  # fused q|k|v rows (Phi-3), written as they are (checked by the adapter)
             projections = {"attn_qkv": (a.qkv, None), "attn_output": (a.o, None)}
         else:
             rotate_q, rotate_k = self.rotary(kv * g), self.rotary(kv)
@@ -205,6 +217,7 @@ class GGUFBuilder:
             for part in ("weight", "bias"):
                 key = f"{attn}{proj}.{part}"
                 if key in self.state:
+                    self.check_bias(gguf_name, part, "attention_bias")
                     self.add(f"{blk}{gguf_name}.{part}", key, transform=transform)
         self.add_norm(f"{blk}attn_q_norm", q_norm, scale)
         self.add_norm(f"{blk}attn_k_norm", f"{attn}k_norm")
@@ -215,10 +228,10 @@ class GGUFBuilder:
         transformers scales by ``query_pre_attn_scalar ** -0.5``, llama.cpp by ``head_dim ** -0.5``, or
         ``(hidden_size / heads) ** -0.5`` for the layer counts of the 27B models)."""
         qpas = getattr(self.config, "query_pre_attn_scalar", None)
-        if qpas is None or self.gguf_arch not in ("gemma2", "gemma3"):
+        if qpas is None or self.layout.query_scale_layers is None:
             return 1.0
-        big = {"gemma2": 46, "gemma3": 62}[self.gguf_arch] == len(self.units)
-        cpp_scale = (self.config.hidden_size / heads) ** -0.5 if big else self.head_dim**-0.5
+        big = self.layout.query_scale_layers == len(self.units)
+        cpp_scale = (self.config.hidden_size // heads) ** -0.5 if big else self.head_dim**-0.5  # (// as llama.cpp)
         return float(qpas) ** -0.5 / cpp_scale
 
     def mlp(self, u: LayerUnits) -> int:
@@ -240,6 +253,7 @@ class GGUFBuilder:
             for part, size in (("weight", shape), ("bias", shape[:1])):
                 key = f"{mlp}{proj}.{part}"
                 if key in self.state:
+                    self.check_bias(gguf_name, part, "mlp_bias")
                     self.add(f"{blk}{gguf_name}.{part}", None if empty else key, size)
         return width
 
@@ -250,7 +264,7 @@ class GGUFBuilder:
         block, blk = f"{a.layers}.{i}.{a.mlp}.", f"blk.{i}."
         gate_up = self.take(f"{block}{a.experts}.{a.expert_gate_up}")
         width = gate_up.shape[1] // 2
-        self.add(f"{blk}ffn_gate_inp.weight", f"{block}{a.router}.weight")
+        self.add(f"{blk}ffn_gate_inp.weight", f"{block}{a.router}.weight", matrix=False)  # (f32, as llama.cpp keeps it)
         key = f"{block}{a.experts}.{a.expert_gate_up}"
         self.add(f"{blk}ffn_gate_exps.weight", key, (u.num_experts, width, gate_up.shape[2]), lambda t: t[:, :width])
         self.add(f"{blk}ffn_up_exps.weight", key, (u.num_experts, width, gate_up.shape[2]), lambda t: t[:, width:])
@@ -274,6 +288,12 @@ class GGUFBuilder:
         if not self.reorder_qk:
             return None
         return lambda t: interleave_rotary(t, n_heads)
+
+    def check_bias(self, gguf_name: str, part: str, setting: str) -> None:
+        qkv = gguf_name in ("attn_q", "attn_k", "attn_v", "attn_qkv")  # (every graph adds these)
+        if part == "bias" and not qkv and not self.projection_biases:
+            raise refuse(f"this model has a bias on its {gguf_name} projection ({setting}=True), which llama.cpp's "
+                         f"{self.gguf_arch!r} graph does not add.")  # fmt: skip
 
     def check_query_width(self, heads: list[int]) -> None:
         hidden, d = self.config.hidden_size, self.head_dim
@@ -310,12 +330,13 @@ class GGUFBuilder:
             out["attention.layer_norm_rms_epsilon"] = float(cfg.rms_norm_eps)
         if self.units[0].num_experts:
             out.update(self.expert_hparams(ff))
+        pattern = self.layer_pattern()
         window = getattr(cfg, "sliding_window", None)
         sliding = getattr(cfg, "use_sliding_window", True) and window and window < cfg.max_position_embeddings
-        if sliding and "attention.sliding_window_pattern" not in self.layer_pattern():
+        if sliding and not pattern:
             self.notes.append(f"the model attends over a sliding window of {window} tokens and llama.cpp's "
                               f"{self.gguf_arch} graph over the whole context: outputs agree up to {window} tokens")
-        return out
+        return {**out, **pattern}
 
     def expert_hparams(self, ff: list[int]) -> dict[str, Any]:
         counts = {(u.num_experts, w, u.shared_width) for u, w in zip(self.units, ff)}
@@ -332,14 +353,10 @@ class GGUFBuilder:
                 f"top-k routing weights, and this model has norm_topk_prob={norm}."
             )
         experts, width, shared = counts.pop()
-        top_k = int(self.config.num_experts_per_tok)
-        if experts < top_k:
-            self.notes.append(f"every layer keeps {experts} experts, fewer than the {top_k} a token is routed to: "
-                              "each token goes through all of them")  # fmt: skip
-        out = {"expert_count": experts, "expert_used_count": min(top_k, experts)}
-        if self.gguf_arch != "llama":  # (llama's graph reads an expert's width from feed_forward_length)
-            out["expert_feed_forward_length"] = width
-            out["feed_forward_length"] = int(getattr(self.config, "intermediate_size", width))
+        # (a model keeping fewer experts than it routes a token to has that count in its config already)
+        out = {"expert_count": experts, "expert_used_count": min(int(self.config.num_experts_per_tok), experts),
+               "feed_forward_length": int(getattr(self.config, "intermediate_size", width)),
+               self.layout.expert_width_key: width}  # fmt: skip
         if self.arch.shared_expert is not None:
             out["expert_shared_feed_forward_length"] = max(shared, 1)
         return out
@@ -348,7 +365,7 @@ class GGUFBuilder:
         """Sliding-window layers as llama.cpp's graphs with a per-layer pattern read them (Gemma 2/3, OLMo 3)."""
         types = getattr(self.config, "layer_types", None)
         window = getattr(self.config, "sliding_window", None)
-        if self.gguf_arch not in ("gemma2", "gemma3", "olmo2") or not types or not window:
+        if not self.layout.sliding_pattern or not types or not window:
             return {}
         return {"attention.sliding_window": int(window),
                 "attention.sliding_window_pattern": [int(t == "sliding_attention") for t in types]}  # fmt: skip
@@ -367,18 +384,20 @@ class GGUFBuilder:
         if full is None:
             raise refuse("the model has no rotary_emb.inv_freq to read.")
         n = 2 * full.numel()
-        if n != self.head_dim and self.reorder_qk:  # (re-ordering assumes the whole head rotates)
-            raise refuse(f"a partial rotary embedding ({n} of {self.head_dim} dimensions) in llama.cpp's "
-                         f"{self.gguf_arch!r} graph is not written.")  # fmt: skip
-        scaling = float(getattr(rotary, "attention_scaling", None) or 1.0)
+        if n != self.head_dim and self.reorder_qk:
+            raise refuse(f"llama.cpp's {self.gguf_arch!r} graph rotates whole heads, and this model rotates {n} of "
+                         f"each head's {self.head_dim} dimensions.")  # fmt: skip
+        scalings = [getattr(rotary, f"{kind}attention_scaling", None) for kind in ("", "full_attention_",
+                                                                                  "sliding_attention_")]  # fmt: skip
+        scaling = max((float(x) for x in scalings if x is not None), key=lambda x: abs(x - 1.0), default=1.0)
         if scaling != 1.0:
             raise refuse(f"the rope scaling {self.rope_type()!r} scales attention ({scaling}); nirvana_pl writes "
                          "rope scalings that only rescale frequencies.")  # fmt: skip
         theta = self.rope_theta("full_attention")
-        out: dict[str, Any] = {"rope.dimension_count": n, "rope.freq_base": theta, **self.layer_pattern()}
+        out: dict[str, Any] = {"rope.dimension_count": n, "rope.freq_base": theta}
         factors = (_default_inv_freq(theta, n) / full.double()).float()
         if not torch.allclose(factors, torch.ones_like(factors), rtol=1e-5, atol=0):
-            if self.gguf_arch in ("llama", "deci"):
+            if self.per_layer or self.layout.rope_freqs:
                 self.tensors.append(GGUFTensor("rope_freqs.weight", (n // 2,), lambda: factors.clone(), False))
             elif self.layout.linear_rope and torch.allclose(factors, factors[:1].expand_as(factors), rtol=1e-5):
                 out.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(factors[0])})
@@ -420,11 +439,14 @@ def _compose(*fns: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[t
 
 # ------------------------------------------------------------------------------------------------ families' extras
 def gemma2_hparams(b: GGUFBuilder) -> dict[str, Any]:
-    """Gemma 2's graph always soft-caps the attention scores and the logits; a cap the model does not have is
-    written as one too large to act."""
-    off = 1e30
-    return {"attn_logit_softcapping": float(getattr(b.config, "attn_logit_softcapping", None) or off),
-            "final_logit_softcapping": float(getattr(b.config, "final_logit_softcapping", None) or off)}  # fmt: skip
+    """Gemma 2's graph always soft-caps the attention scores and the logits. A model without a final cap gets one
+    too large to act (on fp32 logits); one without an attention cap is refused, since a cap that large would
+    underflow in a half-precision attention kernel."""
+    attn, final = getattr(b.config, "attn_logit_softcapping", None), getattr(b.config, "final_logit_softcapping", None)
+    if attn is None:
+        raise refuse("llama.cpp's gemma2 graph always soft-caps the attention scores, and this model has "
+                     "attn_logit_softcapping=None.")  # fmt: skip
+    return {"attn_logit_softcapping": float(attn), "final_logit_softcapping": float(final or 1e30)}
 
 
 def gemma3_hparams(b: GGUFBuilder) -> dict[str, Any]:
@@ -457,12 +479,8 @@ def smollm3_hparams(b: GGUFBuilder) -> dict[str, Any]:
 
 def phi3_hparams(b: GGUFBuilder) -> dict[str, Any]:
     c = b.config
-    if (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default") != "default":
-        raise refuse("Phi-3's long-context rope factors (LongRoPE) are not written yet.")
-    window = getattr(c, "sliding_window", None)
-    if window and window < c.max_position_embeddings:
-        b.notes.append(f"the model attends over a sliding window of {window} tokens and llama.cpp's phi3 graph "
-                       f"over the whole context: outputs agree up to {window} tokens")  # fmt: skip
+    if b.rope_type() != "default":
+        raise refuse(f"Phi-3's rope scaling {b.rope_type()!r} (LongRoPE factors) is not written yet.")
     original = getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings
     return {"rope.scaling.original_context_length": int(original)}
 

@@ -232,7 +232,7 @@ class MoEDecoderArchitecture(DecoderArchitecture):
 
 MOE_FAMILIES = [
     MoEDecoderArchitecture(("mixtral",), num_experts_key="num_local_experts", expert_width_key="intermediate_size",
-                           gguf=GGUFLayout("llama", expert_norm=True),
+                           gguf=GGUFLayout("llama", expert_norm=True, expert_width_key="feed_forward_length"),
                            notes="Mixtral 8x7B / 8x22B; expert channels and whole experts (fused 3-D experts)"),
     MoEDecoderArchitecture(("qwen2_moe",), shared_expert="shared_expert",
                            shared_width_key="shared_expert_intermediate_size",
