@@ -87,6 +87,11 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma2": dict(tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=24,
                    layer_types=["sliding_attention", "full_attention"] * 2, attn_logit_softcapping=5.0,
                    final_logit_softcapping=3.0),
+    # llama.cpp scales queries by (hidden_size // heads) ** -0.5 in a 46-layer Gemma 2 (the 27B): 64 // 8 here
+    "gemma2_46_layers": dict(tie_word_embeddings=True, sliding_window=8, query_pre_attn_scalar=24,
+                             num_hidden_layers=46, num_attention_heads=8, num_key_value_heads=4,
+                             layer_types=["sliding_attention", "full_attention"] * 23, attn_logit_softcapping=5.0,
+                             final_logit_softcapping=3.0),
     "gemma3_text": dict(sliding_window=8, query_pre_attn_scalar=24,
                         layer_types=["sliding_attention", "full_attention"] * 2, final_logit_softcapping=None),
     "gemma3_linear_rope": dict(sliding_window=8, query_pre_attn_scalar=24,
@@ -125,6 +130,7 @@ def tiny(kind: str, seed: int = 0) -> torch.nn.Module:
                   initializer_range=0.1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
                   eos_token_id=2)  # fmt: skip
     model_type = {"llama3_rope": "llama", "cohere_qk_norm": "cohere", "gemma3_linear_rope": "gemma3_text",
+                  "gemma2_46_layers": "gemma2",
                   "granite_llama3_rope": "granite"}.get(kind, kind)  # fmt: skip
     config = AutoConfig.for_model(model_type, **{**common, **FAMILY_CONFIGS[kind]})
     torch.manual_seed(seed)
@@ -177,9 +183,9 @@ def without_an_mlp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 #: families written through their own llama.cpp graph only (uniform widths), each checked pruned with uniform=True
-UNIFORM_FAMILIES = ("llama", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3_linear_rope", "granite",
-                    "granite_llama3_rope", "smollm3", "phi3", "cohere", "cohere_qk_norm", "stablelm", "olmo2", "olmo3",
-                    "mixtral", "qwen2_moe", "qwen3_moe")  # fmt: skip
+UNIFORM_FAMILIES = ("llama", "qwen3", "gemma", "gemma2", "gemma2_46_layers", "gemma3_text", "gemma3_linear_rope",
+                    "granite", "granite_llama3_rope", "smollm3", "phi3", "cohere", "cohere_qk_norm", "stablelm",
+                    "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe")  # fmt: skip
 
 
 def tiny_cases() -> dict[str, Any]:

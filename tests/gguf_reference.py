@@ -158,6 +158,8 @@ def _attention(f: _File, i: int, h: torch.Tensor, ids: torch.Tensor) -> torch.Te
     group = heads // kv
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = float(f.get("attention.scale", 0.0)) or 1 / math.sqrt(d)
+    if (f.arch, f.n_layers) in (("gemma2", 46), ("gemma3", 62)):  # llama.cpp's rule for the 27B models
+        scale = 1 / math.sqrt(int(f.get("embedding_length")) // heads)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     if f.arch == "gemma2":
         cap = float(f.get("attn_logit_softcapping"))

@@ -465,8 +465,9 @@ def test_save_pruned_model_callback_warns_when_the_pruned_model_has_no_gguf_grap
 
 
 def test_more_family_features_compute_the_model(tmp_path):
-    """NoPE layers, Gemma 3's linear rope on its global layers, Granite with Llama 3.1's rope factors, and a
-    Qwen2-MoE whose shared expert was pruned away (written as one all-zero channel), each through the reference."""
+    """NoPE layers, Gemma 3's linear rope on its global layers, Granite with Llama 3.1's rope factors, Gemma 2's
+    query scale in a model of the 27B's layer count, and a Qwen2-MoE whose shared expert was pruned away (written
+    as one all-zero channel), each through the reference."""
     llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}  # fmt: skip
     gemma3_rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
@@ -481,6 +482,8 @@ def test_more_family_features_compute_the_model(tmp_path):
         "nope": family_model("smollm3", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0]),
         "gemma3 linear rope": family_model("gemma3_text", rope_parameters=gemma3_rope),
         "granite llama3 rope": family_model("granite", rope_parameters=llama3),
+        # llama.cpp scales queries by (hidden_size // heads) ** -0.5 in a 46-layer Gemma 2 (27B): 8 ** -0.5 here
+        "gemma2 of 46 layers": family_model("gemma2", num_hidden_layers=46, layer_types=None),
         "qwen2_moe without its shared expert": no_shared,
     }
     for name, model in models.items():
