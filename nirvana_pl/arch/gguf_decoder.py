@@ -278,8 +278,7 @@ class GGUFBuilder:
                 self.used.update(k for k in self.state if k.startswith(shared))
             for gguf_name, proj, shape in (("ffn_gate_shexp", a.gate, (1, hidden)), ("ffn_up_shexp", a.up, (1, hidden)),
                                            ("ffn_down_shexp", a.down, (hidden, 1))):  # fmt: skip
-                self.add(f"{blk}{gguf_name}.weight", f"{shared}{proj}.weight") if s else self.add(
-                    f"{blk}{gguf_name}.weight", None, shape)
+                self.add(f"{blk}{gguf_name}.weight", f"{shared}{proj}.weight" if s else None, None if s else shape)
             self.add(f"{blk}ffn_gate_inp_shexp.weight", f"{block}{a.shared_expert}_gate.weight", (hidden,),
                      lambda t: t.reshape(-1), matrix=False)  # fmt: skip
         return width
