@@ -19,6 +19,8 @@ Protocol (written out in the markdown it renders):
    held-out windows of every domain. In-domain = the calibration domain; off-domain = the other two.
 4. Recovery: for a few arms, one Lightning fit with ``NirvanaPruningCallback`` (warm-up, prune, R steps at a
    real learning rate on the calibration domain), then the same evaluation.
+5. Candidates (``CANDIDATES``): combinations that are not library estimators, scored on the same draws, so that
+   the default is chosen among more than the estimators the library ships.
 
 Results are written after every cell to ``benchmarks/results/cross_domain.json`` (a rerun skips what is there)
 and rendered to ``benchmarks/results/cross_domain.md``.
@@ -64,18 +66,32 @@ ALL_ESTIMATORS = ("functional", "adam_taylor", "adam_fisher", "adam_momentum", "
                   "magnitude", "random", "fisher_functional")  # fmt: skip
 CALIBRATED = ("functional", "taylor_loss", "wanda_sp")
 PAPER = ("functional", 3.0)
+#: arms that are not library estimators: candidates for the default, measured at gamma 3 so that the choice has
+#: evidence; name -> (what it is, the scores it is built from)
+CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fisher_functional+sampled": (
+        "the hybrid with its functional part on the warm-up batches plus as many windows the dense model sampled "
+        "itself (from BOS, temperature 1, top-p 0.95): text of the model's own distribution, which the warm-up "
+        "domain may lack", ("fisher_functional",)),
+    "fisher_functional/functional_budgets": (
+        "the hybrid's choice of units inside each layer, with the per-layer budgets (units removed per layer and "
+        "pool) of `functional`", ("fisher_functional", "functional")),
+}
+#: sampling of the candidate ``fisher_functional+sampled`` (once per run, from the dense model)
+SAMPLING = dict(temperature=1.0, top_p=0.95, top_k=0, seed=1234, batch=8)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": dict(
         seeds=(0, 1, 2), warmup=8, warmup_lr=1e-7, batch=4, train_len=128, calib_windows=32, probe_windows=32,
         eval_windows=16, eval_len=256, eval_batch=4, sparsities=(0.2, 0.4, 0.5), gamma_grid=(1.0, 2.0, 3.0, 4.5, 6.0),
         grid_estimators=("functional", "adam_fisher", "fisher_functional"), recovery=16, recovery_lr=1e-4,
-        recovery_seeds=(0,),
+        recovery_seeds=(0,), candidates=tuple(CANDIDATES),
     ),
     "quick": dict(
         seeds=(0,), warmup=2, warmup_lr=1e-7, batch=2, train_len=64, calib_windows=4, probe_windows=4,
         eval_windows=2, eval_len=128, eval_batch=2, sparsities=(0.2, 0.5), gamma_grid=(2.0, 3.0),
         grid_estimators=("functional",), recovery=2, recovery_lr=1e-4, recovery_seeds=(0,),
+        candidates=tuple(CANDIDATES),
     ),
 }
 
@@ -167,11 +183,14 @@ def warm_up(model: nn.Module, batches: list[torch.Tensor], lr: float) -> dict[st
 
 
 def draw_scores(
-    model: nn.Module, d: dict, cfg: dict, needed: set[str] = frozenset(ALL_ESTIMATORS)
+    model: nn.Module, d: dict, cfg: dict, needed: set[str] = frozenset(ALL_ESTIMATORS),
+    sampled: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """The unit scores of the ``needed`` estimators for one draw (the model is warmed up in place), and seconds."""
+    """The unit scores of the ``needed`` estimators and candidates for one draw (the model is warmed up in place),
+    and seconds. ``sampled``: the dense model's own windows, for ``fisher_functional+sampled``."""
     from nirvana_pl.saliency import compute_scores
 
+    needed = set(needed) | {part for name in needed if name in CANDIDATES for part in CANDIDATES[name][1]}
     seconds = {}
     t0 = time.perf_counter()
     scores = warm_up(model, d["warmup"], cfg["warmup_lr"])
@@ -185,21 +204,59 @@ def draw_scores(
         seconds[name] = time.perf_counter() - t0
     # the hybrid as the callback computes it by default: its functional part on the warm-up window's own
     # training batches (the last num_calibration_batches of them), no calibration set of its own
-    if "fisher_functional" not in needed:
-        return scores, seconds
-    t0 = time.perf_counter()
     kept = d["warmup"][-callback_default("num_calibration_batches") :]
-    with bf16():
-        scores["fisher_functional"] = compute_scores(model, "fisher_functional", kept,
-                                                     optimizer_scores=scores["adam_fisher"])  # fmt: skip
-    seconds["fisher_functional"] = time.perf_counter() - t0
+    hybrids = {"fisher_functional": kept, "fisher_functional+sampled": kept + list(sampled or [])}
+    for name, batches in hybrids.items():
+        if name not in needed:
+            continue
+        if name == "fisher_functional+sampled" and not sampled:
+            raise ValueError("fisher_functional+sampled needs the dense model's sampled windows")
+        t0 = time.perf_counter()
+        with bf16():
+            scores[name] = compute_scores(model, "fisher_functional", batches, optimizer_scores=scores["adam_fisher"])
+        seconds[name] = time.perf_counter() - t0
+    if "fisher_functional/functional_budgets" in needed:
+        scores["fisher_functional/functional_budgets"] = with_budgets_of(scores["functional"],
+                                                                         scores["fisher_functional"])  # fmt: skip
     return scores, seconds
+
+
+def with_budgets_of(budgets: Any, choice: Any) -> Any:
+    """Scores that rank the units of each layer as ``choice`` does, with the values of ``budgets`` in that layer.
+
+    The allocation removes the globally lowest units of each pool, so the plan removes as many units per layer
+    as ``budgets`` would (up to ties and rounding), and inside a layer the ones ``choice`` ranks lowest.
+    """
+    from nirvana_pl.saliency import UnitScores
+
+    def remap(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(order)
+        out[order.argsort()] = values.sort().values.to(order)
+        return out
+
+    return UnitScores(attn=[remap(v, o) for v, o in zip(budgets.attn, choice.attn)],
+                      mlp=[remap(v, o) for v, o in zip(budgets.mlp, choice.mlp)])  # fmt: skip
+
+
+def sample_windows(model: nn.Module, tok, n: int, length: int) -> list[torch.Tensor]:
+    """``n`` windows of ``length`` tokens that ``model`` samples itself from BOS (batches of ``SAMPLING['batch']``)."""
+    torch.manual_seed(SAMPLING["seed"])
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, SAMPLING["batch"]):
+            start = torch.full((min(SAMPLING["batch"], n - i), 1), tok.bos_token_id)
+            out.append(model.generate(
+                start, attention_mask=torch.ones_like(start), do_sample=True, temperature=SAMPLING["temperature"],
+                top_p=SAMPLING["top_p"], top_k=SAMPLING["top_k"], max_new_tokens=length - 1,
+                min_new_tokens=length - 1, pad_token_id=tok.eos_token_id))
+    return list(torch.cat(out))
 
 
 # =============================================================================================== arms
 def _protocol(config: dict) -> dict:
     """The settings that decide how a cell is computed (not which arms the matrix has)."""
-    return {k: v for k, v in config.items() if k != "grid_estimators"}
+    return {k: v for k, v in config.items() if k not in ("grid_estimators", "candidates")}
 
 
 def arms(cfg: dict, default: tuple[str, Any]) -> list[tuple[str, Any]]:
@@ -207,6 +264,7 @@ def arms(cfg: dict, default: tuple[str, Any]) -> list[tuple[str, Any]]:
     out = [(e, 3.0) for e in ALL_ESTIMATORS] + [("adam_fisher", 2.0), default]
     for e in cfg["grid_estimators"]:
         out += [(e, g) for g in cfg["gamma_grid"]] + [(e, "auto")]
+    out += [(c, 3.0) for c in cfg.get("candidates", ())]
     return list(dict.fromkeys(out))
 
 
@@ -255,6 +313,7 @@ class Run:
         self.out["data"] = self.data["info"]
         self.default = default_arm()
         self.out["default"] = list(self.default)
+        self._sampled: list[torch.Tensor] | None = None
 
     def only(self, values, what: str) -> list:
         """``values`` restricted to those given on the command line (``--arms``, ``--seeds`` ...), in their order."""
@@ -274,6 +333,19 @@ class Run:
         if any(p not in values for p in picked):
             raise SystemExit(f"--{what} {given}: choose among {list(values)}")
         return picked
+
+    def sampled(self) -> list[torch.Tensor]:
+        """Batches of windows the dense model samples itself, as many as the hybrid's warm-up batches (once a run)."""
+        if self._sampled is None:
+            self.model.load_state_dict(self.dense_state)
+            b = self.cfg["batch"]
+            n = min(self.cfg["warmup"], callback_default("num_calibration_batches")) * b
+            t0 = time.perf_counter()
+            rows = sample_windows(self.model, self.tok, n, self.cfg["train_len"])
+            self._sampled = [torch.stack(rows[i : i + b]) for i in range(0, n, b)]
+            self.out["sampling_seconds"] = time.perf_counter() - t0
+            log(f"sampled {n} windows of {self.cfg['train_len']} tokens in {self.out['sampling_seconds']:.0f} s")
+        return self._sampled
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,8 +373,10 @@ class Run:
                 if all(k in self.out["zero_shot"] for k in keys):
                     continue
                 d = draw(self.data, self.cfg, dom, seed)
+                needed = {e for e, _ in todo}
+                sampled = self.sampled() if "fisher_functional+sampled" in needed else None
                 self.model.load_state_dict(self.dense_state)
-                scores, seconds = draw_scores(self.model, d, self.cfg, {e for e, _ in todo})
+                scores, seconds = draw_scores(self.model, d, self.cfg, needed, sampled)
                 self.out["draws"].setdefault(f"{dom}|{seed}", {}).setdefault("score_seconds", {}).update(seconds)
                 log(f"draw {dom} seed {seed}: scores in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
                 probe = DenseProbe.build(self.model, [{"input_ids": p} for p in d["probe"]])
@@ -473,6 +547,9 @@ def render(out: dict, command: str) -> str:
         + ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.get("env", {}).items())
         + ".", "",
         "Arms not run yet show no row; a later run of the command fills them in.", "",
+        *[f"Candidate `{name}` (not a library estimator; gamma 3): {CANDIDATES[name][0]}." for name in CANDIDATES
+          if any(n.startswith(name + "@") for n in names)],
+        "",
         "Protocol: each draw warms the pretrained model up for W = {warmup} AdamW steps at lr {warmup_lr:g} on "
         "{batch} x {train_len}-token batches of the calibration domain (the weights stay put, the Adam moments "
         "fill) and scores {calib_windows} calibration windows of the same domain; every arm prunes that model "
@@ -507,6 +584,7 @@ def render(out: dict, command: str) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *_same_draws_table(zs, seeds, S, names, default, paper)]
     lines += ["", *_goal_table(zs, seeds, S, default, paper)]
+    lines += ["", *_goal_by_arm_table(zs, seeds, S, names, default, paper)]
     lines += ["", *_recovery_table(out, S)]
     lines += ["", *_cost_table(out)]
     return "\n".join(lines) + "\n"
@@ -533,6 +611,17 @@ def _same_draws_table(zs: dict, seeds, S, names: list[str], default: str, paper:
     return lines
 
 
+def _ratios_to_paper(zs: dict, seeds, arm: str, paper: str, s: float) -> tuple[list[int], dict]:
+    """The seeds both ``arm`` and ``paper`` ran on (all calibration domains), and per (calibration, evaluation)
+    cell the arm's perplexity / the paper's (geometric means over those seeds)."""
+    common = [seed for seed in seeds
+              if all(f"{cal}|{seed}|{a}|{s:g}" in zs for cal in DOMAINS for a in (arm, paper))]  # fmt: skip
+    mine, ref = summarise(zs, common, arm, s), summarise(zs, common, paper, s)
+    if mine is None or ref is None:
+        return common, {}
+    return common, {k: mine["cells"][k] / ref["cells"][k] for k in mine["cells"] if k in ref["cells"]}
+
+
 def _goal_table(zs: dict, seeds, S, default: str, paper: str) -> list[str]:
     lines = [f"## Goal: the default ({default}) at most 0.8x the paper's criterion ({paper}), never worse off-domain",
              "", "Per (calibration -> evaluation) cell: the default's perplexity / the paper's (geometric mean over "
@@ -541,17 +630,45 @@ def _goal_table(zs: dict, seeds, S, default: str, paper: str) -> list[str]:
              "| s | seeds | " + " | ".join(f"{c}->{e}" for c in DOMAINS for e in DOMAINS) + " | met |",
              "|---|---|" + "---:|" * (len(DOMAINS) ** 2 + 1)]  # fmt: skip
     for s in S:
-        common = [seed for seed in seeds
-                  if all(f"{cal}|{seed}|{arm}|{s:g}" in zs for cal in DOMAINS for arm in (default, paper))]  # fmt: skip
-        mine, ref = summarise(zs, common, default, s), summarise(zs, common, paper, s)
-        if mine is None or ref is None:
+        common, ratios = _ratios_to_paper(zs, seeds, default, paper, s)
+        if not ratios:
             continue
-        ratios = {k: mine["cells"][k] / ref["cells"][k] for k in mine["cells"] if k in ref["cells"]}
         row = [f"{s:g}", ", ".join(map(str, common))]
         row += [f"{ratios[(c, e)]:.2f}" if (c, e) in ratios else "-" for c in DOMAINS for e in DOMAINS]
         met = sum(r <= 0.8 for r in ratios.values())
         row.append(f"{met}/{len(ratios)}")
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _goal_by_arm_table(zs: dict, seeds, S, names: list[str], default: str, paper: str) -> list[str]:
+    """The goal's count for every arm, so that the default is compared with the other arms on it: on the seeds
+    every arm was run on (when there are any), else on the seeds each arm shares with the paper."""
+    every = [seed for seed in seeds
+             if all(f"{cal}|{seed}|{n}|{s:g}" in zs for cal in DOMAINS for n in names for s in S)]  # fmt: skip
+    seeds = every or seeds
+    rows = []
+    for name in names:
+        if name == paper:
+            continue
+        per_s = [_ratios_to_paper(zs, seeds, name, paper, s) for s in S]
+        if any(not ratios for _, ratios in per_s):
+            continue
+        met = [sum(r <= 0.8 for r in ratios.values()) for _, ratios in per_s]
+        worst = [max(r for (c, e), r in ratios.items() if c != e) for _, ratios in per_s]
+        label = name + (" **(default)**" if name == default else "")
+        rows.append((-sum(met), max(worst), [label, ", ".join(map(str, per_s[0][0]))]
+                     + [f"{m}/9, {w:.2f}" for m, w in zip(met, worst)] + [f"{sum(met)}/{9 * len(S)}"]))
+    if not rows:
+        return []
+    lines = ["## Goal cells met by every arm", "",
+             f"Per sparsity: the (calibration -> evaluation) cells at most 0.8x {paper}, and the worst off-domain "
+             "ratio (the goal needs it <= 1.0), "
+             + (f"on the draws every arm was run on (seed{'s' if len(every) > 1 else ''} {', '.join(map(str, every))})"
+                if every else "over the seeds each arm shares with the paper") + "; sorted by cells met.", "",
+             "| arm | seeds | " + " | ".join(f"s={s:g} met, worst off" for s in S) + " | met |",
+             "|---|---|" + "---:|" * (len(S) + 1)]  # fmt: skip
+    lines += ["| " + " | ".join(cells) + " |" for *_, cells in sorted(rows, key=lambda r: r[:2])]
     return lines
 
 
@@ -592,8 +709,11 @@ def _recovery_table(out: dict, S) -> list[str]:
         lines.append(f"- s = {s:g}: {' < '.join(before)} / {' < '.join(after)} ({same})")
     if "dense_recovered" in out:
         dr = out["dense_recovered"]
-        lines += ["", "Dense control after the same steps (calibration domain -> perplexities): " + "; ".join(
-            f"{c}: " + ", ".join(f"{e} {dr[c][e]:.2f}" for e in DOMAINS) for c in DOMAINS) + "."]
+        off = geomean([dr[c][e] for c in dr for e in DOMAINS if c != e])
+        in_ = geomean([dr[c][c] for c in dr])
+        lines += ["", f"Dense control: the same steps without a prune, off-domain {off:.1f}, in-domain {in_:.1f} "
+                  "(calibration domain -> perplexities: " + "; ".join(
+                      f"{c}: " + ", ".join(f"{e} {dr[c][e]:.2f}" for e in DOMAINS) for c in dr) + ")."]
     return lines
 
 
@@ -609,6 +729,9 @@ def _cost_table(out: dict) -> list[str]:
         cells = [f"{d['score_seconds'][n]:.1f}" if n in d["score_seconds"] else "-" for n in names]
         dom, seed = key.split("|")
         lines.append(f"| {dom}, seed {seed} | " + " | ".join(cells) + " |")
+    if "sampling_seconds" in out:
+        lines += ["", f"`fisher_functional+sampled` also has the dense model sample its windows, once: "
+                  f"{out['sampling_seconds']:.0f} s."]
     return lines
 
 

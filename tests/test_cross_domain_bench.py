@@ -62,6 +62,77 @@ def test_goal_table_counts_the_cells_met_per_sparsity():
     assert row.startswith("| 0.4 | 0, 1 |") and row.endswith("| 8/9 |") and "1.20" in row and "0.50" in row
 
 
+def test_goal_by_arm_counts_cells_and_the_worst_off_domain_ratio_on_the_shared_draws():
+    def ppl(arm, cal, ev, seed):  # mine: 0.5x everywhere, but 1.2x on one off-domain cell of seed 1 only
+        return 100.0 * (1.0 if arm == "functional@3" else 1.2 if (cal, ev, seed) == ("pydoc", "plays", 1) else 0.5)
+
+    stage = _stage(ppl)
+    row = next(ln for ln in bench._goal_by_arm_table(stage, (0, 1), (0.4,), ["functional@3", "mine@2"], "mine@2",
+                                                     "functional@3") if ln.startswith("| mine@2"))  # fmt: skip
+    # over seeds 0 and 1 the odd cell is sqrt(0.5 * 1.2) = 0.77: met, and the worst off-domain ratio
+    assert row == "| mine@2 **(default)** | 0, 1 | 9/9, 0.77 | 9/9 |"
+    del stage["plays|1|mine@2|0.4"]  # mine now lacks seed 1 on one domain: every arm is compared on seed 0
+    row = next(ln for ln in bench._goal_by_arm_table(stage, (0, 1), (0.4,), ["functional@3", "mine@2"], "mine@2",
+                                                     "functional@3") if ln.startswith("| mine@2"))  # fmt: skip
+    assert row == "| mine@2 **(default)** | 0 | 9/9, 0.50 | 9/9 |"
+
+
+def test_with_budgets_of_removes_as_many_units_per_layer_as_the_budgets_and_the_units_the_choice_ranks_lowest():
+    from conftest import tiny_llama
+
+    from nirvana_pl.allocate import AllocationConfig, allocate
+    from nirvana_pl.saliency import UnitScores
+    from nirvana_pl.units import find_units
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    units = find_units(model)
+
+    def random_scores():
+        return UnitScores(attn=[torch.rand(u.num_kv_groups, generator=gen) for u in units],
+                          mlp=[torch.rand(u.mlp_width, generator=gen) for u in units])  # fmt: skip
+
+    budgets, choice = random_scores(), random_scores()
+    config = AllocationConfig(sparsity=0.4, gamma=3.0, mlp_round_to=1)
+    by_budgets = allocate(model, budgets, config)
+    mixed = allocate(model, bench.with_budgets_of(budgets, choice), config)
+    for lb, lm, c_attn, c_mlp in zip(by_budgets.layers, mixed.layers, choice.attn, choice.mlp):
+        assert len(lm.kept_kv_groups) == len(lb.kept_kv_groups)
+        assert len(lm.kept_mlp_channels) == len(lb.kept_mlp_channels)
+        assert sorted(lm.kept_mlp_channels) == sorted(c_mlp.argsort(descending=True)[: len(lm.kept_mlp_channels)]
+                                                      .tolist())  # fmt: skip
+        assert sorted(lm.kept_kv_groups) == sorted(c_attn.argsort(descending=True)[: len(lm.kept_kv_groups)].tolist())
+    assert any(lm.kept_mlp_channels != lb.kept_mlp_channels for lb, lm in zip(by_budgets.layers, mixed.layers))
+
+
+def test_the_sampled_candidate_scores_the_warm_up_batches_and_the_models_own_windows():
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama
+
+    from nirvana_pl.saliency import compute_scores
+
+    model = tiny_llama()
+    windows = bench.sample_windows(model, SimpleNamespace(bos_token_id=1, eos_token_id=2), n=5, length=12)
+    assert len(windows) == 5 and all(w.shape == (12,) and w[0] == 1 for w in windows)
+    assert len({tuple(w.tolist()) for w in windows}) == 5  # sampled, not greedy
+    sampled = [torch.stack(windows[:4])]
+    cfg = dict(bench.CONFIGS["quick"], warmup=2, batch=2)
+    rows = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    d = {"warmup": list(rows[:4].view(2, 2, 12)), "calibration": [rows[4:6]]}
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    scores, seconds = bench.draw_scores(model, d, cfg, {"fisher_functional+sampled"}, sampled)
+    assert {"fisher_functional", "fisher_functional+sampled"} <= set(scores) and "fisher_functional+sampled" in seconds
+    expected = compute_scores(model, "fisher_functional", d["warmup"] + sampled, optimizer_scores=scores["adam_fisher"])
+    for got, want in zip(scores["fisher_functional+sampled"].mlp, expected.mlp):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=1e-6)  # (the benchmark scores under bf16 autocast)
+    assert any(not torch.equal(a, b) for a, b in zip(scores["fisher_functional+sampled"].mlp,
+                                                     scores["fisher_functional"].mlp))  # fmt: skip
+    model.load_state_dict(dense)
+    with pytest.raises(ValueError, match="sampled windows"):
+        bench.draw_scores(model, d, cfg, {"fisher_functional+sampled"}, None)
+
+
 def test_goal_table_compares_the_seeds_both_arms_were_run_on():
     def ppl(arm, cal, ev, seed):  # seed 1 is a bad draw for everyone
         return (50.0 if arm == "mine@2" else 100.0) * (10.0 if seed else 1.0)
@@ -94,7 +165,7 @@ def test_the_matrix_follows_the_callbacks_default():
     assert bench.default_arm() == (params["saliency"].default, params["gamma"].default)
     arms = bench.arms(bench.CONFIGS["full"], bench.default_arm())
     assert bench.PAPER in arms and bench.default_arm() in arms
-    assert {e for e, _ in arms} == set(bench.ALL_ESTIMATORS)
+    assert {e for e, _ in arms} == set(bench.ALL_ESTIMATORS) | set(bench.CANDIDATES)
     assert len(arms) == len(set(arms))
 
 
