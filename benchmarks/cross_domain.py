@@ -655,10 +655,11 @@ def _goal_by_arm_table(zs: dict, seeds, S, names: list[str], default: str, paper
         if any(not ratios for _, ratios in per_s):
             continue
         met = [sum(r <= 0.8 for r in ratios.values()) for _, ratios in per_s]
+        cells = [len(ratios) for _, ratios in per_s]
         worst = [max(r for (c, e), r in ratios.items() if c != e) for _, ratios in per_s]
         label = name + (" **(default)**" if name == default else "")
         rows.append((-sum(met), max(worst), [label, ", ".join(map(str, per_s[0][0]))]
-                     + [f"{m}/9, {w:.2f}" for m, w in zip(met, worst)] + [f"{sum(met)}/{9 * len(S)}"]))
+                     + [f"{m}/{n}, {w:.2f}" for m, n, w in zip(met, cells, worst)] + [f"{sum(met)}/{sum(cells)}"]))
     if not rows:
         return []
     lines = ["## Goal cells met by every arm", "",
