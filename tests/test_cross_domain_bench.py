@@ -121,7 +121,7 @@ def test_the_sampled_candidate_scores_the_warm_up_batches_and_the_models_own_win
     rows = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
     d = {"warmup": list(rows[:4].view(2, 2, 12)), "calibration": [rows[4:6]]}
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    scores, seconds = bench.draw_scores(model, d, cfg, {"fisher_functional+sampled"}, sampled)
+    scores, seconds = bench.draw_scores(model, d, cfg, {"fisher_functional", "fisher_functional+sampled"}, sampled)
     assert {"fisher_functional", "fisher_functional+sampled"} <= set(scores) and "fisher_functional+sampled" in seconds
     expected = compute_scores(model, "fisher_functional", d["warmup"] + sampled, optimizer_scores=scores["adam_fisher"])
     for got, want in zip(scores["fisher_functional+sampled"].mlp, expected.mlp):
