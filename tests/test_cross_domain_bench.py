@@ -62,6 +62,23 @@ def test_goal_table_counts_the_cells_met_per_sparsity():
     assert row.startswith("| 0.4 | 0, 1 |") and row.endswith("| 8/9 |") and "1.20" in row and "0.50" in row
 
 
+def test_goal_table_references_each_off_domain_cell_to_the_default_warmed_up_on_the_evaluation_domain():
+    def ppl(arm, cal, ev, seed):  # per evaluation domain a scale; mine: 0.3x the paper in-domain, 0.95x off it
+        scale = bench.DOMAINS.index(ev) + 1
+        if arm == "functional@3":
+            return 100.0 * scale
+        return (30.0 if cal == ev else 95.0) * scale
+
+    lines = bench._goal_table(_stage(ppl), (0, 1), (0.4,), "mine@2", "functional@3")
+    ref = next(line for line in lines if line.startswith("| 0.4 ref |")).split(" | ")
+    cells = dict(zip((f"{c}->{e}" for c in bench.DOMAINS for e in bench.DOMAINS), ref[2:-1]))
+    assert {k: v for k, v in cells.items() if k.split("->")[0] != k.split("->")[1]} == dict.fromkeys(
+        [f"{c}->{e}" for c in bench.DOMAINS for e in bench.DOMAINS if c != e], "0.30")
+    assert all(cells[f"{d}->{d}"] == "-" for d in bench.DOMAINS) and ref[-1] == "6/6 |"
+    row = next(line for line in lines if line.startswith("| 0.4 |"))
+    assert row.endswith("| 3/9 |") and "0.95" in row
+
+
 def test_goal_by_arm_counts_cells_and_the_worst_off_domain_ratio_on_the_shared_draws():
     def ppl(arm, cal, ev, seed):  # mine: 0.5x everywhere, but 1.2x on one off-domain cell of seed 1 only
         return 100.0 * (1.0 if arm == "functional@3" else 1.2 if (cal, ev, seed) == ("pydoc", "plays", 1) else 0.5)
