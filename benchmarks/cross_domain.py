@@ -87,7 +87,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         seeds=(0, 1, 2), warmup=8, warmup_lr=1e-7, batch=4, train_len=128, calib_windows=32, probe_windows=32,
         eval_windows=16, eval_len=256, eval_batch=4, sparsities=(0.2, 0.4, 0.5), gamma_grid=(1.0, 2.0, 3.0, 4.5, 6.0),
         grid_estimators=("functional", "adam_fisher", "fisher_functional"), recovery=16, recovery_lr=1e-4,
-        recovery_seeds=(0,), candidates=tuple(CANDIDATES),
+        recovery_seeds=(0, 1, 2), candidates=tuple(CANDIDATES),
     ),
     "quick": dict(
         seeds=(0,), warmup=2, warmup_lr=1e-7, batch=2, train_len=64, calib_windows=4, probe_windows=4,
@@ -259,8 +259,8 @@ def sample_windows(model: nn.Module, tok, n: int, length: int) -> list[torch.Ten
 
 # =============================================================================================== arms
 def _protocol(config: dict) -> dict:
-    """The settings that decide how a cell is computed (not which arms the matrix has)."""
-    return {k: v for k, v in config.items() if k not in ("grid_estimators", "candidates")}
+    """The settings that decide how a cell is computed (not which arms or recovery draws the matrix has)."""
+    return {k: v for k, v in config.items() if k not in ("grid_estimators", "candidates", "recovery_seeds")}
 
 
 def arms(cfg: dict, default: tuple[str, Any]) -> list[tuple[str, Any]]:
@@ -705,22 +705,23 @@ def _goal_by_arm_table(zs: dict, seeds, S, names: list[str], default: str, paper
 
 
 def _recovery_table(out: dict, S) -> list[str]:
-    """Recovered against zero-shot perplexity of the recovery arms, on the calibration domains every arm has
-    finished (the stage runs domain by domain), and the ranking of the arms off-domain before and after."""
+    """Recovered against zero-shot perplexity of the recovery arms, on the draws (calibration domain, seed) every
+    arm has finished (the stage runs draw by draw), and the ranking of the arms off-domain before and after."""
     rec, zs = out.get("recovery", {}), out.get("zero_shot", {})
     cfg = out["config"]
-    seeds = cfg["recovery_seeds"]
     names = list(dict.fromkeys(k.split("|")[2] for k in rec))
-    doms = [d for d in DOMAINS if all(f"{d}|{seed}|{n}|{s:g}" in rec for seed in seeds for n in names for s in S)]
-    if not doms:
+    draws = [f"{d}|{seed}" for seed in cfg["recovery_seeds"] for d in DOMAINS
+             if all(f"{d}|{seed}|{n}|{s:g}" in rec for n in names for s in S)]  # fmt: skip
+    if not draws:
         return []
-    rec, zs = ({k: v for k, v in stage.items() if k.split("|")[0] in doms} for stage in (rec, zs))
+    seeds = sorted({int(dr.split("|")[1]) for dr in draws})
+    rec, zs = ({k: v for k, v in stage.items() if k.rsplit("|", 2)[0] in draws} for stage in (rec, zs))
+    finished = "; ".join(f"seed {seed}: " + ", ".join(d for d in DOMAINS if f"{d}|{seed}" in draws) for seed in seeds)
     lines = [f"## After recovery (R = {cfg['recovery']} steps at lr {cfg['recovery_lr']:g} inside the fit)", "",
-             f"Each arm warms up, prunes and trains R steps on the calibration domain in one Lightning fit (seed"
-             f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; calibration domain"
-             f"{'s' if len(doms) > 1 else ''} {', '.join(doms)}"
-             + ("" if len(doms) == len(DOMAINS) else ", the others not run yet") + "). Off-domain and in-domain "
-             "geometric means as above, zero-shot -> recovered, on the same draws.", "",
+             f"Each arm warms up, prunes and trains R steps on the calibration domain in one Lightning fit (draws "
+             f"{finished}" + ("" if len(draws) == len(DOMAINS) * len(cfg["recovery_seeds"]) else "; the others not "
+             "run yet") + "). Off-domain and in-domain geometric means as above, zero-shot -> recovered, on the "
+             "same draws.", "",
              "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " |",
              "|---|" + "---:|---:|" * len(S)]  # fmt: skip
     ranks = {}

@@ -208,20 +208,24 @@ def test_recovery_fit_prunes_with_the_callback_and_trains_on(tmp_path, monkeypat
     assert prunable_parameter_count(control) == dense
 
 
-def test_recovery_table_compares_arms_on_the_domains_every_arm_finished():
+def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
     def cells(scale):
         return {ev: scale * (10 if ev == "plays" else 2) for ev in bench.DOMAINS}
 
-    out = {"config": {**bench.CONFIGS["quick"], "sparsities": [0.4]}, "default": ["mine", 2.0],
-           "zero_shot": {}, "recovery": {}}  # fmt: skip
+    out = {"config": {**bench.CONFIGS["quick"], "sparsities": [0.4], "recovery_seeds": [0, 1]},
+           "default": ["mine", 2.0], "zero_shot": {}, "recovery": {}}  # fmt: skip
     for arm, before, after in (("functional@3", 3.0, 1.0), ("mine@2", 2.0, 1.5)):
-        for cal in ("pydoc", "plays"):
-            out["zero_shot"][f"{cal}|0|{arm}|0.4"] = cells(before)
-            out["recovery"][f"{cal}|0|{arm}|0.4"] = cells(after)
-    out["recovery"]["pysrc|0|mine@2|0.4"] = cells(100.0)  # a domain only one arm has finished: left out
+        for draw, scale in (("pydoc|0", 1), ("plays|0", 1), ("pydoc|1", 4)):  # seed 1: a draw 4x worse
+            out["zero_shot"][f"{draw}|{arm}|0.4"] = cells(before * scale)
+            out["recovery"][f"{draw}|{arm}|0.4"] = cells(after * scale)
+    out["recovery"]["pysrc|0|mine@2|0.4"] = cells(100.0)  # a draw only one arm has finished: left out
+    out["recovery"]["plays|1|functional@3|0.4"] = cells(100.0)
     text = "\n".join(bench._recovery_table(out, [0.4]))
-    assert "calibration domains pydoc, plays, the others not run yet" in text
-    off = lambda scale: bench.geomean([scale * 2, scale * 2, scale * 10, scale * 2])  # noqa: E731 (off-domain cells)
+    assert "(draws seed 0: pydoc, plays; seed 1: pydoc; the others not run yet)" in text
+
+    def off(x):  # the off-domain cells: pydoc -> plays and pysrc over seeds 0 and 1, plays -> pydoc and pysrc
+        return bench.geomean([bench.geomean([10 * x, 40 * x]), bench.geomean([2 * x, 8 * x]), 2 * x, 2 * x])
+
     assert f"| mine@2 **(default)** | {off(2.0):.1f} -> {off(1.5):.1f} |" in text
     assert f"| functional@3 (paper) | {off(3.0):.1f} -> {off(1.0):.1f} |" in text
     assert "- s = 0.4: mine@2 < functional@3 / functional@3 < mine@2 (the order changes)" in text
