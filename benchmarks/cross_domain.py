@@ -75,11 +75,18 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "the hybrid with its functional part on the warm-up batches plus as many windows the dense model sampled "
         "itself (from BOS, temperature 1, top-p 0.95): text of the model's own distribution, which the warm-up "
         "domain may lack", ()),
+    "fisher_functional+self": (
+        "both halves of the hybrid also on the windows the dense model sampled itself (as for "
+        "`fisher_functional+sampled`): the Fisher half the geometric mean of `adam_fisher` and the loss Fisher "
+        "W^2 * mean over batches of g^2 on the sampled windows (8 forward/backward passes), the functional half on the "
+        "warm-up batches plus the sampled windows", ()),
     "fisher_functional/functional_budgets": (
         "the hybrid's choice of units inside each layer, with the per-layer budgets (units removed per layer and "
         "pool) of `functional`", ("fisher_functional", "functional")),
 }
-#: sampling of the candidate ``fisher_functional+sampled`` (once per run, from the dense model)
+#: the candidates that read windows the dense model samples itself
+SELF_SAMPLED = ("fisher_functional+sampled", "fisher_functional+self")
+#: sampling of the ``SELF_SAMPLED`` candidates (once per run, from the dense model)
 SAMPLING = dict(temperature=1.0, top_p=0.95, top_k=0, seed=1234, batch=8)
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -189,8 +196,8 @@ def draw_scores(
     sampled: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The unit scores of the ``needed`` estimators and candidates for one draw (the model is warmed up in place),
-    and seconds. ``sampled``: the dense model's own windows, for ``fisher_functional+sampled``."""
-    from nirvana_pl.saliency import compute_scores
+    and seconds. ``sampled``: the dense model's own windows, for the ``SELF_SAMPLED`` candidates."""
+    from nirvana_pl.saliency import compute_scores, geometric_mean
 
     needed = set(needed) | {part for name in needed if name in CANDIDATES for part in CANDIDATES[name][1]}
     seconds = {}
@@ -207,22 +214,53 @@ def draw_scores(
     # the hybrid as the callback computes it by default: its functional part on the warm-up window's own
     # training batches (the last num_calibration_batches of them), no calibration set of its own
     kept = d["warmup"][-callback_default("num_calibration_batches") :]
-    hybrids = {"fisher_functional": kept}
-    if "fisher_functional+sampled" in needed:
-        if not sampled:
-            raise ValueError("fisher_functional+sampled needs the dense model's sampled windows")
-        hybrids["fisher_functional+sampled"] = kept + list(sampled)
-    for name, batches in hybrids.items():
-        if name not in needed:
-            continue
+    if "fisher_functional" in needed:
         t0 = time.perf_counter()
         with bf16():
-            scores[name] = compute_scores(model, "fisher_functional", batches, optimizer_scores=scores["adam_fisher"])
-        seconds[name] = time.perf_counter() - t0
+            scores["fisher_functional"] = compute_scores(model, "fisher_functional", kept,
+                                                         optimizer_scores=scores["adam_fisher"])  # fmt: skip
+        seconds["fisher_functional"] = time.perf_counter() - t0
+    if needed & set(SELF_SAMPLED):
+        if not sampled:
+            raise ValueError(f"{sorted(needed & set(SELF_SAMPLED))} need the dense model's sampled windows")
+        t0 = time.perf_counter()
+        with bf16():
+            functional_self = compute_scores(model, "functional", kept + list(sampled))
+        shared = time.perf_counter() - t0
+        if "fisher_functional+sampled" in needed:
+            scores["fisher_functional+sampled"] = geometric_mean(scores["adam_fisher"], functional_self)
+            seconds["fisher_functional+sampled"] = shared
+        if "fisher_functional+self" in needed:
+            t0 = time.perf_counter()
+            with bf16():
+                fisher_self = geometric_mean(scores["adam_fisher"], loss_fisher(model, list(sampled)))
+            scores["fisher_functional+self"] = geometric_mean(fisher_self, functional_self)
+            seconds["fisher_functional+self"] = shared + time.perf_counter() - t0
     if "fisher_functional/functional_budgets" in needed:
         scores["fisher_functional/functional_budgets"] = with_budgets_of(scores["functional"],
                                                                          scores["fisher_functional"])  # fmt: skip
     return scores, seconds
+
+
+def loss_fisher(model: nn.Module, batches: list[torch.Tensor]) -> Any:
+    """Per unit, the sum over its weights of W^2 * (the mean over ``batches`` of the squared gradient of the
+    language-model loss): the Fisher that ``adam_fisher`` reads from Adam's v_hat, from passes instead of steps."""
+    from nirvana_pl.saliency import _per_weight_scores, _sum_other_axis, eval_mode
+    from nirvana_pl.units import find_units
+
+    units = find_units(model)
+    weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
+    params = [w.weight for w in weights]
+    squares = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+    with eval_mode(model, params):
+        for x in batches:
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+            for acc, g in zip(squares, torch.autograd.grad(loss, params)):
+                acc.add_(g.float().square(), alpha=1 / len(batches))
+    by_param = {id(p): sq for p, sq in zip(params, squares)}
+    with torch.no_grad():
+        return _per_weight_scores(
+            units, lambda w: _sum_other_axis(w, by_param[id(w.weight)] * w.effective_weight().float().square()))
 
 
 def with_budgets_of(budgets: Any, choice: Any) -> Any:
@@ -378,7 +416,7 @@ class Run:
                     continue
                 d = draw(self.data, self.cfg, dom, seed)
                 needed = {e for e, _ in todo}
-                sampled = self.sampled() if "fisher_functional+sampled" in needed else None
+                sampled = self.sampled() if needed & set(SELF_SAMPLED) else None
                 self.model.load_state_dict(self.dense_state)
                 scores, seconds = draw_scores(self.model, d, self.cfg, needed, sampled)
                 self.out["draws"].setdefault(f"{dom}|{seed}", {}).setdefault("score_seconds", {}).update(seconds)
@@ -721,9 +759,11 @@ def _recovery_table(out: dict, S) -> list[str]:
              f"Each arm warms up, prunes and trains R steps on the calibration domain in one Lightning fit (draws "
              f"{finished}" + ("" if len(draws) == len(DOMAINS) * len(cfg["recovery_seeds"]) else "; the others not "
              "run yet") + "). Off-domain and in-domain geometric means as above, zero-shot -> recovered, on the "
-             "same draws.", "",
-             "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " |",
-             "|---|" + "---:|---:|" * len(S)]  # fmt: skip
+             "same draws. 'prune event': the callback's prune at step W in these fits (the scores' extra passes, "
+             "the plan and the surgery), in seconds on this machine, the fastest of the arm's cells (the slower "
+             "ones shared the 2 cores with other work).", "",
+             "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " | prune event (s) |",
+             "|---|" + "---:|---:|" * len(S) + "---:|"]  # fmt: skip
     ranks = {}
     default, paper = arm_key(*out["default"]), arm_key(*PAPER)
     for name in names:
@@ -733,6 +773,7 @@ def _recovery_table(out: dict, S) -> list[str]:
             ranks.setdefault(s, {})[name] = (m["off"], z["off"] if z else float("nan"))
             cell = lambda key: f"{z[key]:.1f} -> {m[key]:.1f}" if z else f"{m[key]:.1f}"  # noqa: E731
             row += [cell("off"), cell("in")]
+        row.append(f"{min(v['prune_seconds'] for k, v in rec.items() if k.split('|')[2] == name):.1f}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Off-domain ranking (best first), zero-shot / after recovery:", ""]
     for s, by in ranks.items():
@@ -763,7 +804,8 @@ def _cost_table(out: dict) -> list[str]:
         dom, seed = key.split("|")
         lines.append(f"| {dom}, seed {seed} | " + " | ".join(cells) + " |")
     if "sampling_seconds" in out:
-        lines += ["", f"`fisher_functional+sampled` also has the dense model sample its windows, once: "
+        names = " and ".join(f"`{n}`" for n in SELF_SAMPLED)
+        lines += ["", f"{names} also have the dense model sample their windows, once: "
                   f"{out['sampling_seconds']:.0f} s."]
     return lines
 

@@ -122,12 +122,12 @@ def test_with_budgets_of_removes_as_many_units_per_layer_as_the_budgets_and_the_
     assert any(lm.kept_mlp_channels != lb.kept_mlp_channels for lb, lm in zip(by_budgets.layers, mixed.layers))
 
 
-def test_the_sampled_candidate_scores_the_warm_up_batches_and_the_models_own_windows():
+def test_the_self_sampled_candidates_score_the_warm_up_batches_and_the_models_own_windows():
     from types import SimpleNamespace
 
     from conftest import tiny_llama
 
-    from nirvana_pl.saliency import compute_scores
+    from nirvana_pl.saliency import compute_scores, geometric_mean
 
     model = tiny_llama()
     windows = bench.sample_windows(model, SimpleNamespace(bos_token_id=1, eos_token_id=2), n=5, length=12)
@@ -146,8 +146,32 @@ def test_the_sampled_candidate_scores_the_warm_up_batches_and_the_models_own_win
     assert any(not torch.equal(a, b) for a, b in zip(scores["fisher_functional+sampled"].mlp,
                                                      scores["fisher_functional"].mlp))  # fmt: skip
     model.load_state_dict(dense)
+    scores_self, _ = bench.draw_scores(model, d, cfg, {"fisher_functional+self"}, sampled)
+    functional = compute_scores(model, "functional", d["warmup"] + sampled)
+    fisher = geometric_mean(scores_self["adam_fisher"], bench.loss_fisher(model, sampled))
+    for got, want in zip(scores_self["fisher_functional+self"].attn, geometric_mean(fisher, functional).attn):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=1e-6)
+    model.load_state_dict(dense)
     with pytest.raises(ValueError, match="sampled windows"):
         bench.draw_scores(model, d, cfg, {"fisher_functional+sampled"}, None)
+
+
+def test_loss_fisher_sums_the_squared_loss_gradient_times_the_squared_weight_over_a_units_weights():
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    batches = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    scores = bench.loss_fisher(model, batches)
+    mlp = model.model.layers[1].mlp
+    parts = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    squares = [torch.zeros_like(p) for p in parts]
+    for x in batches:
+        model.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        for sq, p in zip(squares, parts):
+            sq += p.grad.square() / len(batches)
+    gate, up, down = (sq * p.detach().square() for sq, p in zip(squares, parts))
+    torch.testing.assert_close(scores.mlp[1], gate.sum(1) + up.sum(1) + down.sum(0), rtol=1e-4, atol=1e-12)
 
 
 def test_goal_table_compares_the_seeds_both_arms_were_run_on():
@@ -209,17 +233,19 @@ def test_recovery_fit_prunes_with_the_callback_and_trains_on(tmp_path, monkeypat
 
 
 def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
-    def cells(scale):
-        return {ev: scale * (10 if ev == "plays" else 2) for ev in bench.DOMAINS}
+    def cells(scale, prune_seconds=None):
+        return {ev: scale * (10 if ev == "plays" else 2) for ev in bench.DOMAINS} | (
+            {"prune_seconds": prune_seconds} if prune_seconds is not None else {})
 
     out = {"config": {**bench.CONFIGS["quick"], "sparsities": [0.4], "recovery_seeds": [0, 1]},
            "default": ["mine", 2.0], "zero_shot": {}, "recovery": {}}  # fmt: skip
     for arm, before, after in (("functional@3", 3.0, 1.0), ("mine@2", 2.0, 1.5)):
         for draw, scale in (("pydoc|0", 1), ("plays|0", 1), ("pydoc|1", 4)):  # seed 1: a draw 4x worse
             out["zero_shot"][f"{draw}|{arm}|0.4"] = cells(before * scale)
-            out["recovery"][f"{draw}|{arm}|0.4"] = cells(after * scale)
-    out["recovery"]["pysrc|0|mine@2|0.4"] = cells(100.0)  # a draw only one arm has finished: left out
-    out["recovery"]["plays|1|functional@3|0.4"] = cells(100.0)
+            seconds = {"pydoc|0": 2, "plays|0": 1, "pydoc|1": 4}[draw] * len(arm)
+            out["recovery"][f"{draw}|{arm}|0.4"] = cells(after * scale, prune_seconds=seconds)
+    out["recovery"]["pysrc|0|mine@2|0.4"] = cells(100.0, 0.1)  # a draw only one arm has finished: left out
+    out["recovery"]["plays|1|functional@3|0.4"] = cells(100.0, 0.1)
     text = "\n".join(bench._recovery_table(out, [0.4]))
     assert "(draws seed 0: pydoc, plays; seed 1: pydoc; the others not run yet)" in text
 
@@ -228,4 +254,6 @@ def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
 
     assert f"| mine@2 **(default)** | {off(2.0):.1f} -> {off(1.5):.1f} |" in text
     assert f"| functional@3 (paper) | {off(3.0):.1f} -> {off(1.0):.1f} |" in text
+    # the prune event's seconds: the fastest of the arm's cells on those draws
+    assert text.count(f"| {len('mine@2'):.1f} |") == 1 and text.count(f"| {len('functional@3'):.1f} |") == 1
     assert "- s = 0.4: mine@2 < functional@3 / functional@3 < mine@2 (the order changes)" in text
