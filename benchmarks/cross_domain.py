@@ -251,7 +251,7 @@ def loss_fisher(model: nn.Module, batches: list[torch.Tensor]) -> Any:
     units = find_units(model)
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     params = [w.weight for w in weights]
-    squares = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+    squares = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     with eval_mode(model, params):
         for x in batches:
             loss = model(input_ids=x, labels=x, use_cache=False).loss
