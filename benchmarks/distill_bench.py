@@ -272,7 +272,7 @@ def render(out: dict, command: str) -> str:
         f"{out.get('env', {}).get('machine', '')} {out.get('env', {}).get('date', '')}".rstrip(),
         "",
         f"Protocol: W = {cfg['warmup']} warm-up steps (AdamW, lr {cfg['lr']:g}, bf16 autocast, {cfg['batch']} x "
-        f"{cfg['train_len']} tokens of pydoc a step), the callback's default saliency "
+        f"{cfg['train_len']} tokens of pydoc a step), the callback's default saliency when it ran "
         f"(`{first.get('saliency', '?')}`, gamma {first.get('gamma', '?')}) prunes at step W, then "
         f"{cfg['recovery']} recovery steps at the same lr in the same fit. Arms: plain recovery; `distill` = KL "
         "alone (`distill={'weight': 1.0}`); `mix` = `distill={'weight': 0.5}`; dense = the same fit unpruned. "

@@ -16,8 +16,8 @@ loss (``router_aux_loss_coef`` 0.02) so that the router uses its experts. The Ad
 
 Protocol:
 
-1. Scores, computed once: ``fisher_functional`` (the callback's default: the geometric mean of the Adam-state
-   Fisher score and the output-functional score on 8 calibration batches of the training split),
+1. Scores, computed once: ``fisher_functional`` (the callback's default when this ran: the geometric mean of the
+   Adam-state Fisher score and the output-functional score on 8 calibration batches of the training split),
    ``functional`` alone (its load counted on the calibration batches), ``magnitude`` (data-free; the load of the
    training window, as the callback passes it) and ``random``.
 2. Arms, for s in ``sparsities`` at gamma 3 (the default): the MLP cut taken as expert channels only

@@ -49,6 +49,7 @@ from .report import PruneRecord, format_summary, write_report
 from .router_load import RouterLoad
 from .saliency import (
     ADAM_ESTIMATORS,
+    SELF_SAMPLING_ESTIMATORS,
     AdamStateSaliency,
     accumulate_adam_saliency,
     adam_part,
@@ -78,12 +79,15 @@ class NirvanaPruningCallback(Callback):
         sparsity: fraction of the dense model's attention+MLP parameters to remove at ``prune_at``.
         prune_at: optimizer step (``trainer.global_step``) after which to prune.
         warmup_steps: optimizer steps before each prune over which saliency is accumulated
-            (``adam_*``, ``fisher_functional``) or training batches are collected as calibration (when
+            (``adam_*``, ``fisher_functional*``) or training batches are collected as calibration (when
             ``calibration`` is not given).
-        saliency: ``fisher_functional`` (default: the geometric mean of ``adam_fisher`` and
-            ``functional``, the latter on the warm-up window's last ``num_calibration_batches`` training
-            batches, or on ``calibration``) | ``adam_taylor`` | ``adam_fisher`` | ``adam_momentum`` |
-            ``functional`` | ``magnitude`` | ``wanda_sp`` | ``taylor_loss`` | ``random``.
+        saliency: ``fisher_functional_self`` (default: the geometric mean of ``adam_fisher`` and ``functional``,
+            both also on windows the model samples itself at the prune event, as many as the warm-up batches it
+            scores and of their shapes, different on each rank; see :mod:`nirvana_pl.sampling`; decoder-only models)
+            | ``fisher_functional`` (the same hybrid without the sampled windows: ``functional`` on the warm-up
+            window's last ``num_calibration_batches`` training batches, or on ``calibration``) | ``adam_taylor`` |
+            ``adam_fisher`` | ``adam_momentum`` | ``functional`` | ``magnitude`` | ``wanda_sp`` | ``taylor_loss`` |
+            ``random``.
         gamma: MLP-fraction-removed over KV-fraction-removed (METHOD.md section 3).
         schedule: ``{step: target_sparsity}`` for iterative pruning (targets relative to the
             original dense model), instead of ``sparsity``/``prune_at``.
@@ -121,7 +125,7 @@ class NirvanaPruningCallback(Callback):
         sparsity: float | None = None,
         prune_at: int | None = None,
         warmup_steps: int = 100,
-        saliency: str = "fisher_functional",
+        saliency: str = "fisher_functional_self",
         gamma: float | str = 3.0,
         *,
         schedule: Mapping[int, float] | None = None,
@@ -367,6 +371,12 @@ class NirvanaPruningCallback(Callback):
         """Validate given calibration batches; warn when fewer training batches can be collected than asked."""
         if self.calibration is not None:
             self.calibration = check_calibration(self._model, self.calibration)
+        if self.saliency in SELF_SAMPLING_ESTIMATORS and not architecture_of(self._model).generates:
+            raise ValueError(
+                f"saliency={self.saliency!r} scores windows the model samples itself, which "
+                f"{type(self._model).__name__} (not a decoder-only language model) cannot write; use "
+                "saliency='fisher_functional' for this model."
+            )
         collects = self._collects_batches
         if collects and self.num_calibration_batches > self.schedule.events[0].warmup_steps:
             rank_zero_warn(
@@ -566,7 +576,8 @@ class NirvanaPruningCallback(Callback):
             plan, selection = make_plan(
                 self.model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
                 gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid, optimizer_scores=optimizer_scores or None,
-                expert_load=expert_load, seed=self.seed + index, progress=trainer.is_global_zero,
+                expert_load=expert_load, seed=self.seed + index, rank=trainer.global_rank,
+                progress=trainer.is_global_zero,
             )
         plan, agreed = agree_on_plan(plan)
         if selection is not None:  # rank 0's summary travels inside its plan

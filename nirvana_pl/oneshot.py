@@ -70,6 +70,7 @@ def make_plan(
     optimizer_scores: UnitScores | Mapping[str, UnitScores] | None = None,
     expert_load: list[torch.Tensor | None] | None = None,
     seed: int = 0,
+    rank: int = 0,
     progress: bool = False,
 ) -> tuple[PruningPlan, dict[str, Any] | None]:
     """Decide what to prune. Returns the plan and, when a KL selection ran, its JSON-able summary.
@@ -80,7 +81,8 @@ def make_plan(
     estimators to their scores: with a selector the plan of least KL among them is kept. ``expert_load``: the
     tokens routed to each expert of a mixture-of-experts model while training (see
     :class:`~nirvana_pl.router_load.RouterLoad`): the Adam-state scores take it, and any other scores that
-    counted none of their own.
+    counted none of their own. ``rank``: this process's data-parallel rank (see
+    :func:`~nirvana_pl.saliency.compute_scores`).
     The model's weights are never changed here.
     """
     if expert_load is not None:  # (the training window's count comes first: it saw more tokens than calibration)
@@ -101,7 +103,7 @@ def make_plan(
         optimizer_scores = optimizer_scores[adam_part(saliency)]
     scores = compute_scores(
         model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
-        optimizer_scores=optimizer_scores, seed=seed, progress=progress,
+        optimizer_scores=optimizer_scores, seed=seed, progress=progress, rank=rank,
     )
     if scores.expert_load is None:
         scores.expert_load = expert_load

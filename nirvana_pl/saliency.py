@@ -11,6 +11,11 @@ column sums for o, down (METHOD.md section 2). Biases are not scored.
 * ``fisher_functional``  sqrt(adam_fisher * functional) per unit: the loss curvature the training saw and
   the output functional of the paper, on the warm-up's own batches (or ``calibration``); a unit goes only
   when both rank it low (see benchmarks/RESULTS.md, cross-domain)
+* ``fisher_functional_self``  the same hybrid, with both halves also on windows the model samples itself
+  (:mod:`nirvana_pl.sampling`, shaped like the warm-up batches): the Fisher half sqrt(adam_fisher * loss Fisher),
+  the loss Fisher W^2 * mean(g^2) of the language-model loss on the sampled windows; the functional half on the
+  warm-up batches plus the sampled windows. Text of the model's own distribution keeps units that the warm-up
+  domain does not use (see benchmarks/RESULTS.md, cross-domain)
 * baselines: ``magnitude`` |W|, ``wanda_sp`` |W| * ||x||, ``taylor_loss`` |dLoss/dW * W|,
   ``random``.
 """
@@ -27,13 +32,19 @@ from torch import nn
 
 from .arch import Architecture, architecture_of
 from .router_load import RouterLoad
+from .sampling import sample_like
 from .units import LayerUnits, WeightSlice, find_units
 
 ADAM_ESTIMATORS = ("adam_taylor", "adam_fisher", "adam_momentum")
 CALIBRATION_ESTIMATORS = ("functional", "taylor_loss", "wanda_sp")
 DATA_FREE_ESTIMATORS = ("magnitude", "random")
 #: estimators that combine an Adam-state score and a calibration one: name -> (Adam-state part, calibration part)
-HYBRID_ESTIMATORS = {"fisher_functional": ("adam_fisher", "functional")}
+HYBRID_ESTIMATORS = {
+    "fisher_functional": ("adam_fisher", "functional"),
+    "fisher_functional_self": ("adam_fisher", "functional"),
+}
+#: hybrids that also score windows the model samples itself (see :mod:`nirvana_pl.sampling`)
+SELF_SAMPLING_ESTIMATORS = ("fisher_functional_self",)
 ESTIMATORS = ADAM_ESTIMATORS + CALIBRATION_ESTIMATORS + DATA_FREE_ESTIMATORS + tuple(HYBRID_ESTIMATORS)
 
 
@@ -462,14 +473,18 @@ def _gradient_saliency(
 ) -> UnitScores:
     """|G * W| with G the signed gradient of ``objective`` averaged over all samples.
 
+    ``objective``: ``functional`` (the output functional), ``taylor_loss`` (the language-model loss), or
+    ``loss_fisher``: W^2 * the mean over batches of the squared gradient of the loss (the Fisher that
+    ``adam_fisher`` reads from Adam's v_hat, from passes instead of steps).
     ``reduce`` (default: the one set by :func:`gradient_reduce`, else none) combines the signed
-    averaged gradients across processes before the absolute value.
+    averaged gradients (the mean squares, for ``loss_fisher``) across processes before the absolute value.
     """
     units = find_units(model)
     weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     params = [w.weight for w in weights]
     device = params[0].device
     arch = architecture_of(model)
+    squared = objective == "loss_fisher"
     n_total = sum(b["input_ids"].shape[0] for b in batches)
     grads = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
     it = batches
@@ -493,7 +508,7 @@ def _gradient_saliency(
             weight = batch["input_ids"].shape[0] / n_total
             for acc, g in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
                 if g is not None:
-                    acc.add_(g.float(), alpha=weight)
+                    acc.add_(g.float().square() if squared else g.float(), alpha=weight)
             del value
     loads = load.loads() if load is not None else None
     counts = [c.float().to(device) for c in loads if c is not None] if loads is not None else []
@@ -501,14 +516,24 @@ def _gradient_saliency(
     if reduce is not None:
         reduce(grads + counts, n_total)  # (the routed-token counts too: a share of the load over every process)
     by_param = {id(p): g for p, g in zip(params, grads)}
-    with torch.no_grad():
-        scores = _per_weight_scores(
-            units, lambda w: _sum_other_axis(w, (by_param[id(w.weight)] * w.effective_weight().float()).abs())
-        )
+    scores = _gradient_times_weight(units, by_param, squared)
     if loads is not None:
         reduced = iter(counts)
         scores.expert_load = [None if c is None else next(reduced).double().cpu() for c in loads]
     return scores
+
+
+def _gradient_times_weight(
+    units: Sequence[LayerUnits], grad_of: dict[int, torch.Tensor], squared: bool
+) -> UnitScores:
+    """Per unit, the sum over its weights of |G * W| (``squared``: of G2 * W^2, G2 a mean squared gradient)."""
+
+    def saliency_of(w: WeightSlice) -> torch.Tensor:
+        g, weight = grad_of[id(w.weight)], w.effective_weight().float()
+        return _sum_other_axis(w, g * weight.square() if squared else (g * weight).abs())
+
+    with torch.no_grad():
+        return _per_weight_scores(units, saliency_of)
 
 
 def wanda_sp_scores(
@@ -595,10 +620,13 @@ def compute_scores(
     seed: int = 0,
     progress: bool = False,
     reduce: GradientReduce | None = None,
+    rank: int = 0,
 ) -> UnitScores:
     """One entry point for all estimators that do not need a training run.
 
-    ``reduce``: see :func:`gradient_reduce` (gradient estimators and ``wanda_sp``).
+    ``reduce``: see :func:`gradient_reduce` (gradient estimators and ``wanda_sp``). ``rank``: this process's
+    data-parallel rank; ``fisher_functional_self`` samples different windows on each rank (seeded by ``seed`` and
+    ``rank``), whose gradients ``reduce`` averages.
 
     Adam-state estimators cannot be computed here: they need the mean over a warm-up
     window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
@@ -612,6 +640,8 @@ def compute_scores(
         )
     if saliency in ADAM_ESTIMATORS:
         return optimizer_scores
+    if saliency in SELF_SAMPLING_ESTIMATORS:
+        return _self_sampled_hybrid(model, calibration, optimizer_scores, seed, rank, progress, reduce)
     if saliency in HYBRID_ESTIMATORS:
         part = HYBRID_ESTIMATORS[saliency][1]
         calibrated = compute_scores(model, part, calibration, seed=seed, progress=progress, reduce=reduce)
@@ -628,3 +658,26 @@ def compute_scores(
     if saliency == "wanda_sp":
         return wanda_sp_scores(model, batches, reduce=reduce)
     return _gradient_saliency(model, batches, saliency, progress=progress, reduce=reduce)
+
+
+def _self_sampled_hybrid(
+    model: nn.Module,
+    calibration: Iterable[Any] | None,
+    optimizer_scores: UnitScores,
+    seed: int,
+    rank: int,
+    progress: bool,
+    reduce: GradientReduce | None,
+) -> UnitScores:
+    """``fisher_functional_self``: sqrt(sqrt(adam_fisher * loss Fisher on the sampled windows) * functional on the
+    calibration batches plus the sampled windows), the windows shaped like the calibration batches."""
+    if calibration is None:
+        raise ValueError(
+            "saliency='fisher_functional_self' needs the warm-up window's batches (or calibration=[...]) to score "
+            "and to copy the shapes of its sampled windows from."
+        )
+    batches = check_calibration(model, calibration)
+    sampled = sample_like(model, batches, seed, rank=rank, progress=progress)
+    fisher = _gradient_saliency(model, sampled, "loss_fisher", progress=progress, reduce=reduce)
+    functional = _gradient_saliency(model, batches + sampled, "functional", progress=progress, reduce=reduce)
+    return geometric_mean(geometric_mean(optimizer_scores, fisher), functional)

@@ -337,6 +337,54 @@ def test_fisher_functional_reads_the_adam_state_and_the_warmup_batches(tmp_path,
     assert int(t.optimizers[0].state[next(module.parameters())]["step"]) == 10
 
 
+def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leaves_the_random_stream(
+    tmp_path, monkeypatch
+):
+    """The self-sampling hybrid: its windows copy the warm-up batches' shapes, and the fit's random state after the
+    prune is the one the plain hybrid leaves (the sampler draws from its own generator)."""
+    import nirvana_pl.saliency as saliency
+
+    shapes = []
+    real = saliency.sample_like
+
+    def spy(model, batches, seed, rank=0, progress=False):
+        out = real(model, batches, seed, rank=rank, progress=progress)
+        shapes.append(([tuple(b["input_ids"].shape) for b in batches], [tuple(b["input_ids"].shape) for b in out]))
+        return out
+
+    monkeypatch.setattr(saliency, "sample_like", spy)
+
+    class RandomState(Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.state = torch.random.get_rng_state()
+
+    runs = {}
+    for name in ("fisher_functional", "fisher_functional_self"):
+        state = RandomState()
+        cb = NirvanaPruningCallback(sparsity=0.4, prune_at=6, warmup_steps=3, saliency=name, gamma=2.0,
+                                    num_calibration_batches=2)  # fmt: skip
+        torch.manual_seed(0)
+        trainer(tmp_path / name, 8, [state, cb]).fit(CausalLM(), token_loader())
+        assert cb.plans[0].saliency == name and abs(cb.plans[0].realised_sparsity - 0.4) < 0.05
+        runs[name] = (state.state, cb.plans[0].fingerprint())
+    assert shapes == [([(4, 16), (4, 16)], [(4, 16), (4, 16)])]  # one event, sampled like its two batches
+    assert torch.equal(runs["fisher_functional"][0], runs["fisher_functional_self"][0])
+    assert runs["fisher_functional"][1] != runs["fisher_functional_self"][1]
+
+
+def test_fisher_functional_self_is_refused_for_a_model_that_cannot_sample_its_text(tmp_path):
+    from arch_configs import build
+
+    class Seq2Seq(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = build("t5")
+
+    cb = NirvanaPruningCallback(sparsity=0.3, prune_at=4, warmup_steps=2, saliency="fisher_functional_self")
+    with pytest.raises(ValueError, match="not a decoder-only language model.*saliency='fisher_functional'"):
+        cb.setup(trainer(tmp_path, 4, [cb]), Seq2Seq(), "fit")
+
+
 def test_default_saliency_refuses_a_calibration_selector_and_a_window_without_steps():
     from nirvana_pl import CalibrationSelector
 

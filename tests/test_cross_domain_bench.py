@@ -156,24 +156,6 @@ def test_the_self_sampled_candidates_score_the_warm_up_batches_and_the_models_ow
         bench.draw_scores(model, d, cfg, {"fisher_functional+sampled"}, None)
 
 
-def test_loss_fisher_sums_the_squared_loss_gradient_times_the_squared_weight_over_a_units_weights():
-    from conftest import tiny_llama
-
-    model = tiny_llama()
-    batches = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    scores = bench.loss_fisher(model, batches)
-    mlp = model.model.layers[1].mlp
-    parts = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-    squares = [torch.zeros_like(p) for p in parts]
-    for x in batches:
-        model.zero_grad()
-        model(input_ids=x, labels=x).loss.backward()
-        for sq, p in zip(squares, parts):
-            sq += p.grad.square() / len(batches)
-    gate, up, down = (sq * p.detach().square() for sq, p in zip(squares, parts))
-    torch.testing.assert_close(scores.mlp[1], gate.sum(1) + up.sum(1) + down.sum(0), rtol=1e-4, atol=1e-12)
-
-
 def test_goal_table_compares_the_seeds_both_arms_were_run_on():
     def ppl(arm, cal, ev, seed):  # seed 1 is a bad draw for everyone
         return (50.0 if arm == "mine@2" else 100.0) * (10.0 if seed else 1.0)

@@ -16,12 +16,14 @@ from nirvana_pl.saliency import (
     AdamStateSaliency,
     SaliencyError,
     UnitScores,
+    _gradient_saliency,
     accumulate_adam_saliency,
     adam_part,
     compute_scores,
     geometric_mean,
     random_scores,
 )
+from nirvana_pl.sampling import sample_like
 from nirvana_pl.surgery import apply_plan
 from nirvana_pl.units import find_units
 
@@ -447,6 +449,118 @@ def test_fisher_functional_is_the_geometric_mean_of_its_parts():
     assert geometric_mean(acc.scores(), zeroed).mlp[1][5] == 0.0
     with pytest.raises(ValueError, match="calibration"):
         compute_scores(model, "fisher_functional", None, optimizer_scores=acc.scores())
+
+
+def _warmed_up_adam_fisher(model) -> UnitScores:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    acc = AdamStateSaliency("adam_fisher")
+    for step in range(2):
+        _step(model, opt, seed=step)
+        acc.accumulate(model, opt)
+    return acc.scores()
+
+
+def test_loss_fisher_sums_the_squared_loss_gradient_times_the_squared_weight_over_a_units_weights():
+    model = tiny_llama()
+    batches = calib_batches(n=2)
+    scores = _gradient_saliency(model, [{"input_ids": x} for x in batches], "loss_fisher")
+    mlp = model.model.layers[1].mlp
+    parts = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    squares = [torch.zeros_like(p) for p in parts]
+    for x in batches:
+        model.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        for sq, p in zip(squares, parts):
+            sq += p.grad.square() / len(batches)
+    gate, up, down = (sq * p.detach().square() for sq, p in zip(squares, parts))
+    torch.testing.assert_close(scores.mlp[1], gate.sum(1) + up.sum(1) + down.sum(0), rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_functional_self_combines_adam_state_loss_fisher_and_functional_on_sampled_windows():
+    model = tiny_llama()
+    adam = _warmed_up_adam_fisher(model)
+    calibration = calib_batches(n=2, seq=10)
+    rng = torch.random.get_rng_state()
+    hybrid = compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam, seed=5)
+    assert torch.equal(rng, torch.random.get_rng_state())  # the training's random stream is not consumed
+    batches = [{"input_ids": x} for x in calibration]
+    sampled = sample_like(model, batches, seed=5)
+    assert [b["input_ids"].shape for b in sampled] == [x.shape for x in calibration]
+    fisher = geometric_mean(adam, _gradient_saliency(model, sampled, "loss_fisher"))
+    functional = compute_scores(model, "functional", batches + sampled)
+    want = geometric_mean(fisher, functional)
+    for got, expected in zip(hybrid.attn + hybrid.mlp, want.attn + want.mlp):
+        torch.testing.assert_close(got, expected)
+    # the sampled windows count: the same estimator without them ranks differently
+    plain = compute_scores(model, "fisher_functional", calibration, optimizer_scores=adam)
+    assert any(not torch.equal(a.argsort(), b.argsort()) for a, b in zip(hybrid.mlp, plain.mlp))
+    # another rank samples other windows (their scores are averaged by the reduce hook)
+    other = compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam, seed=5, rank=1)
+    assert any(not torch.equal(a, b) for a, b in zip(hybrid.mlp, other.mlp))
+    with pytest.raises(ValueError, match="warm-up window's batches"):
+        compute_scores(model, "fisher_functional_self", None, optimizer_scores=adam)
+
+
+def test_sampled_windows_copy_the_batch_shapes_start_at_bos_and_are_deterministic_per_seed_and_rank():
+    model = tiny_llama()
+    model.train()
+    batches = [{"input_ids": x} for x in (calib_batches(n=1, batch=3, seq=9)[0], calib_batches(n=1, seq=5)[0])]
+    first = sample_like(model, batches, seed=1)
+    assert model.training and all(m.training for m in model.modules())  # each module's mode is restored
+    assert [b["input_ids"].shape for b in first] == [(3, 9), (2, 5)]
+    assert all((b["input_ids"][:, 0] == model.config.bos_token_id).all() for b in first)
+    again, rank1 = sample_like(model, batches, seed=1), sample_like(model, batches, seed=1, rank=1)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again))
+    assert not torch.equal(first[0]["input_ids"], rank1[0]["input_ids"])
+    # without a BOS token a window starts at the first token of the row it stands for
+    model.config.bos_token_id = None
+    no_bos = sample_like(model, batches, seed=1)
+    assert torch.equal(no_bos[0]["input_ids"][:, 0], batches[0]["input_ids"][:, 0])
+
+
+def test_sampling_over_the_kv_cache_continues_as_the_full_forward_does(monkeypatch):
+    """With the nucleus draw replaced by argmax, the sampler must write what greedy generation writes (EOS banned)."""
+    import nirvana_pl.sampling as sampling
+
+    model = tiny_llama()
+    monkeypatch.setattr(sampling, "_nucleus", lambda logits, generator: logits.argmax(-1))
+    batches = [{"input_ids": calib_batches(n=1, batch=2, seq=8)[0]}]
+
+    def greedy(start, banned):
+        out = start
+        with torch.no_grad():
+            for _ in range(7):
+                logits = model(input_ids=out, use_cache=False).logits[:, -1]
+                logits[:, banned] = float("-inf")
+                out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+        return out
+
+    ids = sample_like(model, batches, seed=0)[0]["input_ids"]
+    assert torch.equal(ids, greedy(ids[:, :1], [model.config.eos_token_id]))
+    # the end-of-sequence token is never drawn: make the first greedy choice the EOS token
+    model.config.eos_token_id = int(ids[0, 1])
+    banned = sample_like(model, batches, seed=0)[0]["input_ids"]
+    assert not (banned[:, 1:] == ids[0, 1]).any()
+    assert torch.equal(banned, greedy(ids[:, :1], [int(ids[0, 1])]))
+
+
+def test_nucleus_draws_only_from_the_top_p_mass():
+    from nirvana_pl.sampling import _nucleus
+
+    logits = torch.tensor([[0.50, 0.46, 0.04], [0.97, 0.02, 0.01]]).log().repeat(200, 1)
+    drawn = _nucleus(logits, torch.Generator().manual_seed(0)).view(200, 2)
+    assert set(drawn[:, 0].tolist()) == {0, 1}  # 0.50 alone is below 0.95: the second token stays in
+    assert set(drawn[:, 1].tolist()) == {0}  # 0.97 alone reaches 0.95
+
+
+def test_fisher_functional_self_refuses_a_model_that_cannot_sample_its_own_text():
+    from conftest import tiny_t5
+    from nirvana_pl.sampling import SamplingError
+
+    model = tiny_t5()
+    ids = calib_batches(n=1)[0]
+    with pytest.raises(SamplingError, match="fisher_functional'"):
+        sample_like(model, [{"input_ids": ids, "labels": ids}], seed=0)
 
 
 def test_geometric_mean_of_scores_of_different_shapes_raises():

@@ -70,6 +70,9 @@ class Architecture:
     exact: bool = True
     #: batch keys besides ``input_ids`` / ``attention_mask`` that calibration batches may carry
     batch_keys: tuple[str, ...] = ()
+    #: whether the model writes text token by token from a start token (a decoder-only language model), so that
+    #: ``saliency="fisher_functional_self"`` can score windows it samples itself
+    generates: bool = True
 
     def model_class_name(self) -> str:
         """The transformers class users prune (for messages and the README's table)."""

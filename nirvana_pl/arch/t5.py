@@ -437,6 +437,7 @@ class T5Architecture(Architecture):
     zero3 = False  # (the position-bias bookkeeping of pruned heads is not rebuilt under ZeRO-3 partitions yet)
     lora = False
     batch_keys = SEQ2SEQ_KEYS
+    generates = False  # (an encoder-decoder model: the decoder's text depends on an encoder input)
 
     def __init__(self, model_type: str, prefix: str, notes: str, bias_per_attention: bool = False) -> None:
         self.model_types, self.saved_model_types = (model_type,), (f"nirvana_{model_type}",)

@@ -1,0 +1,113 @@
+"""Text a causal language model samples itself, for the estimators that also score the model's own distribution.
+
+``fisher_functional_self`` (see :mod:`nirvana_pl.saliency`) scores the units on the training batches *and* on
+windows the model writes itself, so that a unit the model needs off the training domain is not ranked low just
+because the warm-up text never used it. :func:`sample_like` draws those windows: one per row of the given batches,
+of the same lengths, from the model's BOS token at temperature 1 and top-p 0.95, with a KV cache; the
+end-of-sequence token is never drawn, so each window is one continuous text.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .arch import architecture_of
+
+TEMPERATURE = 1.0
+TOP_P = 0.95
+#: rows sampled together (one KV cache)
+CHUNK_ROWS = 64
+
+
+class SamplingError(RuntimeError):
+    """The model cannot sample its own text as configured."""
+
+
+def sample_like(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], seed: int, rank: int = 0, progress: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """For each batch (``{"input_ids": [B, T], ...}``), ``{"input_ids": [B, T]}`` that ``model`` sampled itself.
+
+    Each window starts at the config's ``bos_token_id`` (or, without one, at the first token of the batch row it
+    stands for) and continues with tokens drawn at temperature ``TEMPERATURE`` from the top-``TOP_P`` nucleus,
+    never the config's ``eos_token_id`` (a window is one text, as ``generate(min_new_tokens=...)`` writes it).
+    Deterministic in (``seed``, ``rank``): data-parallel ranks pass their rank to sample different windows, whose
+    scores the saliency's ``reduce`` hook then averages. The global random state is left as it was, so a fit that
+    samples at a prune event resumes on the same random stream.
+    """
+    arch = architecture_of(model)
+    if not arch.generates:
+        raise SamplingError(
+            f"{type(model).__name__} is not a decoder-only language model, so it cannot sample the windows that "
+            "saliency='fisher_functional_self' scores; use saliency='fisher_functional' for this model."
+        )
+    if not batches:
+        raise ValueError("sample_like needs at least one batch to copy the shapes of.")
+    device = batches[0]["input_ids"].device
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None:
+        device = weight.device
+    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    firsts = torch.cat([b["input_ids"][:, :1] for b in batches]).to(device)
+    starts = torch.full_like(firsts, int(bos)) if isinstance(bos, int) else firsts
+    length = max(b["input_ids"].shape[1] for b in batches)
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    banned = [eos] if isinstance(eos, int) else [int(t) for t in eos or ()]
+    generator = torch.Generator(device=device).manual_seed(_stream_seed(seed, rank))
+    rows = [
+        _sample(model, starts[i : i + CHUNK_ROWS], length, banned, generator, progress)
+        for i in range(0, starts.shape[0], CHUNK_ROWS)
+    ]
+    ids = torch.cat(rows)
+    out, i = [], 0
+    for b in batches:
+        n, t = b["input_ids"].shape
+        out.append({"input_ids": ids[i : i + n, :t].to(b["input_ids"].device)})
+        i += n
+    return out
+
+
+def _stream_seed(seed: int, rank: int) -> int:
+    """One seed per (seed, rank) pair, distinct for any rank below a million."""
+    return (int(seed) * 1_000_003 + int(rank)) % (2**63)
+
+
+@torch.no_grad()
+def _sample(
+    model: nn.Module, start: torch.Tensor, length: int, banned: list[int], generator: torch.Generator, progress: bool
+) -> torch.Tensor:
+    """``start`` ([N, 1]) continued to ``length`` tokens, one forward per token over a KV cache, in eval mode,
+    never drawing a ``banned`` token."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    steps = range(length - 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="nirvana-pl sampling the model's own text", leave=False)
+    ids, token, past = start, start, None
+    try:
+        for _ in steps:
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()
+            logits[:, [t for t in banned if t < logits.shape[-1]]] = float("-inf")
+            token = _nucleus(logits, generator)[:, None]
+            ids = torch.cat([ids, token], dim=1)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return ids
+
+
+def _nucleus(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from the smallest set of top tokens whose probability reaches ``TOP_P``."""
+    probs = torch.softmax(logits / TEMPERATURE, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= TOP_P  # (the token that crosses TOP_P stays)
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
