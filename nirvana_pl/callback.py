@@ -56,6 +56,7 @@ from .saliency import (
     check_adam_optimizers,
     check_calibration,
     check_estimator,
+    check_num_sampled_batches,
     gradient_reduce,
     needs_calibration,
 )
@@ -97,6 +98,9 @@ class NirvanaPruningCallback(Callback):
             event by the KL test (and gamma, with ``gamma="auto"``).
         gamma_grid: the gammas ``gamma="auto"`` chooses from.
         num_calibration_batches: how many training batches to collect when ``calibration`` is None.
+        num_sampled_batches: ``fisher_functional_self`` only: how many batches of windows the model samples itself
+            at a prune event, shaped like the calibration batches in turn (default None: one per calibration
+            batch). More windows cost more sampling and passes and vary less from one prune to the next.
         model_attr: dotted path of the transformers model inside the LightningModule; found
             automatically when None.
         min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see
@@ -132,6 +136,7 @@ class NirvanaPruningCallback(Callback):
         calibration: Iterable[Any] | CalibrationSelector | None = None,
         gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
         num_calibration_batches: int = 8,
+        num_sampled_batches: int | None = None,
         model_attr: str | None = None,
         min_kv_groups: int = 1,
         min_mlp_channels: int = 0,
@@ -185,6 +190,13 @@ class NirvanaPruningCallback(Callback):
             )
         if not (isinstance(num_calibration_batches, int) and num_calibration_batches >= 1):
             raise ValueError(f"num_calibration_batches={num_calibration_batches!r} must be an integer >= 1.")
+        check_num_sampled_batches(num_sampled_batches)
+        if num_sampled_batches is not None and saliency not in SELF_SAMPLING_ESTIMATORS:
+            raise ValueError(
+                f"num_sampled_batches={num_sampled_batches} sets how much text saliency='fisher_functional_self' "
+                f"samples; saliency={saliency!r} samples none. Drop num_sampled_batches, or use "
+                "saliency='fisher_functional_self'."
+            )
         self.saliency = saliency
         self.gamma = gamma
         self.selector = calibration if isinstance(calibration, CalibrationSelector) else None
@@ -192,6 +204,7 @@ class NirvanaPruningCallback(Callback):
         self.gamma_auto = gamma == "auto"
         self.gamma_grid = tuple(gamma_grid)
         self.num_calibration_batches = num_calibration_batches
+        self.num_sampled_batches = num_sampled_batches
         self.model_attr = model_attr
         self.seed = seed
         self.report_dir = Path(report_dir) if report_dir is not None else None
@@ -577,7 +590,7 @@ class NirvanaPruningCallback(Callback):
                 self.model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
                 gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid, optimizer_scores=optimizer_scores or None,
                 expert_load=expert_load, seed=self.seed + index, rank=trainer.global_rank,
-                progress=trainer.is_global_zero,
+                num_sampled_batches=self.num_sampled_batches, progress=trainer.is_global_zero,
             )
         plan, agreed = agree_on_plan(plan)
         if selection is not None:  # rank 0's summary travels inside its plan

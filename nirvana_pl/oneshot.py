@@ -71,6 +71,7 @@ def make_plan(
     expert_load: list[torch.Tensor | None] | None = None,
     seed: int = 0,
     rank: int = 0,
+    num_sampled_batches: int | None = None,
     progress: bool = False,
 ) -> tuple[PruningPlan, dict[str, Any] | None]:
     """Decide what to prune. Returns the plan and, when a KL selection ran, its JSON-able summary.
@@ -81,8 +82,7 @@ def make_plan(
     estimators to their scores: with a selector the plan of least KL among them is kept. ``expert_load``: the
     tokens routed to each expert of a mixture-of-experts model while training (see
     :class:`~nirvana_pl.router_load.RouterLoad`): the Adam-state scores take it, and any other scores that
-    counted none of their own. ``rank``: this process's data-parallel rank (see
-    :func:`~nirvana_pl.saliency.compute_scores`).
+    counted none of their own. ``rank``, ``num_sampled_batches``: see :func:`~nirvana_pl.saliency.compute_scores`.
     The model's weights are never changed here.
     """
     if expert_load is not None:  # (the training window's count comes first: it saw more tokens than calibration)
@@ -104,6 +104,7 @@ def make_plan(
     scores = compute_scores(
         model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
         optimizer_scores=optimizer_scores, seed=seed, progress=progress, rank=rank,
+        num_sampled_batches=num_sampled_batches,
     )
     if scores.expert_load is None:
         scores.expert_load = expert_load

@@ -116,6 +116,17 @@ def check_estimator(name: str) -> None:
         raise ValueError(f"saliency={name!r} is not known; choose one of {', '.join(ESTIMATORS)}.")
 
 
+def check_num_sampled_batches(num_sampled_batches: int | None) -> None:
+    """Raise a ValueError unless ``num_sampled_batches`` is None or an integer >= 1."""
+    if num_sampled_batches is not None and not (
+        isinstance(num_sampled_batches, int) and not isinstance(num_sampled_batches, bool) and num_sampled_batches >= 1
+    ):
+        raise ValueError(
+            f"num_sampled_batches={num_sampled_batches!r} must be an integer >= 1 (or None: as many as the "
+            "calibration batches)."
+        )
+
+
 # ---------------------------------------------------------------------------------------
 # reduction of per-weight saliency to units
 # ---------------------------------------------------------------------------------------
@@ -621,12 +632,15 @@ def compute_scores(
     progress: bool = False,
     reduce: GradientReduce | None = None,
     rank: int = 0,
+    num_sampled_batches: int | None = None,
 ) -> UnitScores:
     """One entry point for all estimators that do not need a training run.
 
     ``reduce``: see :func:`gradient_reduce` (gradient estimators and ``wanda_sp``). ``rank``: this process's
     data-parallel rank; ``fisher_functional_self`` samples different windows on each rank (seeded by ``seed`` and
-    ``rank``), whose gradients ``reduce`` averages.
+    ``rank``), whose gradients ``reduce`` averages. ``num_sampled_batches``: how many batches of windows
+    ``fisher_functional_self`` samples, shaped like the calibration batches in turn (default: as many as there are
+    calibration batches).
 
     Adam-state estimators cannot be computed here: they need the mean over a warm-up
     window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
@@ -641,7 +655,9 @@ def compute_scores(
     if saliency in ADAM_ESTIMATORS:
         return optimizer_scores
     if saliency in SELF_SAMPLING_ESTIMATORS:
-        return _self_sampled_hybrid(model, calibration, optimizer_scores, seed, rank, progress, reduce)
+        return _self_sampled_hybrid(
+            model, calibration, optimizer_scores, seed, rank, progress, reduce, num_sampled_batches
+        )
     if saliency in HYBRID_ESTIMATORS:
         part = HYBRID_ESTIMATORS[saliency][1]
         calibrated = compute_scores(model, part, calibration, seed=seed, progress=progress, reduce=reduce)
@@ -668,16 +684,20 @@ def _self_sampled_hybrid(
     rank: int,
     progress: bool,
     reduce: GradientReduce | None,
+    num_sampled_batches: int | None,
 ) -> UnitScores:
     """``fisher_functional_self``: sqrt(sqrt(adam_fisher * loss Fisher on the sampled windows) * functional on the
-    calibration batches plus the sampled windows), the windows shaped like the calibration batches."""
+    calibration batches plus the sampled windows), ``num_sampled_batches`` batches of windows shaped like the
+    calibration batches in turn (default: one per calibration batch)."""
     if calibration is None:
         raise ValueError(
             "saliency='fisher_functional_self' needs the warm-up window's batches (or calibration=[...]) to score "
             "and to copy the shapes of its sampled windows from."
         )
+    check_num_sampled_batches(num_sampled_batches)
     batches = check_calibration(model, calibration)
-    sampled = sample_like(model, batches, seed, rank=rank, progress=progress)
+    shapes = [batches[i % len(batches)] for i in range(num_sampled_batches or len(batches))]
+    sampled = sample_like(model, shapes, seed, rank=rank, progress=progress)
     fisher = _gradient_saliency(model, sampled, "loss_fisher", progress=progress, reduce=reduce)
     functional = _gradient_saliency(model, batches + sampled, "functional", progress=progress, reduce=reduce)
     return geometric_mean(geometric_mean(optimizer_scores, fisher), functional)

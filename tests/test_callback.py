@@ -372,6 +372,29 @@ def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leav
     assert runs["fisher_functional"][1] != runs["fisher_functional_self"][1]
 
 
+def test_num_sampled_batches_sets_how_many_batches_the_prune_event_samples(tmp_path, monkeypatch):
+    import nirvana_pl.saliency as saliency
+
+    shapes = []
+    real = saliency.sample_like
+
+    def spy(model, batches, seed, rank=0, progress=False):
+        shapes.append([tuple(b["input_ids"].shape) for b in batches])
+        return real(model, batches, seed, rank=rank, progress=progress)
+
+    monkeypatch.setattr(saliency, "sample_like", spy)
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2,
+                                num_sampled_batches=5)  # fmt: skip
+    trainer(tmp_path, 5, [cb]).fit(CausalLM(), token_loader())
+    assert cb.plans[0].saliency == "fisher_functional_self"
+    assert shapes == [[(4, 16)] * 5]
+    with pytest.raises(ValueError, match="saliency='fisher_functional' samples none.*Drop num_sampled_batches"):
+        NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="fisher_functional",
+                               num_sampled_batches=2)  # fmt: skip
+    with pytest.raises(ValueError, match="num_sampled_batches=0 must be an integer >= 1"):
+        NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, num_sampled_batches=0)
+
+
 def test_fisher_functional_self_is_refused_for_a_model_that_cannot_sample_its_text(tmp_path):
     from arch_configs import build
 

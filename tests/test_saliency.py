@@ -501,6 +501,27 @@ def test_fisher_functional_self_combines_adam_state_loss_fisher_and_functional_o
         compute_scores(model, "fisher_functional_self", None, optimizer_scores=adam)
 
 
+def test_fisher_functional_self_samples_num_sampled_batches_shaped_like_the_calibration_batches_in_turn():
+    model = tiny_llama()
+    adam = _warmed_up_adam_fisher(model)
+    calibration = [calib_batches(n=1, batch=3, seq=10)[0], calib_batches(n=1, batch=2, seq=7, seed=1)[0]]
+    hybrid = compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam, seed=2,
+                            num_sampled_batches=3)  # fmt: skip
+    batches = [{"input_ids": x} for x in calibration]
+    sampled = sample_like(model, [batches[0], batches[1], batches[0]], seed=2)
+    assert [tuple(b["input_ids"].shape) for b in sampled] == [(3, 10), (2, 7), (3, 10)]
+    fisher = geometric_mean(adam, _gradient_saliency(model, sampled, "loss_fisher"))
+    want = geometric_mean(fisher, compute_scores(model, "functional", batches + sampled))
+    for got, expected in zip(hybrid.attn + hybrid.mlp, want.attn + want.mlp):
+        torch.testing.assert_close(got, expected)
+    default = compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam, seed=2)
+    assert any(not torch.equal(a, b) for a, b in zip(hybrid.mlp, default.mlp))  # the third batch counts
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"num_sampled_batches={bad!r} must be an integer >= 1"):
+            compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam,
+                           num_sampled_batches=bad)  # fmt: skip
+
+
 def test_sampled_windows_copy_the_batch_shapes_start_at_bos_and_are_deterministic_per_seed_and_rank():
     model = tiny_llama()
     model.train()
