@@ -305,6 +305,17 @@ def _summarize_perplexity(trainer: Any, ppl_cb: Any, lines: list[str], summary: 
             f"dense control     {ppl['dense_control']:.3f}: the dense model at the prune, trained the same "
             f"{res['dense_control_steps']} steps on the same batches; {closed} of the log-perplexity gap to it"
         )
+    for name, other in res.get("other_text", {}).items():
+        summary.setdefault("perplexity_other_text", {})[name] = other
+        after = other["after_prune"]
+        values = [("dense", other["dense"]),
+                  ("just pruned" if len(after) == 1 else "after each prune", after or None),
+                  ("recovered", other["final"]), ("dense control", other["dense_control"])]  # fmt: skip
+        parts = [f"{label} {', '.join(f'{v:.3f}' for v in value) if isinstance(value, list) else f'{value:.3f}'}"
+                 for label, value in values if value is not None]  # fmt: skip
+        label = f"held-out {name}"
+        lines.append(f"{label:<17} {' | '.join(parts) or 'not measured'}   "
+                     f"({other.get('windows', 0)} windows, never trained on)")  # fmt: skip
 
 
 def _summarize_saved_model(saver: Any, lines: list[str], summary: dict[str, Any]) -> None:

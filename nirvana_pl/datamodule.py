@@ -3,6 +3,7 @@
 Sources (``source``):
 
 * ``embedded:pydoc`` - Python's own documentation (``pydoc_data.topics``, in every Python install);
+* ``embedded:pysrc`` - the source code of the Python standard library's top-level modules (in every install);
 * local files: a path or a list of paths (``.txt``/``.md``/``.rst`` whole files, ``.jsonl`` one
   document per line, ``.json``/``.csv``/``.parquet`` read with ``datasets``), or a folder of them;
 * a ``datasets`` hub id (``source: wikitext``, ``dataset_name: wikitext-2-raw-v1``) where the
@@ -27,7 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 #: Embedded corpora: name -> description. All ship with an installed package, nothing is downloaded.
-EMBEDDED_CORPORA = {"embedded:pydoc": "Python's documentation topics (pydoc_data, ~460 kB of English)"}
+EMBEDDED_CORPORA = {
+    "embedded:pydoc": "Python's documentation topics (pydoc_data, ~460 kB of English)",
+    "embedded:pysrc": "the Python standard library's top-level modules (~4 MB of Python source)",
+}
 FORMATS = ("causal", "seq2seq")
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 _DATASETS_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".jsonl": "json"}
@@ -60,6 +64,12 @@ def embedded_documents(name: str) -> list[str]:
         import pydoc_data.topics as topics
 
         return [topics.topics[k] for k in sorted(topics.topics)]
+    if name == "embedded:pysrc":
+        import sysconfig
+
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        modules = sorted(p for p in lib.glob("*.py") if not p.name.startswith(("_", "test")))
+        return [p.read_text(encoding="utf-8", errors="replace") for p in modules]
     raise ValueError(f"source={name!r} is not an embedded corpus; available: {sorted(EMBEDDED_CORPORA)}.")
 
 
@@ -381,6 +391,23 @@ class TextDataModule(pl.LightningDataModule):
         if not self.test_windows:
             raise ValueError("TextDataModule(test_windows=0) has no test split; set test_windows > 0 to test.")
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def held_out_of(self, source: str | list[str]) -> list[dict[str, torch.Tensor]]:
+        """``val_windows`` windows of other text (``source`` as this module's), never trained on, cut and batched
+        like the validation windows (this tokenizer, ``seq_len``, ``eval_batch_size``, ``format``, ``seed``)."""
+        from .data import token_windows
+
+        check_source(source)
+        config = getattr(getattr(self.trainer.lightning_module if self.trainer is not None else None, "model", None),
+                         "config", None)  # fmt: skip
+        max_positions = None
+        if config is not None and not getattr(config, "is_encoder_decoder", False):
+            max_positions = getattr(config, "max_position_embeddings", None)
+        data = load_source(source, self.text_column)
+        windows = token_windows(data, self._resolve_tokenizer(), self.seq_len, num_windows=max(self.val_windows, 1),
+                                seed=self.seed, text_column=self.text_column, max_positions=max_positions,
+                                purpose=f"held-out text {source!r} (val_windows windows)")  # fmt: skip
+        return list(DataLoader(WindowDataset(windows, self.format), batch_size=self.eval_batch_size))
 
     def held_out_batches(self, split: str = "val") -> list[dict[str, torch.Tensor]]:
         """The held-out windows of ``split`` as a list of batches (for evaluation outside a Trainer)."""

@@ -482,17 +482,25 @@ class HeldOutPerplexity(Callback):
             (``gap_closed``): the yardstick recovery is judged by. It costs a second model and optimizer and a
             second training step per batch. A module of ``nirvana_pl.modules`` (it computes the loss of the copy),
             one process or DDP, no gradient accumulation; a fit resumed after the prune has no control.
+        other_text: also measure, at the same points, held-out perplexity on text the fit does not train on, to
+            see what the prune and the recovery cost off the training domain: name -> source (as
+            :class:`~nirvana_pl.datamodule.TextDataModule`'s ``source``: ``embedded:pysrc``, files, a hub id), cut
+            into windows like the datamodule's validation windows (it must be a ``TextDataModule``). Logged as
+            ``heldout/<name>/ppl_dense`` ...; in :attr:`results` under ``"other_text"``.
     """
 
     def __init__(self, max_batches: int | None = None, progress: bool = True, batches: list[Any] | None = None,
-                 dense_control: bool = False):  # fmt: skip
+                 dense_control: bool = False, other_text: dict[str, str | list[str]] | None = None):  # fmt: skip
         if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
             raise ValueError(f"max_batches={max_batches!r} must be a positive integer or null (all).")
         self.max_batches = max_batches
         self.progress = progress
         self._batches = batches
         self.dense_control = bool(dense_control)
-        self.results: dict[str, Any] = {"dense": None, "after_prune": [], "final": None}
+        self.other_text = _check_other_text(other_text)
+        self._other_batches: dict[str, list[Any]] = {}
+        self.results: dict[str, Any] = {"dense": None, "after_prune": [], "final": None,
+                                        "other_text": {name: _no_other_results() for name in self.other_text}}
         self._seen_events = 0
         self._control: Any = None
 
@@ -501,6 +509,12 @@ class HeldOutPerplexity(Callback):
             return
         if self.dense_control:
             _check_dense_control(trainer, pl_module)
+        if self.other_text and not callable(getattr(trainer.datamodule, "held_out_of", None)):
+            raise ValueError(
+                f"HeldOutPerplexity(other_text=...) cuts its windows like the datamodule's validation windows, but "
+                f"the datamodule is {type(trainer.datamodule).__name__}; use nirvana_pl.datamodule.TextDataModule, "
+                "or drop other_text."
+            )
         # Measure the dense model inside the prune step, before the pruning callback acts.
         callbacks = trainer.callbacks
         nirvana = _nirvana_callbacks(trainer)
@@ -539,6 +553,24 @@ class HeldOutPerplexity(Callback):
             f"held-out perplexity ({what}, step {trainer.global_step}): {ppl:.3f}  "
             f"[{time.perf_counter() - start:.1f} s]"
         )
+        for name, source in self.other_text.items():
+            start = time.perf_counter()
+            if name not in self._other_batches:
+                self._other_batches[name] = trainer.datamodule.held_out_of(source)
+            results = self.results["other_text"][name]
+            results["windows"] = sum(int(b["input_ids"].shape[0]) for b in self._other_batches[name])
+            other = perplexity(
+                model, self._other_batches[name], seq2seq, progress=self.progress and trainer.is_global_zero,
+                desc=f"held-out perplexity on {name} ({what})", autocast=trainer.precision_plugin.forward_context,
+            )
+            for logger in trainer.loggers:
+                logger.log_metrics({f"heldout/{name}/ppl_{what}": other}, step=max(trainer.global_step - 1, 0))
+            rank_zero_info(f"held-out perplexity on {name} ({what}, step {trainer.global_step}): {other:.3f}  "
+                           f"[{time.perf_counter() - start:.1f} s]")  # fmt: skip
+            if what == "pruned":
+                results["after_prune"].append(other)
+            else:
+                results[what] = other
         return ppl
 
     def _pending_event(self, trainer: pl.Trainer) -> Any | None:
@@ -591,7 +623,31 @@ class HeldOutPerplexity(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = state_dict["results"]
+        # (a checkpoint written before other_text was set, or with other names, keeps what it measured)
+        other = self.results.setdefault("other_text", {})
+        for name in self.other_text:
+            other.setdefault(name, _no_other_results())
         self._seen_events = state_dict["seen_events"]
+
+
+def _no_other_results() -> dict[str, Any]:
+    return {"dense": None, "after_prune": [], "final": None, "dense_control": None, "windows": 0}
+
+
+def _check_other_text(other_text: Any) -> dict[str, str | list[str]]:
+    """``HeldOutPerplexity(other_text=...)`` validated: a mapping of names to sources."""
+    from .datamodule import check_source
+
+    if other_text is None:
+        return {}
+    if not isinstance(other_text, dict):
+        raise ValueError(f"other_text={other_text!r} must map names to sources, e.g. {{'pysrc': 'embedded:pysrc'}}.")
+    for name, source in other_text.items():
+        if not (isinstance(name, str) and name and name.replace("_", "").replace("-", "").isalnum()):
+            raise ValueError(f"other_text: the name {name!r} must be a non-empty word (letters, digits, - and _): it "
+                             "names the logged metric heldout/<name>/ppl_dense.")  # fmt: skip
+        check_source(source)
+    return dict(other_text)
 
 
 def gap_closed(just_pruned: float | None, recovered: float | None, control: float | None) -> float | None:

@@ -4,7 +4,7 @@
 #   bash scripts/demo.sh             SmolLM2-135M fine-tuned on Python's documentation: warm-up, prune
 #                                    30% of attention+MLP mid-fit, recover; held-out perplexity of
 #                                    dense / just pruned / recovered, pruned model folder, reports.
-#                                    (recipes/smollm2_pydoc.yaml; about 17 minutes on 2 CPU cores)
+#                                    (recipes/smollm2_pydoc.yaml; 7 to 20 minutes on 2 CPU cores)
 #   bash scripts/demo.sh --tiny ...  the quick demo: a tiny byte-level Llama (recipes/tiny_demo.py,
 #                                    2-3 minutes; `--tiny --help` lists its options)
 #   bash scripts/demo.sh ARGS...     extra `nirvana-pl fit` options for the SmolLM2 run, e.g.

@@ -45,20 +45,21 @@ def _small_tiny_args(tmp_path: Path) -> list[str]:
 
 def test_fit_tiny_recipe_end_to_end_in_a_subprocess(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # the tiny recipe with the main job's HeldOutPerplexity(dense_control=true)
+    # the tiny recipe with the main job's HeldOutPerplexity(dense_control=true, other_text={pysrc: ...})
     recipe = tmp_path / "tiny_with_dense_control.yaml"
     text = Path(TINY).read_text()
     entry = "    - class_path: nirvana_pl.modules.HeldOutPerplexity\n"
-    assert text.count(entry) == 1 and "dense_control: true" in (ROOT / "recipes" / "smollm2_pydoc.yaml").read_text()
-    recipe.write_text(text.replace(entry, entry + "      init_args:\n        dense_control: true\n"))
+    held_out = "      init_args:\n        dense_control: true\n        other_text: {pysrc: embedded:pysrc}\n"
+    assert text.count(entry) == 1 and held_out in (ROOT / "recipes" / "smollm2_pydoc.yaml").read_text()
+    recipe.write_text(text.replace(entry, entry + held_out))
     args = _small_tiny_args(tmp_path)
     args[args.index(TINY)] = str(recipe)
     proc = run_killable([sys.executable, "-m", "nirvana_pl.cli", "fit", *args], 300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "=== nirvana-pl fit: done" in out
-    for label in ("held-out ppl", "dense control", "pruned model", "prune report", "allocation plot", "metrics",
-                  "run summary"):  # fmt: skip
+    for label in ("held-out ppl", "dense control", "held-out pysrc", "pruned model", "prune report",
+                  "allocation plot", "metrics", "run summary"):  # fmt: skip
         assert label in out, out
 
     log_dir = tmp_path / "lightning_logs" / "version_0"
@@ -68,6 +69,12 @@ def test_fit_tiny_recipe_end_to_end_in_a_subprocess(tmp_path):
     assert all(ppl[k] > 1 for k in ("dense", "just_pruned", "recovered", "dense_control"))
     # the recipe's dense control: the dense model at the prune (step 4), trained the 2 steps after it
     assert "trained the same 2 steps" in out and ppl["dense_control"] != ppl["dense"]
+    other = summary["perplexity_other_text"]["pysrc"]
+    assert all(other[k] > 1 for k in ("dense", "final", "dense_control")) and len(other["after_prune"]) == 1
+    assert other["dense"] != ppl["dense"]
+    line = next(ln for ln in out.splitlines() if ln.startswith("held-out pysrc"))
+    assert f"dense {other['dense']:.3f} | just pruned {other['after_prune'][0]:.3f} | recovered" in line
+    assert line.endswith("(8 windows, never trained on)")  # as many as --data.init_args.val_windows
     if ppl["gap_closed"] is not None:
         assert ppl["gap_closed"] == pytest.approx(
             math.log(ppl["just_pruned"] / ppl["recovered"]) / math.log(ppl["just_pruned"] / ppl["dense_control"]))

@@ -311,6 +311,57 @@ def test_held_out_perplexity_measures_the_dense_model_whatever_the_callback_orde
     assert held.results["final"] == pytest.approx(perplexity(module.model, batches), rel=1e-5)
 
 
+def test_held_out_perplexity_on_other_text_is_measured_at_the_same_points_on_windows_never_trained_on(tmp_path):
+    module = CausalLMModule(config=TINY_LLAMA, tokenizer="bytes", lr=3e-3)
+    dm = TextDataModule(tokenizer="bytes", seq_len=32, batch_size=4, val_windows=4, eval_batch_size=3,
+                        max_train_windows=64)  # fmt: skip
+    snapshot = _SnapshotAtPrune(3)
+    held = HeldOutPerplexity(progress=False, other_text={"pysrc": "embedded:pysrc"})
+    trainer = pl.Trainer(
+        max_steps=5, accelerator="cpu", devices=1,
+        callbacks=[snapshot, NirvanaPruningCallback(sparsity=0.5, prune_at=3, warmup_steps=2), held],
+        logger=pl.loggers.CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, log_every_n_steps=1, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, dm)
+    other = dm.held_out_of("embedded:pysrc")
+    assert [tuple(b["input_ids"].shape) for b in other] == [(3, 32), (1, 32)]  # val_windows, eval_batch_size
+    windows = torch.cat([b["input_ids"] for b in other])
+    assert torch.equal(windows, torch.cat([b["input_ids"] for b in dm.held_out_of("embedded:pysrc")]))
+    code = ByteTokenizer().decode(windows.flatten())
+    assert any(word in code for word in ("def ", "import ", "self", "return")), code
+    train = {tuple(w.tolist()) for w in dm.splits["train"]}
+    assert not any(tuple(w.tolist()) in train for w in windows)
+    results = held.results["other_text"]["pysrc"]
+    assert results["dense"] == pytest.approx(perplexity(snapshot.dense, other), rel=1e-5)
+    (after,) = results["after_prune"]
+    assert after != results["dense"] and after != held.results["after_prune"][0]["ppl"]
+    assert results["final"] == pytest.approx(perplexity(module.model, other), rel=1e-5)
+    assert results["dense_control"] is None and results["windows"] == 4
+    metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"heldout/pysrc/ppl_dense", "heldout/pysrc/ppl_pruned", "heldout/pysrc/ppl_final"} <= set(metrics)
+
+
+@pytest.mark.parametrize("other_text, match", [
+    ("embedded:pysrc", "must map names to sources"),
+    ({"a/b": "embedded:pysrc"}, "the name 'a/b' must be a non-empty word"),
+    ({"": "embedded:pysrc"}, "the name '' must be a non-empty word"),
+    ({"code": "embedded:nope"}, "not an embedded corpus; available: .*embedded:pysrc"),
+])  # fmt: skip
+def test_held_out_perplexity_refuses_bad_other_text(other_text, match):
+    with pytest.raises(ValueError, match=match):
+        HeldOutPerplexity(other_text=other_text)
+
+
+def test_held_out_perplexity_on_other_text_needs_a_text_datamodule(tmp_path):
+    batches = [{"input_ids": torch.randint(0, 256, (4, 16))} for _ in range(4)]
+    held = HeldOutPerplexity(progress=False, other_text={"pysrc": "embedded:pysrc"})
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, callbacks=[held], logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="other_text.*the datamodule is NoneType; use .*TextDataModule, or drop"):
+        trainer.fit(CausalLMModule(config=TINY_LLAMA, tokenizer="bytes"), train_dataloaders=batches)
+
+
 def test_deepspeed_recipe_uses_the_stock_strategy():
     text = (ROOT / "recipes" / "llama3_8b_deepspeed.yaml").read_text()
     assert "NOT RUNNABLE" not in text
