@@ -84,8 +84,13 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "each draw's windows sampled at the prune from the warmed-up model, in bf16 autocast", ()),
     "fisher_functional_self+x2": (
         "the library's `fisher_functional_self` with twice as many sampled windows (`num_sampled_batches` twice the "
-        "warm-up batches it scores): the same estimator, meant to vary less from one draw to the next",
+        "warm-up batches it scores): the same estimator, meant to vary less from one draw to the next; its "
+        "functional half weighs the warm-up batches and the sampled windows half each, as with the default",
         ()),
+    "fisher_functional_self+x2pooled": (
+        "the same sampled windows as `fisher_functional_self+x2`, with the functional half one mean over all "
+        "samples, so that the sampled text weighs 2:1 against the warm-up batches (as `num_sampled_batches` worked "
+        "before the two halves were weighed equally)", ()),
     "fisher_functional/functional_budgets": (
         "the hybrid's choice of units inside each layer, with the per-layer budgets (units removed per layer and "
         "pool) of `functional`", ("fisher_functional", "functional")),
@@ -210,27 +215,25 @@ def draw_scores(
     t0 = time.perf_counter()
     scores = warm_up(model, d["warmup"], cfg["warmup_lr"])
     seconds["adam_*"] = time.perf_counter() - t0  # the warm-up itself: the Adam estimators cost ~nothing extra
-    for name in ("functional", "taylor_loss", "wanda_sp", "magnitude", "random"):
-        if name not in needed:
-            continue
-        t0 = time.perf_counter()
-        with bf16():
-            scores[name] = compute_scores(model, name, d["calibration"] if name in CALIBRATED else None, seed=0)
-        seconds[name] = time.perf_counter() - t0
-    # the hybrid as the callback computes it by default: its functional part on the warm-up window's own
-    # training batches (the last num_calibration_batches of them), no calibration set of its own
+    # the hybrids as the callback computes them by default: on the warm-up window's own training batches (the last
+    # num_calibration_batches of them), no calibration set of their own; fisher_functional_self samples its windows
     kept = d["warmup"][-callback_default("num_calibration_batches") :]
-    variants = {"fisher_functional": ("fisher_functional", None),
-                "fisher_functional_self": ("fisher_functional_self", None),  # (it samples its own windows)
-                "fisher_functional_self+x2": ("fisher_functional_self", 2 * len(kept))}  # fmt: skip
-    for name, (hybrid, num_sampled) in variants.items():
+    for name in ("functional", "taylor_loss", "wanda_sp", "magnitude", "random", "fisher_functional",
+                 "fisher_functional_self"):  # fmt: skip
         if name not in needed:
             continue
+        hybrid = name in ("fisher_functional", "fisher_functional_self")
+        calibration = kept if hybrid else d["calibration"] if name in CALIBRATED else None
         t0 = time.perf_counter()
         with bf16():
-            scores[name] = compute_scores(model, hybrid, kept, optimizer_scores=scores["adam_fisher"],
-                                          num_sampled_batches=num_sampled)  # fmt: skip
+            scores[name] = compute_scores(model, name, calibration, optimizer_scores=scores["adam_fisher"] if hybrid
+                                          else None, seed=0)  # fmt: skip
         seconds[name] = time.perf_counter() - t0
+    twice = {"fisher_functional_self+x2", "fisher_functional_self+x2pooled"} & needed
+    if twice:
+        more_scores, more_seconds = twice_sampled_scores(model, kept, scores["adam_fisher"], twice)
+        scores.update(more_scores)
+        seconds.update(more_seconds)
     if needed & set(SELF_SAMPLED):
         if not sampled:
             raise ValueError(f"{sorted(needed & set(SELF_SAMPLED))} need the dense model's sampled windows")
@@ -250,6 +253,32 @@ def draw_scores(
     if "fisher_functional/functional_budgets" in needed:
         scores["fisher_functional/functional_budgets"] = with_budgets_of(scores["functional"],
                                                                          scores["fisher_functional"])  # fmt: skip
+    return scores, seconds
+
+
+def twice_sampled_scores(
+    model: nn.Module, kept: list, adam_fisher: Any, names: set[str]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The ``fisher_functional_self+x2`` / ``+x2pooled`` candidates of ``names``, on the same windows: twice as many
+    as the library samples by default, sampled as it samples them (seed 0, rank 0); and their seconds."""
+    from nirvana_pl.sampling import sample_like
+    from nirvana_pl.saliency import check_calibration, compute_scores, geometric_mean, self_sampled_scores
+
+    scores, seconds = {}, {}
+    t0 = time.perf_counter()
+    batches = check_calibration(model, kept)
+    with bf16():
+        sampled = sample_like(model, [batches[i % len(batches)] for i in range(2 * len(batches))], 0)
+    sampling = time.perf_counter() - t0
+    for name in sorted(names):
+        t0 = time.perf_counter()
+        with bf16():
+            if name == "fisher_functional_self+x2":  # the library's scores: the two texts weigh half each
+                scores[name] = self_sampled_scores(model, batches, sampled, adam_fisher)
+            else:  # one mean over all samples
+                fisher = geometric_mean(adam_fisher, loss_fisher(model, [b["input_ids"] for b in sampled]))
+                scores[name] = geometric_mean(fisher, compute_scores(model, "functional", batches + sampled))
+        seconds[name] = sampling + time.perf_counter() - t0
     return scores, seconds
 
 

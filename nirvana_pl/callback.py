@@ -100,7 +100,8 @@ class NirvanaPruningCallback(Callback):
         num_calibration_batches: how many training batches to collect when ``calibration`` is None.
         num_sampled_batches: ``fisher_functional_self`` only: how many batches of windows the model samples itself
             at a prune event, shaped like the calibration batches in turn (default None: one per calibration
-            batch). More windows cost more sampling and passes and vary less from one prune to the next.
+            batch). More windows cost more sampling and passes and make the sampled text's share less noisy; the
+            training batches and the sampled windows weigh half each in the functional half, whatever their number.
         model_attr: dotted path of the transformers model inside the LightningModule; found
             automatically when None.
         min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see

@@ -14,7 +14,7 @@ column sums for o, down (METHOD.md section 2). Biases are not scored.
 * ``fisher_functional_self``  the same hybrid, with both halves also on windows the model samples itself
   (:mod:`nirvana_pl.sampling`, shaped like the warm-up batches): the Fisher half sqrt(adam_fisher * loss Fisher),
   the loss Fisher W^2 * mean(g^2) of the language-model loss on the sampled windows; the functional half on the
-  warm-up batches plus the sampled windows. Text of the model's own distribution keeps units that the warm-up
+  warm-up batches and the sampled windows, half each. Text of the model's own distribution keeps units that the warm-up
   domain does not use (see benchmarks/RESULTS.md, cross-domain)
 * baselines: ``magnitude`` |W|, ``wanda_sp`` |W| * ||x||, ``taylor_loss`` |dLoss/dW * W|,
   ``random``.
@@ -481,8 +481,10 @@ def _gradient_saliency(
     objective: str,
     progress: bool = False,
     reduce: GradientReduce | None = None,
+    batch_weights: Sequence[float] | None = None,
 ) -> UnitScores:
-    """|G * W| with G the signed gradient of ``objective`` averaged over all samples.
+    """|G * W| with G the signed gradient of ``objective`` averaged over all samples (``batch_weights``: each
+    batch's weight in that average, summing to 1; default: its share of the samples).
 
     ``objective``: ``functional`` (the output functional), ``taylor_loss`` (the language-model loss), or
     ``loss_fisher``: W^2 * the mean over batches of the squared gradient of the loss (the Fisher that
@@ -509,14 +511,14 @@ def _gradient_saliency(
     with eval_mode(model, params), contextlib.ExitStack() as stack:
         if load is not None:
             stack.callback(load.detach)
-        for batch in it:
+        for index, batch in enumerate(it):
             # (an encoder-decoder model: teacher-forced decoder logits / the seq2seq loss)
             inputs = arch.model_inputs(model, _to_device(batch, device), with_labels=objective != "functional")
             if objective == "functional":
                 value = output_functional(model(**inputs.kwargs, use_cache=False).logits, inputs.output_mask)
             else:
                 value = model(**inputs.kwargs, labels=inputs.labels, use_cache=False).loss
-            weight = batch["input_ids"].shape[0] / n_total
+            weight = batch["input_ids"].shape[0] / n_total if batch_weights is None else batch_weights[index]
             for acc, g in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
                 if g is not None:
                     acc.add_(g.float().square() if squared else g.float(), alpha=weight)
@@ -686,9 +688,8 @@ def _self_sampled_hybrid(
     reduce: GradientReduce | None,
     num_sampled_batches: int | None,
 ) -> UnitScores:
-    """``fisher_functional_self``: sqrt(sqrt(adam_fisher * loss Fisher on the sampled windows) * functional on the
-    calibration batches plus the sampled windows), ``num_sampled_batches`` batches of windows shaped like the
-    calibration batches in turn (default: one per calibration batch)."""
+    """``fisher_functional_self``: the model samples ``num_sampled_batches`` batches of windows shaped like the
+    calibration batches in turn (default: one per calibration batch), scored by :func:`self_sampled_scores`."""
     if calibration is None:
         raise ValueError(
             "saliency='fisher_functional_self' needs the warm-up window's batches (or calibration=[...]) to score "
@@ -698,6 +699,28 @@ def _self_sampled_hybrid(
     batches = check_calibration(model, calibration)
     shapes = [batches[i % len(batches)] for i in range(num_sampled_batches or len(batches))]
     sampled = sample_like(model, shapes, seed, rank=rank, progress=progress)
+    return self_sampled_scores(model, batches, sampled, optimizer_scores, progress=progress, reduce=reduce)
+
+
+def self_sampled_scores(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    sampled: Sequence[dict[str, torch.Tensor]],
+    optimizer_scores: UnitScores,
+    progress: bool = False,
+    reduce: GradientReduce | None = None,
+) -> UnitScores:
+    """The ``fisher_functional_self`` scores of the calibration ``batches`` and the model's own ``sampled`` windows:
+    sqrt(sqrt(adam_fisher * loss Fisher on the sampled windows) * functional on both texts, half each).
+
+    The functional's gradient is the mean of the calibration batches' and the sampled windows' mean gradients, so
+    more sampled windows make its estimate vary less without shifting the balance between the two texts (with as
+    many samples of each, the same as one mean over all of them)."""
+    batches, sampled = list(batches), list(sampled)
     fisher = _gradient_saliency(model, sampled, "loss_fisher", progress=progress, reduce=reduce)
-    functional = _gradient_saliency(model, batches + sampled, "functional", progress=progress, reduce=reduce)
+    halves = [batches, sampled]
+    weights = [b["input_ids"].shape[0] / (2 * sum(x["input_ids"].shape[0] for x in half))
+               for half in halves for b in half]  # fmt: skip
+    functional = _gradient_saliency(model, batches + sampled, "functional", progress=progress, reduce=reduce,
+                                    batch_weights=weights)  # fmt: skip
     return geometric_mean(geometric_mean(optimizer_scores, fisher), functional)

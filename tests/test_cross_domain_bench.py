@@ -156,6 +156,28 @@ def test_the_self_sampled_candidates_score_the_warm_up_batches_and_the_models_ow
         bench.draw_scores(model, d, cfg, {"fisher_functional+sampled"}, None)
 
 
+def test_twice_the_sampled_text_is_the_librarys_num_sampled_batches_and_the_pooled_variant_shares_its_windows():
+    from conftest import tiny_llama
+
+    from nirvana_pl.saliency import compute_scores
+
+    model = tiny_llama()
+    cfg = dict(bench.CONFIGS["quick"], warmup=2, batch=2)
+    rows = torch.randint(3, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    d = {"warmup": list(rows[:4].view(2, 2, 12)), "calibration": [rows[4:6]]}
+    names = {"fisher_functional_self+x2", "fisher_functional_self+x2pooled"}
+    scores, seconds = bench.draw_scores(model, d, cfg, names)
+    assert names <= set(seconds) and all(seconds[n] > 0 for n in names)
+    with bench.bf16():
+        library = compute_scores(model, "fisher_functional_self", d["warmup"], optimizer_scores=scores["adam_fisher"],
+                                 num_sampled_batches=4)  # fmt: skip
+    for got, want in zip(scores["fisher_functional_self+x2"].attn + scores["fisher_functional_self+x2"].mlp,
+                         library.attn + library.mlp):  # fmt: skip
+        torch.testing.assert_close(got, want)
+    pooled, balanced = scores["fisher_functional_self+x2pooled"], scores["fisher_functional_self+x2"]
+    assert any(not torch.equal(a, b) for a, b in zip(pooled.mlp, balanced.mlp))
+
+
 def test_goal_table_compares_the_seeds_both_arms_were_run_on():
     def ppl(arm, cal, ev, seed):  # seed 1 is a bad draw for everyone
         return (50.0 if arm == "mine@2" else 100.0) * (10.0 if seed else 1.0)
