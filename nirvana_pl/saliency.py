@@ -475,6 +475,11 @@ def gradient_reduce(reduce: GradientReduce | None) -> Iterator[None]:
         _GRADIENT_REDUCE.reset(token)
 
 
+def _num_samples(batches: Sequence[dict[str, torch.Tensor]]) -> int:
+    """How many samples (rows) ``batches`` hold together."""
+    return sum(b["input_ids"].shape[0] for b in batches)
+
+
 def _gradient_saliency(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
@@ -498,7 +503,7 @@ def _gradient_saliency(
     device = params[0].device
     arch = architecture_of(model)
     squared = objective == "loss_fisher"
-    n_total = sum(b["input_ids"].shape[0] for b in batches)
+    n_total = _num_samples(batches)
     grads = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params]
     it = batches
     if progress:
@@ -566,7 +571,7 @@ def wanda_sp_scores(
             "mixture-of-experts model."
         )
     sq = _input_square_sums(model, units, batches)
-    n_samples = sum(b["input_ids"].shape[0] for b in batches)
+    n_samples = _num_samples(batches)
     linears = list(sq)
     mean_sq = [sq[k] / n_samples for k in linears]
     reduce = reduce if reduce is not None else _GRADIENT_REDUCE.get()
@@ -718,9 +723,10 @@ def self_sampled_scores(
     many samples of each, the same as one mean over all of them)."""
     batches, sampled = list(batches), list(sampled)
     fisher = _gradient_saliency(model, sampled, "loss_fisher", progress=progress, reduce=reduce)
-    halves = [batches, sampled]
-    weights = [b["input_ids"].shape[0] / (2 * sum(x["input_ids"].shape[0] for x in half))
-               for half in halves for b in half]  # fmt: skip
+    weights = []
+    for half in (batches, sampled):
+        n_half = _num_samples(half)
+        weights += [b["input_ids"].shape[0] / (2 * n_half) for b in half]
     functional = _gradient_saliency(model, batches + sampled, "functional", progress=progress, reduce=reduce,
                                     batch_weights=weights)  # fmt: skip
     return geometric_mean(geometric_mean(optimizer_scores, fisher), functional)
