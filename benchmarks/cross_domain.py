@@ -39,7 +39,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # Importing quality.py sets the offline Hugging Face environment (before anything imports transformers) and puts
 # the repository on sys.path; a script's own folder, benchmarks/, is on sys.path already.
@@ -104,8 +104,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full": dict(
         seeds=(0, 1, 2), warmup=8, warmup_lr=1e-7, batch=4, train_len=128, calib_windows=32, probe_windows=32,
         eval_windows=16, eval_len=256, eval_batch=4, sparsities=(0.2, 0.4, 0.5), gamma_grid=(1.0, 2.0, 3.0, 4.5, 6.0),
-        grid_estimators=("functional", "adam_fisher", "fisher_functional"), recovery=16, recovery_lr=1e-4,
-        recovery_seeds=(0, 1, 2), candidates=tuple(CANDIDATES),
+        grid_estimators=("functional", "adam_fisher", "fisher_functional", "fisher_functional_self"), recovery=16,
+        recovery_lr=1e-4, recovery_seeds=(0, 1, 2), candidates=tuple(CANDIDATES),
     ),
     "quick": dict(
         seeds=(0,), warmup=2, warmup_lr=1e-7, batch=2, train_len=64, calib_windows=4, probe_windows=4,
@@ -655,7 +655,7 @@ def render(out: dict, command: str) -> str:
                                                       f"{m['log_std']:.3f}" if m["log_std"] is not None else "-"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *_same_draws_table(zs, seeds, S, names, default, paper)]
-    lines += ["", *_goal_table(zs, seeds, S, default, paper)]
+    lines += ["", *_goal_table(zs, seeds, S, default, paper, names)]
     lines += ["", *_goal_by_arm_table(zs, seeds, S, names, default, paper)]
     lines += ["", *_recovery_table(out, S)]
     lines += ["", *_cost_table(out)]
@@ -703,13 +703,16 @@ def _ratios_to_paper(zs: dict, seeds, arm: str, paper: str, s: float) -> tuple[l
     return common, {k: mine["cells"][k] / ref["cells"][k] for k in mine["cells"] if k in ref["cells"]}
 
 
-def _goal_table(zs: dict, seeds, S, default: str, paper: str) -> list[str]:
+def _goal_table(zs: dict, seeds, S, default: str, paper: str, names: Sequence[str] = ()) -> list[str]:
     lines = [f"## Goal: the default ({default}) at most 0.8x the paper's criterion ({paper}), never worse off-domain",
              "", "Per (calibration -> evaluation) cell: the default's perplexity / the paper's (geometric mean over "
              "the seeds both were run on, the same windows). In-domain cells must be <= {g:g}, off-domain cells <= "
              "{g:g} and never above 1.0. Rows 'ref': the default warmed up on the evaluation domain itself, over the "
              "paper warmed up on the calibration domain (what the off-domain cell would be with in-domain text; a "
-             "reference for how much the goal asks, not a bound).".format(g=GOAL_RATIO), "",
+             "reference for how much the goal asks, not a bound). Rows 'best': in each cell the lowest ratio of any "
+             "arm run on the same seeds, chosen cell by cell after the fact (an optimistic bound on what choosing "
+             "among the measured arms could reach: a cell it misses, no arm of the matrix meets).".format(
+                 g=GOAL_RATIO), "",
              "| s | seeds | " + " | ".join(f"{c}->{e}" for c in DOMAINS for e in DOMAINS) + " | met |",
              "|---|---|" + "---:|" * (len(DOMAINS) ** 2 + 1)]  # fmt: skip
     for s in S:
@@ -720,13 +723,40 @@ def _goal_table(zs: dict, seeds, S, default: str, paper: str) -> list[str]:
         reference = _in_domain_reference(zs, common, default, paper, s)
         if reference:
             lines.append(_ratio_row(f"{s:g} ref", common, reference))
+        best = _best_ratio_per_cell(zs, common, names, paper, s)
+        if best:
+            lines.append(_ratio_row(f"{s:g} best", common, best))
     return lines
+
+
+def _best_ratio_per_cell(zs: dict, seeds, names: Sequence[str], paper: str, s: float) -> dict:
+    """Per (calibration -> evaluation) cell, the lowest ratio to the paper of the ``names`` run on all ``seeds``."""
+    best: dict = {}
+    for name in names:
+        if name == paper:
+            continue
+        common, ratios = _ratios_to_paper(zs, seeds, name, paper, s)
+        if list(common) != list(seeds):
+            continue
+        for cell, r in ratios.items():
+            best[cell] = min(r, best.get(cell, r))
+    return best
 
 
 def _ratio_row(label: str, seeds, ratios: dict) -> str:
     """A row of the goal table: the ratio of every (calibration -> evaluation) cell and the cells met."""
-    cells = [f"{ratios[(c, e)]:.2f}" if (c, e) in ratios else "-" for c in DOMAINS for e in DOMAINS]
+    cells = [_ratio_cell(ratios[(c, e)]) if (c, e) in ratios else "-" for c in DOMAINS for e in DOMAINS]
     return "| " + " | ".join([label, ", ".join(map(str, seeds)), *cells, f"{_cells_met(ratios)}/{len(ratios)}"]) + " |"
+
+
+def _ratio_cell(ratio: float) -> str:
+    """A ratio to two decimals, or as many more as it takes not to round it onto a limit of the goal that it is not
+    (0.8001 is a missed cell, which "0.80" would hide)."""
+    for decimals in range(2, 7):
+        text = f"{ratio:.{decimals}f}"
+        if not any(float(text) == limit != ratio for limit in (GOAL_RATIO, 1.0)):
+            return text
+    return text
 
 
 def _in_domain_reference(zs: dict, seeds, arm: str, paper: str, s: float) -> dict:

@@ -79,6 +79,35 @@ def test_goal_table_references_each_off_domain_cell_to_the_default_warmed_up_on_
     assert row.endswith("| 3/9 |") and "0.95" in row
 
 
+def test_goal_table_best_row_takes_each_cell_from_whichever_arm_is_lowest_there():
+    def ppl(arm, cal, ev, seed):  # mine: 0.5x on pydoc calibrations, 1.5x elsewhere; other: the mirror image
+        if arm == "functional@3":
+            return 100.0
+        low = (cal == "pydoc") == (arm == "mine@2")
+        return 100.0 * (0.5 if low else 1.5)
+
+    stage = _stage(ppl)
+    for cal in bench.DOMAINS:
+        for seed in (0, 1):
+            stage[f"{cal}|{seed}|other@3|0.4"] = {ev: ppl("other@3", cal, ev, seed) for ev in bench.DOMAINS}
+    stage["plays|0|late@3|0.4"] = {ev: 1.0 for ev in bench.DOMAINS}  # one seed only: not comparable, left out
+    names = ["functional@3", "mine@2", "other@3", "late@3"]
+    lines = bench._goal_table(stage, (0, 1), (0.4,), "mine@2", "functional@3", names)
+    assert next(ln for ln in lines if ln.startswith("| 0.4 |")).endswith("| 3/9 |")
+    best = next(ln for ln in lines if ln.startswith("| 0.4 best |")).split(" | ")
+    assert best[2:-1] == ["0.50"] * 9 and best[-1] == "9/9 |"
+    del stage["pysrc|1|other@3|0.4"]  # other now lacks a seed the default has: the best row is the default's own
+    best = next(ln for ln in bench._goal_table(stage, (0, 1), (0.4,), "mine@2", "functional@3", names)
+                if ln.startswith("| 0.4 best |")).split(" | ")  # fmt: skip
+    assert best[-1] == "3/9 |" and best[2:5] == ["0.50"] * 3 and best[5:-1] == ["1.50"] * 6
+
+
+def test_a_ratio_that_two_decimals_would_round_onto_a_limit_shows_three():
+    assert bench._ratio_cell(0.8001) == "0.8001" and bench._ratio_cell(0.7996) == "0.7996"
+    assert bench._ratio_cell(1.004) == "1.004" and bench._ratio_cell(0.8) == "0.80"
+    assert bench._ratio_cell(0.7949) == "0.79" and bench._ratio_cell(1.16) == "1.16"
+
+
 def test_goal_by_arm_counts_cells_and_the_worst_off_domain_ratio_on_the_shared_draws():
     def ppl(arm, cal, ev, seed):  # mine: 0.5x everywhere, but 1.2x on one off-domain cell of seed 1 only
         return 100.0 * (1.0 if arm == "functional@3" else 1.2 if (cal, ev, seed) == ("pydoc", "plays", 1) else 0.5)
