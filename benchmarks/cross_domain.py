@@ -91,6 +91,11 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "the same sampled windows as `fisher_functional_self+x2`, with the functional half one mean over all "
         "samples, so that the sampled text weighs 2:1 against the warm-up batches (as `num_sampled_batches` worked "
         "before the two halves were weighed equally)", ()),
+    "fisher_functional_self+2stage": (
+        "the library's `fisher_functional_self` with `scoring_stages=2`: its scores plan half the target sparsity, "
+        "then the model with those units masked out samples its windows and is scored again, and the second "
+        "scores (zero for the units already out) plan the target; twice the scoring",
+        ("fisher_functional_self",)),
     "fisher_functional/functional_budgets": (
         "the hybrid's choice of units inside each layer, with the per-layer budgets (units removed per layer and "
         "pool) of `functional`", ("fisher_functional", "functional")),
@@ -250,6 +255,10 @@ def draw_scores(
                 fisher_self = geometric_mean(scores["adam_fisher"], loss_fisher(model, list(sampled)))
             scores["fisher_functional+self"] = geometric_mean(fisher_self, functional_self)
             seconds["fisher_functional+self"] = shared + time.perf_counter() - t0
+    if "fisher_functional_self+2stage" in needed:
+        scores["fisher_functional_self+2stage"], seconds["fisher_functional_self+2stage"] = two_stage_scores(
+            model, kept, scores["adam_fisher"], scores["fisher_functional_self"], cfg["sparsities"])
+        seconds["fisher_functional_self+2stage"] += seconds["fisher_functional_self"]
     if "fisher_functional/functional_budgets" in needed:
         scores["fisher_functional/functional_budgets"] = with_budgets_of(scores["functional"],
                                                                          scores["fisher_functional"])  # fmt: skip
@@ -280,6 +289,28 @@ def twice_sampled_scores(
                 scores[name] = geometric_mean(fisher, compute_scores(model, "functional", batches + sampled))
         seconds[name] = sampling + time.perf_counter() - t0
     return scores, seconds
+
+
+def two_stage_scores(
+    model: nn.Module, kept: list, adam_fisher: Any, first: Any, sparsities: Sequence[float], gamma: float = 3.0
+) -> tuple[dict[float, Any], float]:
+    """Per sparsity s, the ``fisher_functional_self`` scores of ``model`` with the units that ``first`` removes at
+    s / 2 masked out (their scores are zero, so the plan at s removes them first); and the mean seconds of one such
+    rescoring (a prune event at one sparsity pays it once, on top of ``first``)."""
+    from nirvana_pl.allocate import AllocationConfig, DenseReference, allocate
+    from nirvana_pl.calibration import masked
+    from nirvana_pl.saliency import compute_scores
+
+    reference = DenseReference.of(model)
+    out, seconds = {}, []
+    for s in sparsities:
+        half = allocate(model, first, AllocationConfig(sparsity=s / 2, gamma=gamma), reference,
+                        saliency="fisher_functional_self")  # fmt: skip
+        t0 = time.perf_counter()
+        with masked(model, half), bf16():
+            out[s] = compute_scores(model, "fisher_functional_self", kept, optimizer_scores=adam_fisher, seed=0)
+        seconds.append(time.perf_counter() - t0)
+    return out, statistics.mean(seconds)
 
 
 def loss_fisher(model: nn.Module, batches: list[torch.Tensor]) -> Any:
@@ -355,7 +386,10 @@ def prune_arm(model, scores, estimator, gamma, s, cfg, probe, reference) -> tupl
                               alloc_config=AllocationConfig(sparsity=s, gamma=1.0), reference=reference,
                               saliency=estimator)  # fmt: skip
         return search.plan, search.best_gamma
-    return allocate(model, scores[estimator], AllocationConfig(sparsity=s, gamma=float(gamma)), reference,
+    chosen = scores[estimator]
+    if isinstance(chosen, dict):  # (scores that depend on the target sparsity: the two-stage candidate)
+        chosen = chosen[s]
+    return allocate(model, chosen, AllocationConfig(sparsity=s, gamma=float(gamma)), reference,
                     saliency=estimator), None  # fmt: skip
 
 

@@ -42,7 +42,7 @@ from .distributed import (
     sum_over_processes,
 )
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
-from .oneshot import allocation_config, check_selection_args, make_plan
+from .oneshot import allocation_config, check_scoring_stages, check_selection_args, make_plan
 from .optim import retarget_optimizers
 from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
@@ -102,6 +102,9 @@ class NirvanaPruningCallback(Callback):
             at a prune event, shaped like the calibration batches in turn (default None: one per calibration
             batch). More windows cost more sampling and passes and make the sampled text's share less noisy; the
             training batches and the sampled windows weigh half each in the functional half, whatever their number.
+        scoring_stages: how many times a prune event scores the model (estimators computed from passes): each
+            stage after the first scores it again with the units planned so far masked out (see
+            :func:`~nirvana_pl.oneshot.staged_plan`); the scoring cost grows in proportion.
         model_attr: dotted path of the transformers model inside the LightningModule; found
             automatically when None.
         min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see
@@ -138,6 +141,7 @@ class NirvanaPruningCallback(Callback):
         gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
         num_calibration_batches: int = 8,
         num_sampled_batches: int | None = None,
+        scoring_stages: int = 1,
         model_attr: str | None = None,
         min_kv_groups: int = 1,
         min_mlp_channels: int = 0,
@@ -155,6 +159,7 @@ class NirvanaPruningCallback(Callback):
         super().__init__()
         check_estimator(saliency)
         check_selection_args(saliency, calibration, gamma)
+        check_scoring_stages(saliency, calibration, scoring_stages)
         self.schedule = PruningSchedule.build(sparsity, prune_at, schedule, warmup_steps)
         # Validate every target with the allocation rules now, not at the prune step.
         self._alloc = [
@@ -206,6 +211,7 @@ class NirvanaPruningCallback(Callback):
         self.gamma_grid = tuple(gamma_grid)
         self.num_calibration_batches = num_calibration_batches
         self.num_sampled_batches = num_sampled_batches
+        self.scoring_stages = scoring_stages
         self.model_attr = model_attr
         self.seed = seed
         self.report_dir = Path(report_dir) if report_dir is not None else None
@@ -591,7 +597,8 @@ class NirvanaPruningCallback(Callback):
                 self.model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
                 gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid, optimizer_scores=optimizer_scores or None,
                 expert_load=expert_load, seed=self.seed + index, rank=trainer.global_rank,
-                num_sampled_batches=self.num_sampled_batches, progress=trainer.is_global_zero,
+                num_sampled_batches=self.num_sampled_batches, scoring_stages=self.scoring_stages,
+                progress=trainer.is_global_zero,
             )
         plan, agreed = agree_on_plan(plan)
         if selection is not None:  # rank 0's summary travels inside its plan

@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .allocate import AllocationConfig, DenseReference, allocate
-from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
+from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector, masked
 from .plan import PruningPlan
 from .saliency import (
+    ADAM_ESTIMATORS,
     CALIBRATION_ESTIMATORS,
     DATA_FREE_ESTIMATORS,
     HYBRID_ESTIMATORS,
@@ -24,9 +26,32 @@ from .saliency import (
     compute_scores,
 )
 from .surgery import apply_plan
+from .units import prunable_parameter_count
 
 #: gamma used to choose the calibration set under gamma="auto" (the grid then picks gamma).
 AUTO_GAMMA_START = 3.0
+#: the estimators whose scores change when units are masked out: computed from passes over the model
+RESCORED_ESTIMATORS = CALIBRATION_ESTIMATORS + tuple(HYBRID_ESTIMATORS)
+
+
+def check_scoring_stages(saliency: str, calibration: Any, scoring_stages: int) -> None:
+    """Raise a ValueError (naming the fix) unless ``scoring_stages`` is an integer >= 1 that ``saliency`` can use."""
+    if not (isinstance(scoring_stages, int) and not isinstance(scoring_stages, bool) and scoring_stages >= 1):
+        raise ValueError(f"scoring_stages={scoring_stages!r} must be an integer >= 1 (1: score once).")
+    if scoring_stages == 1:
+        return
+    if saliency not in RESCORED_ESTIMATORS:
+        reads = "the optimizer's Adam state" if saliency in ADAM_ESTIMATORS else "only the weights"
+        raise ValueError(
+            f"scoring_stages={scoring_stages} scores the model again with the units of the earlier stages masked "
+            f"out, but saliency={saliency!r} reads {reads}, which a mask does not change. Use scoring_stages=1, "
+            f"or a saliency computed from passes over the model ({', '.join(RESCORED_ESTIMATORS)})."
+        )
+    if isinstance(calibration, CalibrationSelector):
+        raise ValueError(
+            f"scoring_stages={scoring_stages} is not supported with a CalibrationSelector yet: pass the calibration "
+            "batches themselves, or scoring_stages=1."
+        )
 
 
 def check_selection_args(saliency: str, calibration: Any, gamma: float | str) -> None:
@@ -72,6 +97,7 @@ def make_plan(
     seed: int = 0,
     rank: int = 0,
     num_sampled_batches: int | None = None,
+    scoring_stages: int = 1,
     progress: bool = False,
 ) -> tuple[PruningPlan, dict[str, Any] | None]:
     """Decide what to prune. Returns the plan and, when a KL selection ran, its JSON-able summary.
@@ -83,8 +109,10 @@ def make_plan(
     tokens routed to each expert of a mixture-of-experts model while training (see
     :class:`~nirvana_pl.router_load.RouterLoad`): the Adam-state scores take it, and any other scores that
     counted none of their own. ``rank``, ``num_sampled_batches``: see :func:`~nirvana_pl.saliency.compute_scores`.
+    ``scoring_stages``: see :func:`staged_plan` (estimators computed from passes, without a selector).
     The model's weights are never changed here.
     """
+    check_scoring_stages(saliency, calibration, scoring_stages)
     if expert_load is not None:  # (the training window's count comes first: it saw more tokens than calibration)
         adam_scores = optimizer_scores.values() if isinstance(optimizer_scores, Mapping) else [optimizer_scores]
         for scores in adam_scores:
@@ -101,17 +129,51 @@ def make_plan(
                 *selector.choose_scores(model, dict(optimizer_scores), config, reference, grid, progress=progress)
             )
         optimizer_scores = optimizer_scores[adam_part(saliency)]
-    scores = compute_scores(
-        model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
-        optimizer_scores=optimizer_scores, seed=seed, progress=progress, rank=rank,
-        num_sampled_batches=num_sampled_batches,
-    )
-    if scores.expert_load is None:
-        scores.expert_load = expert_load
+
+    def score() -> UnitScores:
+        scores = compute_scores(
+            model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
+            optimizer_scores=optimizer_scores, seed=seed, progress=progress, rank=rank,
+            num_sampled_batches=num_sampled_batches,
+        )
+        if scores.expert_load is None:
+            scores.expert_load = expert_load
+        return scores
+
+    scores = score()
     if gamma_auto and isinstance(calibration, CalibrationSelector):
         search = calibration.choose_gamma(model, scores, config, gamma_grid, reference, progress=progress)
         return _with_selection(search.plan, {"gamma_search": search.summary(), "kl": search.best_kl})
-    return allocate(model, scores, config, reference, saliency=saliency), None
+    return staged_plan(model, saliency, config, reference, scores, score, scoring_stages), None
+
+
+def staged_plan(
+    model: nn.Module,
+    saliency: str,
+    config: AllocationConfig,
+    reference: DenseReference,
+    scores: UnitScores,
+    score: Callable[[], UnitScores],
+    stages: int = 1,
+) -> PruningPlan:
+    """The plan that brings ``model`` to ``config.sparsity``, reached in ``stages`` scorings at one prune event.
+
+    Stage k of n plans the first k/n of the way from the model's present sparsity to the target with the scores it
+    has, masks those units out (:func:`~nirvana_pl.calibration.masked`: the model computes what it would without
+    them, exactly for every adapter marked exact) and calls ``score()`` again. Units already out score zero, so
+    each plan removes them first; the last plan is the one returned. A unit whose worth depends on units removed
+    beside it is judged again without them. ``stages=1``: the plan of ``scores``, as one scoring gives it. The
+    model's weights are never changed.
+    """
+    start = 1.0 - prunable_parameter_count(model) / reference.prunable_params
+    for stage in range(1, stages):
+        partial = replace(config, sparsity=start + (config.sparsity - start) * stage / stages)
+        with masked(model, allocate(model, scores, partial, reference, saliency=saliency)):
+            scores = score()
+    plan = allocate(model, scores, config, reference, saliency=saliency)
+    if stages > 1:
+        plan.score_summary["scoring_stages"] = stages
+    return plan
 
 
 def _with_selection(plan: PruningPlan, summary: dict[str, Any]) -> tuple[PruningPlan, dict[str, Any]]:
@@ -136,6 +198,7 @@ def prune(
     router_load: float = 1.0,
     reference: DenseReference | None = None,
     seed: int = 0,
+    scoring_stages: int = 1,
     progress: bool = False,
 ) -> PruningPlan:
     """Prune ``model`` in place to ``sparsity`` of its attention+MLP parameters; return the plan.
@@ -146,6 +209,7 @@ def prune(
     selector) chooses gamma from ``gamma_grid`` by the same test. ``reference`` is the original
     dense model's sizes when the model was already pruned (targets are relative to it). ``expert_share`` and
     ``min_experts``: mixture-of-experts models only (see :class:`~nirvana_pl.allocate.AllocationConfig`).
+    ``scoring_stages``: score again with the units of the earlier stages masked out (see :func:`staged_plan`).
     """
     check_estimator(saliency)
     check_selection_args(saliency, calibration, gamma)
@@ -156,7 +220,7 @@ def prune(
     reference = reference or DenseReference.of(model)
     plan, _ = make_plan(
         model, saliency, config, reference, calibration=calibration, gamma_auto=gamma == "auto",
-        gamma_grid=gamma_grid, seed=seed, progress=progress,
+        gamma_grid=gamma_grid, seed=seed, scoring_stages=scoring_stages, progress=progress,
     )
     apply_plan(model, plan)
     reference.attach(model)

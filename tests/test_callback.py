@@ -395,6 +395,34 @@ def test_num_sampled_batches_sets_how_many_batches_the_prune_event_samples(tmp_p
         NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, num_sampled_batches=0)
 
 
+def test_scoring_stages_score_the_prune_event_again_with_the_first_stage_masked_out(tmp_path, monkeypatch):
+    import nirvana_pl.calibration as calibration
+    import nirvana_pl.saliency as saliency
+
+    samples, masks = [], []
+    real_sample, real_masked = saliency.sample_like, calibration.masked
+
+    def spy_sample(model, batches, seed, rank=0, progress=False):
+        samples.append(len(masks))
+        return real_sample(model, batches, seed, rank=rank, progress=progress)
+
+    def spy_masked(model, plan):
+        masks.append(plan.realised_sparsity)
+        return real_masked(model, plan)
+
+    monkeypatch.setattr(saliency, "sample_like", spy_sample)
+    monkeypatch.setattr("nirvana_pl.oneshot.masked", spy_masked)
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2,
+                                scoring_stages=2)  # fmt: skip
+    trainer(tmp_path, 5, [cb]).fit(CausalLM(), token_loader())
+    plan = cb.plans[0]
+    assert plan.saliency == "fisher_functional_self" and plan.score_summary["scoring_stages"] == 2
+    assert abs(plan.realised_sparsity - 0.4) < 0.05
+    assert samples == [0, 1] and len(masks) == 1 and 0.1 < masks[0] < 0.3  # sampled again, halfway masked out
+    with pytest.raises(ValueError, match="saliency='adam_fisher' reads the optimizer's Adam state"):
+        NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_fisher", scoring_stages=2)
+
+
 def test_fisher_functional_self_is_refused_for_a_model_that_cannot_sample_its_text(tmp_path):
     from arch_configs import build
 

@@ -207,6 +207,46 @@ def test_twice_the_sampled_text_is_the_librarys_num_sampled_batches_and_the_pool
     assert any(not torch.equal(a, b) for a, b in zip(pooled.mlp, balanced.mlp))
 
 
+def test_two_stages_rescore_with_the_first_half_masked_and_the_final_plan_removes_those_units_first():
+    from conftest import tiny_llama
+
+    from nirvana_pl.allocate import AllocationConfig, DenseReference, allocate
+    from nirvana_pl.oneshot import staged_plan
+    from nirvana_pl.saliency import compute_scores
+    from nirvana_pl.units import find_units
+
+    model = tiny_llama()
+    cfg = dict(bench.CONFIGS["quick"], warmup=2, batch=2, sparsities=(0.4,))
+    rows = torch.randint(3, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    d = {"warmup": list(rows[:4].view(2, 2, 12)), "calibration": [rows[4:6]]}
+    scores, seconds = bench.draw_scores(model, d, cfg, {"fisher_functional_self+2stage"})
+    assert seconds["fisher_functional_self+2stage"] > seconds["fisher_functional_self"] > 0
+    first, second = scores["fisher_functional_self"], scores["fisher_functional_self+2stage"][0.4]
+    reference = DenseReference.of(model)
+    half = allocate(model, first, AllocationConfig(sparsity=0.2, gamma=3.0), reference)
+    for lp, attn, mlp, u in zip(half.layers, second.attn, second.mlp, find_units(model)):
+        out_kv = sorted(set(range(u.num_kv_groups)) - set(lp.kept_kv_groups))
+        out_mlp = sorted(set(range(u.mlp_width)) - set(lp.kept_mlp_channels))
+        assert torch.all(attn[out_kv] == 0) and torch.all(mlp[out_mlp] == 0)  # masked out: no gradient, no score
+        assert torch.all(mlp[sorted(lp.kept_mlp_channels)] > 0)
+    assert any(len(lp.kept_mlp_channels) < u.mlp_width for lp, u in zip(half.layers, find_units(model)))
+    plan, _ = bench.prune_arm(model, scores, "fisher_functional_self+2stage", 3.0, 0.4, cfg, None, reference)
+    for lh, lf in zip(half.layers, plan.layers):  # the units out after the first stage stay out
+        assert set(lf.kept_mlp_channels) <= set(lh.kept_mlp_channels)
+        assert set(lf.kept_kv_groups) <= set(lh.kept_kv_groups)
+    assert plan.realised_sparsity > half.realised_sparsity
+    assert any(not torch.equal(a, b) for a, b in zip(second.mlp, first.mlp))
+
+    def score():  # what the callback's second stage computes, as the benchmark scores (bf16 autocast)
+        with bench.bf16():
+            return compute_scores(model, "fisher_functional_self", d["warmup"][-8:],
+                                  optimizer_scores=scores["adam_fisher"], seed=0)  # fmt: skip
+
+    library = staged_plan(model, "fisher_functional_self", AllocationConfig(sparsity=0.4, gamma=3.0), reference, first,
+                          score, stages=2)  # fmt: skip
+    assert library.layers == plan.layers  # the candidate is the library's scoring_stages=2
+
+
 def test_goal_table_compares_the_seeds_both_arms_were_run_on():
     def ppl(arm, cal, ev, seed):  # seed 1 is a bad draw for everyone
         return (50.0 if arm == "mine@2" else 100.0) * (10.0 if seed else 1.0)

@@ -96,3 +96,61 @@ def test_prune_infeasible_leaves_model_untouched():
     with pytest.raises(InfeasibleSparsityError):
         prune(model, 0.95, saliency="magnitude", gamma=3.0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_scoring_stages_score_again_without_the_units_of_the_earlier_stages():
+    """Two stages: the plan of the first scores at half the target, then scores of the model with those units
+    masked out (zero for them), and the plan at the target from those; a second prune keeps its own start."""
+    from nirvana_pl.allocate import AllocationConfig, allocate
+    from nirvana_pl.calibration import masked
+    from nirvana_pl.saliency import compute_scores
+
+    batches = calib_batches()
+    model = tiny_llama()
+    reference = DenseReference.of(model)
+    first = compute_scores(model, "functional", batches)
+    half = allocate(model, first, AllocationConfig(sparsity=0.2, gamma=2.0), reference, saliency="functional")
+    with masked(model, half):
+        second = compute_scores(model, "functional", batches)
+    for lp, attn, mlp in zip(half.layers, second.attn, second.mlp):
+        assert torch.all(mlp[sorted(set(range(mlp.numel())) - set(lp.kept_mlp_channels))] == 0)
+        assert torch.all(attn[sorted(set(range(attn.numel())) - set(lp.kept_kv_groups))] == 0)
+    want = allocate(model, second, AllocationConfig(sparsity=0.4, gamma=2.0), reference, saliency="functional")
+    one_stage = prune(copy.deepcopy(model), 0.4, saliency="functional", calibration=batches, gamma=2.0)
+    plan = prune(model, 0.4, saliency="functional", calibration=batches, gamma=2.0, scoring_stages=2)
+    assert plan.layers == want.layers and plan.score_summary["scoring_stages"] == 2
+    assert plan.layers != one_stage.layers  # (the second scoring changed the choice on this model)
+    assert "scoring_stages" not in one_stage.score_summary
+    for lh, lp in zip(half.layers, plan.layers):  # the first stage's units stay out
+        assert set(lp.kept_mlp_channels) <= set(lh.kept_mlp_channels)
+        assert set(lp.kept_kv_groups) <= set(lh.kept_kv_groups)
+    # a later prune of the pruned model goes from its sparsity (0.4) to the new target in as many stages
+    again = prune(model, 0.6, saliency="functional", calibration=batches, gamma=2.0, scoring_stages=3,
+                  reference=reference)  # fmt: skip
+    assert again.realised_sparsity == pytest.approx(0.6, abs=0.05) and again.score_summary["scoring_stages"] == 3
+
+
+@pytest.mark.parametrize(
+    "saliency,stages,match",
+    [
+        ("adam_fisher", 2, "reads the optimizer's Adam state, which a mask does not change. Use scoring_stages=1"),
+        ("magnitude", 2, "reads only the weights"),
+        ("functional", 0, "scoring_stages=0 must be an integer >= 1"),
+        ("functional", True, "must be an integer"),
+    ],
+)
+def test_scoring_stages_refuses_what_it_cannot_do(saliency, stages, match):
+    from nirvana_pl.oneshot import check_scoring_stages
+
+    with pytest.raises(ValueError, match=match):
+        check_scoring_stages(saliency, None, stages)
+    check_scoring_stages(saliency, None, 1)  # one scoring: every estimator
+
+
+def test_scoring_stages_refuses_a_calibration_selector():
+    from nirvana_pl.calibration import CalibrationSelector
+
+    selector = CalibrationSelector(torch.randint(3, 128, (40, 16)), num_candidates=3, samples_per_candidate=4,
+                                   probe_windows=8, probe_seq_len=8, batch_size=4)  # fmt: skip
+    with pytest.raises(ValueError, match="not supported with a CalibrationSelector yet"):
+        prune(tiny_llama(), 0.4, saliency="functional", calibration=selector, gamma=2.0, scoring_stages=2)

@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--resume", default=None, help="resume from this checkpoint and train 4 more steps")
     ap.add_argument("--distill", action="store_true", help="distill=True (recovery distils from the dense model)")
     ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--scoring-stages", type=int, default=None, help="scoring_stages (default: the callback's)")
     args = ap.parse_args()
     record_plan_agreement()
     if args.mismatch:
@@ -256,6 +257,7 @@ def main() -> None:
         sparsity=0.5, prune_at=prune_at, warmup_steps=3, gamma=2.0, num_calibration_batches=4,
         **({} if args.saliency == "default" else {"saliency": args.saliency}),
         **({"distill": True} if args.distill else {}),
+        **({"scoring_stages": args.scoring_stages} if args.scoring_stages else {}),
     )
     out = Path(args.out)
     max_steps = prune_at + args.steps_after
