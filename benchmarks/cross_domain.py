@@ -294,21 +294,26 @@ def twice_sampled_scores(
 def two_stage_scores(
     model: nn.Module, kept: list, adam_fisher: Any, first: Any, sparsities: Sequence[float], gamma: float = 3.0
 ) -> tuple[dict[float, Any], float]:
-    """Per sparsity s, the ``fisher_functional_self`` scores of ``model`` with the units that ``first`` removes at
-    s / 2 masked out (their scores are zero, so the plan at s removes them first); and the mean seconds of one such
-    rescoring (a prune event at one sparsity pays it once, on top of ``first``)."""
-    from nirvana_pl.allocate import AllocationConfig, DenseReference, allocate
-    from nirvana_pl.calibration import masked
+    """Per sparsity s, the second scores of the library's two-stage plan (:func:`nirvana_pl.oneshot.staged_plan`):
+    the ``fisher_functional_self`` scores of ``model`` with the units that ``first`` removes at s / 2 masked out
+    (zero for them, so the plan at s removes them first); and the mean seconds of one such staged plan (a prune
+    event at one sparsity pays it once, on top of ``first``)."""
+    from nirvana_pl.allocate import AllocationConfig, DenseReference
+    from nirvana_pl.oneshot import staged_plan
     from nirvana_pl.saliency import compute_scores
 
     reference = DenseReference.of(model)
     out, seconds = {}, []
     for s in sparsities:
-        half = allocate(model, first, AllocationConfig(sparsity=s / 2, gamma=gamma), reference,
-                        saliency="fisher_functional_self")  # fmt: skip
+
+        def score() -> Any:
+            with bf16():
+                out[s] = compute_scores(model, "fisher_functional_self", kept, optimizer_scores=adam_fisher, seed=0)
+            return out[s]
+
         t0 = time.perf_counter()
-        with masked(model, half), bf16():
-            out[s] = compute_scores(model, "fisher_functional_self", kept, optimizer_scores=adam_fisher, seed=0)
+        staged_plan(model, "fisher_functional_self", AllocationConfig(sparsity=s, gamma=gamma), reference, first,
+                    score, stages=2)  # fmt: skip
         seconds.append(time.perf_counter() - t0)
     return out, statistics.mean(seconds)
 
