@@ -92,9 +92,14 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "samples, so that the sampled text weighs 2:1 against the warm-up batches (as `num_sampled_batches` worked "
         "before the two halves were weighed equally)", ()),
     "fisher_functional_self+2stage": (
-        "the library's `fisher_functional_self` with `scoring_stages=2`: its scores plan half the target sparsity, "
-        "then the model with those units masked out samples its windows and is scored again, and the second "
-        "scores (zero for the units already out) plan the target; twice the scoring",
+        "the library's `fisher_functional_self` with `scoring_stages=2` (its default since this arm's matrix): its "
+        "scores plan half the target sparsity, then the model with those units masked out samples its windows and "
+        "is scored again, and the second scores (zero for the units already out) plan the target; twice the "
+        "scoring. The arm `fisher_functional_self` is the same estimator scored once",
+        ("fisher_functional_self",)),
+    "fisher_functional_self+3stage": (
+        "the library's `fisher_functional_self` with `scoring_stages=3`: the plans at a third and two thirds of the "
+        "target sparsity mask their units out in turn before the model is scored again; three times the scoring",
         ("fisher_functional_self",)),
     "fisher_functional/functional_budgets": (
         "the hybrid's choice of units inside each layer, with the per-layer budgets (units removed per layer and "
@@ -255,10 +260,10 @@ def draw_scores(
                 fisher_self = geometric_mean(scores["adam_fisher"], loss_fisher(model, list(sampled)))
             scores["fisher_functional+self"] = geometric_mean(fisher_self, functional_self)
             seconds["fisher_functional+self"] = shared + time.perf_counter() - t0
-    if "fisher_functional_self+2stage" in needed:
-        scores["fisher_functional_self+2stage"], seconds["fisher_functional_self+2stage"] = two_stage_scores(
-            model, kept, scores["adam_fisher"], scores["fisher_functional_self"], cfg["sparsities"])
-        seconds["fisher_functional_self+2stage"] += seconds["fisher_functional_self"]
+    for name, (saliency, stages) in sorted(staged_arms(needed).items()):
+        scores[name], seconds[name] = staged_scores(model, kept, scores["adam_fisher"], scores[saliency],
+                                                    cfg["sparsities"], stages)  # fmt: skip
+        seconds[name] += seconds[saliency]
     if "fisher_functional/functional_budgets" in needed:
         scores["fisher_functional/functional_budgets"] = with_budgets_of(scores["functional"],
                                                                          scores["fisher_functional"])  # fmt: skip
@@ -291,13 +296,14 @@ def twice_sampled_scores(
     return scores, seconds
 
 
-def two_stage_scores(
-    model: nn.Module, kept: list, adam_fisher: Any, first: Any, sparsities: Sequence[float], gamma: float = 3.0
+def staged_scores(
+    model: nn.Module, kept: list, adam_fisher: Any, first: Any, sparsities: Sequence[float], stages: int,
+    gamma: float = 3.0,
 ) -> tuple[dict[float, Any], float]:
-    """Per sparsity s, the second scores of the library's two-stage plan (:func:`nirvana_pl.oneshot.staged_plan`):
-    the ``fisher_functional_self`` scores of ``model`` with the units that ``first`` removes at s / 2 masked out
-    (zero for them, so the plan at s removes them first); and the mean seconds of one such staged plan (a prune
-    event at one sparsity pays it once, on top of ``first``)."""
+    """Per sparsity s, the last scores of the library's staged plan (:func:`nirvana_pl.oneshot.staged_plan`): with
+    2 stages, the ``fisher_functional_self`` scores of ``model`` with the units that ``first`` removes at s / 2
+    masked out (zero for them, so the plan at s removes them first); and the mean seconds of one such staged plan
+    (a prune event at one sparsity pays it once, on top of ``first``)."""
     from nirvana_pl.allocate import AllocationConfig, DenseReference
     from nirvana_pl.oneshot import staged_plan
     from nirvana_pl.saliency import compute_scores
@@ -313,7 +319,7 @@ def two_stage_scores(
 
         t0 = time.perf_counter()
         staged_plan(model, "fisher_functional_self", AllocationConfig(sparsity=s, gamma=gamma), reference, first,
-                    score, stages=2)  # fmt: skip
+                    score, stages)  # fmt: skip
         seconds.append(time.perf_counter() - t0)
     return out, statistics.mean(seconds)
 
@@ -545,13 +551,34 @@ def callback_default(name: str) -> Any:
 
 
 def default_arm() -> tuple[str, Any]:
-    """The callback's default (saliency, gamma)."""
-    return callback_default("saliency"), callback_default("gamma")
+    """The callback's default (saliency, gamma), the saliency named as :func:`library_settings` reads it back."""
+    from nirvana_pl.oneshot import resolve_scoring_stages
+
+    saliency = callback_default("saliency")
+    stages = resolve_scoring_stages(saliency, callback_default("scoring_stages"))
+    return (saliency if stages == 1 else f"{saliency}+{stages}stage"), callback_default("gamma")
+
+
+def library_settings(estimator: str) -> tuple[str, int]:
+    """(saliency, scoring_stages) of an arm's estimator: ``"x+2stage"`` is saliency x scored in 2 stages, any
+    other name one scoring (whatever the library's default stages)."""
+    saliency, _, stages = estimator.partition("+")
+    if stages.endswith("stage") and stages[: -len("stage")].isdigit():
+        return saliency, int(stages[: -len("stage")])
+    return estimator, 1
+
+
+def staged_arms(names: set[str]) -> dict[str, tuple[str, int]]:
+    """The arms of ``names`` scored in more than one stage -> (saliency, stages); CANDIDATES lists each one's
+    one-scoring scores among its parts, from which its first stage plans."""
+    return {n: library_settings(n) for n in names if library_settings(n)[1] > 1}
 
 
 def recovery_arms(default: tuple[str, Any]) -> list[tuple[str, Any]]:
-    """The default, the paper's criterion, the Adam-state estimator alone and the hybrid without sampled text."""
-    return list(dict.fromkeys([default, PAPER, ("adam_fisher", 2.0), ("fisher_functional", 3.0)]))
+    """The default (and its saliency scored once, where the default scores more), the paper's criterion, the
+    Adam-state estimator alone and the hybrid without sampled text."""
+    once = (library_settings(default[0])[0], default[1])
+    return list(dict.fromkeys([default, once, PAPER, ("adam_fisher", 2.0), ("fisher_functional", 3.0)]))
 
 
 def cell_key(domain: str, seed: int, estimator: str, gamma: Any, s: float) -> str:
@@ -575,8 +602,10 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
     w, r = cfg["warmup"], cfg["recovery"]
     callbacks = []
     if estimator is not None:
-        cb = NirvanaPruningCallback(sparsity=s, prune_at=w, warmup_steps=w, saliency=estimator, gamma=gamma,
-                                    calibration=d["calibration"] if estimator in CALIBRATED else None)  # fmt: skip
+        saliency, stages = library_settings(estimator)
+        cb = NirvanaPruningCallback(sparsity=s, prune_at=w, warmup_steps=w, saliency=saliency, gamma=gamma,
+                                    scoring_stages=stages,
+                                    calibration=d["calibration"] if saliency in CALIBRATED else None)  # fmt: skip
         callbacks.append(cb)
     model.train()
     module = _StepLM(model, w, cfg["warmup_lr"], cfg["recovery_lr"])
@@ -592,6 +621,7 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
     if estimator is not None:
         record = cb.records[-1]
         out.update(realised=record.plan.realised_sparsity, gamma=record.plan.gamma,
+                   scoring_stages=record.plan.score_summary.get("scoring_stages", 1),
                    plan=record.plan.fingerprint()[:16], prune_seconds=record.seconds)  # fmt: skip
     return out
 

@@ -42,7 +42,13 @@ from .distributed import (
     sum_over_processes,
 )
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
-from .oneshot import allocation_config, check_scoring_stages, check_selection_args, make_plan
+from .oneshot import (
+    allocation_config,
+    check_scoring_stages,
+    check_selection_args,
+    make_plan,
+    resolve_scoring_stages,
+)
 from .optim import retarget_optimizers
 from .plan import PruningPlan
 from .report import PruneRecord, format_summary, write_report
@@ -104,7 +110,8 @@ class NirvanaPruningCallback(Callback):
             training batches and the sampled windows weigh half each in the functional half, whatever their number.
         scoring_stages: how many times a prune event scores the model (estimators computed from passes): each
             stage after the first scores it again with the units planned so far masked out (see
-            :func:`~nirvana_pl.oneshot.staged_plan`); the scoring cost grows in proportion.
+            :func:`~nirvana_pl.oneshot.staged_plan`); the scoring cost grows in proportion. None (default): 2 for
+            ``fisher_functional_self``, 1 for the others.
         model_attr: dotted path of the transformers model inside the LightningModule; found
             automatically when None.
         min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see
@@ -141,7 +148,7 @@ class NirvanaPruningCallback(Callback):
         gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
         num_calibration_batches: int = 8,
         num_sampled_batches: int | None = None,
-        scoring_stages: int = 1,
+        scoring_stages: int | None = None,
         model_attr: str | None = None,
         min_kv_groups: int = 1,
         min_mlp_channels: int = 0,
@@ -159,6 +166,7 @@ class NirvanaPruningCallback(Callback):
         super().__init__()
         check_estimator(saliency)
         check_selection_args(saliency, calibration, gamma)
+        scoring_stages = resolve_scoring_stages(saliency, scoring_stages)
         check_scoring_stages(saliency, calibration, scoring_stages)
         self.schedule = PruningSchedule.build(sparsity, prune_at, schedule, warmup_steps)
         # Validate every target with the allocation rules now, not at the prune step.

@@ -32,6 +32,14 @@ from .units import prunable_parameter_count
 AUTO_GAMMA_START = 3.0
 #: the estimators whose scores change when units are masked out: computed from passes over the model
 RESCORED_ESTIMATORS = CALIBRATION_ESTIMATORS + tuple(HYBRID_ESTIMATORS)
+#: scoring_stages when none is given, per saliency (1 for the others): two scorings lowered the default's
+#: perplexity on and off the warm-up domain at every sparsity of the cross-domain matrix (benchmarks/RESULTS.md)
+DEFAULT_SCORING_STAGES = {"fisher_functional_self": 2}
+
+
+def resolve_scoring_stages(saliency: str, scoring_stages: int | None) -> int:
+    """``scoring_stages``, or the saliency's default (:data:`DEFAULT_SCORING_STAGES`) when it is None."""
+    return DEFAULT_SCORING_STAGES.get(saliency, 1) if scoring_stages is None else scoring_stages
 
 
 def check_scoring_stages(saliency: str, calibration: Any, scoring_stages: int) -> None:
@@ -97,7 +105,7 @@ def make_plan(
     seed: int = 0,
     rank: int = 0,
     num_sampled_batches: int | None = None,
-    scoring_stages: int = 1,
+    scoring_stages: int | None = None,
     progress: bool = False,
 ) -> tuple[PruningPlan, dict[str, Any] | None]:
     """Decide what to prune. Returns the plan and, when a KL selection ran, its JSON-able summary.
@@ -109,9 +117,10 @@ def make_plan(
     tokens routed to each expert of a mixture-of-experts model while training (see
     :class:`~nirvana_pl.router_load.RouterLoad`): the Adam-state scores take it, and any other scores that
     counted none of their own. ``rank``, ``num_sampled_batches``: see :func:`~nirvana_pl.saliency.compute_scores`.
-    ``scoring_stages``: see :func:`staged_plan` (estimators computed from passes, without a selector).
-    The model's weights are never changed here.
+    ``scoring_stages``: see :func:`staged_plan` (estimators computed from passes, without a selector); None: the
+    saliency's default (:data:`DEFAULT_SCORING_STAGES`). The model's weights are never changed here.
     """
+    scoring_stages = resolve_scoring_stages(saliency, scoring_stages)
     check_scoring_stages(saliency, calibration, scoring_stages)
     if expert_load is not None:  # (the training window's count comes first: it saw more tokens than calibration)
         adam_scores = optimizer_scores.values() if isinstance(optimizer_scores, Mapping) else [optimizer_scores]
@@ -198,7 +207,7 @@ def prune(
     router_load: float = 1.0,
     reference: DenseReference | None = None,
     seed: int = 0,
-    scoring_stages: int = 1,
+    scoring_stages: int | None = None,
     progress: bool = False,
 ) -> PruningPlan:
     """Prune ``model`` in place to ``sparsity`` of its attention+MLP parameters; return the plan.
@@ -209,7 +218,8 @@ def prune(
     selector) chooses gamma from ``gamma_grid`` by the same test. ``reference`` is the original
     dense model's sizes when the model was already pruned (targets are relative to it). ``expert_share`` and
     ``min_experts``: mixture-of-experts models only (see :class:`~nirvana_pl.allocate.AllocationConfig`).
-    ``scoring_stages``: score again with the units of the earlier stages masked out (see :func:`staged_plan`).
+    ``scoring_stages``: score again with the units of the earlier stages masked out (see :func:`staged_plan`);
+    None: 2 for ``fisher_functional_self``, 1 for the others (:data:`DEFAULT_SCORING_STAGES`).
     """
     check_estimator(saliency)
     check_selection_args(saliency, calibration, gamma)

@@ -367,7 +367,9 @@ def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leav
         trainer(tmp_path / name, 8, [state, cb]).fit(CausalLM(), token_loader())
         assert cb.plans[0].saliency == name and abs(cb.plans[0].realised_sparsity - 0.4) < 0.05
         runs[name] = (state.state, cb.plans[0].fingerprint())
-    assert shapes == [([(4, 16), (4, 16)], [(4, 16), (4, 16)])]  # one event, sampled like its two batches
+    # one event, scored in the default 2 stages: each stage samples windows like the event's two batches
+    assert shapes == [([(4, 16), (4, 16)], [(4, 16), (4, 16)])] * 2
+    assert cb.scoring_stages == 2 and cb.plans[0].score_summary["scoring_stages"] == 2
     assert torch.equal(runs["fisher_functional"][0], runs["fisher_functional_self"][0])
     assert runs["fisher_functional"][1] != runs["fisher_functional_self"][1]
 
@@ -387,7 +389,7 @@ def test_num_sampled_batches_sets_how_many_batches_the_prune_event_samples(tmp_p
                                 num_sampled_batches=5)  # fmt: skip
     trainer(tmp_path, 5, [cb]).fit(CausalLM(), token_loader())
     assert cb.plans[0].saliency == "fisher_functional_self"
-    assert shapes == [[(4, 16)] * 5]
+    assert shapes == [[(4, 16)] * 5] * 2  # (once per scoring stage: 2 by default)
     with pytest.raises(ValueError, match="saliency='fisher_functional' samples none.*Drop num_sampled_batches"):
         NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="fisher_functional",
                                num_sampled_batches=2)  # fmt: skip
@@ -395,7 +397,7 @@ def test_num_sampled_batches_sets_how_many_batches_the_prune_event_samples(tmp_p
         NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, num_sampled_batches=0)
 
 
-def test_scoring_stages_score_the_prune_event_again_with_the_first_stage_masked_out(tmp_path, monkeypatch):
+def test_the_default_scores_the_prune_event_again_with_the_first_stage_masked_out(tmp_path, monkeypatch):
     import nirvana_pl.calibration as calibration
     import nirvana_pl.saliency as saliency
 
@@ -412,13 +414,19 @@ def test_scoring_stages_score_the_prune_event_again_with_the_first_stage_masked_
 
     monkeypatch.setattr(saliency, "sample_like", spy_sample)
     monkeypatch.setattr("nirvana_pl.oneshot.masked", spy_masked)
-    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2,
-                                scoring_stages=2)  # fmt: skip
-    trainer(tmp_path, 5, [cb]).fit(CausalLM(), token_loader())
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2)
+    trainer(tmp_path, 5, [cb]).fit(CausalLM(), token_loader())  # the defaults: fisher_functional_self, 2 stages
     plan = cb.plans[0]
     assert plan.saliency == "fisher_functional_self" and plan.score_summary["scoring_stages"] == 2
     assert abs(plan.realised_sparsity - 0.4) < 0.05
     assert samples == [0, 1] and len(masks) == 1 and 0.1 < masks[0] < 0.3  # sampled again, halfway masked out
+    once = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2,
+                                  scoring_stages=1)  # fmt: skip
+    trainer(tmp_path / "once", 5, [once]).fit(CausalLM(), token_loader())
+    assert samples == [0, 1, 1] and len(masks) == 1 and "scoring_stages" not in once.plans[0].score_summary
+    # the other estimators score once unless told otherwise; those a mask cannot change refuse more stages
+    assert NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_fisher").scoring_stages == 1
+    assert NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="functional").scoring_stages == 1
     with pytest.raises(ValueError, match="saliency='adam_fisher' reads the optimizer's Adam state"):
         NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_fisher", scoring_stages=2)
 

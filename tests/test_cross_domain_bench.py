@@ -216,6 +216,7 @@ def test_two_stages_rescore_with_the_first_half_masked_and_the_final_plan_remove
     from nirvana_pl.units import find_units
 
     model = tiny_llama()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = dict(bench.CONFIGS["quick"], warmup=2, batch=2, sparsities=(0.4,))
     rows = torch.randint(3, 128, (8, 12), generator=torch.Generator().manual_seed(0))
     d = {"warmup": list(rows[:4].view(2, 2, 12)), "calibration": [rows[4:6]]}
@@ -245,6 +246,14 @@ def test_two_stages_rescore_with_the_first_half_masked_and_the_final_plan_remove
     library = staged_plan(model, "fisher_functional_self", AllocationConfig(sparsity=0.4, gamma=3.0), reference, first,
                           score, stages=2)  # fmt: skip
     assert library.layers == plan.layers  # the candidate is the library's scoring_stages=2
+    model.load_state_dict(dense)  # (the draw warmed the model up in place; score the same warm-up again)
+    scores3, _ = bench.draw_scores(model, d, cfg, {"fisher_functional_self+3stage"})
+    plan3, _ = bench.prune_arm(model, scores3, "fisher_functional_self+3stage", 3.0, 0.4, cfg, None, reference)
+    torch.testing.assert_close(scores3["adam_fisher"].mlp, scores["adam_fisher"].mlp)  # (score() reads these)
+    library3 = staged_plan(model, "fisher_functional_self", AllocationConfig(sparsity=0.4, gamma=3.0), reference,
+                           scores3["fisher_functional_self"], score, stages=3)  # fmt: skip
+    assert library3.layers == plan3.layers and library3.score_summary["scoring_stages"] == 3
+    assert library3.layers != plan.layers
 
 
 def test_goal_table_compares_the_seeds_both_arms_were_run_on():
@@ -276,7 +285,14 @@ def test_the_matrix_follows_the_callbacks_default():
     from nirvana_pl import NirvanaPruningCallback
 
     params = inspect.signature(NirvanaPruningCallback).parameters
-    assert bench.default_arm() == (params["saliency"].default, params["gamma"].default)
+    callback = NirvanaPruningCallback(sparsity=0.3, prune_at=4, warmup_steps=4)
+    name, gamma = bench.default_arm()
+    assert bench.library_settings(name) == (params["saliency"].default, callback.scoring_stages)
+    assert gamma == params["gamma"].default
+    assert bench.library_settings("fisher_functional_self") == ("fisher_functional_self", 1)
+    assert bench.library_settings("fisher_functional_self+x2") == ("fisher_functional_self+x2", 1)
+    assert bench.library_settings("fisher_functional_self+3stage") == ("fisher_functional_self", 3)
+    assert (bench.library_settings(name)[0], gamma) in bench.recovery_arms(bench.default_arm())
     arms = bench.arms(bench.CONFIGS["full"], bench.default_arm())
     assert bench.PAPER in arms and bench.default_arm() in arms
     assert {e for e, _ in arms} == set(bench.ALL_ESTIMATORS) | set(bench.CANDIDATES)
@@ -299,6 +315,7 @@ def test_recovery_fit_prunes_with_the_callback_and_trains_on(tmp_path, monkeypat
     dense = prunable_parameter_count(model)
     cell = bench.recover(model, d, cfg, *bench.default_arm(), 0.4)
     assert abs(cell["realised"] - 0.4) < 0.05 and cell["gamma"] == bench.default_arm()[1]
+    assert cell["scoring_stages"] == bench.library_settings(bench.default_arm()[0])[1] == 2
     assert prunable_parameter_count(model) < dense and math.isfinite(cell["train_loss_last"])
     control = tiny_llama()
     bench.recover(control, d, cfg, None, None, 0.0)  # the dense control: the same steps, no prune

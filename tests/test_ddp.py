@@ -97,6 +97,8 @@ def _assert_ranks_agree_through_the_prune(proc, records, tmp_path: Path, salienc
     report = json.loads(report_path.read_text())
     expected = inspect.signature(NirvanaPruningCallback).parameters["saliency"].default
     assert report["events"][0]["saliency"] == (expected if saliency == "default" else saliency)
+    if saliency == "default":  # the default saliency scores the prune event in 2 stages
+        assert report["events"][0]["scores"]["scoring_stages"] == 2
     return prune, end
 
 
@@ -123,14 +125,14 @@ def test_ddp_default_saliency_with_distillation_in_bf16(tmp_path):
     assert json.loads(report_path.read_text())["events"][0]["recovery_distill"]["weight"] == 0.5
 
 
-def test_ddp_two_scoring_stages_agree_across_ranks(tmp_path):
-    """The default saliency scored twice at the prune (the second time with the first stage masked out) under
-    2-process DDP: each rank samples its own windows, the gradients are averaged, and every rank's own plan is
-    rank 0's."""
-    proc, records = _run(tmp_path, "--saliency", "default", "--scoring-stages", "2")
-    _assert_ranks_agree_through_the_prune(proc, records, tmp_path, "default")
+def test_ddp_three_scoring_stages_agree_across_ranks(tmp_path):
+    """The default saliency scored three times at the prune (each time with the earlier stages masked out) under
+    2-process DDP in fp32: each rank samples its own windows, the gradients are averaged, and every rank's own plan
+    is rank 0's."""
+    proc, records = _run(tmp_path, "--saliency", "default", "--scoring-stages", "3")
+    _assert_ranks_agree_through_the_prune(proc, records, tmp_path, "fisher_functional_self")
     (report_path,) = tmp_path.glob("lightning_logs/version_0/nirvana_prune_report.json")
-    assert json.loads(report_path.read_text())["events"][0]["scores"]["scoring_stages"] == 2
+    assert json.loads(report_path.read_text())["events"][0]["scores"]["scoring_stages"] == 3
 
 
 def test_ddp_resume_after_prune(tmp_path):

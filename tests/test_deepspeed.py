@@ -141,13 +141,14 @@ def test_zero2_calibration_estimators_reduce_across_ranks(tmp_path, extensions_d
 
 
 def test_zero2_distillation_of_a_qwen3_with_the_defaults(tmp_path, extensions_dir):
-    """ZeRO-2 bf16, the default estimator, distill=True, on a family beyond Llama (Qwen3: q_norm/k_norm stay whole):
-    every rank computes rank 0's plan, ranks stay identical, and the teacher is replicated outside the engine."""
+    """ZeRO-2 bf16, the default estimator (sampled text, 2 scoring stages), distill=True, on a family beyond Llama
+    (Qwen3: q_norm/k_norm stay whole): every rank computes rank 0's plan, ranks stay identical, and the teacher is
+    replicated outside the engine."""
     proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--saliency",
                          "default", "--distill", "--kind", "qwen3")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)  # ranks identical, training goes on and the (mixed) loss falls
-    assert all(p["own_plan_matched_rank0"] == [True] for p in prune.values())
+    assert all(p["own_plan_matched_rank0"] == [True] and p["scoring_stages"] == 2 for p in prune.values())
     for e in _by_rank(records, "end").values():
         assert e["teacher_equal_across_ranks"] and e["teacher_outside_engine"] and e["teacher_frozen"]
         assert e["logged"]["nirvana/distill_kl"] > 0

@@ -91,6 +91,17 @@ def test_markdown_results_section(tmp_path):
     assert "| just pruned | 30.500 |" in md and "| recovered (end of training) | 12.250 |" in md
     assert "- pruned model: `runs/x/pruned_model`" in md
     assert "## Prune events" in md  # the events are re-read from the JSON report
+    assert "| 10 | functional | 2 |" in md
+
+
+def test_summary_and_markdown_say_how_many_times_the_event_scored_the_model(tmp_path):
+    (record,), reference = _records()
+    record.plan.score_summary["scoring_stages"] = 2
+    assert format_summary(record, reference).startswith("NIRVANA prune at step 10 (functional in 2 scoring stages, "
+                                                        "gamma=2)")  # fmt: skip
+    write_report(tmp_path, [record], reference)
+    write_markdown(tmp_path, results={})
+    assert "| 10 | functional in 2 scoring stages | 2 |" in (tmp_path / MARKDOWN_NAME).read_text()
 
 
 def test_kept_fractions_are_relative_to_the_dense_model():
