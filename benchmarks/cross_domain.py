@@ -261,7 +261,7 @@ def draw_scores(
             scores["fisher_functional+self"] = geometric_mean(fisher_self, functional_self)
             seconds["fisher_functional+self"] = shared + time.perf_counter() - t0
     for name, (saliency, stages) in sorted(staged_arms(needed).items()):
-        scores[name], seconds[name] = staged_scores(model, kept, scores["adam_fisher"], scores[saliency],
+        scores[name], seconds[name] = staged_scores(model, saliency, kept, scores["adam_fisher"], scores[saliency],
                                                     cfg["sparsities"], stages)  # fmt: skip
         seconds[name] += seconds[saliency]
     if "fisher_functional/functional_budgets" in needed:
@@ -297,13 +297,13 @@ def twice_sampled_scores(
 
 
 def staged_scores(
-    model: nn.Module, kept: list, adam_fisher: Any, first: Any, sparsities: Sequence[float], stages: int,
-    gamma: float = 3.0,
+    model: nn.Module, hybrid: str, kept: list, adam_fisher: Any, first: Any, sparsities: Sequence[float],
+    stages: int, gamma: float = 3.0,
 ) -> tuple[dict[float, Any], float]:
-    """Per sparsity s, the last scores of the library's staged plan (:func:`nirvana_pl.oneshot.staged_plan`): with
-    2 stages, the ``fisher_functional_self`` scores of ``model`` with the units that ``first`` removes at s / 2
-    masked out (zero for them, so the plan at s removes them first); and the mean seconds of one such staged plan
-    (a prune event at one sparsity pays it once, on top of ``first``)."""
+    """Per sparsity s, the last scores of the library's staged plan (:func:`nirvana_pl.oneshot.staged_plan`) for
+    the ``hybrid`` saliency on the warm-up batches ``kept``: with 2 stages, its scores of ``model`` with the units
+    that ``first`` removes at s / 2 masked out (zero for them, so the plan at s removes them first); and the mean
+    seconds of one such staged plan (a prune event at one sparsity pays it once, on top of ``first``)."""
     from nirvana_pl.allocate import AllocationConfig, DenseReference
     from nirvana_pl.oneshot import staged_plan
     from nirvana_pl.saliency import compute_scores
@@ -314,12 +314,11 @@ def staged_scores(
 
         def score() -> Any:
             with bf16():
-                out[s] = compute_scores(model, "fisher_functional_self", kept, optimizer_scores=adam_fisher, seed=0)
+                out[s] = compute_scores(model, hybrid, kept, optimizer_scores=adam_fisher, seed=0)
             return out[s]
 
         t0 = time.perf_counter()
-        staged_plan(model, "fisher_functional_self", AllocationConfig(sparsity=s, gamma=gamma), reference, first,
-                    score, stages)  # fmt: skip
+        staged_plan(model, hybrid, AllocationConfig(sparsity=s, gamma=gamma), reference, first, score, stages)
         seconds.append(time.perf_counter() - t0)
     return out, statistics.mean(seconds)
 
@@ -398,7 +397,7 @@ def prune_arm(model, scores, estimator, gamma, s, cfg, probe, reference) -> tupl
                               saliency=estimator)  # fmt: skip
         return search.plan, search.best_gamma
     chosen = scores[estimator]
-    if isinstance(chosen, dict):  # (scores that depend on the target sparsity: the two-stage candidate)
+    if isinstance(chosen, dict):  # (scores that depend on the target sparsity: the staged candidates)
         chosen = chosen[s]
     return allocate(model, chosen, AllocationConfig(sparsity=s, gamma=float(gamma)), reference,
                     saliency=estimator), None  # fmt: skip
@@ -569,9 +568,10 @@ def library_settings(estimator: str) -> tuple[str, int]:
 
 
 def staged_arms(names: set[str]) -> dict[str, tuple[str, int]]:
-    """The arms of ``names`` scored in more than one stage -> (saliency, stages); CANDIDATES lists each one's
-    one-scoring scores among its parts, from which its first stage plans."""
-    return {n: library_settings(n) for n in names if library_settings(n)[1] > 1}
+    """The arms of ``names`` scored in more than one stage -> (saliency, stages): hybrids, scored on the warm-up
+    batches as :func:`staged_scores` does; CANDIDATES lists each one's one-scoring scores among its parts, from
+    which its first stage plans."""
+    return {n: settings for n in names if (settings := library_settings(n))[1] > 1}
 
 
 def recovery_arms(default: tuple[str, Any]) -> list[tuple[str, Any]]:
@@ -621,7 +621,7 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
     if estimator is not None:
         record = cb.records[-1]
         out.update(realised=record.plan.realised_sparsity, gamma=record.plan.gamma,
-                   scoring_stages=record.plan.score_summary.get("scoring_stages", 1),
+                   scoring_stages=record.plan.scoring_stages,
                    plan=record.plan.fingerprint()[:16], prune_seconds=record.seconds)  # fmt: skip
     return out
 

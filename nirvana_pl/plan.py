@@ -85,6 +85,11 @@ class PruningPlan:
         return all(layer.is_identity for layer in self.layers)
 
     @property
+    def scoring_stages(self) -> int:
+        """How many times the prune event scored the model (:func:`~nirvana_pl.oneshot.staged_plan`)."""
+        return self.score_summary.get("scoring_stages", 1)
+
+    @property
     def realised_sparsity(self) -> float:
         """Fraction of the ORIGINAL dense attention+MLP parameters removed after this plan."""
         if not self.dense_prunable_params:

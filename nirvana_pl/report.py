@@ -118,9 +118,8 @@ def kind_fractions(plan: PruningPlan, reference: DenseReference | None = None) -
     return {kind: 1.0 - kept[kind] / max(dense[kind], 1) for kind in kept}
 
 
-def _scored_by(saliency: str, score_summary: dict[str, Any]) -> str:
+def _scored_by(saliency: str, stages: int) -> str:
     """The saliency, and how many times the prune event scored the model when more than once."""
-    stages = score_summary.get("scoring_stages", 1)
     return f"{saliency} in {stages} scoring stages" if stages > 1 else saliency
 
 
@@ -129,7 +128,7 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
     m = record.metrics(reference)
     plan = record.plan
     head = (
-        f"NIRVANA prune at step {record.event_step} ({_scored_by(plan.saliency, plan.score_summary)}, "
+        f"NIRVANA prune at step {record.event_step} ({_scored_by(plan.saliency, plan.scoring_stages)}, "
         f"gamma={plan.gamma:g}): "
         f"attention+MLP sparsity {m['realised_sparsity']:.1%} (target {plan.target_sparsity:.1%}); "
         f"params {record.total_params_before:,} -> {record.total_params_after:,}; "
@@ -366,7 +365,8 @@ def _events_markdown(events: list[dict[str, Any]]) -> list[str]:
     ]
     for e in events:
         lines.append(
-            f"| {e['step']} | {_scored_by(e['saliency'], e.get('scores', {}))} | {e['gamma']:g} | "
+            f"| {e['step']} | {_scored_by(e['saliency'], e.get('scores', {}).get('scoring_stages', 1))} | "
+            f"{e['gamma']:g} | "
             f"{e['target_sparsity']:.1%} | "
             f"{e['realised_sparsity']:.1%} | {int(e['params_before']):,} | {int(e['params_after']):,} | "
             f"{e['kv_groups_removed']:.1%} | {e['mlp_channels_removed']:.1%} | {e['prune_seconds']:.2f} |"

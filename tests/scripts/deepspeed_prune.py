@@ -191,7 +191,7 @@ class After(Callback):
                     for n, p in pl_module.named_parameters() if hasattr(p, "ds_id")
                 ),
                 "realised_sparsity": plan.realised_sparsity,
-                "scoring_stages": plan.score_summary.get("scoring_stages", 1),
+                "scoring_stages": plan.scoring_stages,
                 "params_equal_across_ranks": all_equal_across_ranks(flat),
                 "fp32_equal_across_ranks": all_equal_across_ranks(flat_fp32),
                 "equal_to_single_process_plan": not mismatched,
