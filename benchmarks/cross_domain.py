@@ -30,6 +30,7 @@ and rendered to ``benchmarks/results/cross_domain.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -101,6 +102,13 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "the library's `fisher_functional_self` with `scoring_stages=3`: the plans at a third and two thirds of the "
         "target sparsity mask their units out in turn before the model is scored again; three times the scoring",
         ("fisher_functional_self",)),
+    "fisher_functional_self+2stage+comp": (
+        "the library's `fisher_functional_self` in 2 scoring stages (as `fisher_functional_self+2stage`), and before "
+        "the cut the kept input columns of o_proj / down_proj updated by least squares so that they carry what the "
+        "removed units contributed, as far as the kept inputs predict it (`compensate=True`, ridge 1 relative to "
+        "each input's mean square), fitted on the warm-up batches the hybrid scores and the windows it samples; "
+        "the same plan as `fisher_functional_self+2stage`",
+        ("fisher_functional_self+2stage", "fisher_functional_self")),
     "fisher_functional/functional_budgets": (
         "the hybrid's choice of units inside each layer, with the per-layer budgets (units removed per layer and "
         "pool) of `functional`", ("fisher_functional", "functional")),
@@ -396,11 +404,61 @@ def prune_arm(model, scores, estimator, gamma, s, cfg, probe, reference) -> tupl
                               alloc_config=AllocationConfig(sparsity=s, gamma=1.0), reference=reference,
                               saliency=estimator)  # fmt: skip
         return search.plan, search.best_gamma
-    chosen = scores[estimator]
+    chosen = scores[scored_as(estimator)]
     if isinstance(chosen, dict):  # (scores that depend on the target sparsity: the staged candidates)
         chosen = chosen[s]
     return allocate(model, chosen, AllocationConfig(sparsity=s, gamma=float(gamma)), reference,
                     saliency=estimator), None  # fmt: skip
+
+
+class CompensationBatches:
+    """The batches a compensated arm fits its column updates on, as the callback's default does: the warm-up
+    batches the hybrid scores and the windows it samples (sampled once a draw, when first needed); and the
+    seconds it takes (the sampling once, plus the mean fit of a plan)."""
+
+    def __init__(self, model: nn.Module, d: dict):
+        self.model, self.kept = model, d["warmup"][-callback_default("num_calibration_batches") :]
+        self._batches: list | None = None
+        self.sampling = 0.0
+        self.fits: list[float] = []
+
+    def batches(self) -> list:
+        if self._batches is None:
+            from nirvana_pl.saliency import self_sampled_windows
+
+            t0 = time.perf_counter()
+            kept = [{"input_ids": b} for b in self.kept]
+            with bf16():
+                self._batches = kept + self_sampled_windows(self.model, kept, seed=0)
+            self.sampling = time.perf_counter() - t0
+        return self._batches
+
+    def seconds(self) -> float:
+        return self.sampling + (statistics.mean(self.fits) if self.fits else 0.0)
+
+
+@contextlib.contextmanager
+def compensated(model: nn.Module, plan: Any, fit: CompensationBatches | None):
+    """Inside, ``model``'s kept input columns are compensated for ``plan`` (fitted on ``fit``'s batches in bf16
+    autocast, as in a bf16 fit); restored on exit. ``fit=None``: nothing changes."""
+    if fit is None:
+        yield
+        return
+    from nirvana_pl.compensation import plan_compensation
+
+    batches = fit.batches()
+    t0 = time.perf_counter()
+    with bf16():
+        compensation = plan_compensation(model, plan, batches)
+    saved = {key: p.detach().clone() for key, p in compensation.params.items()}
+    compensation.apply_()
+    fit.fits.append(time.perf_counter() - t0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, p in compensation.params.items():
+                p.copy_(saved[key])
 
 
 # =============================================================================================== the run
@@ -495,19 +553,26 @@ class Run:
                 costs.update({k: min(v, costs.get(k, v)) for k, v in seconds.items()})
                 log(f"draw {dom} seed {seed}: scores in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
                 probe = DenseProbe.build(self.model, [{"input_ids": p} for p in d["probe"]])
+                fit = CompensationBatches(self.model, d)
                 for (est, gamma), s in ((a, s) for a in todo for s in sparsities):
                     key = cell_key(dom, seed, est, gamma, s)
                     if key in self.out["zero_shot"]:
                         continue
                     t0 = time.perf_counter()
                     plan, chosen = prune_arm(self.model, scores, est, gamma, s, self.cfg, probe, reference)
-                    with masked(self.model, plan):
+                    with compensated(self.model, plan, fit if library_settings(est)[2] else None), \
+                            masked(self.model, plan):  # fmt: skip
                         cell = evaluate(self.model, self.data, self.cfg)
+                    if library_settings(est)[2]:  # the same plan cut without compensation, for a paired comparison
+                        with masked(self.model, plan):
+                            cell["uncompensated"] = evaluate(self.model, self.data, self.cfg)
                     cell.update(realised=plan.realised_sparsity, gamma=chosen if chosen is not None else gamma,
                                 plan=plan.fingerprint()[:16], seconds=time.perf_counter() - t0)  # fmt: skip
                     self.out["zero_shot"][key] = cell
                     self.save()
                     log(f"{key}: {_ppl_line(cell)}")
+                for est in {e for e, _ in todo if library_settings(e)[2]}:  # the scores, then the compensation
+                    costs[est] = costs[scored_as(est)] + fit.seconds()
 
 
     def recovery(self) -> None:
@@ -551,27 +616,43 @@ def callback_default(name: str) -> Any:
 
 def default_arm() -> tuple[str, Any]:
     """The callback's default (saliency, gamma), the saliency named as :func:`library_settings` reads it back."""
+    from nirvana_pl.compensation import resolve_compensate
     from nirvana_pl.oneshot import resolve_scoring_stages
 
     saliency = callback_default("saliency")
     stages = resolve_scoring_stages(saliency, callback_default("scoring_stages"))
-    return (saliency if stages == 1 else f"{saliency}+{stages}stage"), callback_default("gamma")
+    name = saliency if stages == 1 else f"{saliency}+{stages}stage"
+    if resolve_compensate(saliency, callback_default("compensate")):
+        name += COMPENSATED
+    return name, callback_default("gamma")
 
 
-def library_settings(estimator: str) -> tuple[str, int]:
-    """(saliency, scoring_stages) of an arm's estimator: ``"x+2stage"`` is saliency x scored in 2 stages, any
-    other name one scoring (whatever the library's default stages)."""
-    saliency, _, stages = estimator.partition("+")
+#: the suffix of an arm that compensates (``compensate=True``) before the cut
+COMPENSATED = "+comp"
+
+
+def library_settings(estimator: str) -> tuple[str, int, bool]:
+    """(saliency, scoring_stages, compensate) of an arm's estimator: ``"x+2stage"`` is saliency x scored in 2
+    stages, ``"x+2stage+comp"`` the same with compensation; any other name one scoring, without compensation
+    (whatever the library's defaults)."""
+    compensate = estimator.endswith(COMPENSATED)
+    base = estimator[: -len(COMPENSATED)] if compensate else estimator
+    saliency, _, stages = base.partition("+")
     if stages.endswith("stage") and stages[: -len("stage")].isdigit():
-        return saliency, int(stages[: -len("stage")])
-    return estimator, 1
+        return saliency, int(stages[: -len("stage")]), compensate
+    return base, 1, compensate
+
+
+def scored_as(estimator: str) -> str:
+    """The arm whose scores (and so plan) ``estimator`` uses: itself, or the arm it compensates."""
+    return estimator[: -len(COMPENSATED)] if estimator.endswith(COMPENSATED) else estimator
 
 
 def staged_arms(names: set[str]) -> dict[str, tuple[str, int]]:
     """The arms of ``names`` scored in more than one stage -> (saliency, stages): hybrids, scored on the warm-up
     batches as :func:`staged_scores` does; CANDIDATES lists each one's one-scoring scores among its parts, from
-    which its first stage plans."""
-    return {n: settings for n in names if (settings := library_settings(n))[1] > 1}
+    which its first stage plans. (A compensated arm is scored as the arm it compensates: see :func:`scored_as`.)"""
+    return {n: settings[:2] for n in map(scored_as, names) if (settings := library_settings(n))[1] > 1}
 
 
 def recovery_arms(default: tuple[str, Any]) -> list[tuple[str, Any]]:
@@ -602,9 +683,9 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
     w, r = cfg["warmup"], cfg["recovery"]
     callbacks = []
     if estimator is not None:
-        saliency, stages = library_settings(estimator)
+        saliency, stages, compensate = library_settings(estimator)
         cb = NirvanaPruningCallback(sparsity=s, prune_at=w, warmup_steps=w, saliency=saliency, gamma=gamma,
-                                    scoring_stages=stages,
+                                    scoring_stages=stages, compensate=compensate,
                                     calibration=d["calibration"] if saliency in CALIBRATED else None)  # fmt: skip
         callbacks.append(cb)
     model.train()
@@ -622,6 +703,7 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
         record = cb.records[-1]
         out.update(realised=record.plan.realised_sparsity, gamma=record.plan.gamma,
                    scoring_stages=record.plan.scoring_stages,
+                   compensated="compensation" in record.plan.score_summary,
                    plan=record.plan.fingerprint()[:16], prune_seconds=record.seconds)  # fmt: skip
     return out
 
@@ -726,9 +808,41 @@ def render(out: dict, command: str) -> str:
     lines += ["", *_same_draws_table(zs, seeds, S, names, default, paper)]
     lines += ["", *_goal_table(zs, seeds, S, default, paper, names)]
     lines += ["", *_goal_by_arm_table(zs, seeds, S, names, default, paper)]
+    lines += ["", *_compensation_table(zs, seeds, S, names)]
     lines += ["", *_recovery_table(out, S)]
     lines += ["", *_cost_table(out)]
     return "\n".join(lines) + "\n"
+
+
+def _compensation_table(zs: dict, seeds, S, names: Sequence[str]) -> list[str]:
+    """For the compensated arms: the same plans cut without and with compensation (measured side by side in one
+    run), off-domain and in-domain geometric means, and the share of the 9 cells per sparsity it lowered."""
+    arms = [n for n in names if scored_as(n.rsplit("@", 1)[0]) != n.rsplit("@", 1)[0]]
+    rows = []
+    for name in arms:
+        plain = {k: v["uncompensated"] for k, v in zs.items() if k.split("|")[2] == name and "uncompensated" in v}
+        cells = []
+        for s in S:
+            with_, without = summarise(zs, seeds, name, s), summarise(plain, seeds, name, s)
+            if with_ is None or without is None:
+                cells += ["-", "-", "-"]
+                continue
+            pairs = [(cell[d], plain[k][d]) for k, cell in zs.items() if k in plain and k.endswith(f"|{s:g}")
+                     for d in DOMAINS]  # fmt: skip
+            lower = sum(a < b for a, b in pairs)
+            cells += [f"{without['off']:.1f} -> {with_['off']:.1f}", f"{without['in']:.1f} -> {with_['in']:.1f}",
+                      f"{lower}/{len(pairs)}"]  # fmt: skip
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "## Compensation: the same plans cut without and with it", "",
+        "Each cell of a compensated arm was also evaluated with its plan cut plainly (the same scores, plan and "
+        "windows, in the same run): geometric means as above, without -> with, and in how many (draw, evaluation "
+        "domain) cells compensation lowered the perplexity.", "",
+        "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in | s={s:g} lower" for s in S) + " |",
+        "|---|" + "---:|---:|---:|" * len(S), *rows,
+    ]  # fmt: skip
 
 
 def _seeds_with_every_cell(zs: dict, seeds, S, names) -> list[int]:

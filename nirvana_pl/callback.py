@@ -23,6 +23,14 @@ from torch import nn
 from .allocate import DenseReference, check_feasible, check_router_loss
 from .arch import architecture_of
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
+from .compensation import (
+    DEFAULT_DAMPING,
+    Compensation,
+    check_compensate,
+    compensates_anything,
+    plan_compensation,
+    resolve_compensate,
+)
 from .deepspeed import (
     deepspeed_allocations,
     install_resume_reshape,
@@ -65,6 +73,7 @@ from .saliency import (
     check_num_sampled_batches,
     gradient_reduce,
     needs_calibration,
+    self_sampled_windows,
 )
 from .schedule import PruneEvent, PruningSchedule
 from .surgery import apply_plan, resize_from_state_dict
@@ -112,6 +121,16 @@ class NirvanaPruningCallback(Callback):
             stage after the first scores it again with the units planned so far masked out (see
             :func:`~nirvana_pl.oneshot.staged_plan`); the scoring cost grows in proportion. None (default): 2 for
             ``fisher_functional_self``, 1 for the others.
+        compensate: after the plan is chosen and before the cut, update the kept input columns of o_proj /
+            down_proj by least squares so that they carry what the removed units contributed, as far as the kept
+            inputs predict it (:mod:`nirvana_pl.compensation`), fitted on the event's calibration batches (and,
+            for ``fisher_functional_self``, the windows of its first scoring, sampled again). Costs forward passes
+            over those batches (once per group of layers whose Gram matrices fit in 2 GiB) and a solve per weight;
+            fused expert weights stay as they are. None (default): on for ``fisher_functional_self``, off for the
+            others (which then prune as the paper does); True with an Adam-state or data-free saliency collects the
+            warm-up batches for it.
+        compensation_damping: the ridge of that least-squares fit, relative to each kept input's mean square
+            (larger: a smaller update).
         model_attr: dotted path of the transformers model inside the LightningModule; found
             automatically when None.
         min_kv_groups, min_mlp_channels, mlp_round_to, uniform: allocation constraints (see
@@ -149,6 +168,8 @@ class NirvanaPruningCallback(Callback):
         num_calibration_batches: int = 8,
         num_sampled_batches: int | None = None,
         scoring_stages: int | None = None,
+        compensate: bool | None = None,
+        compensation_damping: float = DEFAULT_DAMPING,
         model_attr: str | None = None,
         min_kv_groups: int = 1,
         min_mlp_channels: int = 0,
@@ -168,6 +189,8 @@ class NirvanaPruningCallback(Callback):
         check_selection_args(saliency, calibration, gamma)
         scoring_stages = resolve_scoring_stages(saliency, scoring_stages)
         check_scoring_stages(saliency, calibration, scoring_stages)
+        compensate = resolve_compensate(saliency, compensate)
+        check_compensate(compensate, compensation_damping, isinstance(calibration, CalibrationSelector))
         self.schedule = PruningSchedule.build(sparsity, prune_at, schedule, warmup_steps)
         # Validate every target with the allocation rules now, not at the prune step.
         self._alloc = [
@@ -183,9 +206,10 @@ class NirvanaPruningCallback(Callback):
                 f"saliency={saliency!r} averages Adam state over the warm-up window; warmup_steps={warmup_steps} "
                 "leaves no step to average. Use warmup_steps >= 1."
             )
-        if needs_calibration(saliency) and calibration is None and warmup_steps < 1:
+        if (needs_calibration(saliency) or compensate) and calibration is None and warmup_steps < 1:
+            needs = f"saliency={saliency!r}" if needs_calibration(saliency) else "compensate=True"
             raise ValueError(
-                f"saliency={saliency!r} needs calibration batches: pass calibration=[LongTensor[B, T], ...] or "
+                f"{needs} needs calibration batches: pass calibration=[LongTensor[B, T], ...] or "
                 "warmup_steps >= 1 so that training batches of the warm-up window are used."
             )
         self.recovery = lora_config(recovery, what="recovery") if recovery is not None else None
@@ -220,6 +244,8 @@ class NirvanaPruningCallback(Callback):
         self.num_calibration_batches = num_calibration_batches
         self.num_sampled_batches = num_sampled_batches
         self.scoring_stages = scoring_stages
+        self.compensate = compensate
+        self.compensation_damping = float(compensation_damping)
         self.model_attr = model_attr
         self.seed = seed
         self.report_dir = Path(report_dir) if report_dir is not None else None
@@ -326,7 +352,8 @@ class NirvanaPruningCallback(Callback):
             self._distiller.attach(self._model, architecture_of(self._model).body_and_head)
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
             # DDP and DeepSpeed ZeRO are supported (ZeRO-3 with adam_* saliency); FSDP is refused
-            check_strategy(trainer.strategy, self.saliency, runs_model=self.selector is not None or self.gamma_auto)
+            check_strategy(trainer.strategy, self.saliency, runs_model=self.selector is not None or self.gamma_auto,
+                           compensates=self.compensate)  # fmt: skip
         self._check_recovery()
         if self._reference is None:
             self._reference = DenseReference.of(self._model)
@@ -551,7 +578,8 @@ class NirvanaPruningCallback(Callback):
     @property
     def _collects_batches(self) -> bool:
         """Whether the warm-up window's training batches are kept as the calibration batches of the event."""
-        return needs_calibration(self.saliency) and self.calibration is None and self.selector is None
+        wanted = needs_calibration(self.saliency) or self.compensate
+        return wanted and self.calibration is None and self.selector is None
 
     def _done(self, event: PruneEvent) -> bool:
         return any(r.event_step == event.step for r in self._records)
@@ -561,9 +589,10 @@ class NirvanaPruningCallback(Callback):
         model = self.model
         total_before = base_parameter_count(model)
         plan, selection = self._agreed_plan(trainer, event)
+        compensation = self._compensation(trainer, event, plan)
         if self._distiller is not None and self._distiller.wants_new_teacher():
             self._distiller.set_teacher(make_teacher(model, self._teacher_dtype))  # the model before the cut
-        self._cut(trainer, pl_module, plan)
+        self._cut(trainer, pl_module, plan, compensation)
         seconds = time.perf_counter() - start
         record = PruneRecord(
             event_step=event.step,
@@ -590,9 +619,7 @@ class NirvanaPruningCallback(Callback):
     def _agreed_plan(self, trainer: pl.Trainer, event: PruneEvent) -> tuple[PruningPlan, dict[str, Any] | None]:
         """The plan of ``event`` that every rank applies (rank 0's), and its KL selection summary if any."""
         index = self.schedule.events.index(event)
-        calibration: Any = self.selector or self.calibration
-        if self._collects_batches:
-            calibration = list(self._collected)
+        calibration: Any = self.selector or self._calibration_batches()
         optimizer_scores = {kind: acc.scores() for kind, acc in self._adam.items()}
         expert_load = None
         if self._counts_routing:  # (a collective: every rank, every event)
@@ -620,12 +647,37 @@ class NirvanaPruningCallback(Callback):
         check_same_plan(plan)
         return plan, selection
 
-    def _cut(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: PruningPlan) -> None:
-        """Apply ``plan`` through the strategy, then attach recovery adapters and rewrap DDP."""
+    def _calibration_batches(self) -> list[Any] | None:
+        """The event's calibration batches: the given ones, else those collected in the warm-up window."""
+        return list(self._collected) if self._collects_batches else self.calibration
+
+    def _compensation(self, trainer: pl.Trainer, event: PruneEvent, plan: PruningPlan) -> Compensation | None:
+        """The column updates of ``plan`` (see ``compensate``), the same on every rank (the Gram matrices are
+        averaged over the ranks' batches: a collective), or None when compensation is off."""
+        if not self.compensate or not compensates_anything(self.model, plan):
+            return None
+        batches = check_calibration(self.model, self._calibration_batches() or [])
+        reduce = gradient_reduce_hook()
+        with trainer.precision_plugin.forward_context():
+            if self.saliency in SELF_SAMPLING_ESTIMATORS:  # the windows its first scoring sampled, again
+                index = self.schedule.events.index(event)
+                batches = batches + self_sampled_windows(
+                    self.model, batches, self.seed + index, trainer.global_rank, self.num_sampled_batches
+                )
+            compensation = plan_compensation(self.model, plan, batches, self.compensation_damping, reduce=reduce)
+        plan.score_summary["compensation"] = compensation.summary()
+        return compensation
+
+    def _cut(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: PruningPlan, compensation: Compensation | None
+    ) -> None:
+        """Compensate and apply ``plan`` through the strategy, then attach recovery adapters and rewrap DDP."""
         model = self.model
-        if is_deepspeed(trainer.strategy):
-            prune_engine(trainer.strategy, model, plan)  # shrinks the modules and rebuilds the engine
+        if is_deepspeed(trainer.strategy):  # shrinks the modules and rebuilds the engine
+            prune_engine(trainer.strategy, model, plan, compensation)
         else:
+            if compensation is not None:
+                compensation.apply_()
             apply_plan(model, plan, trainer.optimizers)
         self._reference.attach(model)
         if self.recovery is not None and not has_lora(model):

@@ -29,7 +29,7 @@ import dataclasses
 import gc
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,9 @@ from .plan import PruningPlan
 from .surgery import apply_plan, planned_slices
 from .arch import architecture_of
 from .units import base_model_type, find_units, parameter_numel
+
+if TYPE_CHECKING:
+    from .compensation import Compensation
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 SUPPORTED_STAGES = (1, 2, 3)
@@ -96,10 +99,12 @@ def zero_stage(strategy: Any) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def check_deepspeed_strategy(strategy: Any, saliency: str | None = None, runs_model: bool = False) -> None:
+def check_deepspeed_strategy(
+    strategy: Any, saliency: str | None = None, runs_model: bool = False, compensates: bool = False
+) -> None:
     """Refuse what the engine rebuild cannot carry: unknown ZeRO stages, an optimizer defined in the
-    DeepSpeed config and, under ZeRO-3, estimators or a KL selection that run the partitioned module
-    outside the engine (``runs_model``: a calibration selector or ``gamma="auto"``)."""
+    DeepSpeed config and, under ZeRO-3, estimators, a KL selection or a compensation that run the partitioned
+    module outside the engine (``runs_model``: a calibration selector or ``gamma="auto"``)."""
     stage = zero_stage(strategy)
     config = strategy.config or {}
     if stage not in SUPPORTED_STAGES:
@@ -113,13 +118,23 @@ def check_deepspeed_strategy(strategy: Any, saliency: str | None = None, runs_mo
             "LightningModule.configure_optimizers(); the DeepSpeed config defines 'optimizer' instead. "
             "Remove it from the config and return the optimizer from configure_optimizers()."
         )
-    if stage != 3:
-        return
+    if stage == 3:
+        _check_zero3(config, saliency, runs_model, compensates)
+
+
+def _check_zero3(config: Mapping[str, Any], saliency: str | None, runs_model: bool, compensates: bool) -> None:
+    """ZeRO-3's refusals (see :func:`check_deepspeed_strategy`)."""
     if saliency is not None and saliency not in ZERO3_SALIENCIES:
         raise ValueError(
             f"NirvanaPruningCallback(saliency={saliency!r}) runs or reads the module weights outside the engine, "
             "but ZeRO-3 partitions them across ranks. Under ZeRO-3 use saliency='adam_fisher' (or another adam_* "
             f"estimator; {', '.join(ZERO3_SALIENCIES)} are supported), or train with DeepSpeedStrategy(stage=2)."
+        )
+    if compensates:
+        raise ValueError(
+            "NirvanaPruningCallback(compensate=True) runs the model on the calibration batches to fit the kept "
+            "columns, which ZeRO-3's partitioned weights do not allow outside the engine. Pass compensate=False "
+            "under ZeRO-3, or use DeepSpeedStrategy(stage=2)."
         )
     if runs_model:
         raise ValueError(
@@ -283,10 +298,14 @@ def _broadcast_from(tensor: torch.Tensor | None, shape: torch.Size, owner: int, 
     return buf
 
 
-def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str, Any]:
+def prune_engine(
+    strategy: Any, model: nn.Module, plan: PruningPlan, compensation: Compensation | None = None
+) -> dict[str, Any]:
     """Apply ``plan`` to a model trained by a DeepSpeed engine and rebuild the engine around it.
 
-    Every rank must call this with the same plan (checked by the caller). Returns a summary
+    Every rank must call this with the same plan (checked by the caller). ``compensation``: column updates applied
+    to the fp32 masters of the trainable weights before they are sliced (a frozen weight: to its own values), the
+    same on every rank; not under ZeRO-3 (:func:`check_deepspeed_strategy`). Returns a summary
     (``step``: the carried Adam step counts per group, ``params``: parameters carried over).
     """
     check_deepspeed_strategy(strategy)
@@ -302,12 +321,15 @@ def prune_engine(strategy: Any, model: nn.Module, plan: PruningPlan) -> dict[str
 
     # 1. the kept slices of every trainable parameter's fp32 master and moments
     params = [p for p in pl_module.parameters() if p.requires_grad]
-    carried, shapes = _gather_kept_state(params, index, slices, has_state)
+    updates = compensation.updates if compensation is not None else {}
+    carried, shapes = _gather_kept_state(params, index, slices, has_state, updates)
     scheduler_states = [c.scheduler.state_dict() for c in strategy.lr_scheduler_configs]
 
     # 2. tear the engine down (freeing its flat buffers before the new ones exist) and shrink the modules
     del ds_optimizer
     _teardown_engine(strategy)
+    if compensation is not None:  # weights the optimizer does not hold (frozen by the user): their own values
+        compensation.apply_(only=[p for p in compensation.params.values() if id(p) not in index])
     apply_plan(model, plan, (), materialize=zero3_resized)
 
     # 3. a new engine and optimizer from configure_optimizers(); the scheduler continues
@@ -337,8 +359,10 @@ def _gather_kept_state(
     index: Mapping[int, int],
     slices: Mapping[int, Callable[[torch.Tensor], torch.Tensor]],
     has_state: bool,
+    updates: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = {},
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, torch.Size]]:
-    """The kept slices of each parameter's fp32 master (and Adam moments when ``has_state``).
+    """The kept slices of each parameter's fp32 master (and Adam moments when ``has_state``); ``updates``: what
+    changes a master before it is sliced (:class:`~nirvana_pl.compensation.ColumnUpdate`, by parameter ``id``).
 
     One parameter at a time, on every rank in the same order (the gathers are collectives); the owner
     rank (round robin over ``params``) keeps a CPU copy. Returns (owned copies by parameter position,
@@ -351,6 +375,8 @@ def _gather_kept_state(
         if id(p) not in index or parameter_numel(p) == 0:  # (an MLP pruned to width 0 earlier has no state)
             continue
         values = _gather_full(p, with_moments=has_state)
+        if id(p) in updates:
+            values["fp32"] = updates[id(p)](values["fp32"])
         if id(p) in slices:
             values = {k: slices[id(p)](v) for k, v in values.items()}
         shapes[i] = values["fp32"].shape

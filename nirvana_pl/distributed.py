@@ -45,17 +45,20 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
-def check_strategy(strategy: Any, saliency: str | None = None, runs_model: bool = False) -> None:
+def check_strategy(
+    strategy: Any, saliency: str | None = None, runs_model: bool = False, compensates: bool = False
+) -> None:
     """Accept single-device, DDP and DeepSpeed ZeRO strategies; refuse other sharded ones with a clear message.
 
-    ``saliency`` and ``runs_model`` (a KL calibration selection) are checked against ZeRO-3's partitioned weights.
+    ``saliency``, ``runs_model`` (a KL calibration selection) and ``compensates`` (``compensate=True``) are checked
+    against ZeRO-3's partitioned weights.
     """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     from .deepspeed import check_deepspeed_strategy, is_deepspeed
 
     if is_deepspeed(strategy):
-        check_deepspeed_strategy(strategy, saliency, runs_model)
+        check_deepspeed_strategy(strategy, saliency, runs_model, compensates)
         return
     names = [c.__name__ for c in type(strategy).__mro__]
     for key, why in _UNSUPPORTED.items():

@@ -14,6 +14,14 @@ from torch import nn
 
 from .allocate import AllocationConfig, DenseReference, allocate
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector, masked
+from .compensation import (
+    DEFAULT_DAMPING,
+    CompensationError,
+    check_compensate,
+    compensates_anything,
+    plan_compensation,
+    resolve_compensate,
+)
 from .plan import PruningPlan
 from .saliency import (
     ADAM_ESTIMATORS,
@@ -208,6 +216,8 @@ def prune(
     reference: DenseReference | None = None,
     seed: int = 0,
     scoring_stages: int | None = None,
+    compensate: bool | None = None,
+    compensation_damping: float = DEFAULT_DAMPING,
     progress: bool = False,
 ) -> PruningPlan:
     """Prune ``model`` in place to ``sparsity`` of its attention+MLP parameters; return the plan.
@@ -220,9 +230,16 @@ def prune(
     ``min_experts``: mixture-of-experts models only (see :class:`~nirvana_pl.allocate.AllocationConfig`).
     ``scoring_stages``: score again with the units of the earlier stages masked out (see :func:`staged_plan`);
     None: 2 for ``fisher_functional_self``, 1 for the others (:data:`DEFAULT_SCORING_STAGES`).
+    ``compensate``: before the cut, update the kept input columns of o_proj / down_proj by least squares on the
+    ``calibration`` batches (see :mod:`~nirvana_pl.compensation`; ``compensation_damping`` its ridge). None: on
+    only for the saliencies of :data:`~nirvana_pl.compensation.COMPENSATED_BY_DEFAULT`.
     """
     check_estimator(saliency)
     check_selection_args(saliency, calibration, gamma)
+    compensate = resolve_compensate(saliency, compensate)
+    check_compensate(compensate, compensation_damping, isinstance(calibration, CalibrationSelector))
+    if calibration is not None and not isinstance(calibration, CalibrationSelector):
+        calibration = list(calibration)  # (read by the scores and again by the compensation)
     config = allocation_config(
         sparsity, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels, mlp_round_to=mlp_round_to,
         uniform=uniform, expert_share=expert_share, min_experts=min_experts, router_load=router_load,
@@ -232,6 +249,15 @@ def prune(
         model, saliency, config, reference, calibration=calibration, gamma_auto=gamma == "auto",
         gamma_grid=gamma_grid, seed=seed, scoring_stages=scoring_stages, progress=progress,
     )
+    if compensate and compensates_anything(model, plan):
+        if calibration is None:  # (checked after the plan: a saliency prune cannot run says so first)
+            raise CompensationError(
+                "compensate=True fits the kept columns on calibration batches: pass "
+                "calibration=[LongTensor[B, T], ...]."
+            )
+        compensation = plan_compensation(model, plan, calibration, compensation_damping)
+        plan.score_summary["compensation"] = compensation.summary()
+        compensation.apply_()
     apply_plan(model, plan)
     reference.attach(model)
     return plan

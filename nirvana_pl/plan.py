@@ -90,6 +90,11 @@ class PruningPlan:
         return self.score_summary.get("scoring_stages", 1)
 
     @property
+    def compensated(self) -> bool:
+        """Whether the kept input columns were compensated before the cut (:mod:`nirvana_pl.compensation`)."""
+        return "compensation" in self.score_summary
+
+    @property
     def realised_sparsity(self) -> float:
         """Fraction of the ORIGINAL dense attention+MLP parameters removed after this plan."""
         if not self.dense_prunable_params:

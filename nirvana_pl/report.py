@@ -15,7 +15,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .allocate import DenseReference
 from .plan import PruningPlan
@@ -118,9 +118,12 @@ def kind_fractions(plan: PruningPlan, reference: DenseReference | None = None) -
     return {kind: 1.0 - kept[kind] / max(dense[kind], 1) for kind in kept}
 
 
-def _scored_by(saliency: str, stages: int) -> str:
-    """The saliency, and how many times the prune event scored the model when more than once."""
-    return f"{saliency} in {stages} scoring stages" if stages > 1 else saliency
+def _scored_by(saliency: str, scores: Mapping[str, Any]) -> str:
+    """The saliency, how many times the prune event scored the model when more than once, and whether it
+    compensated the kept columns (``scores``: the plan's ``score_summary``)."""
+    stages = scores.get("scoring_stages", 1)
+    out = f"{saliency} in {stages} scoring stages" if stages > 1 else saliency
+    return out + (", compensated" if "compensation" in scores else "")
 
 
 def format_summary(record: PruneRecord, reference: DenseReference | None = None) -> str:
@@ -128,7 +131,7 @@ def format_summary(record: PruneRecord, reference: DenseReference | None = None)
     m = record.metrics(reference)
     plan = record.plan
     head = (
-        f"NIRVANA prune at step {record.event_step} ({_scored_by(plan.saliency, plan.scoring_stages)}, "
+        f"NIRVANA prune at step {record.event_step} ({_scored_by(plan.saliency, plan.score_summary)}, "
         f"gamma={plan.gamma:g}): "
         f"attention+MLP sparsity {m['realised_sparsity']:.1%} (target {plan.target_sparsity:.1%}); "
         f"params {record.total_params_before:,} -> {record.total_params_after:,}; "
@@ -365,7 +368,7 @@ def _events_markdown(events: list[dict[str, Any]]) -> list[str]:
     ]
     for e in events:
         lines.append(
-            f"| {e['step']} | {_scored_by(e['saliency'], e.get('scores', {}).get('scoring_stages', 1))} | "
+            f"| {e['step']} | {_scored_by(e['saliency'], e.get('scores', {}))} | "
             f"{e['gamma']:g} | "
             f"{e['target_sparsity']:.1%} | "
             f"{e['realised_sparsity']:.1%} | {int(e['params_before']):,} | {int(e['params_after']):,} | "

@@ -595,28 +595,44 @@ def _input_square_sums(
 ) -> dict[int, torch.Tensor]:
     """For each linear of ``units`` (keyed by ``id``): the per-input-feature sum of squared activations
     over the calibration tokens of ``batches``, padded positions excluded."""
-    weights = [w for layer in units for w in layer.attn_weights + layer.mlp_weights]
     sq: dict[int, torch.Tensor] = {}
+
+    def add(w: WeightSlice, x: torch.Tensor) -> None:
+        s = x.square().sum(0)
+        acc = sq.get(id(w.linear))
+        sq[id(w.linear)] = s if acc is None else acc + s
+
+    weights = [(layer, w) for layer in units for w in layer.attn_weights + layer.mlp_weights]
+    for_each_input(model, weights, batches, add)
+    return sq
+
+
+def for_each_input(
+    model: nn.Module,
+    weights: Sequence[tuple[LayerUnits, WeightSlice]],
+    batches: Sequence[dict[str, torch.Tensor]],
+    on_input: Callable[[WeightSlice, torch.Tensor], None],
+) -> None:
+    """Run ``batches`` through ``model`` (eval mode, no gradients) and call ``on_input(w, x)`` with the input of each
+    weight's linear: ``x`` ``[tokens, in_features]`` in fp32, padded positions zeroed (they carry no signal)."""
     hooks = []
     # padding masks of the batch in flight, per input sequence (encoder-decoder models have two)
     current: dict[str, torch.Tensor | None] = {}
     arch = architecture_of(model)
 
-    def make_hook(lin: nn.Linear, stream: str):
+    def make_hook(w: WeightSlice, stream: str):
         def hook(_mod, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            if current.get(stream) is not None:  # padded positions carry no signal
+            if current.get(stream) is not None:
                 x = x * current[stream].reshape(-1, 1).to(x)
-            acc = sq.get(id(lin))
-            s = x.square().sum(0)
-            sq[id(lin)] = s if acc is None else acc + s
+            on_input(w, x)
 
         return hook
 
-    for layer in units:
-        for w in layer.attn_weights + layer.mlp_weights:
-            hooks.append(w.linear.register_forward_pre_hook(make_hook(w.linear, layer.input_stream(w))))
-    device = weights[0].weight.device
+    for layer, w in weights:
+        hooks.append(w.linear.register_forward_pre_hook(make_hook(w, layer.input_stream(w))))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = (embeddings.weight if embeddings is not None else weights[0][1].weight).device  # where the ids go in
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
@@ -627,7 +643,6 @@ def _input_square_sums(
     finally:
         for h in hooks:
             h.remove()
-    return sq
 
 
 def compute_scores(
@@ -700,11 +715,25 @@ def _self_sampled_hybrid(
             "saliency='fisher_functional_self' needs the warm-up window's batches (or calibration=[...]) to score "
             "and to copy the shapes of its sampled windows from."
         )
-    check_num_sampled_batches(num_sampled_batches)
     batches = check_calibration(model, calibration)
-    shapes = [batches[i % len(batches)] for i in range(num_sampled_batches or len(batches))]
-    sampled = sample_like(model, shapes, seed, rank=rank, progress=progress)
+    sampled = self_sampled_windows(model, batches, seed, rank, num_sampled_batches, progress)
     return self_sampled_scores(model, batches, sampled, optimizer_scores, progress=progress, reduce=reduce)
+
+
+def self_sampled_windows(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    seed: int,
+    rank: int = 0,
+    num_sampled_batches: int | None = None,
+    progress: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """The windows ``fisher_functional_self`` samples: ``num_sampled_batches`` batches (default: one per batch of
+    ``batches``) shaped like ``batches`` in turn, sampled by ``model`` (see :func:`~nirvana_pl.sampling.sample_like`;
+    the same arguments give the same windows)."""
+    check_num_sampled_batches(num_sampled_batches)
+    shapes = [batches[i % len(batches)] for i in range(num_sampled_batches or len(batches))]
+    return sample_like(model, shapes, seed, rank=rank, progress=progress)
 
 
 def self_sampled_scores(

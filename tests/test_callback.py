@@ -344,12 +344,13 @@ def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leav
     prune is the one the plain hybrid leaves (the sampler draws from its own generator)."""
     import nirvana_pl.saliency as saliency
 
-    shapes = []
+    shapes, windows = [], []
     real = saliency.sample_like
 
     def spy(model, batches, seed, rank=0, progress=False):
         out = real(model, batches, seed, rank=rank, progress=progress)
         shapes.append(([tuple(b["input_ids"].shape) for b in batches], [tuple(b["input_ids"].shape) for b in out]))
+        windows.append(torch.cat([b["input_ids"] for b in out]))
         return out
 
     monkeypatch.setattr(saliency, "sample_like", spy)
@@ -367,9 +368,12 @@ def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leav
         trainer(tmp_path / name, 8, [state, cb]).fit(CausalLM(), token_loader())
         assert cb.plans[0].saliency == name and abs(cb.plans[0].realised_sparsity - 0.4) < 0.05
         runs[name] = (state.state, cb.plans[0].fingerprint())
-    # one event, scored in the default 2 stages: each stage samples windows like the event's two batches
-    assert shapes == [([(4, 16), (4, 16)], [(4, 16), (4, 16)])] * 2
+    # one event, scored in the default 2 stages: each stage samples windows like the event's two batches, and the
+    # compensation fits on the first stage's windows again (sampled again from the same model and seed)
+    assert shapes == [([(4, 16), (4, 16)], [(4, 16), (4, 16)])] * 3
+    assert torch.equal(windows[2], windows[0]) and not torch.equal(windows[1], windows[0])
     assert cb.scoring_stages == 2 and cb.plans[0].score_summary["scoring_stages"] == 2
+    assert cb.plans[0].score_summary["compensation"]["tokens"] == 2 * 2 * 4 * 16  # both texts
     assert torch.equal(runs["fisher_functional"][0], runs["fisher_functional_self"][0])
     assert runs["fisher_functional"][1] != runs["fisher_functional_self"][1]
 
@@ -389,7 +393,8 @@ def test_num_sampled_batches_sets_how_many_batches_the_prune_event_samples(tmp_p
                                 num_sampled_batches=5)  # fmt: skip
     trainer(tmp_path, 5, [cb]).fit(CausalLM(), token_loader())
     assert cb.plans[0].saliency == "fisher_functional_self"
-    assert shapes == [[(4, 16)] * 5] * 2  # (once per scoring stage: 2 by default)
+    assert shapes == [[(4, 16)] * 5] * 3  # (once per scoring stage: 2 by default; once for the compensation)
+    assert cb.plans[0].score_summary["compensation"]["tokens"] == (2 + 5) * 4 * 16
     with pytest.raises(ValueError, match="saliency='fisher_functional' samples none.*Drop num_sampled_batches"):
         NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="fisher_functional",
                                num_sampled_batches=2)  # fmt: skip
@@ -419,11 +424,13 @@ def test_the_default_scores_the_prune_event_again_with_the_first_stage_masked_ou
     plan = cb.plans[0]
     assert plan.saliency == "fisher_functional_self" and plan.score_summary["scoring_stages"] == 2
     assert abs(plan.realised_sparsity - 0.4) < 0.05
-    assert samples == [0, 1] and len(masks) == 1 and 0.1 < masks[0] < 0.3  # sampled again, halfway masked out
+    # sampled again, halfway masked out; then the compensation's windows, with no mask
+    assert samples == [0, 1, 1] and len(masks) == 1 and 0.1 < masks[0] < 0.3
     once = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2,
-                                  scoring_stages=1)  # fmt: skip
+                                  scoring_stages=1, compensate=False)  # fmt: skip
     trainer(tmp_path / "once", 5, [once]).fit(CausalLM(), token_loader())
-    assert samples == [0, 1, 1] and len(masks) == 1 and "scoring_stages" not in once.plans[0].score_summary
+    assert samples == [0, 1, 1, 1] and len(masks) == 1 and "scoring_stages" not in once.plans[0].score_summary
+    assert "compensation" not in once.plans[0].score_summary
     # the other estimators score once unless told otherwise; those a mask cannot change refuse more stages
     assert NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_fisher").scoring_stages == 1
     assert NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="functional").scoring_stages == 1
@@ -459,3 +466,52 @@ def test_default_saliency_refuses_a_calibration_selector_and_a_window_without_st
 
     with pytest.raises(SaliencyError, match="not available in one-shot prune"):
         prune(tiny_llama(), 0.3, saliency="fisher_functional", calibration=[torch.randint(0, 64, (2, 8))])
+
+
+def test_the_default_compensates_the_kept_columns_before_the_cut(tmp_path, monkeypatch):
+    """The default event fits the column updates on its batches and applies them before the surgery; the same fit
+    with compensate=False cuts the same units and differs only in o_proj / down_proj."""
+    import nirvana_pl.callback as callback_module
+
+    cut_from = {}
+    real_apply = callback_module.apply_plan
+
+    def spy_apply(model, plan, optimizers=()):
+        cut_from["down"] = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+        return real_apply(model, plan, optimizers)
+
+    monkeypatch.setattr(callback_module, "apply_plan", spy_apply)
+    runs = {}
+    for compensate in (None, False):
+        cb = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2,
+                                    compensate=compensate)  # fmt: skip
+        module = CausalLM()
+        torch.manual_seed(0)
+        trainer(tmp_path / str(compensate), 4, [cb]).fit(module, token_loader())
+        runs[compensate] = (cb, module, cut_from.pop("down"))
+    (on, on_module, on_cut), (off, off_module, off_cut) = runs[None], runs[False]
+    assert on.compensate and not off.compensate
+    summary = on.plans[0].score_summary["compensation"]
+    assert summary["weights"] >= 4 and summary["damping"] == 1.0 and "compensation" not in off.plans[0].score_summary
+    assert on.plans[0].fingerprint() == off.plans[0].fingerprint()
+    kept = on.plans[0].layers[0].kept_mlp_channels
+    removed = sorted(set(range(on_cut.shape[1])) - set(kept))
+    assert removed and torch.equal(on_cut[:, removed], off_cut[:, removed])  # only the kept columns move
+    assert not torch.allclose(on_cut[:, kept], off_cut[:, kept])
+    for (name, a), (_, b) in zip(on_module.named_parameters(), off_module.named_parameters()):
+        assert a.shape == b.shape
+        assert torch.equal(a, b) or name.endswith(("down_proj.weight", "o_proj.weight")), name
+
+
+def test_compensation_arguments_are_checked_when_the_callback_is_built():
+    from nirvana_pl.compensation import CompensationError
+
+    with pytest.raises(CompensationError, match="compensation_damping=-1 must be a number >= 0.01"):
+        NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, compensation_damping=-1)
+    with pytest.raises(ValueError, match="compensate=True needs calibration batches"):
+        NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=0, saliency="magnitude", compensate=True)
+    # an Adam-state saliency collects the warm-up batches for the fit when asked to compensate; by default it
+    # prunes as the paper does
+    assert NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_fisher",
+                                  compensate=True)._collects_batches  # fmt: skip
+    assert not NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_fisher").compensate

@@ -1,6 +1,7 @@
 """benchmarks/cross_domain.py: disjoint draws, the off-/in-domain summary and the goal table it reports."""
 
 import importlib.util
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -287,11 +288,14 @@ def test_the_matrix_follows_the_callbacks_default():
     params = inspect.signature(NirvanaPruningCallback).parameters
     callback = NirvanaPruningCallback(sparsity=0.3, prune_at=4, warmup_steps=4)
     name, gamma = bench.default_arm()
-    assert bench.library_settings(name) == (params["saliency"].default, callback.scoring_stages)
+    assert bench.library_settings(name) == (params["saliency"].default, callback.scoring_stages, callback.compensate)
+    assert name == "fisher_functional_self+2stage+comp" and bench.scored_as(name) == "fisher_functional_self+2stage"
     assert gamma == params["gamma"].default
-    assert bench.library_settings("fisher_functional_self") == ("fisher_functional_self", 1)
-    assert bench.library_settings("fisher_functional_self+x2") == ("fisher_functional_self+x2", 1)
-    assert bench.library_settings("fisher_functional_self+3stage") == ("fisher_functional_self", 3)
+    assert bench.library_settings("fisher_functional_self") == ("fisher_functional_self", 1, False)
+    assert bench.library_settings("fisher_functional_self+x2") == ("fisher_functional_self+x2", 1, False)
+    assert bench.library_settings("fisher_functional_self+3stage") == ("fisher_functional_self", 3, False)
+    assert bench.library_settings("fisher_functional_self+2stage") == ("fisher_functional_self", 2, False)
+    assert bench.staged_arms({name}) == {"fisher_functional_self+2stage": ("fisher_functional_self", 2)}
     assert (bench.library_settings(name)[0], gamma) in bench.recovery_arms(bench.default_arm())
     arms = bench.arms(bench.CONFIGS["full"], bench.default_arm())
     assert bench.PAPER in arms and bench.default_arm() in arms
@@ -316,6 +320,7 @@ def test_recovery_fit_prunes_with_the_callback_and_trains_on(tmp_path, monkeypat
     cell = bench.recover(model, d, cfg, *bench.default_arm(), 0.4)
     assert abs(cell["realised"] - 0.4) < 0.05 and cell["gamma"] == bench.default_arm()[1]
     assert cell["scoring_stages"] == bench.library_settings(bench.default_arm()[0])[1] == 2
+    assert cell["compensated"]
     assert prunable_parameter_count(model) < dense and math.isfinite(cell["train_loss_last"])
     control = tiny_llama()
     bench.recover(control, d, cfg, None, None, 0.0)  # the dense control: the same steps, no prune
@@ -347,3 +352,52 @@ def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
     # the prune event's seconds: the fastest of the arm's cells on those draws
     assert text.count(f"| {len('mine@2'):.1f} |") == 1 and text.count(f"| {len('functional@3'):.1f} |") == 1
     assert "- s = 0.4: mine@2 < functional@3 / functional@3 < mine@2 (the order changes)" in text
+
+
+def test_a_compensated_arm_evaluates_what_the_librarys_compensated_cut_computes(monkeypatch):
+    """The +comp arms: inside ``compensated`` and the mask, the model computes what the library's compensation (on
+    the warm-up batches the hybrid scores and the windows it samples) and surgery give; on exit, the dense weights
+    are back."""
+    import copy
+
+    from conftest import tiny_llama
+
+    from nirvana_pl.allocate import AllocationConfig, DenseReference, allocate
+    from nirvana_pl.calibration import masked
+    from nirvana_pl.compensation import plan_compensation
+    from nirvana_pl.saliency import magnitude_scores, self_sampled_windows
+    from nirvana_pl.surgery import apply_plan
+
+    monkeypatch.setattr(bench, "bf16", contextlib.nullcontext)  # (fp32 on both sides, for an exact comparison)
+    gen = torch.Generator().manual_seed(0)
+    d = {"warmup": list(torch.randint(3, 128, (10, 2, 16), generator=gen))}
+    model = tiny_llama()
+    plan = allocate(model, magnitude_scores(model), AllocationConfig(sparsity=0.4, gamma=2.0), DenseReference.of(model))
+    dense = copy.deepcopy(model.state_dict())
+    x = torch.randint(3, 128, (2, 16), generator=gen)
+    fit = bench.CompensationBatches(model, d)
+    with bench.compensated(model, plan, fit), masked(model, plan), torch.no_grad():
+        got = model(input_ids=x).logits
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+    assert len(fit.batches()) == 2 * 8 and fit.seconds() > 0  # the last 8 warm-up batches and as many sampled
+    kept = [{"input_ids": b} for b in d["warmup"][-8:]]
+    plan_compensation(model, plan, kept + self_sampled_windows(model, kept, seed=0)).apply_()
+    apply_plan(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compensation_table_pairs_each_cell_with_its_plain_cut():
+    stage = {}
+    for cal in bench.DOMAINS:
+        for seed in (0, 1):
+            plain = {ev: 20.0 if cal == ev else 50.0 for ev in bench.DOMAINS}
+            cell = {ev: v * (0.9 if ev != "plays" else 1.1) for ev, v in plain.items()}  # lower on 2 of 3 domains
+            stage[f"{cal}|{seed}|x+2stage+comp@3|0.4"] = {**cell, "uncompensated": plain}
+            stage[f"{cal}|{seed}|x+2stage@3|0.4"] = plain
+    lines = bench._compensation_table(stage, (0, 1), (0.4,), ["x+2stage@3", "x+2stage+comp@3"])
+    rows = [line for line in lines if line.startswith("| x")]
+    off = math.exp((4 * math.log(45.0) + 2 * math.log(55.0)) / 6)  # pydoc/pysrc 0.9x, plays 1.1x
+    in_domain = 20 * (0.9 * 0.9 * 1.1) ** (1 / 3)
+    assert rows == [f"| x+2stage+comp@3 | 50.0 -> {off:.1f} | 20.0 -> {in_domain:.1f} | 12/18 |"]
+    assert bench._compensation_table(stage, (0, 1), (0.4,), ["x+2stage@3"]) == []

@@ -97,8 +97,13 @@ def _assert_ranks_agree_through_the_prune(proc, records, tmp_path: Path, salienc
     report = json.loads(report_path.read_text())
     expected = inspect.signature(NirvanaPruningCallback).parameters["saliency"].default
     assert report["events"][0]["saliency"] == (expected if saliency == "default" else saliency)
-    if saliency == "default":  # the default saliency scores the prune event in 2 stages
+    if saliency == "default":  # the default saliency scores the prune event in 2 stages and compensates
         assert report["events"][0]["scores"]["scoring_stages"] == 2
+    if saliency in ("default", "fisher_functional_self"):  # every rank fitted the same column updates itself
+        assert report["events"][0]["scores"]["compensation"]["weights"] > 0
+        assert all(p["compensated_weights"] > 0 and p["own_compensation_equal_rank0"] for p in prune.values())
+    else:
+        assert all(p["compensated_weights"] == 0 for p in prune.values())
     return prune, end
 
 

@@ -149,6 +149,9 @@ def test_zero2_distillation_of_a_qwen3_with_the_defaults(tmp_path, extensions_di
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)  # ranks identical, training goes on and the (mixed) loss falls
     assert all(p["own_plan_matched_rank0"] == [True] and p["scoring_stages"] == 2 for p in prune.values())
+    # the default compensates: the fp32 masters of o_proj / down_proj carry the column updates (checked against the
+    # same updates and surgery on the dense masters in one process, by _check_prune)
+    assert all(p["compensated_weights"] >= 4 for p in prune.values())
     for e in _by_rank(records, "end").values():
         assert e["teacher_equal_across_ranks"] and e["teacher_outside_engine"] and e["teacher_frozen"]
         assert e["logged"]["nirvana/distill_kl"] > 0
@@ -163,7 +166,7 @@ def test_zero2_prunes_experts_and_expert_channels_of_a_qwen2_moe(tmp_path, exten
                          "default", "--kind", "qwen2_moe")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
-    assert all(p["own_plan_matched_rank0"] == [True] for p in prune.values())
+    assert all(p["own_plan_matched_rank0"] == [True] and p["compensated_weights"] > 0 for p in prune.values())
     assert any(kept < 4 for kept in prune[0]["experts_kept"]), prune[0]["experts_kept"]
     assert any(width < 64 for width in prune[0]["shared_widths"]), prune[0]["shared_widths"]
 
@@ -282,6 +285,9 @@ def test_check_strategy_accepts_zero_1_2_3_and_refuses_others():
             distributed.check_strategy(DeepSpeedStrategy(stage=3), saliency)
     with pytest.raises(ValueError, match=r"KL calibration selection.*gamma=2.0.*stage=2"):
         distributed.check_strategy(DeepSpeedStrategy(stage=3), "adam_fisher", runs_model=True)
+    distributed.check_strategy(DeepSpeedStrategy(stage=2), "adam_fisher", compensates=True)
+    with pytest.raises(ValueError, match=r"compensate=True.*Pass compensate=False under ZeRO-3.*stage=2"):
+        distributed.check_strategy(DeepSpeedStrategy(stage=3), "adam_fisher", compensates=True)
     hpz = {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}
     with pytest.raises(ValueError, match="zero_hpz_partition_size"):
         distributed.check_strategy(DeepSpeedStrategy(config=hpz), "adam_fisher")

@@ -102,6 +102,13 @@ def test_summary_and_markdown_say_how_many_times_the_event_scored_the_model(tmp_
     write_report(tmp_path, [record], reference)
     write_markdown(tmp_path, results={})
     assert "| 10 | functional in 2 scoring stages | 2 |" in (tmp_path / MARKDOWN_NAME).read_text()
+    record.plan.score_summary["compensation"] = {"weights": 8, "tokens": 512, "damping": 1.0}
+    assert record.plan.compensated
+    assert format_summary(record, reference).startswith("NIRVANA prune at step 10 (functional in 2 scoring stages, "
+                                                        "compensated, gamma=2)")  # fmt: skip
+    write_report(tmp_path, [record], reference)
+    write_markdown(tmp_path, results={})
+    assert "| 10 | functional in 2 scoring stages, compensated | 2 |" in (tmp_path / MARKDOWN_NAME).read_text()
 
 
 def test_kept_fractions_are_relative_to_the_dense_model():

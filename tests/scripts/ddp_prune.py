@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning_helpers import CausalLM, token_loader  # noqa: E402
-from plan_agreement import OWN_PLAN_MATCHED, record_plan_agreement  # noqa: E402
+from plan_agreement import COMPENSATIONS, OWN_PLAN_MATCHED, record_compensations, record_plan_agreement  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from nirvana_pl import NirvanaPruningCallback  # noqa: E402
@@ -119,9 +119,14 @@ class Probe(Callback):
                 "own_plan_matched_rank0": OWN_PLAN_MATCHED,
                 "wrapper_same_params": ddp_params == {id(p) for p in pl_module.parameters()},
             }
-            everyone = gather([info["fingerprint"], info["checksum"]])
+            # each rank's own column updates (before DDP's new wrapper broadcasts rank 0's weights)
+            updates = COMPENSATIONS[-1].updates.values() if plan.compensated else []
+            info["compensated_weights"] = len(updates)
+            own = [u.predict.double().sum().item() for u in updates]
+            everyone = gather([info["fingerprint"], info["checksum"], own])
             info["all_fingerprints_equal"] = len({e[0] for e in everyone}) == 1
             info["all_checksums_equal"] = len({e[1] for e in everyone}) == 1
+            info["own_compensation_equal_rank0"] = own == everyone[0][2]
             emit(info)
 
     def on_train_end(self, trainer, pl_module):
@@ -246,6 +251,7 @@ def main() -> None:
     ap.add_argument("--scoring-stages", type=int, default=None, help="scoring_stages (default: the callback's)")
     args = ap.parse_args()
     record_plan_agreement()
+    record_compensations()
     if args.mismatch:
         _tamper_rank1()
     if args.port is not None:

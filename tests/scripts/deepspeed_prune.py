@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning_helpers import CausalLM, token_loader  # noqa: E402
-from plan_agreement import OWN_PLAN_MATCHED, record_plan_agreement  # noqa: E402
+from plan_agreement import COMPENSATIONS, OWN_PLAN_MATCHED, record_compensations, record_plan_agreement  # noqa: E402
 
 import nirvana_pl  # noqa: E402
 from nirvana_pl import NirvanaPruningCallback  # noqa: E402
@@ -161,6 +161,13 @@ class After(Callback):
             for name, p in zip(model_names, ref.parameters()):
                 p.data = dense[name]["fp32"].clone()
                 opt.state[p] = {"step": torch.tensor(self.before.step), **{k: dense[name][k].clone() for k in KEYS}}
+        if plan.compensated:  # the callback's column updates, on the dense masters, before the same surgery
+            real = dict(pl_module.named_parameters())
+            updates = COMPENSATIONS[-1].updates
+            with torch.no_grad():
+                for name, p in zip(model_names, ref.parameters()):
+                    if id(real[name]) in updates:
+                        p.data = updates[id(real[name])](p.data)
         apply_plan(ref, plan, [opt])
         mismatched = []
         for name, p in zip(model_names, ref.parameters()):
@@ -192,6 +199,7 @@ class After(Callback):
                 ),
                 "realised_sparsity": plan.realised_sparsity,
                 "scoring_stages": plan.scoring_stages,
+                "compensated_weights": len(COMPENSATIONS[-1].updates) if plan.compensated else 0,
                 "params_equal_across_ranks": all_equal_across_ranks(flat),
                 "fp32_equal_across_ranks": all_equal_across_ranks(flat_fp32),
                 "equal_to_single_process_plan": not mismatched,
@@ -373,6 +381,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     record_plan_agreement()
+    record_compensations()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prune_at = args.prune_at

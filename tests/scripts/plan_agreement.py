@@ -17,3 +17,19 @@ def record_plan_agreement() -> None:
         return chosen, agreed
 
     callback_module.agree_on_plan = agree_on_plan  # the name the callback calls
+
+
+COMPENSATIONS: list = []  # per prune event that compensated, on this rank: the callback's Compensation
+
+
+def record_compensations() -> None:
+    """Wrap the callback's ``plan_compensation`` so that every call keeps the column updates it returned."""
+    import nirvana_pl.callback as callback_module
+
+    original = callback_module.plan_compensation
+
+    def plan_compensation(*args, **kwargs):
+        COMPENSATIONS.append(original(*args, **kwargs))
+        return COMPENSATIONS[-1]
+
+    callback_module.plan_compensation = plan_compensation
