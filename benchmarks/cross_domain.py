@@ -987,10 +987,30 @@ def _goal_by_arm_table(zs: dict, seeds, S, names: list[str], default: str, paper
 
 def _recovery_table(out: dict, S) -> list[str]:
     """Recovered against zero-shot perplexity of the recovery arms, on the draws (calibration domain, seed) every
-    arm has finished (the stage runs draw by draw), and the ranking of the arms off-domain before and after."""
+    arm has finished (the stage runs draw by draw), and the ranking of the arms off-domain before and after. When
+    some arms have finished fewer draws than the others, the arms that finished every draw first, then all arms on
+    the draws they all have."""
+    cfg = out["config"]
+    names = list(dict.fromkeys(k.split("|")[2] for k in out.get("recovery", {})))
+    every = [f"{d}|{seed}" for seed in cfg["recovery_seeds"] for d in DOMAINS]
+    complete = [n for n in names if not [dr for dr in every if dr not in _recovered_draws(out, n, S)]]
+    if not complete or len(complete) == len(names):
+        return _recovery_section(out, S, names, "")
+    lines = _recovery_section(out, S, complete, "")
+    later = _recovery_section(out, S, names, f", {', '.join(n for n in names if n not in complete)} included")
+    return lines + ([""] + later if later else [])
+
+
+def _recovered_draws(out: dict, name: str, S) -> set[str]:
+    rec = out.get("recovery", {})
+    return {dr for dr in {k.rsplit("|", 2)[0] for k in rec} if all(f"{dr}|{name}|{s:g}" in rec for s in S)}
+
+
+def _recovery_section(out: dict, S, names: list[str], including: str) -> list[str]:
+    """:func:`_recovery_table`'s table and ranking for ``names``, on the draws they all finished; ``including``:
+    said in the heading of a second table."""
     rec, zs = out.get("recovery", {}), out.get("zero_shot", {})
     cfg = out["config"]
-    names = list(dict.fromkeys(k.split("|")[2] for k in rec))
     draws = [f"{d}|{seed}" for seed in cfg["recovery_seeds"] for d in DOMAINS
              if all(f"{d}|{seed}|{n}|{s:g}" in rec for n in names for s in S)]  # fmt: skip
     if not draws:
@@ -998,7 +1018,8 @@ def _recovery_table(out: dict, S) -> list[str]:
     seeds = sorted({int(dr.split("|")[1]) for dr in draws})
     rec, zs = ({k: v for k, v in stage.items() if k.rsplit("|", 2)[0] in draws} for stage in (rec, zs))
     finished = "; ".join(f"seed {seed}: " + ", ".join(d for d in DOMAINS if f"{d}|{seed}" in draws) for seed in seeds)
-    lines = [f"## After recovery (R = {cfg['recovery']} steps at lr {cfg['recovery_lr']:g} inside the fit)", "",
+    lines = [f"## After recovery (R = {cfg['recovery']} steps at lr {cfg['recovery_lr']:g} inside the fit"
+             f"{including})", "",
              f"Each arm warms up, prunes and trains R steps on the calibration domain in one Lightning fit (draws "
              f"{finished}" + ("" if len(draws) == len(DOMAINS) * len(cfg["recovery_seeds"]) else "; the others not "
              "run yet") + "). Off-domain and in-domain geometric means as above, zero-shot -> recovered, on the "
@@ -1024,7 +1045,7 @@ def _recovery_table(out: dict, S) -> list[str]:
         after = sorted(by, key=lambda n: by[n][0])
         same = "the same order" if before == after else "the order changes"
         lines.append(f"- s = {s:g}: {' < '.join(before)} / {' < '.join(after)} ({same})")
-    if "dense_recovered" in out:
+    if "dense_recovered" in out and not including:
         dr = out["dense_recovered"]
         off = geomean([dr[c][e] for c in dr for e in DOMAINS if c != e])
         in_ = geomean([dr[c][c] for c in dr])

@@ -353,6 +353,17 @@ def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
     assert text.count(f"| {len('mine@2'):.1f} |") == 1 and text.count(f"| {len('functional@3'):.1f} |") == 1
     assert "- s = 0.4: mine@2 < functional@3 / functional@3 < mine@2 (the order changes)" in text
 
+    # every draw done by both, then a newer arm run on one draw only: the full table stays, and a second one
+    # compares every arm on that draw
+    for arm in ("functional@3", "mine@2"):
+        for draw in ("pysrc|0", "plays|1", "pysrc|1"):
+            out["recovery"][f"{draw}|{arm}|0.4"] = cells(1.0, 1.0)
+    out["recovery"]["pydoc|0|new@3|0.4"] = cells(1.0, 7.0)
+    text = "\n".join(bench._recovery_table(out, [0.4]))
+    assert "(draws seed 0: pydoc, plays, pysrc; seed 1: pydoc, plays, pysrc)" in text
+    assert "inside the fit, new@3 included)" in text and "(draws seed 0: pydoc; the others not run yet)" in text
+    assert text.count("| new@3 |") == 1 and text.count("| functional@3 (paper) |") == 2
+
 
 def test_a_compensated_arm_evaluates_what_the_librarys_compensated_cut_computes(monkeypatch):
     """The +comp arms: inside ``compensated`` and the mask, the model computes what the library's compensation (on
