@@ -635,8 +635,7 @@ def library_settings(estimator: str) -> tuple[str, int, bool]:
     """(saliency, scoring_stages, compensate) of an arm's estimator: ``"x+2stage"`` is saliency x scored in 2
     stages, ``"x+2stage+comp"`` the same with compensation; any other name one scoring, without compensation
     (whatever the library's defaults)."""
-    compensate = estimator.endswith(COMPENSATED)
-    base = estimator[: -len(COMPENSATED)] if compensate else estimator
+    compensate, base = estimator.endswith(COMPENSATED), scored_as(estimator)
     saliency, _, stages = base.partition("+")
     if stages.endswith("stage") and stages[: -len("stage")].isdigit():
         return saliency, int(stages[: -len("stage")]), compensate
@@ -703,7 +702,7 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
         record = cb.records[-1]
         out.update(realised=record.plan.realised_sparsity, gamma=record.plan.gamma,
                    scoring_stages=record.plan.scoring_stages,
-                   compensated="compensation" in record.plan.score_summary,
+                   compensated=record.plan.compensated,
                    plan=record.plan.fingerprint()[:16], prune_seconds=record.seconds)  # fmt: skip
     return out
 
@@ -817,7 +816,7 @@ def render(out: dict, command: str) -> str:
 def _compensation_table(zs: dict, seeds, S, names: Sequence[str]) -> list[str]:
     """For the compensated arms: the same plans cut without and with compensation (measured side by side in one
     run), off-domain and in-domain geometric means, and the share of the 9 cells per sparsity it lowered."""
-    arms = [n for n in names if scored_as(n.rsplit("@", 1)[0]) != n.rsplit("@", 1)[0]]
+    arms = [n for n in names if n.rsplit("@", 1)[0].endswith(COMPENSATED)]
     rows = []
     for name in arms:
         plain = {k: v["uncompensated"] for k, v in zs.items() if k.split("|")[2] == name and "uncompensated" in v}
