@@ -109,6 +109,12 @@ CANDIDATES: dict[str, tuple[str, tuple[str, ...]]] = {
         "each input's mean square), fitted on the warm-up batches the hybrid scores and the windows it samples; "
         "the same plan as `fisher_functional_self+2stage`",
         ("fisher_functional_self+2stage", "fisher_functional_self")),
+    "fisher_functional_self+vocab+2stage+comp": (
+        "as `fisher_functional_self+2stage+comp`, with each sampled window opened by BOS and one token drawn "
+        "uniformly from the vocabulary before the model continues it (the library's sampler since this arm; the "
+        "other `fisher_functional_self` arms sampled from BOS alone, which for SmolLM2 is almost all web prose): "
+        "the windows then also cover code, markup and other languages, in the scores and in the compensation's fit",
+        ("fisher_functional_self+vocab+2stage", "fisher_functional_self+vocab")),
     "fisher_functional/functional_budgets": (
         "the hybrid's choice of units inside each layer, with the per-layer budgets (units removed per layer and "
         "pool) of `functional`", ("fisher_functional", "functional")),
@@ -229,6 +235,7 @@ def draw_scores(
     from nirvana_pl.saliency import compute_scores, geometric_mean
 
     needed = set(needed) | {part for name in needed if name in CANDIDATES for part in CANDIDATES[name][1]}
+    needed |= {scored_once(name) for name in staged_arms(needed)}  # (the scores their first stage plans with)
     seconds = {}
     t0 = time.perf_counter()
     scores = warm_up(model, d["warmup"], cfg["warmup_lr"])
@@ -237,19 +244,21 @@ def draw_scores(
     # num_calibration_batches of them), no calibration set of their own; fisher_functional_self samples its windows
     kept = d["warmup"][-callback_default("num_calibration_batches") :]
     for name in ("functional", "taylor_loss", "wanda_sp", "magnitude", "random", "fisher_functional",
-                 "fisher_functional_self"):  # fmt: skip
+                 "fisher_functional_self", "fisher_functional_self" + VOCABULARY_OPENING):  # fmt: skip
         if name not in needed:
             continue
-        hybrid = name in ("fisher_functional", "fisher_functional_self")
+        saliency = library_settings(name)[0]
+        hybrid = saliency in ("fisher_functional", "fisher_functional_self")
         calibration = kept if hybrid else d["calibration"] if name in CALIBRATED else None
         t0 = time.perf_counter()
-        with bf16():
-            scores[name] = compute_scores(model, name, calibration, optimizer_scores=scores["adam_fisher"] if hybrid
-                                          else None, seed=0)  # fmt: skip
+        with bf16(), sampler_of(name):
+            scores[name] = compute_scores(model, saliency, calibration, optimizer_scores=scores["adam_fisher"]
+                                          if hybrid else None, seed=0)  # fmt: skip
         seconds[name] = time.perf_counter() - t0
     twice = {"fisher_functional_self+x2", "fisher_functional_self+x2pooled"} & needed
     if twice:
-        more_scores, more_seconds = twice_sampled_scores(model, kept, scores["adam_fisher"], twice)
+        with sampler_of("fisher_functional_self"):
+            more_scores, more_seconds = twice_sampled_scores(model, kept, scores["adam_fisher"], twice)
         scores.update(more_scores)
         seconds.update(more_seconds)
     if needed & set(SELF_SAMPLED):
@@ -269,9 +278,10 @@ def draw_scores(
             scores["fisher_functional+self"] = geometric_mean(fisher_self, functional_self)
             seconds["fisher_functional+self"] = shared + time.perf_counter() - t0
     for name, (saliency, stages) in sorted(staged_arms(needed).items()):
-        scores[name], seconds[name] = staged_scores(model, saliency, kept, scores["adam_fisher"], scores[saliency],
-                                                    cfg["sparsities"], stages)  # fmt: skip
-        seconds[name] += seconds[saliency]
+        with sampler_of(name):
+            scores[name], seconds[name] = staged_scores(model, saliency, kept, scores["adam_fisher"],
+                                                        scores[scored_once(name)], cfg["sparsities"], stages)
+        seconds[name] += seconds[scored_once(name)]
     if "fisher_functional/functional_budgets" in needed:
         scores["fisher_functional/functional_budgets"] = with_budgets_of(scores["functional"],
                                                                          scores["fisher_functional"])  # fmt: skip
@@ -413,11 +423,12 @@ def prune_arm(model, scores, estimator, gamma, s, cfg, probe, reference) -> tupl
 
 class CompensationBatches:
     """The batches a compensated arm fits its column updates on, as the callback's default does: the warm-up
-    batches the hybrid scores and the windows it samples (sampled once a draw, when first needed); and the
-    seconds it takes (the sampling once, plus the mean fit of a plan)."""
+    batches the hybrid scores and the windows it samples as ``estimator`` does (sampled once a draw, when first
+    needed); and the seconds it takes (the sampling once, plus the mean fit of a plan)."""
 
-    def __init__(self, model: nn.Module, d: dict):
+    def __init__(self, model: nn.Module, d: dict, estimator: str):
         self.model, self.kept = model, d["warmup"][-callback_default("num_calibration_batches") :]
+        self.estimator = estimator
         self._batches: list | None = None
         self.sampling = 0.0
         self.fits: list[float] = []
@@ -428,7 +439,7 @@ class CompensationBatches:
 
             t0 = time.perf_counter()
             kept = [{"input_ids": b} for b in self.kept]
-            with bf16():
+            with bf16(), sampler_of(self.estimator):
                 self._batches = kept + self_sampled_windows(self.model, kept, seed=0)
             self.sampling = time.perf_counter() - t0
         return self._batches
@@ -553,13 +564,14 @@ class Run:
                 costs.update({k: min(v, costs.get(k, v)) for k, v in seconds.items()})
                 log(f"draw {dom} seed {seed}: scores in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
                 probe = DenseProbe.build(self.model, [{"input_ids": p} for p in d["probe"]])
-                fit = CompensationBatches(self.model, d)
+                fits = {}  # (per sampler: the arms that open their windows alike fit on the same batches)
                 for (est, gamma), s in ((a, s) for a in todo for s in sparsities):
                     key = cell_key(dom, seed, est, gamma, s)
                     if key in self.out["zero_shot"]:
                         continue
                     t0 = time.perf_counter()
                     plan, chosen = prune_arm(self.model, scores, est, gamma, s, self.cfg, probe, reference)
+                    fit = fits.setdefault(opens_from_vocabulary(est), CompensationBatches(self.model, d, est))
                     with compensated(self.model, plan, fit if library_settings(est)[2] else None), \
                             masked(self.model, plan):  # fmt: skip
                         cell = evaluate(self.model, self.data, self.cfg)
@@ -572,7 +584,8 @@ class Run:
                     self.save()
                     log(f"{key}: {_ppl_line(cell)}")
                 for est in {e for e, _ in todo if library_settings(e)[2]}:  # the scores, then the compensation
-                    costs[est] = costs[scored_as(est)] + fit.seconds()
+                    if opens_from_vocabulary(est) in fits:
+                        costs[est] = costs[scored_as(est)] + fits[opens_from_vocabulary(est)].seconds()
 
 
     def recovery(self) -> None:
@@ -616,12 +629,18 @@ def callback_default(name: str) -> Any:
 
 def default_arm() -> tuple[str, Any]:
     """The callback's default (saliency, gamma), the saliency named as :func:`library_settings` reads it back."""
+    from nirvana_pl import sampling
     from nirvana_pl.compensation import resolve_compensate
     from nirvana_pl.oneshot import resolve_scoring_stages
+    from nirvana_pl.saliency import SELF_SAMPLING_ESTIMATORS
 
     saliency = callback_default("saliency")
     stages = resolve_scoring_stages(saliency, callback_default("scoring_stages"))
-    name = saliency if stages == 1 else f"{saliency}+{stages}stage"
+    name = saliency
+    if saliency in SELF_SAMPLING_ESTIMATORS and sampling.OPEN_FROM_VOCABULARY:
+        name += VOCABULARY_OPENING
+    if stages > 1:
+        name += f"+{stages}stage"
     if resolve_compensate(saliency, callback_default("compensate")):
         name += COMPENSATED
     return name, callback_default("gamma")
@@ -629,13 +648,35 @@ def default_arm() -> tuple[str, Any]:
 
 #: the suffix of an arm that compensates (``compensate=True``) before the cut
 COMPENSATED = "+comp"
+#: the mark of an arm whose sampled windows open with a token drawn from the vocabulary (the library's sampler,
+#: ``nirvana_pl.sampling.OPEN_FROM_VOCABULARY``); the self-sampling arms without it sample from BOS alone
+VOCABULARY_OPENING = "+vocab"
+
+
+def opens_from_vocabulary(estimator: str) -> bool:
+    return VOCABULARY_OPENING in estimator
+
+
+@contextlib.contextmanager
+def sampler_of(estimator: str):
+    """Inside, the library samples its windows as ``estimator`` does: opened from the vocabulary or from BOS alone
+    (see :data:`VOCABULARY_OPENING`)."""
+    from nirvana_pl import sampling
+
+    was = sampling.OPEN_FROM_VOCABULARY
+    sampling.OPEN_FROM_VOCABULARY = opens_from_vocabulary(estimator)
+    try:
+        yield
+    finally:
+        sampling.OPEN_FROM_VOCABULARY = was
 
 
 def library_settings(estimator: str) -> tuple[str, int, bool]:
     """(saliency, scoring_stages, compensate) of an arm's estimator: ``"x+2stage"`` is saliency x scored in 2
-    stages, ``"x+2stage+comp"`` the same with compensation; any other name one scoring, without compensation
-    (whatever the library's defaults)."""
-    compensate, base = estimator.endswith(COMPENSATED), scored_as(estimator)
+    stages, ``"x+2stage+comp"`` the same with compensation, ``"x+vocab..."`` the same with the windows opened from
+    the vocabulary (see :func:`sampler_of`); any other name one scoring, without compensation (whatever the
+    library's defaults)."""
+    compensate, base = estimator.endswith(COMPENSATED), scored_as(estimator).replace(VOCABULARY_OPENING, "")
     saliency, _, stages = base.partition("+")
     if stages.endswith("stage") and stages[: -len("stage")].isdigit():
         return saliency, int(stages[: -len("stage")]), compensate
@@ -645,6 +686,12 @@ def library_settings(estimator: str) -> tuple[str, int, bool]:
 def scored_as(estimator: str) -> str:
     """The arm whose scores (and so plan) ``estimator`` uses: itself, or the arm it compensates."""
     return estimator[: -len(COMPENSATED)] if estimator.endswith(COMPENSATED) else estimator
+
+
+def scored_once(estimator: str) -> str:
+    """The arm whose scores plan the first stage of ``estimator``: itself without its stages and compensation."""
+    stages = library_settings(estimator)[1]
+    return scored_as(estimator).replace(f"+{stages}stage", "") if stages > 1 else scored_as(estimator)
 
 
 def staged_arms(names: set[str]) -> dict[str, tuple[str, int]]:
@@ -695,7 +742,8 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
         default_root_dir=str(RESULTS_DIR / ".cross_domain_tmp"), callbacks=callbacks,
     )  # fmt: skip
     batches = d["warmup"] + d["recovery"]
-    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
+    with sampler_of(estimator or ""):
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
     model.eval()
     out: dict[str, Any] = {"train_loss_last": module.losses[-1] if module.losses else None}
     if estimator is not None:

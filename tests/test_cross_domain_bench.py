@@ -198,7 +198,7 @@ def test_twice_the_sampled_text_is_the_librarys_num_sampled_batches_and_the_pool
     names = {"fisher_functional_self+x2", "fisher_functional_self+x2pooled"}
     scores, seconds = bench.draw_scores(model, d, cfg, names)
     assert names <= set(seconds) and all(seconds[n] > 0 for n in names)
-    with bench.bf16():
+    with bench.bf16(), bench.sampler_of("fisher_functional_self+x2"):  # (sampled from BOS alone, as measured)
         library = compute_scores(model, "fisher_functional_self", d["warmup"], optimizer_scores=scores["adam_fisher"],
                                  num_sampled_batches=4)  # fmt: skip
     for got, want in zip(scores["fisher_functional_self+x2"].attn + scores["fisher_functional_self+x2"].mlp,
@@ -221,9 +221,10 @@ def test_two_stages_rescore_with_the_first_half_masked_and_the_final_plan_remove
     cfg = dict(bench.CONFIGS["quick"], warmup=2, batch=2, sparsities=(0.4,))
     rows = torch.randint(3, 128, (8, 12), generator=torch.Generator().manual_seed(0))
     d = {"warmup": list(rows[:4].view(2, 2, 12)), "calibration": [rows[4:6]]}
-    scores, seconds = bench.draw_scores(model, d, cfg, {"fisher_functional_self+2stage"})
-    assert seconds["fisher_functional_self+2stage"] > seconds["fisher_functional_self"] > 0
-    first, second = scores["fisher_functional_self"], scores["fisher_functional_self+2stage"][0.4]
+    name = "fisher_functional_self+vocab+2stage"  # (the default's scores)
+    scores, seconds = bench.draw_scores(model, d, cfg, {name})
+    assert seconds[name] > seconds["fisher_functional_self+vocab"] > 0
+    first, second = scores["fisher_functional_self+vocab"], scores[name][0.4]
     reference = DenseReference.of(model)
     half = allocate(model, first, AllocationConfig(sparsity=0.2, gamma=3.0), reference)
     for lp, attn, mlp, u in zip(half.layers, second.attn, second.mlp, find_units(model)):
@@ -232,15 +233,15 @@ def test_two_stages_rescore_with_the_first_half_masked_and_the_final_plan_remove
         assert torch.all(attn[out_kv] == 0) and torch.all(mlp[out_mlp] == 0)  # masked out: no gradient, no score
         assert torch.all(mlp[sorted(lp.kept_mlp_channels)] > 0)
     assert any(len(lp.kept_mlp_channels) < u.mlp_width for lp, u in zip(half.layers, find_units(model)))
-    plan, _ = bench.prune_arm(model, scores, "fisher_functional_self+2stage", 3.0, 0.4, cfg, None, reference)
+    plan, _ = bench.prune_arm(model, scores, name, 3.0, 0.4, cfg, None, reference)
     for lh, lf in zip(half.layers, plan.layers):  # the units out after the first stage stay out
         assert set(lf.kept_mlp_channels) <= set(lh.kept_mlp_channels)
         assert set(lf.kept_kv_groups) <= set(lh.kept_kv_groups)
     assert plan.realised_sparsity > half.realised_sparsity
     assert any(not torch.equal(a, b) for a, b in zip(second.mlp, first.mlp))
 
-    def score():  # what the callback's second stage computes, as the benchmark scores (bf16 autocast)
-        with bench.bf16():
+    def score(arm=name):  # what the callback's second stage computes, as the benchmark scores (bf16 autocast)
+        with bench.bf16(), bench.sampler_of(arm):
             return compute_scores(model, "fisher_functional_self", d["warmup"][-8:],
                                   optimizer_scores=scores["adam_fisher"], seed=0)  # fmt: skip
 
@@ -252,7 +253,8 @@ def test_two_stages_rescore_with_the_first_half_masked_and_the_final_plan_remove
     plan3, _ = bench.prune_arm(model, scores3, "fisher_functional_self+3stage", 3.0, 0.4, cfg, None, reference)
     torch.testing.assert_close(scores3["adam_fisher"].mlp, scores["adam_fisher"].mlp)  # (score() reads these)
     library3 = staged_plan(model, "fisher_functional_self", AllocationConfig(sparsity=0.4, gamma=3.0), reference,
-                           scores3["fisher_functional_self"], score, stages=3)  # fmt: skip
+                           scores3["fisher_functional_self"], lambda: score("fisher_functional_self+3stage"),
+                           stages=3)  # fmt: skip
     assert library3.layers == plan3.layers and library3.score_summary["scoring_stages"] == 3
     assert library3.layers != plan.layers
 
@@ -289,13 +291,26 @@ def test_the_matrix_follows_the_callbacks_default():
     callback = NirvanaPruningCallback(sparsity=0.3, prune_at=4, warmup_steps=4)
     name, gamma = bench.default_arm()
     assert bench.library_settings(name) == (params["saliency"].default, callback.scoring_stages, callback.compensate)
-    assert name == "fisher_functional_self+2stage+comp" and bench.scored_as(name) == "fisher_functional_self+2stage"
+    assert name == "fisher_functional_self+vocab+2stage+comp"
+    assert bench.scored_as(name) == "fisher_functional_self+vocab+2stage"
+    assert bench.scored_once(name) == "fisher_functional_self+vocab"
     assert gamma == params["gamma"].default
     assert bench.library_settings("fisher_functional_self") == ("fisher_functional_self", 1, False)
     assert bench.library_settings("fisher_functional_self+x2") == ("fisher_functional_self+x2", 1, False)
     assert bench.library_settings("fisher_functional_self+3stage") == ("fisher_functional_self", 3, False)
     assert bench.library_settings("fisher_functional_self+2stage") == ("fisher_functional_self", 2, False)
-    assert bench.staged_arms({name}) == {"fisher_functional_self+2stage": ("fisher_functional_self", 2)}
+    assert bench.scored_once("fisher_functional_self+2stage+comp") == "fisher_functional_self"
+    assert bench.staged_arms({name}) == {"fisher_functional_self+vocab+2stage": ("fisher_functional_self", 2)}
+    # the arms measured before the library opened its windows from the vocabulary are sampled from BOS alone
+    from nirvana_pl import sampling
+
+    assert sampling.OPEN_FROM_VOCABULARY
+    with bench.sampler_of("fisher_functional_self+2stage+comp"):
+        assert not sampling.OPEN_FROM_VOCABULARY
+        with bench.sampler_of(name):
+            assert sampling.OPEN_FROM_VOCABULARY
+        assert not sampling.OPEN_FROM_VOCABULARY
+    assert sampling.OPEN_FROM_VOCABULARY
     assert (bench.library_settings(name)[0], gamma) in bench.recovery_arms(bench.default_arm())
     arms = bench.arms(bench.CONFIGS["full"], bench.default_arm())
     assert bench.PAPER in arms and bench.default_arm() in arms
@@ -386,7 +401,7 @@ def test_a_compensated_arm_evaluates_what_the_librarys_compensated_cut_computes(
     plan = allocate(model, magnitude_scores(model), AllocationConfig(sparsity=0.4, gamma=2.0), DenseReference.of(model))
     dense = copy.deepcopy(model.state_dict())
     x = torch.randint(3, 128, (2, 16), generator=gen)
-    fit = bench.CompensationBatches(model, d)
+    fit = bench.CompensationBatches(model, d, bench.default_arm()[0])
     with bench.compensated(model, plan, fit), masked(model, plan), torch.no_grad():
         got = model(input_ids=x).logits
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())

@@ -536,6 +536,7 @@ def test_sampled_windows_copy_the_batch_shapes_start_at_bos_and_are_deterministi
     assert model.training and all(m.training for m in model.modules())  # each module's mode is restored
     assert [b["input_ids"].shape for b in first] == [(3, 9), (2, 5)]
     assert all((b["input_ids"][:, 0] == model.config.bos_token_id).all() for b in first)
+    assert len({int(t) for b in first for t in b["input_ids"][:, 1]}) > 1  # each window opens on its own token
     again, rank1 = sample_like(model, batches, seed=1), sample_like(model, batches, seed=1, rank=1)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again))
     assert not torch.equal(first[0]["input_ids"], rank1[0]["input_ids"])
@@ -556,19 +557,42 @@ def test_sampling_over_the_kv_cache_continues_as_the_full_forward_does(monkeypat
     def greedy(start, banned):
         out = start
         with torch.no_grad():
-            for _ in range(7):
+            for _ in range(8 - start.shape[1]):
                 logits = model(input_ids=out, use_cache=False).logits[:, -1]
                 logits[:, banned] = float("-inf")
                 out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
         return out
 
     ids = sample_like(model, batches, seed=0)[0]["input_ids"]
-    assert torch.equal(ids, greedy(ids[:, :1], [model.config.eos_token_id]))
+    assert torch.equal(ids, greedy(ids[:, :2], [model.config.eos_token_id]))  # (BOS, the drawn opening token, ...)
     # the end-of-sequence token is never drawn: make the first greedy choice the EOS token
-    model.config.eos_token_id = int(ids[0, 1])
+    eos = int(ids[0, 2])
+    model.config.eos_token_id = eos
     banned = sample_like(model, batches, seed=0)[0]["input_ids"]
-    assert not (banned[:, 1:] == ids[0, 1]).any()
-    assert torch.equal(banned, greedy(ids[:, :1], [int(ids[0, 1])]))
+    assert not (banned[:, 1:] == eos).any()
+    assert torch.equal(banned, greedy(banned[:, :2], [eos]))
+    # from BOS alone (the sampler before windows opened from the vocabulary)
+    monkeypatch.setattr(sampling, "OPEN_FROM_VOCABULARY", False)
+    plain = sample_like(model, batches, seed=0)[0]["input_ids"]
+    assert torch.equal(plain, greedy(plain[:, :1], [eos]))
+
+
+def test_sampled_windows_open_with_tokens_drawn_uniformly_from_the_vocabulary_but_eos_and_padding():
+    from nirvana_pl.sampling import _vocabulary_draw
+
+    model = tiny_llama()
+    vocab = model.get_input_embeddings().num_embeddings
+    drawn = _vocabulary_draw(model, 40 * vocab, [model.config.eos_token_id, model.config.pad_token_id],
+                             torch.Generator().manual_seed(0))  # fmt: skip
+    counts = torch.bincount(drawn.flatten(), minlength=vocab)
+    excluded = [model.config.eos_token_id, model.config.pad_token_id]
+    assert (counts[excluded] == 0).all()
+    others = counts[[t for t in range(vocab) if t not in excluded]]
+    assert others.min() > 10 and others.max() < 80  # about 40 each: every other token is drawn, evenly
+    ids = torch.cat([b["input_ids"] for b in sample_like(model, [{"input_ids": calib_batches(n=1, batch=64)[0]}],
+                                                         seed=3)])  # fmt: skip
+    assert not (ids[:, 1] == model.config.eos_token_id).any() and not (ids[:, 1] == model.config.pad_token_id).any()
+    assert len(set(ids[:, 1].tolist())) > 32  # 64 openings from a vocabulary of 128
 
 
 def test_nucleus_draws_only_from_the_top_p_mass():
