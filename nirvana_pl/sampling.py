@@ -86,7 +86,9 @@ def sample_like(
 
 
 def _vocabulary_draw(model: nn.Module, n: int, excluded: list[int], generator: torch.Generator) -> torch.Tensor:
-    """``[n, 1]`` token ids drawn uniformly from the input embedding's rows, none of ``excluded``."""
+    """``[n, 1]`` token ids drawn uniformly from the input embedding's rows, none of ``excluded`` (the rows an
+    embedding is padded with beyond the tokenizer's vocabulary, as in Qwen2, can be drawn too: a rare, harmless
+    opening)."""
     vocab = model.get_input_embeddings().num_embeddings
     allowed = torch.ones(vocab, device=generator.device)
     allowed[[t for t in excluded if 0 <= t < vocab]] = 0.0
