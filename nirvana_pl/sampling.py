@@ -61,15 +61,14 @@ def sample_like(
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if weight is not None:
         device = weight.device
-    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    config = getattr(model, "config", None)
+    bos, eos, pad = (getattr(config, f"{name}_token_id", None) for name in ("bos", "eos", "pad"))
     firsts = torch.cat([b["input_ids"][:, :1] for b in batches]).to(device)
     starts = torch.full_like(firsts, int(bos)) if isinstance(bos, int) else firsts
     length = max(b["input_ids"].shape[1] for b in batches)
-    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
     banned = [eos] if isinstance(eos, int) else [int(t) for t in eos or ()]
     generator = torch.Generator(device=device).manual_seed(_stream_seed(seed, rank))
     if OPEN_FROM_VOCABULARY and length > 1:
-        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         openers = _vocabulary_draw(model, starts.shape[0], banned + ([pad] if isinstance(pad, int) else []), generator)
         starts = torch.cat([starts, openers.to(device)], dim=1)
     rows = [
