@@ -1399,12 +1399,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def environment() -> dict[str, str]:
-    """Date and machine of the run, for RESULTS.md."""
+    """Date and machine of the run, for RESULTS.md; says so on stderr where the CPU has no native bf16 (the
+    benchmarks compute in bf16 autocast, so their times there are many times those of RESULTS.md)."""
     import psutil
 
+    from nirvana_pl.hardware import SLOW_BF16_RATIO, cpu_bf16_slowdown
+
+    bf16 = cpu_bf16_slowdown()
+    if bf16 > SLOW_BF16_RATIO:
+        print(f"note: this CPU computes a bf16 linear layer {bf16:.0f}x slower than fp32 (no native bf16); the "
+              "benchmarks compute in bf16 autocast, so each step takes many times as long as on a CPU with "
+              "native bf16 (AVX512-BF16 or AMX)", file=sys.stderr, flush=True)  # fmt: skip
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+                   f"bf16 linear layer {bf16:.1f}x the fp32 time, "
                    f"torch {torch.__version__}, lightning {pl.__version__}, Python {platform.python_version()}, "
                    f"load average at start {os.getloadavg()[0]:.2f}",
     }

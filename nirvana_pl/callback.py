@@ -49,6 +49,7 @@ from .distributed import (
     run_directory,
     sum_over_processes,
 )
+from .hardware import slow_bf16_message
 from .lora import adapter_anchors, attach_recovery_adapters, check_recovery_targets, has_lora, lora_config
 from .oneshot import (
     allocation_config,
@@ -360,6 +361,10 @@ class NirvanaPruningCallback(Callback):
         self._counts_routing = RouterLoad.applies_to(self._model)
         self._check_schedule_feasible()
         self._check_calibration()
+        if trainer.is_global_zero:  # (measured on rank 0 alone: no collective)
+            on_cpu = trainer.strategy.root_device.type == "cpu"
+            if slow := slow_bf16_message(trainer.precision, on_cpu, "NirvanaPruningCallback"):
+                rank_zero_warn(slow)
 
     def _refuse_other_instances(self, trainer: pl.Trainer) -> None:
         """Two callbacks would each plan against shapes the other has already cut."""

@@ -376,6 +376,14 @@ def _prune_report_files() -> tuple[str, ...]:
     return ("plan.json", REPORT_NAME, MARKDOWN_NAME, PLOT_NAME, "run_summary.json")
 
 
+def _warn_if_slow_bf16(dtype: str, command: str) -> None:
+    """These commands compute on the CPU: a bfloat16 model there is many times slower without native bf16."""
+    from .hardware import slow_bf16_message
+
+    if slow := slow_bf16_message(dtype, True, command, fix="Pass --dtype float32."):
+        warnings.warn(slow, stacklevel=3)
+
+
 def _check_prune_out(out: str, model: str, tokenizer: str | None, overwrite: bool) -> None:
     """Before any work: OUT is never an input's folder, inside one or around one; a non-empty OUT needs overwrite."""
     import os
@@ -472,6 +480,7 @@ def prune_command(
 
     start = time.perf_counter()
     _check_prune_out(out, model, tokenizer, overwrite)  # fail fast, before loading anything
+    _warn_if_slow_bf16(dtype, "nirvana-pl prune")
     tok = load_tokenizer(tokenizer or model)
     net = load_model(model, dtype=dtype).eval()
     data.tokenizer = tok
@@ -570,6 +579,7 @@ def eval_command(
     if local is not None and (Path(local) / "config.json").is_file():
         check_model_folder(Path(local), "model")
     tok = load_tokenizer(tokenizer or model)
+    _warn_if_slow_bf16(dtype, "nirvana-pl eval")
     net = load_model(model, dtype=dtype, seq2seq=_is_seq2seq(model), what="model").eval()
     data.purpose = "evaluation"  # (TextDataModule's error messages name what the text is for)
     seq2seq = bool(getattr(net.config, "is_encoder_decoder", False))

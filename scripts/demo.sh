@@ -23,4 +23,12 @@ case "${1:-}" in
         exec python recipes/tiny_demo.py "$@"
         ;;
 esac
+# The recipe computes in bf16 autocast; on a CPU without native bf16 that is many times slower than fp32.
+slow_bf16=$(python -c 'from nirvana_pl.hardware import slow_bf16_message as m; print(m("bf16-mixed", True, "demo") or "")')
+if [ -n "$slow_bf16" ]; then
+    echo "$slow_bf16" >&2
+    echo "demo: so the recipe runs in fp32 here (--trainer.precision 32-true; pass --trainer.precision bf16-mixed" \
+         "to keep bf16). Its numbers then differ a little from the bf16 ones in README.md." >&2
+    set -- --trainer.precision 32-true "$@"
+fi
 exec nirvana-pl fit --config recipes/smollm2_pydoc.yaml "$@"

@@ -74,3 +74,14 @@ def test_results_sections_of_other_benchmarks_survive_a_re_render(tmp_path):
     assert "v2" in text and "v1" not in text and text.count("## Cross-domain") == 1
     assert text.index("## Cross-domain") < text.index("## Other")
     assert quality.kept_sections(text)[0].startswith("<!-- section: cross-domain -->")
+
+
+def test_the_benchmarks_machine_line_states_the_cpus_bf16_speed_and_warns_where_it_is_slow(monkeypatch, capsys):
+    from nirvana_pl import hardware
+
+    monkeypatch.setattr(hardware, "cpu_bf16_slowdown", lambda: 9.0)
+    assert "bf16 linear layer 9.0x the fp32 time" in quality.environment()["machine"]
+    assert "no native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(hardware, "cpu_bf16_slowdown", lambda: 0.5)
+    assert "bf16 linear layer 0.5x the fp32 time" in quality.environment()["machine"]
+    assert capsys.readouterr().err == ""
