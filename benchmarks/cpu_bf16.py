@@ -17,13 +17,14 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from core_bench import machine_info  # noqa: E402
 
 from nirvana_pl.embedded import load_smollm2  # noqa: E402
 from nirvana_pl.hardware import SLOW_BF16_RATIO, cpu_bf16_slowdown  # noqa: E402
@@ -48,14 +49,6 @@ def step_seconds(model: torch.nn.Module, ids: torch.Tensor, bf16: bool, steps: i
     return times
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fp32-steps", type=int, default=2)
@@ -71,10 +64,11 @@ def main() -> None:
     bf16 = step_seconds(model, ids, bf16=True, steps=args.bf16_steps)
     print(f"bf16 autocast step: {min(bf16):.1f} s ({min(bf16) / min(fp32):.1f}x the fp32 step)", flush=True)
 
+    info = machine_info()
     out = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPU cores ({cpu_model()}), torch {torch.__version__} "
-                   f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads",
+        "machine": f"{info['cpu_count']} CPU cores ({info['cpu_model']}), torch {info['torch']} "
+                   f"({torch.backends.cpu.get_cpu_capability()}), {info['torch_num_threads']} threads",
         "linear_bf16_over_fp32": ratio,
         "slow_bf16_ratio": SLOW_BF16_RATIO,
         "step_seconds": {"fp32": fp32, "bf16_autocast": bf16},

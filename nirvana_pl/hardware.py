@@ -17,9 +17,8 @@ import time
 import torch
 
 SLOW_BF16_RATIO = 3.0
-"""A bf16 linear layer taking more than this many times the fp32 one means the CPU has no native bf16: the
-fallback measured 6-10x on the AVX2 CPU above, while on a CPU with bf16 matrix units a bf16-autocast training step
-of SmolLM2-135M takes about half the fp32 time (4.5 s against 10 s)."""
+"""A bf16 linear layer taking more than this many times the fp32 one means the CPU has no native bf16 (the fallback
+measured 8.7-9.4x on the AVX2 CPU above)."""
 
 
 @functools.lru_cache(maxsize=1)
