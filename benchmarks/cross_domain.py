@@ -423,29 +423,27 @@ def prune_arm(model, scores, estimator, gamma, s, cfg, probe, reference) -> tupl
 
 class CompensationBatches:
     """The batches a compensated arm fits its column updates on, as the callback's default does: the warm-up
-    batches the hybrid scores and the windows it samples as ``estimator`` does (sampled once a draw, when first
-    needed); and the seconds it takes (the sampling once, plus the mean fit of a plan)."""
+    batches the hybrid scores and the windows its first scoring samples as ``estimator`` does (sampled here again,
+    with the same seed, once a draw when first needed: :func:`draw_scores` keeps no windows); and the seconds the
+    callback spends on it, the mean fit of a plan (the callback hands the first scoring's windows over)."""
 
     def __init__(self, model: nn.Module, d: dict, estimator: str):
         self.model, self.kept = model, d["warmup"][-callback_default("num_calibration_batches") :]
         self.estimator = estimator
         self._batches: list | None = None
-        self.sampling = 0.0
         self.fits: list[float] = []
 
     def batches(self) -> list:
         if self._batches is None:
             from nirvana_pl.saliency import self_sampled_windows
 
-            t0 = time.perf_counter()
             kept = [{"input_ids": b} for b in self.kept]
             with bf16(), sampler_of(self.estimator):
                 self._batches = kept + self_sampled_windows(self.model, kept, seed=0)
-            self.sampling = time.perf_counter() - t0
         return self._batches
 
     def seconds(self) -> float:
-        return self.sampling + (statistics.mean(self.fits) if self.fits else 0.0)
+        return statistics.mean(self.fits) if self.fits else 0.0
 
 
 @contextlib.contextmanager

@@ -125,7 +125,7 @@ class NirvanaPruningCallback(Callback):
         compensate: after the plan is chosen and before the cut, update the kept input columns of o_proj /
             down_proj by least squares so that they carry what the removed units contributed, as far as the kept
             inputs predict it (:mod:`nirvana_pl.compensation`), fitted on the event's calibration batches (and,
-            for ``fisher_functional_self``, the windows of its first scoring, sampled again). Costs forward passes
+            for ``fisher_functional_self``, the windows its first scoring sampled). Costs forward passes
             over those batches (once per group of layers whose Gram matrices fit in 2 GiB) and a solve per weight;
             fused expert weights stay as they are. None (default): on for ``fisher_functional_self``, off for the
             others (which then prune as the paper does); True with an Adam-state or data-free saliency collects the
@@ -593,8 +593,11 @@ class NirvanaPruningCallback(Callback):
         start = time.perf_counter()
         model = self.model
         total_before = base_parameter_count(model)
-        plan, selection = self._agreed_plan(trainer, event)
-        compensation = self._compensation(trainer, event, plan)
+        index = self.schedule.events.index(event)
+        batches = self._calibration_batches()
+        sampled = self._sampled_windows(trainer, index, batches)
+        plan, selection = self._agreed_plan(trainer, index, batches, sampled)
+        compensation = self._compensation(trainer, plan, batches, sampled)
         if self._distiller is not None and self._distiller.wants_new_teacher():
             self._distiller.set_teacher(make_teacher(model, self._teacher_dtype))  # the model before the cut
         self._cut(trainer, pl_module, plan, compensation)
@@ -621,10 +624,26 @@ class NirvanaPruningCallback(Callback):
         if trainer.is_global_zero:  # (no collective in here: the folder was agreed in on_train_start)
             self._write_event_report(record, selection)
 
-    def _agreed_plan(self, trainer: pl.Trainer, event: PruneEvent) -> tuple[PruningPlan, dict[str, Any] | None]:
-        """The plan of ``event`` that every rank applies (rank 0's), and its KL selection summary if any."""
-        index = self.schedule.events.index(event)
-        calibration: Any = self.selector or self._calibration_batches()
+    def _sampled_windows(
+        self, trainer: pl.Trainer, index: int, batches: list[Any] | None
+    ) -> list[dict[str, torch.Tensor]] | None:
+        """The windows the self-sampling saliency samples from the model before event ``index`` (shaped like the
+        calibration ``batches``), which its first scoring and the compensation both read; None for the others
+        (and without batches, which the scoring then refuses with the fix)."""
+        if self.saliency not in SELF_SAMPLING_ESTIMATORS or not batches:
+            return None
+        with trainer.precision_plugin.forward_context():
+            return self_sampled_windows(
+                self.model, check_calibration(self.model, batches), self.seed + index, trainer.global_rank,
+                self.num_sampled_batches, progress=trainer.is_global_zero,
+            )
+
+    def _agreed_plan(
+        self, trainer: pl.Trainer, index: int, batches: list[Any] | None, sampled: list[Any] | None
+    ) -> tuple[PruningPlan, dict[str, Any] | None]:
+        """The plan of event ``index`` that every rank applies (rank 0's), and its KL selection summary if any;
+        ``batches``, ``sampled``: the event's calibration batches and sampled windows."""
+        calibration: Any = self.selector or batches
         optimizer_scores = {kind: acc.scores() for kind, acc in self._adam.items()}
         expert_load = None
         if self._counts_routing:  # (a collective: every rank, every event)
@@ -637,7 +656,7 @@ class NirvanaPruningCallback(Callback):
                 self.model, self.saliency, self._alloc[index], self._reference, calibration=calibration,
                 gamma_auto=self.gamma_auto, gamma_grid=self.gamma_grid, optimizer_scores=optimizer_scores or None,
                 expert_load=expert_load, seed=self.seed + index, rank=trainer.global_rank,
-                num_sampled_batches=self.num_sampled_batches, scoring_stages=self.scoring_stages,
+                num_sampled_batches=self.num_sampled_batches, sampled=sampled, scoring_stages=self.scoring_stages,
                 progress=trainer.is_global_zero,
             )
         plan, agreed = agree_on_plan(plan)
@@ -656,20 +675,19 @@ class NirvanaPruningCallback(Callback):
         """The event's calibration batches: the given ones, else those collected in the warm-up window."""
         return list(self._collected) if self._collects_batches else self.calibration
 
-    def _compensation(self, trainer: pl.Trainer, event: PruneEvent, plan: PruningPlan) -> Compensation | None:
-        """The column updates of ``plan`` (see ``compensate``), the same on every rank (the Gram matrices are
-        averaged over the ranks' batches: a collective), or None when compensation is off."""
+    def _compensation(
+        self, trainer: pl.Trainer, plan: PruningPlan, batches: list[Any] | None, sampled: list[Any] | None
+    ) -> Compensation | None:
+        """The column updates of ``plan`` (see ``compensate``), fitted on the event's calibration ``batches`` and
+        ``sampled`` windows, the same on every rank (the Gram matrices are averaged over the ranks' batches: a
+        collective), or None when compensation is off."""
         if not self.compensate or not compensates_anything(self.model, plan):
             return None
-        batches = check_calibration(self.model, self._calibration_batches() or [])
-        reduce = gradient_reduce_hook()
+        fit_on = check_calibration(self.model, batches or []) + list(sampled or [])
         with trainer.precision_plugin.forward_context():
-            if self.saliency in SELF_SAMPLING_ESTIMATORS:  # the windows its first scoring sampled, again
-                index = self.schedule.events.index(event)
-                batches = batches + self_sampled_windows(
-                    self.model, batches, self.seed + index, trainer.global_rank, self.num_sampled_batches
-                )
-            compensation = plan_compensation(self.model, plan, batches, self.compensation_damping, reduce=reduce)
+            compensation = plan_compensation(
+                self.model, plan, fit_on, self.compensation_damping, reduce=gradient_reduce_hook()
+            )
         plan.score_summary["compensation"] = compensation.summary()
         return compensation
 

@@ -113,6 +113,7 @@ def make_plan(
     seed: int = 0,
     rank: int = 0,
     num_sampled_batches: int | None = None,
+    sampled: Sequence[dict[str, torch.Tensor]] | None = None,
     scoring_stages: int | None = None,
     progress: bool = False,
 ) -> tuple[PruningPlan, dict[str, Any] | None]:
@@ -124,7 +125,8 @@ def make_plan(
     estimators to their scores: with a selector the plan of least KL among them is kept. ``expert_load``: the
     tokens routed to each expert of a mixture-of-experts model while training (see
     :class:`~nirvana_pl.router_load.RouterLoad`): the Adam-state scores take it, and any other scores that
-    counted none of their own. ``rank``, ``num_sampled_batches``: see :func:`~nirvana_pl.saliency.compute_scores`.
+    counted none of their own. ``rank``, ``num_sampled_batches``: see :func:`~nirvana_pl.saliency.compute_scores`;
+    ``sampled``: the windows of its first scoring, sampled already (the later stages sample their own).
     ``scoring_stages``: see :func:`staged_plan` (estimators computed from passes, without a selector); None: the
     saliency's default (:data:`DEFAULT_SCORING_STAGES`). The model's weights are never changed here.
     """
@@ -147,17 +149,17 @@ def make_plan(
             )
         optimizer_scores = optimizer_scores[adam_part(saliency)]
 
-    def score() -> UnitScores:
+    def score(windows: Sequence[dict[str, torch.Tensor]] | None = None) -> UnitScores:
         scores = compute_scores(
             model, saliency, calibration=None if isinstance(calibration, CalibrationSelector) else calibration,
             optimizer_scores=optimizer_scores, seed=seed, progress=progress, rank=rank,
-            num_sampled_batches=num_sampled_batches,
+            num_sampled_batches=num_sampled_batches, sampled=windows,
         )
         if scores.expert_load is None:
             scores.expert_load = expert_load
         return scores
 
-    scores = score()
+    scores = score(sampled)
     if gamma_auto and isinstance(calibration, CalibrationSelector):
         search = calibration.choose_gamma(model, scores, config, gamma_grid, reference, progress=progress)
         return _with_selection(search.plan, {"gamma_search": search.summary(), "kl": search.best_kl})

@@ -655,6 +655,7 @@ def compute_scores(
     reduce: GradientReduce | None = None,
     rank: int = 0,
     num_sampled_batches: int | None = None,
+    sampled: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> UnitScores:
     """One entry point for all estimators that do not need a training run.
 
@@ -662,12 +663,15 @@ def compute_scores(
     data-parallel rank; ``fisher_functional_self`` samples different windows on each rank (seeded by ``seed`` and
     ``rank``), whose gradients ``reduce`` averages. ``num_sampled_batches``: how many batches of windows
     ``fisher_functional_self`` samples, shaped like the calibration batches in turn (default: as many as there are
-    calibration batches).
+    calibration batches). ``sampled``: for ``fisher_functional_self``, the windows :func:`self_sampled_windows`
+    sampled from ``model`` as it is now (so a caller that also needs them samples once); None: sampled here.
 
     Adam-state estimators cannot be computed here: they need the mean over a warm-up
     window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
     """
     check_estimator(saliency)
+    if sampled is not None and saliency not in SELF_SAMPLING_ESTIMATORS:
+        raise ValueError(f"saliency={saliency!r} samples no windows of its own: pass sampled=None.")
     if adam_part(saliency) is not None and optimizer_scores is None:
         raise SaliencyError(
             f"saliency={saliency!r} reads the optimizer's Adam state during training; it is not "
@@ -678,7 +682,7 @@ def compute_scores(
         return optimizer_scores
     if saliency in SELF_SAMPLING_ESTIMATORS:
         return _self_sampled_hybrid(
-            model, calibration, optimizer_scores, seed, rank, progress, reduce, num_sampled_batches
+            model, calibration, optimizer_scores, seed, rank, progress, reduce, num_sampled_batches, sampled
         )
     if saliency in HYBRID_ESTIMATORS:
         part = HYBRID_ESTIMATORS[saliency][1]
@@ -707,16 +711,19 @@ def _self_sampled_hybrid(
     progress: bool,
     reduce: GradientReduce | None,
     num_sampled_batches: int | None,
+    sampled: Sequence[dict[str, torch.Tensor]] | None,
 ) -> UnitScores:
     """``fisher_functional_self``: the model samples ``num_sampled_batches`` batches of windows shaped like the
-    calibration batches in turn (default: one per calibration batch), scored by :func:`self_sampled_scores`."""
+    calibration batches in turn (default: one per calibration batch), scored by :func:`self_sampled_scores`;
+    ``sampled``: those windows, sampled already."""
     if calibration is None:
         raise ValueError(
             "saliency='fisher_functional_self' needs the warm-up window's batches (or calibration=[...]) to score "
             "and to copy the shapes of its sampled windows from."
         )
     batches = check_calibration(model, calibration)
-    sampled = self_sampled_windows(model, batches, seed, rank, num_sampled_batches, progress)
+    if sampled is None:
+        sampled = self_sampled_windows(model, batches, seed, rank, num_sampled_batches, progress)
     return self_sampled_scores(model, batches, sampled, optimizer_scores, progress=progress, reduce=reduce)
 
 

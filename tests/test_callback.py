@@ -342,6 +342,7 @@ def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leav
 ):
     """The self-sampling hybrid: its windows copy the warm-up batches' shapes, and the fit's random state after the
     prune is the one the plain hybrid leaves (the sampler draws from its own generator)."""
+    import nirvana_pl.callback as callback_module
     import nirvana_pl.saliency as saliency
 
     shapes, windows = [], []
@@ -354,6 +355,14 @@ def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leav
         return out
 
     monkeypatch.setattr(saliency, "sample_like", spy)
+    fitted_on = []
+    real_fit = callback_module.plan_compensation
+
+    def spy_fit(model, plan, batches, damping, reduce=None):
+        fitted_on.append(torch.cat([b["input_ids"] for b in batches]))
+        return real_fit(model, plan, batches, damping, reduce=reduce)
+
+    monkeypatch.setattr(callback_module, "plan_compensation", spy_fit)
 
     class RandomState(Callback):
         def on_train_end(self, trainer, pl_module):
@@ -369,9 +378,10 @@ def test_fisher_functional_self_samples_windows_like_the_warmup_batches_and_leav
         assert cb.plans[0].saliency == name and abs(cb.plans[0].realised_sparsity - 0.4) < 0.05
         runs[name] = (state.state, cb.plans[0].fingerprint())
     # one event, scored in the default 2 stages: each stage samples windows like the event's two batches, and the
-    # compensation fits on the first stage's windows again (sampled again from the same model and seed)
-    assert shapes == [([(4, 16), (4, 16)], [(4, 16), (4, 16)])] * 3
-    assert torch.equal(windows[2], windows[0]) and not torch.equal(windows[1], windows[0])
+    # compensation fits on the event's two batches and the first stage's windows, handed over (not sampled again)
+    assert shapes == [([(4, 16), (4, 16)], [(4, 16), (4, 16)])] * 2
+    assert not torch.equal(windows[1], windows[0])
+    assert len(fitted_on) == 1 and torch.equal(fitted_on[0][-8:], windows[0])
     assert cb.scoring_stages == 2 and cb.plans[0].score_summary["scoring_stages"] == 2
     assert cb.plans[0].score_summary["compensation"]["tokens"] == 2 * 2 * 4 * 16  # both texts
     assert torch.equal(runs["fisher_functional"][0], runs["fisher_functional_self"][0])
@@ -393,7 +403,7 @@ def test_num_sampled_batches_sets_how_many_batches_the_prune_event_samples(tmp_p
                                 num_sampled_batches=5)  # fmt: skip
     trainer(tmp_path, 5, [cb]).fit(CausalLM(), token_loader())
     assert cb.plans[0].saliency == "fisher_functional_self"
-    assert shapes == [[(4, 16)] * 5] * 3  # (once per scoring stage: 2 by default; once for the compensation)
+    assert shapes == [[(4, 16)] * 5] * 2  # (once per scoring stage, 2 by default; the compensation reuses the first)
     assert cb.plans[0].score_summary["compensation"]["tokens"] == (2 + 5) * 4 * 16
     with pytest.raises(ValueError, match="saliency='fisher_functional' samples none.*Drop num_sampled_batches"):
         NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="fisher_functional",
@@ -424,12 +434,12 @@ def test_the_default_scores_the_prune_event_again_with_the_first_stage_masked_ou
     plan = cb.plans[0]
     assert plan.saliency == "fisher_functional_self" and plan.score_summary["scoring_stages"] == 2
     assert abs(plan.realised_sparsity - 0.4) < 0.05
-    # sampled again, halfway masked out; then the compensation's windows, with no mask
-    assert samples == [0, 1, 1] and len(masks) == 1 and 0.1 < masks[0] < 0.3
+    # sampled again, halfway masked out (the compensation fits on the first windows: no third sampling)
+    assert samples == [0, 1] and len(masks) == 1 and 0.1 < masks[0] < 0.3
     once = NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, gamma=2.0, num_calibration_batches=2,
                                   scoring_stages=1, compensate=False)  # fmt: skip
     trainer(tmp_path / "once", 5, [once]).fit(CausalLM(), token_loader())
-    assert samples == [0, 1, 1, 1] and len(masks) == 1 and "scoring_stages" not in once.plans[0].score_summary
+    assert samples == [0, 1, 1] and len(masks) == 1 and "scoring_stages" not in once.plans[0].score_summary
     assert "compensation" not in once.plans[0].score_summary
     # the other estimators score once unless told otherwise; those a mask cannot change refuse more stages
     assert NirvanaPruningCallback(sparsity=0.4, prune_at=4, warmup_steps=2, saliency="adam_fisher").scoring_stages == 1

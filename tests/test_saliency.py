@@ -491,6 +491,14 @@ def test_fisher_functional_self_combines_adam_state_loss_fisher_and_functional_o
     want = geometric_mean(fisher, functional)
     for got, expected in zip(hybrid.attn + hybrid.mlp, want.attn + want.mlp):
         torch.testing.assert_close(got, expected)
+    # windows sampled already are scored as they are (a caller that also fits on them samples once)
+    given = compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam, sampled=sampled)
+    _close(given, hybrid)
+    other_windows = sample_like(model, batches, seed=6)
+    moved = compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam, sampled=other_windows)
+    assert any(not torch.equal(a, b) for a, b in zip(hybrid.mlp, moved.mlp))
+    with pytest.raises(ValueError, match="'fisher_functional' samples no windows of its own: pass sampled=None"):
+        compute_scores(model, "fisher_functional", calibration, optimizer_scores=adam, sampled=sampled)
     # the sampled windows count: the same estimator without them ranks differently
     plain = compute_scores(model, "fisher_functional", calibration, optimizer_scores=adam)
     assert any(not torch.equal(a.argsort(), b.argsort()) for a, b in zip(hybrid.mlp, plain.mlp))
