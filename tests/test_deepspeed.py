@@ -108,16 +108,10 @@ def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
     return prune
 
 
-# (1, bf16-mixed) and (2, 32-true) run through the same checks in test_zero_resume_after_prune_and_fp32_export
-@pytest.mark.parametrize("stage,precision", [(1, "32-true"), (2, "bf16-mixed"), (3, "32-true"), (3, "bf16-mixed")])
-def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, extensions_dir, stage, precision):
-    # ZeRO-1/2 also take a layer whose whole MLP goes (ZeRO-3 keeps mlp_round_to channels instead)
-    whole_mlp = ("--remove-mlp-of-layer", "1") if stage < 3 else ()
-    proc, records = _run(extensions_dir, tmp_path, "--stage", str(stage), "--precision", precision, *whole_mlp)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    prune = _check_prune(records)
+def _check_stage(prune: dict[int, dict], stage: int) -> None:
+    """What a prune must hold under ZeRO ``stage`` beyond :func:`_check_prune`."""
     assert all(p["zero3_partitions"] == ("ok" if stage == 3 else "not zero3") for p in prune.values())
-    # under ZeRO-3 the callback raises the MLP floor to mlp_round_to (7 in that run)
+    # under ZeRO-3 the callback raises the MLP floor to mlp_round_to (7 in these runs)
     assert all(p["min_mlp_channels"] == ([7] if stage == 3 else [0]) for p in prune.values())
     if stage == 3:
         for p in prune.values():
@@ -130,14 +124,29 @@ def test_zero_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, exten
             assert p["optimizer_groups"] < p["optimizer_groups_before"]
 
 
-# (the default estimator: test_zero2_distillation_of_a_qwen3_with_the_defaults)
-@pytest.mark.parametrize("saliency", ["functional", "taylor_loss", "wanda_sp"])
+# Each run starts 2 processes (about 8 s of imports each on 2 cores), so the ZeRO stages and precisions are spread
+# over the tests rather than crossed in each: stage 3 in fp32 here; stage 1 bf16, stage 2 fp32 (and a layer's whole
+# MLP) and stage 3 bf16 through the same checks in test_zero_resume_after_prune_and_fp32_export; stage 2 bf16 (and
+# a whole MLP) in test_zero2_calibration_estimators_reduce_across_ranks and the tests after it.
+def test_zero3_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, extensions_dir):
+    proc, records = _run(extensions_dir, tmp_path, "--stage", "3", "--precision", "32-true")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _check_stage(_check_prune(records), 3)
+
+
+# (the default estimator: test_zero2_distillation_of_a_qwen3_with_the_defaults; taylor_loss reduces its gradients
+# through the same hook as functional, checked in process by test_ddp's test_gradient_reduce_hook_sees_signed_grads)
+@pytest.mark.parametrize("saliency", ["functional", "wanda_sp"])
 def test_zero2_calibration_estimators_reduce_across_ranks(tmp_path, extensions_dir, saliency):
-    """Each rank scores its own training batches; the reduced scores give every rank rank 0's plan."""
-    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--saliency", saliency)
+    """Each rank scores its own training batches; the reduced scores give every rank rank 0's plan. The plan also
+    removes a layer's whole MLP (an empty weight through the bf16 engine rebuild)."""
+    proc, records = _run(extensions_dir, tmp_path, "--stage", "2", "--precision", "bf16-mixed", "--saliency", saliency,
+                         "--remove-mlp-of-layer", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
+    _check_stage(prune, 2)
     assert all(p["own_plan_matched_rank0"] == [True] for p in prune.values())
+    assert all(p["removed_mlp_of_layer"] == [1] for p in prune.values())
 
 
 def test_zero2_distillation_of_a_qwen3_with_the_defaults(tmp_path, extensions_dir):
@@ -205,6 +214,7 @@ def test_zero_resume_after_prune_and_fp32_export(tmp_path, extensions_dir, stage
     proc, records = _run(extensions_dir, tmp_path, *args, "--save")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
+    _check_stage(prune, stage)
     shapes = prune[0]["shapes"]
     recorded = checkpoint_shapes(tmp_path / "ckpt")
     assert recorded["net.model.layers.0.mlp.gate_proj.weight"][0] == shapes[0][1]
@@ -251,12 +261,13 @@ def _two_nodes(
     return done, _records("\n".join(d.stdout + "\n" + d.stderr for d in done))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_node_deepspeed_run(tmp_path, extensions_dir, stage):
-    done, records = _two_nodes(extensions_dir, tmp_path, SCRIPT, "--stage", str(stage))
+def test_two_node_deepspeed_run(tmp_path, extensions_dir):
+    """ZeRO-3 (the stage that partitions the weights themselves) across two "nodes"."""
+    done, records = _two_nodes(extensions_dir, tmp_path, SCRIPT, "--stage", "3")
     for d in done:
         assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-6000:]
     prune = _check_prune(records)
+    _check_stage(prune, 3)
     assert {p["node_rank"] for p in prune.values()} == {0, 1}
     assert all(p["num_nodes"] == 2 for p in prune.values())
 

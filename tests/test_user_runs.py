@@ -133,43 +133,34 @@ def test_drop_in_config_under_ddp_in_a_users_own_cli(tmp_path):
                                                                    event["kept_mlp_width_per_layer"])])
 
 
-def test_main_jobs_dense_control_under_ddp(tmp_path):
-    """The main job's HeldOutPerplexity(dense_control=true) on the tiny recipe, two DDP processes: the control's
-    gradients are averaged over ranks, as the fit's are."""
-    recipe = tmp_path / "tiny_with_dense_control.yaml"
-    entry = "    - class_path: nirvana_pl.modules.HeldOutPerplexity\n"
-    assert "dense_control: true" in (ROOT / "recipes" / "smollm2_pydoc.yaml").read_text()
-    recipe.write_text(RECIPE.read_text().replace(entry, entry + "      init_args:\n        dense_control: true\n"))
-    args = _recipe_args(tmp_path)
-    args[args.index(str(RECIPE))] = str(recipe)
-    proc = run_killable([sys.executable, "-m", "nirvana_pl.cli", *args, "--trainer.strategy", "ddp"], 300, cwd=ROOT,
-                        env=_env())  # fmt: skip
-    _check_recipe_run(proc, tmp_path)
-    assert "the dense model at the prune, trained the same 3 steps on the same batches" in proc.stdout
-    ppl = json.loads((tmp_path / "lightning_logs" / "version_0" / "run_summary.json").read_text())["perplexity"]
-    assert ppl["dense_control"] > 1 and ppl["dense_control"] != ppl["dense"]
-
-
-def test_main_jobs_gguf_file_under_ddp(tmp_path):
-    """The main job's SavePrunedModel (a Q8_0 GGUF with the SmolLM2 GGUF's tokenizer) on the tiny recipe, two DDP
-    processes: rank 0 writes the file once the other rank is done, and it holds the pruned model's widths."""
+def test_main_jobs_dense_control_and_gguf_file_under_ddp(tmp_path):
+    """The main job's extra callbacks on the tiny recipe, two DDP processes: HeldOutPerplexity(dense_control=true),
+    whose control's gradients are averaged over ranks as the fit's are, and SavePrunedModel's Q8_0 GGUF with the
+    SmolLM2 GGUF's tokenizer, which rank 0 writes once the other rank is done, holding the pruned model's widths."""
     from gguf_reference import metadata
 
     from nirvana_pl.gguf_export import read_gguf_tensors
 
     main_job = (ROOT / "recipes" / "smollm2_pydoc.yaml").read_text()
+    assert "dense_control: true" in main_job
     assert "        gguf_dtype: q8_0\n        gguf_tokenizer: embedded:smollm2\n" in main_job
-    entry = "    - class_path: nirvana_pl.modules.SavePrunedModel\n"
-    recipe = tmp_path / "tiny_with_gguf.yaml"
-    recipe.write_text(RECIPE.read_text().replace(
-        entry, entry + "      init_args:\n        gguf_dtype: q8_0\n        gguf_tokenizer: embedded:smollm2\n"))
+    held_out = "    - class_path: nirvana_pl.modules.HeldOutPerplexity\n"
+    save = "    - class_path: nirvana_pl.modules.SavePrunedModel\n"
+    recipe = tmp_path / "tiny_as_the_main_job.yaml"
+    recipe.write_text(RECIPE.read_text()
+                      .replace(held_out, held_out + "      init_args:\n        dense_control: true\n")
+                      .replace(save, save + "      init_args:\n        gguf_dtype: q8_0\n"
+                               "        gguf_tokenizer: embedded:smollm2\n"))  # fmt: skip
     args = _recipe_args(tmp_path)
     args[args.index(str(RECIPE))] = str(recipe)
     args += ["--model.init_args.config.vocab_size", "49152"]  # (the SmolLM2 vocabulary; the bytes stay ids < 256)
     proc = run_killable([sys.executable, "-m", "nirvana_pl.cli", *args, "--trainer.strategy", "ddp"], 300, cwd=ROOT,
                         env=_env())  # fmt: skip
     _check_recipe_run(proc, tmp_path)
+    assert "the dense model at the prune, trained the same 3 steps on the same batches" in proc.stdout
     summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "run_summary.json").read_text())
+    ppl = summary["perplexity"]
+    assert ppl["dense_control"] > 1 and ppl["dense_control"] != ppl["dense"]
     folder = Path(summary["pruned_model"])
     assert proc.stdout.count("llama.cpp file") == 1, proc.stdout[-3000:]
     meta = metadata(folder / "model.gguf")
