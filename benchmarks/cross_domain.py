@@ -421,6 +421,11 @@ def prune_arm(model, scores, estimator, gamma, s, cfg, probe, reference) -> tupl
                     saliency=estimator), None  # fmt: skip
 
 
+#: a draw's list of the compensated arms whose cost counts the compensation's fit alone (the callback's way since it
+#: hands the first scoring's windows to the fit; earlier costs also count sampling them again)
+FIT_ALONE = "fit_alone"
+
+
 class CompensationBatches:
     """The batches a compensated arm fits its column updates on, as the callback's default does: the warm-up
     batches the hybrid scores and the windows its first scoring samples as ``estimator`` does (sampled here again,
@@ -584,6 +589,9 @@ class Run:
                 for est in {e for e, _ in todo if library_settings(e)[2]}:  # the scores, then the compensation
                     if opens_from_vocabulary(est) in fits:
                         costs[est] = costs[scored_as(est)] + fits[opens_from_vocabulary(est)].seconds()
+                        fit_alone = self.out["draws"][f"{dom}|{seed}"].setdefault(FIT_ALONE, [])
+                        if est not in fit_alone:
+                            fit_alone.append(est)
 
 
     def recovery(self) -> None:
@@ -1108,10 +1116,13 @@ def _cost_table(out: dict) -> list[str]:
     lines = ["## Cost of the scores per draw (seconds, this machine)", "",
              "`adam_*` is the W warm-up steps themselves (the Adam estimators read state the optimizer already has). "
              "`fisher_functional_self` includes the sampling of its windows, at every draw, as the callback does at "
-             "every prune event. A draw scored by several runs shows its fastest time.",
+             "every prune event. The compensated arms (`+comp`) add the compensation's fit, and sampling the first "
+             "scoring's windows again for it (about 15 s), as the callback did before it handed them to the fit; "
+             "those marked * count the fit alone. A draw scored by several runs shows its fastest time.",
              "", "| draw | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]  # fmt: skip
     for key, d in draws.items():
-        cells = [f"{d['score_seconds'][n]:.1f}" if n in d["score_seconds"] else "-" for n in names]
+        cells = [f"{d['score_seconds'][n]:.1f}" + ("*" if n in d.get(FIT_ALONE, ()) else "")
+                 if n in d["score_seconds"] else "-" for n in names]  # fmt: skip
         dom, seed = key.split("|")
         lines.append(f"| {dom}, seed {seed} | " + " | ".join(cells) + " |")
     if "sampling_seconds" in out:

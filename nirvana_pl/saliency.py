@@ -670,8 +670,7 @@ def compute_scores(
     window (see :class:`AdamStateSaliency`), whose result is passed as ``optimizer_scores``.
     """
     check_estimator(saliency)
-    if sampled is not None and saliency not in SELF_SAMPLING_ESTIMATORS:
-        raise ValueError(f"saliency={saliency!r} samples no windows of its own: pass sampled=None.")
+    _check_sampled(saliency, sampled)
     if adam_part(saliency) is not None and optimizer_scores is None:
         raise SaliencyError(
             f"saliency={saliency!r} reads the optimizer's Adam state during training; it is not "
@@ -700,6 +699,16 @@ def compute_scores(
     if saliency == "wanda_sp":
         return wanda_sp_scores(model, batches, reduce=reduce)
     return _gradient_saliency(model, batches, saliency, progress=progress, reduce=reduce)
+
+
+def _check_sampled(saliency: str, sampled: Sequence[dict[str, torch.Tensor]] | None) -> None:
+    """``compute_scores``' ``sampled``: None, or at least one batch for a saliency that samples its windows."""
+    if sampled is None:
+        return
+    if saliency not in SELF_SAMPLING_ESTIMATORS:
+        raise ValueError(f"saliency={saliency!r} samples no windows of its own: pass sampled=None.")
+    if not len(sampled):
+        raise ValueError("sampled holds no windows: pass at least one batch, or sampled=None to sample them here.")
 
 
 def _self_sampled_hybrid(

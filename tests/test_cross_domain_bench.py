@@ -427,3 +427,12 @@ def test_compensation_table_pairs_each_cell_with_its_plain_cut():
     in_domain = 20 * (0.9 * 0.9 * 1.1) ** (1 / 3)
     assert rows == [f"| x+2stage+comp@3 | 50.0 -> {off:.1f} | 20.0 -> {in_domain:.1f} | 12/18 |"]
     assert bench._compensation_table(stage, (0, 1), (0.4,), ["x+2stage@3"]) == []
+
+
+def test_cost_table_marks_the_compensated_costs_that_count_the_fit_alone():
+    out = {"draws": {
+        "pydoc|0": {"score_seconds": {"x": 40.0, "x+comp": 60.0}, bench.FIT_ALONE: ["x+comp"]},
+        "plays|0": {"score_seconds": {"x": 41.0, "x+comp": 75.0}},  # measured while the fit sampled again
+    }}  # fmt: skip
+    rows = [line for line in bench._cost_table(out) if line.startswith("| p")]
+    assert rows == ["| pydoc, seed 0 | 40.0 | 60.0* |", "| plays, seed 0 | 41.0 | 75.0 |"]

@@ -499,6 +499,8 @@ def test_fisher_functional_self_combines_adam_state_loss_fisher_and_functional_o
     assert any(not torch.equal(a, b) for a, b in zip(hybrid.mlp, moved.mlp))
     with pytest.raises(ValueError, match="'fisher_functional' samples no windows of its own: pass sampled=None"):
         compute_scores(model, "fisher_functional", calibration, optimizer_scores=adam, sampled=sampled)
+    with pytest.raises(ValueError, match="sampled holds no windows: pass at least one batch, or sampled=None"):
+        compute_scores(model, "fisher_functional_self", calibration, optimizer_scores=adam, sampled=[])
     # the sampled windows count: the same estimator without them ranks differently
     plain = compute_scores(model, "fisher_functional", calibration, optimizer_scores=adam)
     assert any(not torch.equal(a.argsort(), b.argsort()) for a, b in zip(hybrid.mlp, plain.mlp))
