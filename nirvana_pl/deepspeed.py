@@ -165,47 +165,59 @@ def deepspeed_allocations(
     strategy: Any, model: nn.Module, allocs: Sequence[AllocationConfig], recovery: Any = None
 ) -> list[AllocationConfig]:
     """Refuse what the callback cannot do under this DeepSpeed strategy (LoRA; under ZeRO-3 a family whose adapter
-    says ``zero3=False``, or a layer whose MLP was pruned away before) and return ``allocs`` with ZeRO-3's MLP
-    floor."""
+    says ``zero3=False``; under ZeRO-1 and ZeRO-3 a layer whose MLP was pruned away before) and return ``allocs``
+    with the MLP floor of those stages (see :data:`NO_EMPTY_WEIGHTS`)."""
     if recovery is not None or has_lora(model):
         raise ValueError(
             "NirvanaPruningCallback: LoRA adapters (recovery= or a peft model) are not supported under "
             "DeepSpeed yet (the engine would have to be rebuilt around the adapters). Use DDP or a single "
             "device for LoRA, or recover with full fine-tuning under DeepSpeed."
         )
-    if zero_stage(strategy) != 3:
-        return list(allocs)
-    if not architecture_of(model).zero3:
+    stage = zero_stage(strategy)
+    if stage == 3 and not architecture_of(model).zero3:
         mtype = base_model_type(model.config)
         raise ValueError(
             f"NirvanaPruningCallback does not support {mtype!r} models under DeepSpeed ZeRO-3 yet; use "
             f"DeepSpeedStrategy(stage=2) (or 1) for {mtype!r}."
         )
-    check_no_empty_mlp({i: u.mlp_width for i, u in enumerate(find_units(model)) if u.mlp_weights}, "the model")
-    floored = [zero3_allocation(a) for a in allocs]
+    if stage not in NO_EMPTY_WEIGHTS:
+        return list(allocs)
+    widths = {i: u.mlp_width for i, u in enumerate(find_units(model)) if u.mlp_weights}
+    check_no_empty_mlp(widths, "the model", stage)
+    floored = [mlp_floor_allocation(a) for a in allocs]
     raised = sorted({a.min_mlp_channels for a, b in zip(allocs, floored) if a != b})
     if raised:
         rank_zero_info(
-            f"NirvanaPruningCallback: under DeepSpeed ZeRO-3 every layer keeps at least {floored[0].min_mlp_channels} "
-            f"MLP channels (min_mlp_channels raised from {raised[0]}): ZeRO-3 cannot hold a weight with no elements."
+            f"NirvanaPruningCallback: under DeepSpeed ZeRO-{stage} every layer keeps at least "
+            f"{floored[0].min_mlp_channels} MLP channels (min_mlp_channels raised from {raised[0]}): "
+            f"{NO_EMPTY_WEIGHTS[stage]}."
         )
     return floored
 
 
-def zero3_allocation(config: AllocationConfig) -> AllocationConfig:
-    """``config`` with every layer keeping at least ``mlp_round_to`` MLP channels: ZeRO-3 cannot
-    hold a weight with no elements (it never gathers one for the forward or backward)."""
+#: the ZeRO stages that cannot carry a weight with no elements (a layer's MLP pruned away), and why
+NO_EMPTY_WEIGHTS = {
+    1: "a ZeRO-1 checkpoint records no shape for a weight with no elements, so its fp32 export "
+       "(convert_zero_checkpoint_to_fp32_state_dict) would drop it",
+    3: "ZeRO-3 cannot hold a weight with no elements (it never gathers one for the forward or backward)",
+}  # fmt: skip
+
+
+def mlp_floor_allocation(config: AllocationConfig) -> AllocationConfig:
+    """``config`` with every layer keeping at least ``mlp_round_to`` MLP channels (see :data:`NO_EMPTY_WEIGHTS`)."""
     return dataclasses.replace(config, min_mlp_channels=max(config.min_mlp_channels, config.mlp_round_to))
 
 
-def check_no_empty_mlp(mlp_widths: Mapping[int, int], where: str) -> None:
-    """Refuse MLPs of width 0 under ZeRO-3 (``mlp_widths``: layer index -> MLP channels, for layers with an MLP)."""
+def check_no_empty_mlp(mlp_widths: Mapping[int, int], where: str, stage: int) -> None:
+    """Refuse MLPs of width 0 under ZeRO ``stage`` (one of :data:`NO_EMPTY_WEIGHTS`); ``mlp_widths``: layer index ->
+    MLP channels, for layers with an MLP."""
     empty = [i for i, width in mlp_widths.items() if width == 0]
     if empty:
         raise ValueError(
-            f"{where} has no MLP channels in layers {empty}, but DeepSpeed ZeRO-3 cannot hold a weight with "
-            "no elements. Keep some channels in every layer (min_mlp_channels=mlp_round_to, the callback's "
-            "default under ZeRO-3), or train this model under DeepSpeedStrategy(stage=2) (or 1), DDP or one device."
+            f"{where} has no MLP channels in layers {empty}, but under DeepSpeed ZeRO-{stage} "
+            f"{NO_EMPTY_WEIGHTS[stage]}. Keep some channels in every layer (min_mlp_channels=mlp_round_to, the "
+            f"callback's default under ZeRO-{stage}), or train this model under DeepSpeedStrategy(stage=2), DDP "
+            "or one device."
         )
 
 
@@ -309,9 +321,9 @@ def prune_engine(
     (``step``: the carried Adam step counts per group, ``params``: parameters carried over).
     """
     check_deepspeed_strategy(strategy)
-    if zero_stage(strategy) == 3:
+    if zero_stage(strategy) in NO_EMPTY_WEIGHTS:
         kept = {i: len(layer.kept_mlp_channels) for i, layer in enumerate(plan.layers) if layer.mlp_channels_before}
-        check_no_empty_mlp(kept, "the pruning plan")
+        check_no_empty_mlp(kept, "the pruning plan", zero_stage(strategy))
     pl_module = strategy.lightning_module
     ds_optimizer = strategy.optimizers[0]
     slices = {id(p): take for p, take in planned_slices(model, plan)}  # validates the plan
@@ -540,7 +552,9 @@ def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, torch.Size] | Non
     Reads the model-states file of the tag in ``latest`` (else any tag): ``mp_rank_00_model_states.pt``
     under ZeRO-1/2, one rank's ``zero_pp_rank_*_mp_rank_00_model_states.pt`` under ZeRO-3 (any rank's
     records the same shapes; a node without a shared filesystem holds only its own ranks' files). The
-    file is memory-mapped; only the recorded shapes are read.
+    file is memory-mapped; only the recorded shapes are read. A weight pruned to no elements (a layer's whole
+    MLP) is not the optimizer's, and DeepSpeed records its shape with the frozen weights only under ZeRO-2/3; under
+    ZeRO-1 it is read from the module's state dict, which holds it whole.
     """
     root = Path(checkpoint_dir)
     if not root.is_dir():
@@ -560,8 +574,11 @@ def checkpoint_shapes(checkpoint_dir: str | Path) -> dict[str, torch.Size] | Non
     for group in state.get("param_shapes") or []:
         shapes.update({name: torch.Size(shape) for name, shape in group.items()})
     shapes.update({name: torch.Size(shape) for name, shape in (state.get("frozen_param_shapes") or {}).items()})
-    if not shapes and isinstance(state.get("module"), Mapping):
-        shapes = {name: t.shape for name, t in state["module"].items() if isinstance(t, torch.Tensor)}
+    module = state.get("module") if isinstance(state.get("module"), Mapping) else {}
+    if not shapes:
+        shapes = {name: t.shape for name, t in module.items() if isinstance(t, torch.Tensor)}
+    shapes.update({name: t.shape for name, t in module.items()
+                   if name not in shapes and isinstance(t, torch.Tensor) and t.numel() == 0})  # fmt: skip
     return shapes or None
 
 

@@ -111,8 +111,8 @@ def _check_prune(records: list[dict], world_size: int = 2) -> dict[int, dict]:
 def _check_stage(prune: dict[int, dict], stage: int) -> None:
     """What a prune must hold under ZeRO ``stage`` beyond :func:`_check_prune`."""
     assert all(p["zero3_partitions"] == ("ok" if stage == 3 else "not zero3") for p in prune.values())
-    # under ZeRO-3 the callback raises the MLP floor to mlp_round_to (7 in these runs)
-    assert all(p["min_mlp_channels"] == ([7] if stage == 3 else [0]) for p in prune.values())
+    # under ZeRO-1 and ZeRO-3 the callback raises the MLP floor to mlp_round_to (7 in the ZeRO-3 runs, else 8)
+    assert all(p["min_mlp_channels"] == {1: [8], 2: [0], 3: [7]}[stage] for p in prune.values())
     if stage == 3:
         for p in prune.values():
             # odd sizes: ZeRO-3 padded the last rank's partition of some weights, among them weights the prune
@@ -125,9 +125,10 @@ def _check_stage(prune: dict[int, dict], stage: int) -> None:
 
 
 # Each run starts 2 processes (about 8 s of imports each on 2 cores), so the ZeRO stages and precisions are spread
-# over the tests rather than crossed in each: stage 3 in fp32 here; stage 1 bf16, stage 2 fp32 (and a layer's whole
-# MLP) and stage 3 bf16 through the same checks in test_zero_resume_after_prune_and_fp32_export; stage 2 bf16 (and
-# a whole MLP) in test_zero2_calibration_estimators_reduce_across_ranks and the tests after it.
+# over the tests rather than crossed in each: stage 3 in fp32 here; stage 1 bf16, stage 2 fp32 (with a layer's whole
+# MLP removed) and stage 3 bf16 through the same checks in test_zero_resume_after_prune_and_fp32_export; stage 2 bf16
+# (and a whole MLP) in test_zero2_calibration_estimators_reduce_across_ranks and the two tests after it. (ZeRO-1 and
+# ZeRO-3 keep mlp_round_to channels per layer: test_zero1_and_zero3_raise_the_mlp_floor_...)
 def test_zero3_prune_keeps_ranks_identical_and_carries_adam_state(tmp_path, extensions_dir):
     proc, records = _run(extensions_dir, tmp_path, "--stage", "3", "--precision", "32-true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -157,6 +158,7 @@ def test_zero2_distillation_of_a_qwen3_with_the_defaults(tmp_path, extensions_di
                          "default", "--distill", "--kind", "qwen3")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)  # ranks identical, training goes on and the (mixed) loss falls
+    _check_stage(prune, 2)
     assert all(p["own_plan_matched_rank0"] == [True] and p["scoring_stages"] == 2 for p in prune.values())
     # the default compensates: the fp32 masters of o_proj / down_proj carry the column updates (checked against the
     # same updates and surgery on the dense masters in one process, by _check_prune)
@@ -175,6 +177,7 @@ def test_zero2_prunes_experts_and_expert_channels_of_a_qwen2_moe(tmp_path, exten
                          "default", "--kind", "qwen2_moe")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     prune = _check_prune(records)
+    _check_stage(prune, 2)
     assert all(p["own_plan_matched_rank0"] == [True] and p["compensated_weights"] > 0 for p in prune.values())
     assert any(kept < 4 for kept in prune[0]["experts_kept"]), prune[0]["experts_kept"]
     assert any(width < 64 for width in prune[0]["shared_widths"]), prune[0]["shared_widths"]
@@ -322,7 +325,7 @@ def test_check_strategy_accepts_zero_1_2_3_and_refuses_others():
     distributed.check_strategy(object.__new__(DDPStrategy))
 
 
-def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
+def test_zero1_and_zero3_raise_the_mlp_floor_and_refuse_empty_mlps_and_zero3_lora_and_t5():
     from types import SimpleNamespace
 
     from conftest import tiny_llama, tiny_t5
@@ -335,8 +338,9 @@ def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
 
     allocs = [AllocationConfig(sparsity=0.3), AllocationConfig(sparsity=0.5, min_mlp_channels=16)]
     assert deepspeed_allocations(DeepSpeedStrategy(stage=2), tiny_llama(), allocs) == allocs
-    floored = deepspeed_allocations(DeepSpeedStrategy(stage=3), tiny_llama(), allocs)
-    assert [a.min_mlp_channels for a in floored] == [8, 16]
+    for stage in (1, 3):  # ZeRO-3 cannot hold an empty weight; a ZeRO-1 checkpoint records no shape for one
+        floored = deepspeed_allocations(DeepSpeedStrategy(stage=stage), tiny_llama(), allocs)
+        assert [a.min_mlp_channels for a in floored] == [8, 16]
     with pytest.raises(ValueError, match="LoRA.*not supported under DeepSpeed"):
         deepspeed_allocations(DeepSpeedStrategy(stage=2), tiny_llama(), allocs, recovery={"r": 4})
     with pytest.raises(ValueError, match=r"'t5' models under DeepSpeed ZeRO-3.*stage=2"):
@@ -357,10 +361,13 @@ def test_zero3_raises_the_mlp_floor_and_refuses_lora_t5_and_empty_mlps():
     emptied = tiny_llama()  # its layer 2 MLP was pruned away before (say under ZeRO-2)
     apply_plan(emptied, plan_emptying(2))
     deepspeed_allocations(DeepSpeedStrategy(stage=2), emptied, allocs)
-    with pytest.raises(ValueError, match=r"the model has no MLP channels in layers \[2\].*stage=2"):
+    with pytest.raises(ValueError, match=r"the model has no MLP channels in layers \[2\].*ZeRO-3 cannot hold.*stage=2"):
         deepspeed_allocations(DeepSpeedStrategy(stage=3), emptied, allocs)
-    with pytest.raises(ValueError, match=r"the pruning plan has no MLP channels in layers \[1\].*min_mlp_channels"):
-        prune_engine(DeepSpeedStrategy(stage=3), tiny_llama(), plan_emptying(1))
+    with pytest.raises(ValueError, match=r"layers \[2\].*ZeRO-1 checkpoint records no shape.*convert_zero_checkpoint"):
+        deepspeed_allocations(DeepSpeedStrategy(stage=1), emptied, allocs)
+    for stage in (1, 3):
+        with pytest.raises(ValueError, match=rf"the pruning plan has no MLP channels in layers \[1\].*ZeRO-{stage}"):
+            prune_engine(DeepSpeedStrategy(stage=stage), tiny_llama(), plan_emptying(1))
 
 
 def _resume_votes(rank: int, port: int, cases: list[list[bool]], out: str) -> None:
@@ -402,6 +409,23 @@ def test_cpu_strategy_is_a_deepspeed_strategy():
     assert issubclass(CPUDeepSpeedStrategy, DeepSpeedStrategy)
     assert CPUDeepSpeedStrategy(stage=2).zero_stage_3 is False and CPUDeepSpeedStrategy(stage=3).zero_stage_3
     assert checkpoint_shapes(Path("/nonexistent")) is None
+
+
+def test_checkpoint_shapes_reads_a_weight_pruned_to_nothing_that_zero1_records_only_in_the_module(tmp_path):
+    """ZeRO-1 records the shapes of the optimizer's weights only (no frozen_param_shapes): a layer's MLP pruned to
+    width 0 is found in the module's state dict, so that a resume gives the model that shape before the load."""
+    (tmp_path / "global_step16").mkdir()
+    (tmp_path / "latest").write_text("global_step16")
+    torch.save({
+        "param_shapes": [{"mlp.up_proj.weight": torch.Size([8, 4]), "attn.q_proj.weight": torch.Size([4, 4])}],
+        "frozen_param_shapes": None,
+        "module": {"mlp.up_proj.weight": torch.zeros(8, 4), "attn.q_proj.weight": torch.zeros(4, 4),
+                   "mlp.gate_proj.weight": torch.zeros(0, 4), "mlp.down_proj.weight": torch.zeros(4, 0)},
+    }, tmp_path / "global_step16" / "mp_rank_00_model_states.pt")  # fmt: skip
+    assert checkpoint_shapes(tmp_path) == {
+        "mlp.up_proj.weight": torch.Size([8, 4]), "attn.q_proj.weight": torch.Size([4, 4]),
+        "mlp.gate_proj.weight": torch.Size([0, 4]), "mlp.down_proj.weight": torch.Size([4, 0]),
+    }  # fmt: skip
 
 
 def test_save_pruned_refuses_zero3_partitioned_weights_and_names_the_convert_path(tmp_path):
