@@ -197,9 +197,9 @@ def deepspeed_allocations(
 
 #: the ZeRO stages that cannot carry a weight with no elements (a layer's MLP pruned away), and why
 NO_EMPTY_WEIGHTS = {
-    1: "a ZeRO-1 checkpoint records no shape for a weight with no elements, so its fp32 export "
+    1: "DeepSpeed ZeRO-1 checkpoints record no shape for a weight with no elements, so their fp32 export "
        "(convert_zero_checkpoint_to_fp32_state_dict) would drop it",
-    3: "ZeRO-3 cannot hold a weight with no elements (it never gathers one for the forward or backward)",
+    3: "DeepSpeed ZeRO-3 cannot hold a weight with no elements (it never gathers one for the forward or backward)",
 }  # fmt: skip
 
 
@@ -214,10 +214,9 @@ def check_no_empty_mlp(mlp_widths: Mapping[int, int], where: str, stage: int) ->
     empty = [i for i, width in mlp_widths.items() if width == 0]
     if empty:
         raise ValueError(
-            f"{where} has no MLP channels in layers {empty}, but under DeepSpeed ZeRO-{stage} "
-            f"{NO_EMPTY_WEIGHTS[stage]}. Keep some channels in every layer (min_mlp_channels=mlp_round_to, the "
-            f"callback's default under ZeRO-{stage}), or train this model under DeepSpeedStrategy(stage=2), DDP "
-            "or one device."
+            f"{where} has no MLP channels in layers {empty}, but {NO_EMPTY_WEIGHTS[stage]}. Keep some channels in "
+            f"every layer (min_mlp_channels=mlp_round_to, the callback's default under ZeRO-{stage}), or train this "
+            "model under DeepSpeedStrategy(stage=2), DDP or one device."
         )
 
 
