@@ -320,9 +320,10 @@ def prune_engine(
     (``step``: the carried Adam step counts per group, ``params``: parameters carried over).
     """
     check_deepspeed_strategy(strategy)
-    if zero_stage(strategy) in NO_EMPTY_WEIGHTS:
+    stage = zero_stage(strategy)
+    if stage in NO_EMPTY_WEIGHTS:
         kept = {i: len(layer.kept_mlp_channels) for i, layer in enumerate(plan.layers) if layer.mlp_channels_before}
-        check_no_empty_mlp(kept, "the pruning plan", zero_stage(strategy))
+        check_no_empty_mlp(kept, "the pruning plan", stage)
     pl_module = strategy.lightning_module
     ds_optimizer = strategy.optimizers[0]
     slices = {id(p): take for p, take in planned_slices(model, plan)}  # validates the plan
