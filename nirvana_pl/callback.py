@@ -634,8 +634,8 @@ class NirvanaPruningCallback(Callback):
             return None
         with trainer.precision_plugin.forward_context():
             return self_sampled_windows(
-                self.model, check_calibration(self.model, batches), self.seed + index, trainer.global_rank,
-                self.num_sampled_batches, progress=trainer.is_global_zero,
+                self.model, batches, self.seed + index, trainer.global_rank, self.num_sampled_batches,
+                progress=trainer.is_global_zero,
             )
 
     def _agreed_plan(
@@ -671,9 +671,11 @@ class NirvanaPruningCallback(Callback):
         check_same_plan(plan)
         return plan, selection
 
-    def _calibration_batches(self) -> list[Any] | None:
-        """The event's calibration batches: the given ones, else those collected in the warm-up window."""
-        return list(self._collected) if self._collects_batches else self.calibration
+    def _calibration_batches(self) -> list[dict[str, torch.Tensor]] | None:
+        """The event's calibration batches, checked once: the given ones, else those collected in the warm-up
+        window; None or empty when there are none (the scoring and the compensation then refuse with the fix)."""
+        batches = list(self._collected) if self._collects_batches else self.calibration
+        return check_calibration(self.model, batches) if batches else batches
 
     def _compensation(
         self, trainer: pl.Trainer, plan: PruningPlan, batches: list[Any] | None, sampled: list[Any] | None
@@ -683,7 +685,7 @@ class NirvanaPruningCallback(Callback):
         collective), or None when compensation is off."""
         if not self.compensate or not compensates_anything(self.model, plan):
             return None
-        fit_on = check_calibration(self.model, batches or []) + list(sampled or [])
+        fit_on = list(batches or []) + list(sampled or [])
         with trainer.precision_plugin.forward_context():
             compensation = plan_compensation(
                 self.model, plan, fit_on, self.compensation_damping, reduce=gradient_reduce_hook()
