@@ -22,6 +22,8 @@ from .units import LayerUnits, find_units, prunable_parameter_count, removed_par
 
 #: config attribute where a pruned model remembers its dense reference
 CONFIG_KEY = "nirvana_dense_reference"
+#: MLP fraction removed over KV-group fraction removed, when not given (the callback, prune(), `nirvana-pl prune`)
+DEFAULT_GAMMA = 3.0
 
 
 class InfeasibleSparsityError(ValueError):
@@ -95,7 +97,7 @@ class AllocationConfig:
     """How a target sparsity becomes kept units. Validated on construction."""
 
     sparsity: float
-    gamma: float = 3.0
+    gamma: float = DEFAULT_GAMMA
     #: KV groups every layer keeps; at least the groups per layer keeps all attention (MLP-only pruning,
     #: gamma then has no effect)
     min_kv_groups: int = 1

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from .allocate import DenseReference, check_feasible, check_router_loss
+from .allocate import DEFAULT_GAMMA, DenseReference, check_feasible, check_router_loss
 from .arch import architecture_of
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector
 from .compensation import (
@@ -161,7 +161,7 @@ class NirvanaPruningCallback(Callback):
         prune_at: int | None = None,
         warmup_steps: int = 100,
         saliency: str = "fisher_functional_self",
-        gamma: float | str = 3.0,
+        gamma: float | str = DEFAULT_GAMMA,
         *,
         schedule: Mapping[int, float] | None = None,
         calibration: Iterable[Any] | CalibrationSelector | None = None,

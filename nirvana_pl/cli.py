@@ -425,7 +425,7 @@ def prune_command(
     overwrite: bool = False,
     sparsity: float = 0.3,
     saliency: Literal["functional", "taylor_loss", "wanda_sp", "magnitude", "random"] = "functional",
-    gamma: float = 2.0,
+    gamma: float = 3.0,  # allocate.DEFAULT_GAMMA (not imported: this module loads without torch)
     calibration_windows: int = 32,
     calibration_batch_size: int = 8,
     evaluate: bool = True,

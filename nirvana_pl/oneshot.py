@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .allocate import AllocationConfig, DenseReference, allocate
+from .allocate import DEFAULT_GAMMA, AllocationConfig, DenseReference, allocate
 from .calibration import DEFAULT_GAMMA_GRID, CalibrationSelector, masked
 from .compensation import (
     DEFAULT_DAMPING,
@@ -205,7 +205,7 @@ def prune(
     sparsity: float,
     saliency: str = "functional",
     calibration: Iterable[Any] | CalibrationSelector | None = None,
-    gamma: float | str = 2.0,
+    gamma: float | str = DEFAULT_GAMMA,
     *,
     gamma_grid: Sequence[float] = DEFAULT_GAMMA_GRID,
     min_kv_groups: int = 1,

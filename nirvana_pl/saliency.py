@@ -343,8 +343,9 @@ def _not_trained_message(saliency: str, where: str, w: WeightSlice) -> str:
     )
     return (
         f"saliency={saliency!r} reads the Adam state of the weights, but {where} {why}. Use "
-        "saliency='functional' with calibration batches: it takes base-weight gradients for the calibration "
-        "backward only and leaves nothing behind."
+        "saliency='functional' (the callback scores it on the warm-up window's batches; prune() takes "
+        "calibration=[...]): it takes base-weight gradients for the calibration backward only and leaves nothing "
+        "behind."
     )
 
 

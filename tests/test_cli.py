@@ -20,6 +20,7 @@ from processes import run_killable
 
 import nirvana_pl
 from nirvana_pl import cli
+from nirvana_pl.allocate import DEFAULT_GAMMA
 from nirvana_pl.callback import NirvanaPruningCallback
 from nirvana_pl.modules import SavePrunedModel
 
@@ -173,6 +174,7 @@ def test_prune_then_eval_commands(byte_model_dir, tmp_path, capsys):
                  "run_summary.json"):
         assert (out / name).is_file(), name
     plan = nirvana_pl.PruningPlan.load(out / "plan.json")
+    assert plan.gamma == DEFAULT_GAMMA == 3.0  # no --gamma: the callback's and prune()'s gamma
     model = nirvana_pl.load_pruned(out / "pruned_model")
     assert [layer.mlp.gate_proj.out_features for layer in model.model.layers] == plan.mlp_widths_kept()
 

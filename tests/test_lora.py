@@ -154,11 +154,15 @@ def test_adapters_are_not_counted_as_prunable_parameters():
     assert prunable_parameter_count(model.base_model.model) == prunable_parameter_count(plain)
 
 
-def test_adam_state_saliency_on_a_frozen_lora_base_suggests_functional(tmp_path):
+@pytest.mark.parametrize("saliency", ["adam_taylor", None])  # None: the default, whose fisher half reads it too
+def test_adam_state_saliency_on_a_frozen_lora_base_suggests_functional(tmp_path, saliency):
     module = LM(_lora_model(targets=["q_proj", "v_proj"]).base_model.model)
-    cb = NirvanaPruningCallback(sparsity=0.3, prune_at=3, warmup_steps=2, saliency="adam_taylor")
-    with pytest.raises(SaliencyError, match="frozen base weight of a LoRA layer.*functional"):
-        trainer(tmp_path, max_steps=4, callbacks=[cb]).fit(module, token_loader())
+    chosen = {} if saliency is None else {"saliency": saliency}
+    cb = NirvanaPruningCallback(sparsity=0.3, prune_at=3, warmup_steps=2, **chosen)
+    fit = trainer(tmp_path, max_steps=4, callbacks=[cb])
+    with pytest.raises(SaliencyError, match=f"{cb.saliency}.*frozen base weight of a LoRA layer.*'functional'"):
+        fit.fit(module, token_loader())
+    assert fit.global_step == 0  # refused before the first step
 
 
 def test_lora_model_pruned_mid_fit_keeps_training_its_adapters(tmp_path):

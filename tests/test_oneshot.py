@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import calib_batches, tiny_llama, tiny_qwen2
-from nirvana_pl.allocate import DenseReference, InfeasibleSparsityError
+from nirvana_pl.allocate import DEFAULT_GAMMA, DenseReference, InfeasibleSparsityError
 from nirvana_pl.oneshot import prune
 from nirvana_pl.plan import PruningPlan
 from nirvana_pl.units import prunable_parameter_count
@@ -52,7 +52,7 @@ def test_prune_is_deterministic():
 def test_prune_iteratively_with_reference():
     model = tiny_llama()
     ref = DenseReference.of(copy.deepcopy(model))
-    prune(model, 0.2, saliency="magnitude")
+    assert prune(model, 0.2, saliency="magnitude").gamma == DEFAULT_GAMMA  # (gamma not given)
     plan = prune(model, 0.4, saliency="magnitude", reference=ref)
     block = 8 * ref.mlp_channel_cost + ref.kv_group_cost
     assert abs(plan.realised_sparsity - 0.4) * ref.prunable_params <= block
