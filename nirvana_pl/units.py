@@ -381,7 +381,8 @@ def check_supported(model: nn.Module) -> None:
 
 
 def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
-    """The transformers model inside a LightningModule (``model_attr`` dotted path, or searched)."""
+    """The transformers model inside a LightningModule (``model_attr`` dotted path, or searched: the one prunable
+    model, or among several the only one with trainable weights; otherwise the error asks for ``model_attr``)."""
     if model_attr is not None:
         obj: Any = pl_module
         for part in model_attr.split("."):
@@ -394,18 +395,32 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
         check_supported(obj)
         return obj
     # (a transformers config has a model_type; a LightningModule may keep a config of its own)
-    candidates = [m for _, m in pl_module.named_modules() if hasattr(getattr(m, "config", None), "model_type")]
-    for module in candidates:
+    candidates = [(n, m) for n, m in pl_module.named_modules() if hasattr(getattr(m, "config", None), "model_type")]
+    found: list[tuple[str, nn.Module]] = []  # the outermost prunable models (a model's own base model is inside it)
+    for name, module in candidates:
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
         try:
             check_supported(module)
-            return module
         except UnsupportedModelError:
             continue
-    found = ", ".join(sorted({type(m).__name__ for m in candidates})) or "no transformers model"
+        found.append((name, module))
+    if len(found) == 1:
+        return found[0][1]
+    trained = [n for n, m in found if any(p.requires_grad for p in m.parameters())]
+    if len(trained) == 1:  # e.g. a frozen reference or teacher model beside the one being trained
+        return dict(found)[trained[0]]
+    if found:
+        listed = ", ".join(f"{n!r} ({type(m).__name__}, {'trained' if n in trained else 'frozen'})" for n, m in found)
+        raise UnsupportedModelError(
+            f"{type(pl_module).__name__} holds {len(found)} prunable models: {listed}. Pass model_attr= the path of "
+            f"the one to prune, e.g. model_attr={found[0][0]!r}."
+        )
+    names = ", ".join(sorted({type(m).__name__ for _, m in candidates})) or "no transformers model"
     from .arch import supported_model_types
 
     raise UnsupportedModelError(
-        f"found no prunable model in {type(pl_module).__name__} ({found}). NirvanaPruningCallback prunes models of "
+        f"found no prunable model in {type(pl_module).__name__} ({names}). NirvanaPruningCallback prunes models of "
         f"type {', '.join(supported_model_types())}; pass model_attr='path.to.model' if it is nested unusually."
     )
 

@@ -243,3 +243,40 @@ def test_model_attr_naming_a_peft_model_finds_the_model_inside(tmp_path):
     cb = NirvanaPruningCallback(sparsity=0.3, prune_at=1, warmup_steps=1, saliency="magnitude", model_attr="m")
     trainer(tmp_path, 2, [cb]).fit(module, token_loader(n=16))
     assert cb.model is inner and len(cb.plans) == 1
+
+
+class _WithReference(CausalLM):
+    """A frozen reference model built before the trained one (as in DPO or a KL-regularised fine-tune)."""
+
+    def __init__(self, freeze_reference: bool = True):
+        torch.manual_seed(1)
+        reference = tiny_llama()
+        super().__init__()
+        net = self.net
+        del self.net
+        self.ref = reference  # registered first: named_modules() meets it before net
+        self.ref.requires_grad_(not freeze_reference)
+        self.net = net
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def test_the_trained_model_is_pruned_not_a_frozen_reference_beside_it(tmp_path):
+    module = _WithReference()
+    reference_width = [u.mlp_width for u in find_units(module.ref)]
+    dense = prunable_parameter_count(module.net)
+    assert next(name for name, m in module.named_modules() if hasattr(m, "config")) == "ref"
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2)  # the default saliency reads Adam's state
+    trainer(tmp_path, 5, [cb]).fit(module, token_loader(n=24))
+    assert cb.model is module.net and cb.records
+    assert abs(prunable_parameter_count(module.net) / dense - 0.5) < 0.05
+    assert [u.mlp_width for u in find_units(module.ref)] == reference_width
+
+
+def test_several_trained_models_ask_for_model_attr():
+    module = _WithReference(freeze_reference=False)
+    listed = r"2 prunable models: 'ref' .*trained.*'net' .*trained.*model_attr="
+    with pytest.raises(nirvana_pl.UnsupportedModelError, match=listed):
+        locate_model(module)
+    assert locate_model(module, "ref") is module.ref and locate_model(module, "net") is module.net
