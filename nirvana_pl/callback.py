@@ -619,8 +619,7 @@ class NirvanaPruningCallback(Callback):
         self._router_load.reset()
         self._collected.clear()
 
-        for name, value in self._event_metrics(pl_module, record, selection).items():
-            pl_module.log(f"nirvana/{name}", float(value), on_step=True, on_epoch=False, batch_size=1)
+        self._log_event(trainer, pl_module, self._event_metrics(pl_module, record, selection))
         if trainer.is_global_zero:  # (no collective in here: the folder was agreed in on_train_start)
             self._write_event_report(record, selection)
 
@@ -724,6 +723,20 @@ class NirvanaPruningCallback(Callback):
             for g, kl in (selection.get("gamma_search") or {}).get("curve", {}).items():
                 metrics[f"gamma_kl_{g}"] = kl
         return metrics
+
+    @staticmethod
+    def _log_event(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: Mapping[str, Any]) -> None:
+        """Write an event's ``metrics`` under ``nirvana/`` to the loggers at this step, and to callback_metrics.
+
+        Straight to the loggers, as LearningRateMonitor does: through ``self.log`` they would wait for Lightning's
+        ``log_every_n_steps`` cadence, reach the loggers at a later step, or never when the epoch ends first.
+        """
+        logged = {f"nirvana/{name}": float(value) for name, value in metrics.items()}
+        for name, value in logged.items():  # (for callbacks that monitor them; the loggers get them below)
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1, logger=False)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch's metrics at
+        for logger in trainer.loggers:  # (Lightning's loggers write on global rank 0 only)
+            logger.log_metrics(logged, step=step)
 
     def _write_event_report(self, record: PruneRecord, selection: Mapping[str, Any] | None) -> None:
         self._report_path = write_report(self._report_dir, self._records, self._reference)

@@ -134,6 +134,21 @@ def test_iterative_schedule_targets_are_relative_to_dense(tmp_path):
     assert abs(1 - prunable_parameter_count(module.net) / dense - 0.5) < 0.05
 
 
+@pytest.mark.parametrize("every", [50, 4])  # Lightning's default; a cadence the prune step falls between
+def test_event_metrics_reach_the_logger_at_the_prune_step(tmp_path, every):
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=6, warmup_steps=2, saliency="adam_taylor")
+    t = trainer(tmp_path, 10, [cb], log_every_n_steps=every)
+    t.fit(CausalLM(), token_loader())
+    with open(t.logger.experiment.metrics_file_path) as f:
+        rows = list(csv.DictReader(f))
+    (event,) = [r for r in rows if r.get("nirvana/realised_sparsity")]
+    assert int(event["step"]) == 5  # the batch of optimizer step 6, numbered as Lightning numbers its rows
+    assert float(event["nirvana/realised_sparsity"]) == pytest.approx(cb.records[0].realised_sparsity)
+    # Lightning's own cadence is left as it was
+    assert {int(r["step"]) for r in rows if r.get("train_loss")} == set(range(every - 1, 10, every))
+    assert t.callback_metrics["nirvana/realised_sparsity"] == pytest.approx(cb.records[0].realised_sparsity)
+
+
 def test_metrics_logged_and_report_written(tmp_path):
     cb = NirvanaPruningCallback(sparsity=0.5, prune_at=5, warmup_steps=2, saliency="adam_taylor")
     t = trainer(tmp_path, 6, [cb])

@@ -211,7 +211,7 @@ def test_recovery_attaches_lora_and_trains_only_the_adapters(tmp_path):
     for n in names:
         moved = not torch.equal(snapshots[4][n], snapshots[8][n])
         assert moved == (n in adapters), n
-    metrics = t.logged_metrics
+    metrics = t.callback_metrics
     assert int(metrics["nirvana/trainable_params"]) == sum(snapshots[8][n].numel() for n in adapters)
     # sizes reported for the model do not count the recovery adapters
     assert cb.records[0].total_params_after == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
