@@ -338,6 +338,8 @@ class NirvanaPruningCallback(Callback):
         self._fitting = stage == "fit"
         self._is_global_zero = trainer.is_global_zero
         self._model = self._locate_model(pl_module)
+        if self._fitting and trainer.global_step == 0 and not self._model_has_last_plan():
+            self._start_new_run()
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
         if is_deepspeed(trainer.strategy):
@@ -365,6 +367,31 @@ class NirvanaPruningCallback(Callback):
             on_cpu = trainer.strategy.root_device.type == "cpu"
             if slow := slow_bf16_message(trainer.precision, on_cpu, "NirvanaPruningCallback"):
                 rank_zero_warn(slow)
+
+    def _start_new_run(self) -> None:
+        """Forget what an earlier fit with this callback object left: its prune records, dense reference, Adam-state
+        scores, warm-up batches and teacher. A fit from step 0 of a model that does not have this callback's last
+        pruned shapes is a new run (a checkpoint it resumes from restores its own state after this)."""
+        self._records.clear()
+        self._reference = None
+        for accumulator in self._adam.values():
+            accumulator.reset()
+        self._collected.clear()
+        self._router_load.reset()
+        self._last_step = -1
+        self._report_path = None
+        if self.distill is not None:
+            self._distiller = Distiller(self.distill)
+
+    def _model_has_last_plan(self) -> bool:
+        """Whether the model has the widths this callback's latest prune left (False before any prune)."""
+        return bool(self._records) and self._last_plan_widths() == self._model_widths()
+
+    def _last_plan_widths(self) -> list[tuple[int, int]]:
+        return [(len(layer.kept_kv_groups), len(layer.kept_mlp_channels)) for layer in self._records[-1].plan.layers]
+
+    def _model_widths(self) -> list[tuple[int, int]]:
+        return [(u.num_kv_groups, u.mlp_width) for u in find_units(self.model)]
 
     def _refuse_other_instances(self, trainer: pl.Trainer) -> None:
         """Two callbacks would each plan against shapes the other has already cut."""
@@ -774,10 +801,7 @@ class NirvanaPruningCallback(Callback):
         self._router_load.load_state_dict(state_dict.get("router_load") or {})
         self._restore_teacher(state_dict.get("teacher"))
         if self._model is not None and self._records:
-            expected = [
-                (len(layer.kept_kv_groups), len(layer.kept_mlp_channels)) for layer in self._records[-1].plan.layers
-            ]
-            actual = [(u.num_kv_groups, u.mlp_width) for u in find_units(self._model)]
+            expected, actual = self._last_plan_widths(), self._model_widths()
             if expected != actual:
                 raise RuntimeError(
                     "the checkpoint's pruning record does not match the model's shapes after loading "

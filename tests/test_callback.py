@@ -149,6 +149,29 @@ def test_event_metrics_reach_the_logger_at_the_prune_step(tmp_path, every):
     assert t.callback_metrics["nirvana/realised_sparsity"] == pytest.approx(cb.records[0].realised_sparsity)
 
 
+def test_a_callback_reused_for_a_new_fit_starts_afresh(tmp_path):
+    """A notebook re-run or a sweep reuses the callback object: each fit from step 0 is a run of its own."""
+
+    def fit(cb, module, steps, data_seed=0):
+        trainer(tmp_path, steps, [cb]).fit(module, token_loader(seed=data_seed))
+        return module
+
+    fresh = NirvanaPruningCallback(sparsity=0.5, prune_at=6, warmup_steps=4)  # the default saliency
+    fit(fresh, CausalLM(), 8)
+    (expected,) = fresh.records
+    reused = NirvanaPruningCallback(sparsity=0.5, prune_at=6, warmup_steps=4)
+    fit(reused, CausalLM(seed=1), 4, data_seed=1)  # a trial fit that ends inside the warm-up window, other data
+    assert not reused.records
+    for _ in range(2):  # the real fit; then again on a new dense module, after a fit that pruned
+        module = fit(reused, CausalLM(), 8)
+        (record,) = reused.records
+        assert record.plan.fingerprint() == expected.plan.fingerprint()
+        assert prunable_parameter_count(module.net) == record.prunable_params_after == expected.prunable_params_after
+    # a new fit of the module this callback pruned keeps its record: nothing is pruned twice
+    fit(reused, module, 8)
+    assert reused.records[0] is record and prunable_parameter_count(module.net) == record.prunable_params_after
+
+
 def test_metrics_logged_and_report_written(tmp_path):
     cb = NirvanaPruningCallback(sparsity=0.5, prune_at=5, warmup_steps=2, saliency="adam_taylor")
     t = trainer(tmp_path, 6, [cb])
