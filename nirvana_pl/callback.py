@@ -77,7 +77,7 @@ from .saliency import (
     self_sampled_windows,
 )
 from .schedule import PruneEvent, PruningSchedule
-from .surgery import apply_plan, resize_from_state_dict
+from .surgery import PlanMismatchError, apply_plan, resize_from_state_dict
 from .units import (
     UnsupportedModelError,
     base_model_type,
@@ -494,7 +494,16 @@ class NirvanaPruningCallback(Callback):
             # the dense model as it is built now, to load them into (see load_state_dict)
             skeleton = make_teacher(self.model, self._teacher_dtype)
             widths = architecture_of(self.model).widths(self.model)
-        held = resize_from_state_dict(self.model, module, state_dict, prefix, materialize)
+        try:
+            held = resize_from_state_dict(self.model, module, state_dict, prefix, materialize)
+        except PlanMismatchError as exc:
+            if not self._records:
+                raise
+            raise PlanMismatchError(
+                f"{exc} The checkpoint is wider than this model, which the callback pruned at step "
+                f"{self._records[-1].at_step}: it was saved before that prune. Load it into a newly built dense "
+                "module, e.g. trainer.test(MyModule(), ckpt_path=...): the callback gives it the checkpoint's shapes."
+            ) from exc
         if skeleton is not None and held and architecture_of(self.model).widths(self.model) != widths:
             self._teacher_skeleton = skeleton
         # (not a full model state dict: shapes left alone; a family without LoRA support has no adapters to restore)

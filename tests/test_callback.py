@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_helpers import CausalLM, token_loader, trainer
 
-from nirvana_pl import NirvanaPruningCallback, UnsupportedModelError
+from nirvana_pl import NirvanaPruningCallback, UnsupportedModelError, load_pruned_state_dict
 from nirvana_pl.saliency import SaliencyError
+from nirvana_pl.surgery import PlanMismatchError
 from nirvana_pl.units import find_units, prunable_parameter_count
 
 
@@ -215,6 +216,36 @@ def test_resume_after_prune_recreates_shapes_and_does_not_reprune(tmp_path):
     opt = t2.optimizers[0]
     assert all(opt.state[p]["exp_avg"].shape == p.shape for p in fresh.parameters())
     assert int(saved["optimizer_states"][0]["state"][0]["step"]) == 6
+
+
+class _WithValidation(CausalLM):
+    def validation_step(self, batch, batch_idx):
+        (ids,) = batch
+        self.log("val_loss", self.net(input_ids=ids, labels=ids).loss)
+
+
+def test_a_checkpoint_from_before_the_prune_names_the_module_to_load_it_into(tmp_path):
+    """trainer.validate(ckpt_path="best") after a fit may pick a checkpoint written before the prune."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2, saliency="adam_taylor")
+    module = _WithValidation()
+    t = trainer(tmp_path, 6, [cb, ckpt], enable_checkpointing=True)
+    t.fit(module, token_loader())
+    before = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    with pytest.raises(PlanMismatchError, match="pruned at step 4: it was saved before that prune.*newly built dense"):
+        t.validate(module, token_loader(n=8), ckpt_path=before)
+    dense = _WithValidation(seed=1)
+    shapes = _shapes(dense)
+    (result,) = t.validate(dense, token_loader(n=8), ckpt_path=before)  # what the error says to do
+    saved = torch.load(before, map_location="cpu", weights_only=False)["state_dict"]
+    assert _shapes(dense) == shapes and all(torch.equal(p, saved[n]) for n, p in dense.named_parameters())
+    assert math.isfinite(result["val_loss"])
+    # a checkpoint after the prune, outside a Trainer (README "Loading a pruned model")
+    after = torch.load(next((tmp_path / "ckpt").glob("*step=6.ckpt")), map_location="cpu", weights_only=False)
+    reloaded = _WithValidation(seed=1)
+    load_pruned_state_dict(reloaded, after["state_dict"])
+    assert _shapes(reloaded) == _shapes(module)
+    assert all(torch.equal(p, q) for p, q in zip(reloaded.parameters(), module.parameters(), strict=True))
 
 
 # ----------------------------------------------------------------------------- bad input
