@@ -398,7 +398,7 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
     candidates = [(n, m) for n, m in pl_module.named_modules() if hasattr(getattr(m, "config", None), "model_type")]
     found: list[tuple[str, nn.Module]] = []  # the outermost prunable models (a model's own base model is inside it)
     for name, module in candidates:
-        if any(name.startswith(f"{outer}.") for outer, _ in found):
+        if any(outer == "" or name.startswith(f"{outer}.") for outer, _ in found):  # ("": pl_module is the model)
             continue
         try:
             check_supported(module)

@@ -191,7 +191,7 @@ def test_zero3_refuses_distillation_at_setup():
     from nirvana_pl import NirvanaPruningCallback
 
     trainer = SimpleNamespace(strategy=DeepSpeedStrategy(stage=3), callbacks=[], is_global_zero=True,
-                              precision="bf16-mixed")  # fmt: skip
+                              precision="bf16-mixed", global_step=0)  # fmt: skip
     cb = NirvanaPruningCallback(sparsity=0.3, prune_at=5, warmup_steps=2, distill=True)
     with pytest.raises(ValueError, match=r"distill=.*ZeRO-3.*ZeRO stage 1 or 2"):
         cb.setup(trainer, tiny_llama(), "fit")

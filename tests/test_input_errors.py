@@ -280,3 +280,5 @@ def test_several_trained_models_ask_for_model_attr():
     with pytest.raises(nirvana_pl.UnsupportedModelError, match=listed):
         locate_model(module)
     assert locate_model(module, "ref") is module.ref and locate_model(module, "net") is module.net
+    bare = tiny_llama()  # a transformers model itself (load_pruned_state_dict takes one): not its inner LlamaModel
+    assert locate_model(bare) is bare

@@ -44,7 +44,7 @@ def test_console_summary_is_a_per_layer_table():
     (record,), reference = _records()
     text = format_summary(record, reference)
     lines = text.splitlines()
-    assert lines[0].startswith("NIRVANA prune at step 10 (functional, gamma=2)")
+    assert lines[0].startswith("NIRVANA prune at step 10 (functional, gamma=3)")
     assert f"{record.total_params_before:,} -> {record.total_params_after:,}" in lines[0]
     header = lines[1]
     for column in ("layer", "KV groups kept", "MLP width kept", "attn+MLP params kept"):
@@ -91,24 +91,24 @@ def test_markdown_results_section(tmp_path):
     assert "| just pruned | 30.500 |" in md and "| recovered (end of training) | 12.250 |" in md
     assert "- pruned model: `runs/x/pruned_model`" in md
     assert "## Prune events" in md  # the events are re-read from the JSON report
-    assert "| 10 | functional | 2 |" in md
+    assert "| 10 | functional | 3 |" in md
 
 
 def test_summary_and_markdown_say_how_many_times_the_event_scored_the_model(tmp_path):
     (record,), reference = _records()
     record.plan.score_summary["scoring_stages"] = 2
     assert format_summary(record, reference).startswith("NIRVANA prune at step 10 (functional in 2 scoring stages, "
-                                                        "gamma=2)")  # fmt: skip
+                                                        "gamma=3)")  # fmt: skip
     write_report(tmp_path, [record], reference)
     write_markdown(tmp_path, results={})
-    assert "| 10 | functional in 2 scoring stages | 2 |" in (tmp_path / MARKDOWN_NAME).read_text()
+    assert "| 10 | functional in 2 scoring stages | 3 |" in (tmp_path / MARKDOWN_NAME).read_text()
     record.plan.score_summary["compensation"] = {"weights": 8, "tokens": 512, "damping": 1.0}
     assert record.plan.compensated
     assert format_summary(record, reference).startswith("NIRVANA prune at step 10 (functional in 2 scoring stages, "
-                                                        "compensated, gamma=2)")  # fmt: skip
+                                                        "compensated, gamma=3)")  # fmt: skip
     write_report(tmp_path, [record], reference)
     write_markdown(tmp_path, results={})
-    assert "| 10 | functional in 2 scoring stages, compensated | 2 |" in (tmp_path / MARKDOWN_NAME).read_text()
+    assert "| 10 | functional in 2 scoring stages, compensated | 3 |" in (tmp_path / MARKDOWN_NAME).read_text()
 
 
 def test_kept_fractions_are_relative_to_the_dense_model():
