@@ -252,6 +252,8 @@ class NirvanaPruningCallback(Callback):
         self.report_dir = Path(report_dir) if report_dir is not None else None
 
         self._model: nn.Module | None = None
+        self._loads_into: nn.Module | None = None  # the model of this stage, which a checkpoint loads into
+        self._other_module = False  # a validate/test/predict of another module than the fit's
         self._reference: DenseReference | None = None
         # Adam-state accumulators: the configured estimator, or all of them when a selector
         # chooses among their plans by KL.
@@ -337,14 +339,20 @@ class NirvanaPruningCallback(Callback):
         self._refuse_other_instances(trainer)
         self._fitting = stage == "fit"
         self._is_global_zero = trainer.is_global_zero
-        self._model = self._locate_model(pl_module)
-        if self._fitting and trainer.global_step == 0 and not self._model_has_last_plan():
-            self._start_new_run()
+        model = self._locate_model(pl_module)
+        # validate/test/predict of another module after a fit: the fit's model and records stay what cb.model and
+        # cb.save_pretrained see, and a checkpoint only gives the other module its shapes
+        self._other_module = not self._fitting and self._model is not None and self._model is not model
+        self._loads_into = model
+        if not self._other_module:
+            self._model = model
+        if self._fitting and trainer.global_step == 0:
+            self._begin_fit()
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
         if is_deepspeed(trainer.strategy):
             # what DeepSpeed cannot take is refused in every stage (a checkpoint load reshapes the model too)
-            self._alloc = deepspeed_allocations(trainer.strategy, self._model, self._alloc, self.recovery)
+            self._alloc = deepspeed_allocations(trainer.strategy, model, self._alloc, self.recovery)
             # a pruned DeepSpeed checkpoint needs an engine of its shapes
             install_resume_reshape(trainer.strategy, self._reshape_before_load)
         self._teacher_dtype = teacher_dtype(trainer.precision)
@@ -368,19 +376,23 @@ class NirvanaPruningCallback(Callback):
             if slow := slow_bf16_message(trainer.precision, on_cpu, "NirvanaPruningCallback"):
                 rank_zero_warn(slow)
 
-    def _start_new_run(self) -> None:
-        """Forget what an earlier fit with this callback object left: its prune records, dense reference, Adam-state
-        scores, warm-up batches and teacher. A fit from step 0 of a model that does not have this callback's last
-        pruned shapes is a new run (a checkpoint it resumes from restores its own state after this)."""
-        self._records.clear()
-        self._reference = None
+    def _begin_fit(self) -> None:
+        """A fit from step 0 (a checkpoint it resumes from restores its own state after this) drops what an earlier
+        fit with this callback object left: its Adam-state scores, warm-up batches and step count; and, unless the
+        model has the shapes its last prune left (a new fit of the model it pruned, which prunes nothing twice), its
+        prune records, dense reference and teacher: a new run."""
         for accumulator in self._adam.values():
             accumulator.reset()
         self._collected.clear()
         self._router_load.reset()
         self._last_step = -1
+        if self._model_has_last_plan():
+            return
+        self._records.clear()
+        self._reference = None
         self._report_path = None
-        if self.distill is not None:
+        if self._distiller is not None:
+            self._distiller.detach()
             self._distiller = Distiller(self.distill)
 
     def _model_has_last_plan(self) -> bool:
@@ -488,30 +500,31 @@ class NirvanaPruningCallback(Callback):
 
         ``materialize``: see :func:`nirvana_pl.surgery.apply_plan` (DeepSpeed ZeRO-3 passes one).
         """
+        model = self._loads_into
         skeleton = None
         if self._distiller is not None and self._fitting and not self._records:
             # a checkpoint written while distilling holds the teacher's weights but not its module: keep a copy of
             # the dense model as it is built now, to load them into (see load_state_dict)
-            skeleton = make_teacher(self.model, self._teacher_dtype)
-            widths = architecture_of(self.model).widths(self.model)
+            skeleton = make_teacher(model, self._teacher_dtype)
+            widths = architecture_of(model).widths(model)
         try:
-            held = resize_from_state_dict(self.model, module, state_dict, prefix, materialize)
+            held = resize_from_state_dict(model, module, state_dict, prefix, materialize)
         except PlanMismatchError as exc:
-            if not self._records:
+            if model is not self._model or not self._model_has_last_plan():
                 raise
             raise PlanMismatchError(
-                f"{exc} The checkpoint is wider than this model, which the callback pruned at step "
-                f"{self._records[-1].at_step}: it was saved before that prune. Load it into a newly built dense "
-                "module, e.g. trainer.test(MyModule(), ckpt_path=...): the callback gives it the checkpoint's shapes."
+                f"{exc} This model was pruned at step {self._records[-1].at_step}; a checkpoint saved before that "
+                "(ckpt_path='best' may pick one) loads into a newly built dense module instead, e.g. "
+                "trainer.fit/validate/test(MyModule(), ckpt_path=...): the callback gives it the checkpoint's shapes."
             ) from exc
-        if skeleton is not None and held and architecture_of(self.model).widths(self.model) != widths:
+        if skeleton is not None and held and architecture_of(model).widths(model) != widths:
             self._teacher_skeleton = skeleton
         # (not a full model state dict: shapes left alone; a family without LoRA support has no adapters to restore)
-        if not held or not architecture_of(self.model).lora:
+        if not held or not architecture_of(model).lora:
             return
         saved_adapters = any(".lora_A." in key for key in state_dict if key.startswith(prefix))
-        if saved_adapters and self.recovery is not None and not has_lora(self.model):
-            attach_recovery_adapters(self.model, self.recovery, self.recovery_train_norms)
+        if saved_adapters and self.recovery is not None and not has_lora(model):
+            attach_recovery_adapters(model, self.recovery, self.recovery_train_norms)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Resuming after a LoRA recovery began: the optimizers were just built over every weight; make
@@ -707,8 +720,9 @@ class NirvanaPruningCallback(Callback):
         return plan, selection
 
     def _calibration_batches(self) -> list[dict[str, torch.Tensor]] | None:
-        """The event's calibration batches, checked once: the given ones, else those collected in the warm-up
-        window; None or empty when there are none (the scoring and the compensation then refuse with the fix)."""
+        """The event's calibration batches, normalised for the sampling and the compensation's fit: the given ones,
+        else those collected in the warm-up window; None or empty when there are none (the scoring and the
+        compensation then refuse with the fix)."""
         batches = list(self._collected) if self._collects_batches else self.calibration
         return check_calibration(self.model, batches) if batches else batches
 
@@ -798,6 +812,8 @@ class NirvanaPruningCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._other_module:  # (a validate/test of another module after a fit: the fit's state stays)
+            return
         self._records = [PruneRecord.from_dict(r) for r in state_dict["records"]]
         if state_dict.get("reference"):
             self._reference = DenseReference(**state_dict["reference"])

@@ -789,7 +789,8 @@ class SavePrunedModel(Callback):
         dirpath: output folder (default: ``<trainer.log_dir>/pruned_model``).
         save_tokenizer: also save the module's ``tokenizer`` when it can be saved.
         check_reload: reload the folder with :func:`nirvana_pl.load_pruned` and compare logits.
-        model_attr: dotted path of the transformers model in the LightningModule (found when None).
+        model_attr: dotted path of the transformers model in the LightningModule (when None: the
+            NirvanaPruningCallback's ``model_attr``, else found).
         adapters: for a model with LoRA adapters, ``"merge"`` saves them folded into the weights,
             ``"separate"`` saves the pruned base plus an ``adapter/`` folder for ``peft.PeftModel``.
         gguf_dtype: also write the model as ``model.gguf`` in the folder, for llama.cpp, with its matrices in this
@@ -831,7 +832,7 @@ class SavePrunedModel(Callback):
         from .deepspeed import is_deepspeed, zero_stage
 
         if self.gguf_dtype is not None:
-            self._check_gguf(pl_module)
+            self._check_gguf(trainer, pl_module)
         if is_deepspeed(trainer.strategy) and zero_stage(trainer.strategy) == 3:
             raise ValueError(
                 "SavePrunedModel cannot save under DeepSpeed ZeRO-3: each rank holds only a partition of every "
@@ -860,7 +861,7 @@ class SavePrunedModel(Callback):
                 f"SavePrunedModel: no prune event happened in this fit (pending at steps {[e.step for e in pending]}); "
                 f"the model saved to {directory} is DENSE."
             )
-        self._save(pl_module, directory)
+        self._save(trainer, pl_module, directory)
         reload_note = ""
         if self.check_reload:
             reload_note = f" (reloaded with load_pruned: max |logit diff| {self.reload_max_abs_diff:.2e})"
@@ -872,7 +873,7 @@ class SavePrunedModel(Callback):
         if not trainer.is_global_zero or not pruned or self._directory is None:
             return
         try:
-            self._save(pl_module, self._directory)
+            self._save(trainer, pl_module, self._directory)
         except Exception as err:  # noqa: BLE001 - never hide the exception that stopped the fit
             rank_zero_warn(f"SavePrunedModel: the fit stopped ({type(exception).__name__}) and saving the pruned model "
                            f"to {self._directory} failed too: {type(err).__name__}: {err}")
@@ -882,11 +883,20 @@ class SavePrunedModel(Callback):
             f"model as it was then is saved to {self._directory}. Resume training from the last checkpoint."
         )
 
-    def _save(self, pl_module: pl.LightningModule, directory: Path) -> None:
-        from .export import save_pruned
+    def _model_of(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+        """The model to save (LoRA layers, if any, sit inside it): at ``model_attr``, else at the pruning callback's
+        ``model_attr``, else the one the search finds."""
         from .units import locate_model
 
-        model = locate_model(pl_module, self.model_attr)  # LoRA layers, if any, sit inside it
+        attr = self.model_attr
+        if attr is None:
+            attr = next((cb.model_attr for cb in _nirvana_callbacks(trainer) if cb.model_attr is not None), None)
+        return locate_model(pl_module, attr)
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: Path) -> None:
+        from .export import save_pruned
+
+        model = self._model_of(trainer, pl_module)
         tokenizer = getattr(pl_module, "tokenizer", None) if self.save_tokenizer else None
         if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
             tokenizer = None
@@ -902,13 +912,12 @@ class SavePrunedModel(Callback):
         finally:
             model.train(was_training)
 
-    def _check_gguf(self, pl_module: pl.LightningModule) -> None:
+    def _check_gguf(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before the fit: the model's family has a GGUF layout and the file will have a vocabulary."""
         from .arch import architecture_of
         from .arch.decoder import gguf_model_types
-        from .units import locate_model
 
-        model = locate_model(pl_module, self.model_attr)
+        model = self._model_of(trainer, pl_module)
         if not architecture_of(model).writes_gguf:
             raise ValueError(
                 f"SavePrunedModel(gguf_dtype={self.gguf_dtype!r}): nirvana_pl writes GGUF files of "

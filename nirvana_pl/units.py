@@ -412,7 +412,7 @@ def locate_model(pl_module: nn.Module, model_attr: str | None = None) -> nn.Modu
         return dict(found)[trained[0]]
     if found:
         listed = ", ".join(f"{n!r} ({type(m).__name__}, {'trained' if n in trained else 'frozen'})" for n, m in found)
-        raise UnsupportedModelError(
+        raise ValueError(
             f"{type(pl_module).__name__} holds {len(found)} prunable models: {listed}. Pass model_attr= the path of "
             f"the one to prune, e.g. model_attr={found[0][0]!r}."
         )

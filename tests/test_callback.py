@@ -232,7 +232,7 @@ def test_a_checkpoint_from_before_the_prune_names_the_module_to_load_it_into(tmp
     t = trainer(tmp_path, 6, [cb, ckpt], enable_checkpointing=True)
     t.fit(module, token_loader())
     before = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
-    with pytest.raises(PlanMismatchError, match="pruned at step 4: it was saved before that prune.*newly built dense"):
+    with pytest.raises(PlanMismatchError, match="pruned at step 4; a checkpoint saved before that.*newly built dense"):
         t.validate(module, token_loader(n=8), ckpt_path=before)
     dense = _WithValidation(seed=1)
     shapes = _shapes(dense)
@@ -240,6 +240,9 @@ def test_a_checkpoint_from_before_the_prune_names_the_module_to_load_it_into(tmp
     saved = torch.load(before, map_location="cpu", weights_only=False)["state_dict"]
     assert _shapes(dense) == shapes and all(torch.equal(p, saved[n]) for n, p in dense.named_parameters())
     assert math.isfinite(result["val_loss"])
+    # the fit's model and record stay what the callback saves (the checkpoint's own state, no prune yet, is not taken)
+    (record,) = cb.records
+    assert cb.model is module.net and record.event_step == 4
     # a checkpoint after the prune, outside a Trainer (README "Loading a pruned model")
     after = torch.load(next((tmp_path / "ckpt").glob("*step=6.ckpt")), map_location="cpu", weights_only=False)
     reloaded = _WithValidation(seed=1)

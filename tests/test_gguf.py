@@ -445,7 +445,7 @@ def test_save_pruned_model_callback_refuses_a_gguf_it_cannot_write_before_the_fi
             super().__init__()
             self.net = build("t5")
 
-    trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"))
+    trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), callbacks=[])
     with pytest.raises(ValueError, match="writes GGUF files of cohere, .*llama, .* not of 't5'; drop gguf_dtype"):
         SavePrunedModel(gguf_dtype="f16").setup(trainer, Seq2Seq(), "fit")
     with pytest.raises(ValueError, match="no transformers fast tokenizer .*pass gguf_tokenizer="):

@@ -277,8 +277,21 @@ def test_the_trained_model_is_pruned_not_a_frozen_reference_beside_it(tmp_path):
 def test_several_trained_models_ask_for_model_attr():
     module = _WithReference(freeze_reference=False)
     listed = r"2 prunable models: 'ref' .*trained.*'net' .*trained.*model_attr="
-    with pytest.raises(nirvana_pl.UnsupportedModelError, match=listed):
+    with pytest.raises(ValueError, match=listed):
         locate_model(module)
     assert locate_model(module, "ref") is module.ref and locate_model(module, "net") is module.net
     bare = tiny_llama()  # a transformers model itself (load_pruned_state_dict takes one): not its inner LlamaModel
     assert locate_model(bare) is bare
+
+
+def test_with_two_trained_models_model_attr_also_tells_save_pruned_model_which_to_save(tmp_path):
+    from nirvana_pl.modules import SavePrunedModel
+
+    module = _WithReference(freeze_reference=False)
+    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=3, warmup_steps=2, saliency="adam_taylor", model_attr="net")
+    saver = SavePrunedModel(dirpath=tmp_path / "pruned")
+    trainer(tmp_path, 4, [saver, cb]).fit(module, token_loader(n=24))
+    assert cb.model is module.net and saver.reload_max_abs_diff == 0.0
+    saved = nirvana_pl.load_pruned(tmp_path / "pruned")
+    pruned = prunable_parameter_count(module.net)
+    assert prunable_parameter_count(saved) == pruned < prunable_parameter_count(module.ref)
