@@ -194,7 +194,7 @@ class NirvanaPruningCallback(Callback):
         check_compensate(compensate, compensation_damping, isinstance(calibration, CalibrationSelector))
         self.schedule = PruningSchedule.build(sparsity, prune_at, schedule, warmup_steps)
         # Validate every target with the allocation rules now, not at the prune step.
-        self._alloc = [
+        self._configured_alloc = [
             allocation_config(
                 e.sparsity, gamma, min_kv_groups=min_kv_groups, min_mlp_channels=min_mlp_channels,
                 mlp_round_to=mlp_round_to, uniform=uniform, expert_share=expert_share, min_experts=min_experts,
@@ -202,6 +202,7 @@ class NirvanaPruningCallback(Callback):
             )
             for e in self.schedule.events
         ]
+        self._alloc = list(self._configured_alloc)  # what this fit's strategy allows of them (see setup)
         if adam_part(saliency) is not None and warmup_steps < 1:
             raise ValueError(
                 f"saliency={saliency!r} averages Adam state over the warm-up window; warmup_steps={warmup_steps} "
@@ -350,9 +351,10 @@ class NirvanaPruningCallback(Callback):
             self._begin_fit()
         # validate/test/predict with ckpt_path= also need the pruned shapes before the weights load
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._reshape_before_load)
+        self._alloc = list(self._configured_alloc)
         if is_deepspeed(trainer.strategy):
             # what DeepSpeed cannot take is refused in every stage (a checkpoint load reshapes the model too)
-            self._alloc = deepspeed_allocations(trainer.strategy, model, self._alloc, self.recovery)
+            self._alloc = deepspeed_allocations(trainer.strategy, model, self._configured_alloc, self.recovery)
             # a pruned DeepSpeed checkpoint needs an engine of its shapes
             install_resume_reshape(trainer.strategy, self._reshape_before_load)
         self._teacher_dtype = teacher_dtype(trainer.precision)

@@ -44,7 +44,7 @@ def test_resume_reshape_recreates_a_zero_width_mlp():
     apply_plan(pruned, PruningPlan(layers=layers, target_sparsity=0.0, gamma=1.0, saliency="manual"))
     fresh = tiny_llama(seed=1)
     callback = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2)
-    callback._model = fresh
+    callback._model = callback._loads_into = fresh  # (as setup sets them for a fit)
     handle = fresh.register_load_state_dict_pre_hook(callback._reshape_before_load)
     fresh.load_state_dict(pruned.state_dict())
     handle.remove()
