@@ -189,12 +189,18 @@ def test_metrics_logged_and_report_written(tmp_path):
         assert logged[0][f"nirvana/{key}"] != ""
 
 
-def test_resume_after_prune_recreates_shapes_and_does_not_reprune(tmp_path):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+def _fit_with_checkpoints(tmp_path, module: pl.LightningModule, every: int):
+    """6 steps, pruned at step 4 (adam_taylor), a checkpoint every ``every`` steps in tmp_path / "ckpt"."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)
     cb = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2, saliency="adam_taylor")
-    module = CausalLM()
     t = trainer(tmp_path, 6, [cb, ckpt], enable_checkpointing=True)
     t.fit(module, token_loader())
+    return cb, t
+
+
+def test_resume_after_prune_recreates_shapes_and_does_not_reprune(tmp_path):
+    module = CausalLM()
+    _fit_with_checkpoints(tmp_path, module, every=6)
     path = next((tmp_path / "ckpt").glob("*.ckpt"))
     pruned_shapes = _shapes(module)
 
@@ -226,11 +232,8 @@ class _WithValidation(CausalLM):
 
 def test_a_checkpoint_from_before_the_prune_names_the_module_to_load_it_into(tmp_path):
     """trainer.validate(ckpt_path="best") after a fit may pick a checkpoint written before the prune."""
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    cb = NirvanaPruningCallback(sparsity=0.5, prune_at=4, warmup_steps=2, saliency="adam_taylor")
     module = _WithValidation()
-    t = trainer(tmp_path, 6, [cb, ckpt], enable_checkpointing=True)
-    t.fit(module, token_loader())
+    cb, t = _fit_with_checkpoints(tmp_path, module, every=3)
     before = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
     with pytest.raises(PlanMismatchError, match="pruned at step 4; a checkpoint saved before that.*newly built dense"):
         t.validate(module, token_loader(n=8), ckpt_path=before)
