@@ -253,8 +253,9 @@ class NirvanaPruningCallback(Callback):
         self.report_dir = Path(report_dir) if report_dir is not None else None
 
         self._model: nn.Module | None = None
-        self._loads_into: nn.Module | None = None  # the model of this stage, which a checkpoint loads into
-        self._other_module = False  # a validate/test/predict of another module than the fit's
+        # the model of this stage, which a checkpoint loads into: another than _model in a validate/test/predict of
+        # another module after a fit
+        self._loads_into: nn.Module | None = None
         self._reference: DenseReference | None = None
         # Adam-state accumulators: the configured estimator, or all of them when a selector
         # chooses among their plans by KL.
@@ -343,9 +344,8 @@ class NirvanaPruningCallback(Callback):
         model = self._locate_model(pl_module)
         # validate/test/predict of another module after a fit: the fit's model and records stay what cb.model and
         # cb.save_pretrained see, and a checkpoint only gives the other module its shapes
-        self._other_module = not self._fitting and self._model is not None and self._model is not model
         self._loads_into = model
-        if not self._other_module:
+        if self._fitting or self._model is None:
             self._model = model
         if self._fitting and trainer.global_step == 0:
             self._begin_fit()
@@ -383,10 +383,7 @@ class NirvanaPruningCallback(Callback):
         fit with this callback object left: its Adam-state scores, warm-up batches and step count; and, unless the
         model has the shapes its last prune left (a new fit of the model it pruned, which prunes nothing twice), its
         prune records, dense reference and teacher: a new run."""
-        for accumulator in self._adam.values():
-            accumulator.reset()
-        self._collected.clear()
-        self._router_load.reset()
+        self._reset_window()
         self._last_step = -1
         if self._model_has_last_plan():
             return
@@ -396,6 +393,13 @@ class NirvanaPruningCallback(Callback):
         if self._distiller is not None:
             self._distiller.detach()
             self._distiller = Distiller(self.distill)
+
+    def _reset_window(self) -> None:
+        """Empty what a warm-up window gathers: the Adam-state scores, the routed-token counts and the batches."""
+        for accumulator in self._adam.values():
+            accumulator.reset()
+        self._router_load.reset()
+        self._collected.clear()
 
     def _model_has_last_plan(self) -> bool:
         """Whether the model has the widths this callback's latest prune left (False before any prune)."""
@@ -665,10 +669,7 @@ class NirvanaPruningCallback(Callback):
             distill=self.distill.to_dict() if self.distill is not None else None,
         )
         self._records.append(record)
-        for accumulator in self._adam.values():
-            accumulator.reset()
-        self._router_load.reset()
-        self._collected.clear()
+        self._reset_window()
 
         self._log_event(trainer, pl_module, self._event_metrics(pl_module, record, selection))
         if trainer.is_global_zero:  # (no collective in here: the folder was agreed in on_train_start)
@@ -814,7 +815,7 @@ class NirvanaPruningCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._other_module:  # (a validate/test of another module after a fit: the fit's state stays)
+        if self._loads_into is not self._model:  # (a validate/test of another module after a fit: its state stays)
             return
         self._records = [PruneRecord.from_dict(r) for r in state_dict["records"]]
         if state_dict.get("reference"):
