@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from bf16_in_fp32 import Bf16ProductsInFp32
 from quality import (
     ROOT,
     LM,
@@ -608,7 +609,8 @@ class Run:
                     model = copy.deepcopy(self.model)
                     t0 = time.perf_counter()
                     cell = recover(model, d, self.cfg, est, gamma, s)
-                    cell.update(evaluate(model, self.data, self.cfg), seconds=time.perf_counter() - t0)
+                    cell.update(evaluate(model, self.data, self.cfg), seconds=time.perf_counter() - t0,
+                                bf16_products=self.args.bf16_products)  # fmt: skip
                     self.out["recovery"][key] = cell
                     self.save()
                     log(f"recovery {key}: {_ppl_line(cell)}")
@@ -1041,17 +1043,22 @@ def _goal_by_arm_table(zs: dict, seeds, S, names: list[str], default: str, paper
 def _recovery_table(out: dict, S) -> list[str]:
     """Recovered against zero-shot perplexity of the recovery arms, on the draws (calibration domain, seed) every
     arm has finished (the stage runs draw by draw), and the ranking of the arms off-domain before and after. When
-    some arms have finished fewer draws than the others, the arms that finished every draw first, then all arms on
-    the draws they all have."""
+    some arms have finished fewer draws than the others, the arms that finished every draw first; then, where the
+    default has finished more draws than some other arm, those arms and the default on the default's draws; then all
+    arms on the draws they all have."""
     cfg = out["config"]
     names = list(dict.fromkeys(k.split("|")[2] for k in out.get("recovery", {})))
     every = [f"{d}|{seed}" for seed in cfg["recovery_seeds"] for d in DOMAINS]
     complete = [n for n in names if not [dr for dr in every if dr not in _recovered_draws(out, n, S)]]
     if not complete or len(complete) == len(names):
         return _recovery_section(out, S, names, "")
-    lines = _recovery_section(out, S, complete, "")
-    later = _recovery_section(out, S, names, f", {', '.join(n for n in names if n not in complete)} included")
-    return lines + ([""] + later if later else [])
+    sections = [_recovery_section(out, S, complete, "")]
+    default = arm_key(*out["default"])
+    shared = set.intersection(*(_recovered_draws(out, n, S) for n in names))
+    if default in names and default not in complete and _recovered_draws(out, default, S) != shared:
+        sections.append(_recovery_section(out, S, complete + [default], f", {default} included"))
+    sections.append(_recovery_section(out, S, names, f", {', '.join(n for n in names if n not in complete)} included"))
+    return [line for i, lines in enumerate(s for s in sections if s) for line in ([""] if i else []) + lines]
 
 
 def _recovered_draws(out: dict, name: str, S) -> set[str]:
@@ -1090,8 +1097,13 @@ def _recovery_section(out: dict, S, names: list[str], including: str) -> list[st
             ranks.setdefault(s, {})[name] = (m["off"], z["off"] if z else float("nan"))
             cell = lambda key: f"{z[key]:.1f} -> {m[key]:.1f}" if z else f"{m[key]:.1f}"  # noqa: E731
             row += [cell("off"), cell("in")]
-        row.append(f"{min(v['prune_seconds'] for k, v in rec.items() if k.split('|')[2] == name):.1f}")
+        row.append(prune_event_time(rec, name))
         lines.append("| " + " | ".join(row) + " |")
+    if in_fp32 := products_in_fp32({k: v for k, v in rec.items() if k.split("|")[2] in names}):
+        lines += ["", "Computed with bf16 matrix products in fp32 (`--bf16-products fp32`, benchmarks/bf16_in_fp32.py, "
+                  "on a CPU without native bf16): " + "; ".join(f"{n} on {', '.join(d)}" for n, d in in_fp32.items())
+                  + ". Their prune-event times, on that CPU, are left out of the column where the arm has cells "
+                  "computed natively, and marked * where it has none."]  # fmt: skip
     lines += ["", "Off-domain ranking (best first), zero-shot / after recovery:", ""]
     for s, by in ranks.items():
         before = sorted(by, key=lambda n: by[n][1])
@@ -1106,6 +1118,26 @@ def _recovery_section(out: dict, S, names: list[str], including: str) -> list[st
                   "(calibration domain -> perplexities: " + "; ".join(
                       f"{c}: " + ", ".join(f"{e} {dr[c][e]:.2f}" for e in DOMAINS) for c in dr) + ")."]
     return lines
+
+
+def products_in_fp32(stage: dict) -> dict[str, list[str]]:
+    """Arm -> the draws (``domain|seed``) whose cells of ``stage`` computed bf16 products in fp32."""
+    out: dict[str, list[str]] = {}
+    for key, cell in stage.items():
+        if cell.get("bf16_products") == "fp32":
+            dom, seed, arm, _ = key.split("|")
+            out.setdefault(arm, [])
+            if f"{dom}|{seed}" not in out[arm]:
+                out[arm].append(f"{dom}|{seed}")
+    return out
+
+
+def prune_event_time(stage: dict, arm: str) -> str:
+    """The fastest prune event of ``arm``'s cells, in seconds: of those computed with native bf16 products where it
+    has any, else of those with products in fp32, marked *."""
+    cells = [v for k, v in stage.items() if k.split("|")[2] == arm]
+    native = [v for v in cells if v.get("bf16_products", "native") == "native"]
+    return f"{min(v['prune_seconds'] for v in native or cells):.1f}" + ("" if native else "*")
 
 
 def _cost_table(out: dict) -> list[str]:
@@ -1145,6 +1177,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seeds", help="only these seeds, e.g. 0")
     ap.add_argument("--sparsities", help="only these sparsities, e.g. 0.4,0.5")
     ap.add_argument("--domains", help=f"only these calibration domains ({', '.join(DOMAINS)})")
+    ap.add_argument("--bf16-products", choices=("native", "fp32"), default="native",
+                    help="fp32: compute bf16 matrix products and attention with the fp32 kernels from their bf16 "
+                    "inputs (benchmarks/bf16_in_fp32.py), on a CPU whose bf16 kernels are slow fallbacks; each cell "
+                    "records which")  # fmt: skip
     return ap.parse_args()
 
 
@@ -1159,16 +1195,20 @@ def main() -> None:
         out["default"] = list(default_arm())  # the library's default now, whichever run wrote the JSON
         publish(md, render(out, command), args.quick)
         return
+    if args.bf16_products == "fp32" and "zero_shot" in args.stages.split(","):
+        raise SystemExit("--bf16-products fp32 is for --stages recovery: the zero-shot stage reports what scoring each "
+                         "draw costs on this machine, and its cells compare with the natively computed ones.")
     quiet_two_core_run()
     t0 = time.perf_counter()
     run = Run(args, cfg)
-    run.out["env"] = environment()
-    run.dense()
+    run.out["env"] = environment() | {"bf16_products": args.bf16_products}
     stages = args.stages.split(",")
-    if "zero_shot" in stages:
-        run.zero_shot()
-    if "recovery" in stages:
-        run.recovery()
+    with Bf16ProductsInFp32() if args.bf16_products == "fp32" else contextlib.nullcontext():
+        run.dense()
+        if "zero_shot" in stages:
+            run.zero_shot()
+        if "recovery" in stages:
+            run.recovery()
     run.out["env"]["wall_min"] = (time.perf_counter() - t0) / 60
     given = " ".join(sys.argv[1:])
     minutes = run.out["env"]["wall_min"]

@@ -382,9 +382,10 @@ class NirvanaPruningCallback(Callback):
         """A fit from step 0 (a checkpoint it resumes from restores its own state after this) drops what an earlier
         fit with this callback object left: its Adam-state scores, warm-up batches and step count; and, unless the
         model has the shapes its last prune left (a new fit of the model it pruned, which prunes nothing twice), its
-        prune records, dense reference and teacher: a new run."""
+        prune records, dense reference and teacher: a new run. Its one-time warnings may come again."""
         self._reset_window()
         self._last_step = -1
+        self._warned_stride = self._warned_unmixed = False
         if self._model_has_last_plan():
             return
         self._records.clear()

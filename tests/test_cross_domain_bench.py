@@ -379,6 +379,16 @@ def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
     assert "inside the fit, new@3 included)" in text and "(draws seed 0: pydoc; the others not run yet)" in text
     assert text.count("| new@3 |") == 1 and text.count("| functional@3 (paper) |") == 2
 
+    # a new default run on more draws than another new arm: a table of the complete arms and the default on the
+    # default's draws, before the one of every arm on the draws they all have
+    out["default"] = ["newer", 3.0]
+    for draw in ("pydoc|0", "plays|0", "pysrc|0", "pydoc|1"):
+        out["recovery"][f"{draw}|newer@3|0.4"] = cells(1.0, 5.0)
+    text = "\n".join(bench._recovery_table(out, [0.4]))
+    assert "inside the fit, newer@3 included)" in text and "(draws seed 0: pydoc, plays, pysrc; seed 1: pydoc; " in text
+    assert "inside the fit, new@3, newer@3 included)" in text
+    assert text.count("| newer@3 **(default)** |") == 2 and text.count("| functional@3 (paper) |") == 3
+
 
 def test_a_compensated_arm_evaluates_what_the_librarys_compensated_cut_computes(monkeypatch):
     """The +comp arms: inside ``compensated`` and the mask, the model computes what the library's compensation (on
@@ -436,3 +446,62 @@ def test_cost_table_marks_the_compensated_costs_that_count_the_fit_alone():
     }}  # fmt: skip
     rows = [line for line in bench._cost_table(out) if line.startswith("| p")]
     assert rows == ["| pydoc, seed 0 | 40.0 | 60.0* |", "| plays, seed 0 | 41.0 | 75.0 |"]
+
+
+def test_bf16_products_in_fp32_are_the_fp32_products_of_the_bf16_values_rounded_to_bf16():
+    from bf16_in_fp32 import Bf16ProductsInFp32
+
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(6, 32, generator=generator).bfloat16() for _ in range(2))
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=generator).bfloat16().requires_grad_() for _ in range(3))
+    with Bf16ProductsInFp32() as mode:
+        product = torch.nn.functional.linear(x, w)
+        attention = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        attention.float().sum().backward()
+        fp32_untouched = torch.nn.functional.linear(x.float(), w.float())
+    assert product.dtype == attention.dtype == q.grad.dtype == torch.bfloat16
+    assert torch.equal(product, (x.float() @ w.float().T).bfloat16())
+    assert torch.equal(fp32_untouched, x.float() @ w.float().T)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32)
+    assert torch.equal(attention, expected.bfloat16())
+    expected.bfloat16().float().sum().backward()
+    assert torch.allclose(q.grad.float(), q32.grad, atol=1e-2, rtol=1e-2)
+    assert mode.calls >= 3  # the product, the attention and its backward; not the fp32 product
+
+
+def test_a_tiny_llama_step_in_autocast_with_products_in_fp32_stays_within_bf16_noise_of_the_native_one():
+    from bf16_in_fp32 import Bf16ProductsInFp32
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones_like(ids)
+    padded[1, :5] = 0  # (left padding: the attention takes a mask)
+    for attention_mask in (None, padded):
+        losses, grads = [], []
+        for mode in (contextlib.nullcontext(), Bf16ProductsInFp32()):
+            model.zero_grad()
+            with mode:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, attention_mask=attention_mask, labels=ids).loss
+                loss.backward()
+            losses.append(loss.item())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert mode.calls > 0
+        assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+        assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.05
+
+
+def test_recovery_cells_with_products_in_fp32_are_named_and_their_times_left_out_where_native_ones_exist():
+    stage = {
+        "pydoc|0|mine@3|0.2": {"prune_seconds": 100.0},
+        "pydoc|1|mine@3|0.2": {"prune_seconds": 50.0, "bf16_products": "fp32"},
+        "plays|1|mine@3|0.4": {"prune_seconds": 60.0, "bf16_products": "fp32"},
+        "pydoc|1|other@3|0.2": {"prune_seconds": 70.0, "bf16_products": "fp32"},
+        "pydoc|0|native@3|0.2": {"prune_seconds": 80.0, "bf16_products": "native"},
+    }
+    assert bench.products_in_fp32(stage) == {"mine@3": ["pydoc|1", "plays|1"], "other@3": ["pydoc|1"]}
+    assert bench.prune_event_time(stage, "mine@3") == "100.0"
+    assert bench.prune_event_time(stage, "other@3") == "70.0*"  # (only cells in fp32: their times, marked)
+    assert bench.prune_event_time(stage, "native@3") == "80.0"

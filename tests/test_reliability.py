@@ -105,6 +105,14 @@ def test_manual_optimization_with_two_optimizers_prunes_at_an_odd_step_too(tmp_p
     assert averaged == [len([s for s in (2, 4, 6) if s >= prune_at - 3])]
 
 
+def test_a_callback_reused_for_a_new_fit_warns_again(tmp_path):
+    cb = NirvanaPruningCallback(sparsity=0.4, prune_at=5, warmup_steps=4)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="global_step went from 2 to 4 in one batch"):
+            trainer(tmp_path, 8, [cb]).fit(TwoOptimizers(), token_loader())
+        assert len(cb.records) == 1
+
+
 # ------------------------------------------------------------------------------------ output folders
 def test_without_a_logger_each_run_writes_its_own_report_folder(tmp_path):
     folders = []
