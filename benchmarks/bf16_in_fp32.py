@@ -21,6 +21,7 @@ _aten = torch.ops.aten
 PRODUCTS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default})
 ATTENTION = _aten._scaled_dot_product_flash_attention_for_cpu.default
 ATTENTION_BACKWARD = _aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+COMPUTED_IN_FP32 = PRODUCTS | {ATTENTION, ATTENTION_BACKWARD}
 
 
 def _is_bf16(value) -> bool:
@@ -45,7 +46,7 @@ class Bf16ProductsInFp32(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func in PRODUCTS or func in (ATTENTION, ATTENTION_BACKWARD)) and any(map(_is_bf16, args)):
+        if func in COMPUTED_IN_FP32 and any(map(_is_bf16, args)):
             self.calls += 1
             out = func(*map(_to_fp32, args), **{k: _to_fp32(v) for k, v in kwargs.items()})  # (attn_mask too)
             if func is ATTENTION:  # (output, logsumexp): the logsumexp stays fp32, as the bf16 kernel keeps it

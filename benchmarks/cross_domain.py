@@ -1195,14 +1195,14 @@ def main() -> None:
         out["default"] = list(default_arm())  # the library's default now, whichever run wrote the JSON
         publish(md, render(out, command), args.quick)
         return
-    if args.bf16_products == "fp32" and "zero_shot" in args.stages.split(","):
+    stages = args.stages.split(",")
+    if args.bf16_products == "fp32" and "zero_shot" in stages:
         raise SystemExit("--bf16-products fp32 is for --stages recovery: the zero-shot stage reports what scoring each "
                          "draw costs on this machine, and its cells compare with the natively computed ones.")
     quiet_two_core_run()
     t0 = time.perf_counter()
     run = Run(args, cfg)
     run.out["env"] = environment() | {"bf16_products": args.bf16_products}
-    stages = args.stages.split(",")
     with Bf16ProductsInFp32() if args.bf16_products == "fp32" else contextlib.nullcontext():
         run.dense()
         if "zero_shot" in stages:
