@@ -130,12 +130,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         seeds=(0, 1, 2), warmup=8, warmup_lr=1e-7, batch=4, train_len=128, calib_windows=32, probe_windows=32,
         eval_windows=16, eval_len=256, eval_batch=4, sparsities=(0.2, 0.4, 0.5), gamma_grid=(1.0, 2.0, 3.0, 4.5, 6.0),
         grid_estimators=("functional", "adam_fisher", "fisher_functional", "fisher_functional_self"), recovery=16,
-        recovery_lr=1e-4, recovery_seeds=(0, 1, 2), candidates=tuple(CANDIDATES),
+        recovery_lr=1e-4, recovery_seeds=(0, 1, 2), survey_seeds=(0,), candidates=tuple(CANDIDATES),
     ),
     "quick": dict(
         seeds=(0,), warmup=2, warmup_lr=1e-7, batch=2, train_len=64, calib_windows=4, probe_windows=4,
         eval_windows=2, eval_len=128, eval_batch=2, sparsities=(0.2, 0.5), gamma_grid=(2.0, 3.0),
-        grid_estimators=("functional",), recovery=2, recovery_lr=1e-4, recovery_seeds=(0,),
+        grid_estimators=("functional",), recovery=2, recovery_lr=1e-4, recovery_seeds=(0,), survey_seeds=(0,),
         candidates=tuple(CANDIDATES),
     ),
 }
@@ -385,7 +385,8 @@ def sample_windows(model: nn.Module, tok, n: int, length: int) -> list[torch.Ten
 # =============================================================================================== arms
 def _protocol(config: dict) -> dict:
     """The settings that decide how a cell is computed (not which arms or recovery draws the matrix has)."""
-    return {k: v for k, v in config.items() if k not in ("grid_estimators", "candidates", "recovery_seeds")}
+    arms_and_draws = ("grid_estimators", "candidates", "recovery_seeds", "survey_seeds")
+    return {k: v for k, v in config.items() if k not in arms_and_draws}
 
 
 def arms(cfg: dict, default: tuple[str, Any]) -> list[tuple[str, Any]]:
@@ -596,12 +597,14 @@ class Run:
 
 
     def recovery(self) -> None:
-        todo = self.only(recovery_arms(self.default), "arms")
+        main, survey = recovery_arms(self.default), survey_arms(self.default)
+        todo = self.only(main + survey, "arms")
         sparsities = self.only(self.cfg["sparsities"], "sparsities")
         for seed in self.only(self.cfg["recovery_seeds"], "seeds"):
+            arms_of_seed = [a for a in todo if a in main or seed in self.cfg.get("survey_seeds", ())]
             for dom in self.only(DOMAINS, "domains"):
                 d = draw(self.data, self.cfg, dom, seed)
-                for (est, gamma), s in ((a, s) for a in todo for s in sparsities):
+                for (est, gamma), s in ((a, s) for a in arms_of_seed for s in sparsities):
                     key = cell_key(dom, seed, est, gamma, s)
                     if key in self.out["recovery"]:
                         continue
@@ -716,6 +719,13 @@ def recovery_arms(default: tuple[str, Any]) -> list[tuple[str, Any]]:
     return list(dict.fromkeys([default, once, PAPER, ("adam_fisher", 2.0), ("fisher_functional", 3.0)]))
 
 
+def survey_arms(default: tuple[str, Any]) -> list[tuple[str, Any]]:
+    """Every other library estimator at gamma 3 and the paper's criterion with gamma by the KL test, recovered on the
+    ``survey_seeds`` only: the ranking after recovery of every estimator, at a third of the cost of all draws."""
+    main = recovery_arms(default)
+    return [a for a in [(e, 3.0) for e in ALL_ESTIMATORS] + [(PAPER[0], "auto")] if a not in main]
+
+
 def cell_key(domain: str, seed: int, estimator: str, gamma: Any, s: float) -> str:
     return f"{domain}|{seed}|{arm_key(estimator, gamma)}|{s:g}"
 
@@ -725,6 +735,19 @@ def _ppl_line(cell: dict) -> str:
 
 
 # =============================================================================================== recovery
+def recovery_calibration(d: dict, cfg: dict, saliency: str, gamma: Any) -> Any:
+    """The callback's ``calibration=``: the draw's calibration batches for the estimators that read them; for
+    ``gamma="auto"`` a selector over those windows and the probe's, with one candidate set (so that only gamma is
+    chosen, by the KL test on a probe of as many windows as the zero-shot cell's, split off by the selector)."""
+    from nirvana_pl import CalibrationSelector
+
+    if gamma == "auto":
+        pool = torch.cat(d["calibration"] + d["probe"])
+        return CalibrationSelector(pool=pool, num_candidates=1, samples_per_candidate=cfg["calib_windows"],
+                                   probe_windows=cfg["probe_windows"], probe_seq_len=None, batch_size=cfg["batch"])
+    return d["calibration"] if saliency in CALIBRATED else None
+
+
 def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: Any, s: float) -> dict[str, Any]:
     """One Lightning fit: W warm-up steps (tiny lr), the callback prunes to ``s``, R recovery steps (real lr).
 
@@ -739,8 +762,8 @@ def recover(model: nn.Module, d: dict, cfg: dict, estimator: str | None, gamma: 
     if estimator is not None:
         saliency, stages, compensate = library_settings(estimator)
         cb = NirvanaPruningCallback(sparsity=s, prune_at=w, warmup_steps=w, saliency=saliency, gamma=gamma,
-                                    scoring_stages=stages, compensate=compensate,
-                                    calibration=d["calibration"] if saliency in CALIBRATED else None)  # fmt: skip
+                                    gamma_grid=cfg["gamma_grid"], scoring_stages=stages, compensate=compensate,
+                                    calibration=recovery_calibration(d, cfg, saliency, gamma))  # fmt: skip
         callbacks.append(cb)
     model.train()
     module = _StepLM(model, w, cfg["warmup_lr"], cfg["recovery_lr"])
@@ -1045,19 +1068,26 @@ def _recovery_table(out: dict, S) -> list[str]:
     arm has finished (the stage runs draw by draw), and the ranking of the arms off-domain before and after. When
     some arms have finished fewer draws than the others, the arms that finished every draw first; then, where the
     default has finished more draws than some other arm, those arms and the default on the default's draws; then all
-    arms on the draws they all have."""
+    arms on the draws they all have. The survey arms (:func:`survey_arms`) last, with the arms that finished every
+    draw, on the draws they all have."""
     cfg = out["config"]
-    names = list(dict.fromkeys(k.split("|")[2] for k in out.get("recovery", {})))
+    survey = {arm_key(*a) for a in survey_arms(tuple(out["default"]))}
+    recovered = list(dict.fromkeys(k.split("|")[2] for k in out.get("recovery", {})))
+    names = [n for n in recovered if n not in survey]
     every = [f"{d}|{seed}" for seed in cfg["recovery_seeds"] for d in DOMAINS]
     complete = [n for n in names if not [dr for dr in every if dr not in _recovered_draws(out, n, S)]]
     if not complete or len(complete) == len(names):
-        return _recovery_section(out, S, names, "")
-    sections = [_recovery_section(out, S, complete, "")]
-    default = arm_key(*out["default"])
-    shared = set.intersection(*(_recovered_draws(out, n, S) for n in names))
-    if default in names and default not in complete and _recovered_draws(out, default, S) != shared:
-        sections.append(_recovery_section(out, S, complete + [default], f", {default} included"))
-    sections.append(_recovery_section(out, S, names, f", {', '.join(n for n in names if n not in complete)} included"))
+        sections = [_recovery_section(out, S, names, "")]
+    else:
+        sections = [_recovery_section(out, S, complete, "")]
+        default = arm_key(*out["default"])
+        shared = set.intersection(*(_recovered_draws(out, n, S) for n in names))
+        if default in names and default not in complete and _recovered_draws(out, default, S) != shared:
+            sections.append(_recovery_section(out, S, complete + [default], f", {default} included"))
+        partial = ", ".join(n for n in names if n not in complete)
+        sections.append(_recovery_section(out, S, names, f", {partial} included"))
+    if surveyed := [n for n in recovered if n in survey]:
+        sections.append(_recovery_section(out, S, complete + surveyed, ", every estimator"))
     return [line for i, lines in enumerate(s for s in sections if s) for line in ([""] if i else []) + lines]
 
 
@@ -1081,11 +1111,12 @@ def _recovery_section(out: dict, S, names: list[str], including: str) -> list[st
     lines = [f"## After recovery (R = {cfg['recovery']} steps at lr {cfg['recovery_lr']:g} inside the fit"
              f"{including})", "",
              f"Each arm warms up, prunes and trains R steps on the calibration domain in one Lightning fit (draws "
-             f"{finished}" + ("" if len(draws) == len(DOMAINS) * len(cfg["recovery_seeds"]) else "; the others not "
-             "run yet") + "). Off-domain and in-domain geometric means as above, zero-shot -> recovered, on the "
-             "same draws. 'prune event': the callback's prune at step W in these fits (the scores' extra passes, "
-             "the plan and the surgery), in seconds on this machine, the fastest of the arm's cells (the slower "
-             "ones shared the 2 cores with other work).", "",
+             f"{finished}" + ("" if len(draws) == len(DOMAINS) * len(cfg["recovery_seeds"]) else "; the arms not in "
+             "the first table have not been recovered on the others" if including else "; the others not run yet")
+             + "). Off-domain and in-domain geometric means "
+             "as above, zero-shot -> recovered, on the same draws. 'prune event': the callback's prune at step W in "
+             "these fits (the scores' extra passes, the plan and the surgery), in seconds on this machine, the "
+             "fastest of the arm's cells (the slower ones shared the 2 cores with other work).", "",
              "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " | prune event (s) |",
              "|---|" + "---:|---:|" * len(S) + "---:|"]  # fmt: skip
     ranks = {}
@@ -1104,6 +1135,11 @@ def _recovery_section(out: dict, S, names: list[str], including: str) -> list[st
                   "on a CPU without native bf16): " + "; ".join(f"{n} on {', '.join(d)}" for n, d in in_fp32.items())
                   + ". Their prune-event times, on that CPU, are left out of the column where the arm has cells "
                   "computed natively, and marked * where it has none."]  # fmt: skip
+    for name in (n for n in names if n.endswith("@auto")):
+        lines += ["", f"The gammas {name} chose by the callback's KL test over the grid "
+                  f"{', '.join(f'{g:g}' for g in cfg['gamma_grid'])} (calibration domain|seed: s -> gamma): "
+                  + "; ".join(f"{dr}: " + ", ".join(f"{s:g} -> {rec[f'{dr}|{name}|{s:g}']['gamma']:g}" for s in S)
+                              for dr in draws) + "."]  # fmt: skip
     lines += ["", "Off-domain ranking (best first), zero-shot / after recovery:", ""]
     for s, by in ranks.items():
         before = sorted(by, key=lambda n: by[n][1])
@@ -1210,7 +1246,7 @@ def main() -> None:
         if "recovery" in stages:
             run.recovery()
     run.out["env"]["wall_min"] = (time.perf_counter() - t0) / 60
-    given = " ".join(sys.argv[1:])
+    given = " ".join(a for a in sys.argv[1:] if a != "--quick")  # (the command names it)
     minutes = run.out["env"]["wall_min"]
     run.out.setdefault("runs", []).append(f"{command}{' ' + given if given else ''} ({minutes:.0f} min)")
     run.save()

@@ -376,7 +376,8 @@ def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
     out["recovery"]["pydoc|0|new@3|0.4"] = cells(1.0, 7.0)
     text = "\n".join(bench._recovery_table(out, [0.4]))
     assert "(draws seed 0: pydoc, plays, pysrc; seed 1: pydoc, plays, pysrc)" in text
-    assert "inside the fit, new@3 included)" in text and "(draws seed 0: pydoc; the others not run yet)" in text
+    assert "inside the fit, new@3 included)" in text
+    assert "(draws seed 0: pydoc; the arms not in the first table have not been recovered on the others)" in text
     assert text.count("| new@3 |") == 1 and text.count("| functional@3 (paper) |") == 2
 
     # a new default run on more draws than another new arm: a table of the complete arms and the default on the
@@ -388,6 +389,40 @@ def test_recovery_table_compares_arms_on_the_draws_every_arm_finished():
     assert "inside the fit, newer@3 included)" in text and "(draws seed 0: pydoc, plays, pysrc; seed 1: pydoc; " in text
     assert "inside the fit, new@3, newer@3 included)" in text
     assert text.count("| newer@3 **(default)** |") == 2 and text.count("| functional@3 (paper) |") == 3
+
+
+def test_every_estimator_is_recovered_on_the_survey_seeds_and_gamma_auto_chooses_on_a_probe_of_the_draw():
+    default = bench.default_arm()
+    main, survey = bench.recovery_arms(default), bench.survey_arms(default)
+    assert not set(main) & set(survey) and len(survey) == len(set(survey))
+    assert {e for e, _ in main + survey} >= set(bench.ALL_ESTIMATORS) and (bench.PAPER[0], "auto") in survey
+    # gamma="auto" in the callback: a selector with one candidate set, the draw's calibration and probe windows
+    from nirvana_pl import CalibrationSelector
+
+    cfg = dict(bench.CONFIGS["quick"], calib_windows=4, probe_windows=2, batch=2)
+    rows = torch.arange(6 * 8).view(6, 8)
+    d = {"calibration": [rows[:2], rows[2:4]], "probe": [rows[4:6]]}
+    selector = bench.recovery_calibration(d, cfg, "functional", "auto")
+    assert isinstance(selector, CalibrationSelector) and selector.num_candidates == 1
+    assert torch.equal(selector.pool, rows) and selector.probe_pool_windows == 2
+    assert selector.samples_per_candidate == 4 and selector.probe_seq_len == 8
+    assert bench.recovery_calibration(d, cfg, "functional", 3.0) is d["calibration"]
+    assert bench.recovery_calibration(d, cfg, "adam_fisher", 2.0) is None
+
+
+def test_recovery_table_names_the_gamma_the_kl_test_chose_per_cell():
+    out = {"config": {**bench.CONFIGS["quick"], "sparsities": [0.4], "recovery_seeds": [0]},
+           "default": ["functional", 3.0], "zero_shot": {}, "recovery": {}}  # fmt: skip
+    for draw, gamma in (("pydoc|0", 2.0), ("plays|0", 4.5), ("pysrc|0", 3.0)):
+        for arm in ("functional@3", "functional@auto"):
+            cell = {ev: 10.0 for ev in bench.DOMAINS} | {"prune_seconds": 1.0}
+            out["recovery"][f"{draw}|{arm}|0.4"] = cell | ({"gamma": gamma} if arm.endswith("auto") else {})
+    text = "\n".join(bench._recovery_table(out, [0.4]))
+    # functional@auto is a survey arm: its own table, after the one of the arms recovered on every draw
+    assert text.index("inside the fit)") < text.index("inside the fit, every estimator)")
+    assert text.count("| functional@3 **(default)** |") == 2 and text.count("| functional@auto |") == 1
+    assert "The gammas functional@auto chose by the callback's KL test over the grid 2, 3" in text
+    assert "pydoc|0: 0.4 -> 2; plays|0: 0.4 -> 4.5; pysrc|0: 0.4 -> 3." in text
 
 
 def test_a_compensated_arm_evaluates_what_the_librarys_compensated_cut_computes(monkeypatch):
