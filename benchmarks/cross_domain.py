@@ -601,7 +601,7 @@ class Run:
         todo = self.only(main + survey, "arms")
         sparsities = self.only(self.cfg["sparsities"], "sparsities")
         for seed in self.only(self.cfg["recovery_seeds"], "seeds"):
-            arms_of_seed = [a for a in todo if a in main or seed in self.cfg.get("survey_seeds", ())]
+            arms_of_seed = [a for a in todo if a in main or seed in self.cfg["survey_seeds"]]
             for dom in self.only(DOMAINS, "domains"):
                 d = draw(self.data, self.cfg, dom, seed)
                 for (est, gamma), s in ((a, s) for a in arms_of_seed for s in sparsities):
@@ -1113,10 +1113,10 @@ def _recovery_section(out: dict, S, names: list[str], including: str) -> list[st
              f"Each arm warms up, prunes and trains R steps on the calibration domain in one Lightning fit (draws "
              f"{finished}" + ("" if len(draws) == len(DOMAINS) * len(cfg["recovery_seeds"]) else "; the arms not in "
              "the first table have not been recovered on the others" if including else "; the others not run yet")
-             + "). Off-domain and in-domain geometric means "
-             "as above, zero-shot -> recovered, on the same draws. 'prune event': the callback's prune at step W in "
-             "these fits (the scores' extra passes, the plan and the surgery), in seconds on this machine, the "
-             "fastest of the arm's cells (the slower ones shared the 2 cores with other work).", "",
+             + "). Off-domain and in-domain geometric means as above, zero-shot -> recovered, on the same draws. "
+             "'prune event': the callback's prune at step W in these fits (the scores' extra passes, the plan and "
+             "the surgery), in seconds on this machine, the fastest of the arm's cells (the slower ones shared the "
+             "2 cores with other work).", "",
              "| arm | " + " | ".join(f"s={s:g} off | s={s:g} in" for s in S) + " | prune event (s) |",
              "|---|" + "---:|---:|" * len(S) + "---:|"]  # fmt: skip
     ranks = {}
